@@ -1,0 +1,37 @@
+# Two entry points do all set-up themselves (idempotently): `make demo` and `make test`.
+# Everything installs into .venv; torch is pinned to the CPU build that this project's machines carry.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: demo test bench bench-cpu lint clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]" pybind11 ninja matplotlib tqdm
+	@touch $(STAMP)
+
+# The main job: the end-to-end RLHF demo (SFT -> reward model -> PPO) on the embedded task.
+demo: $(STAMP)
+	$(PY) -m rlhf_kernels.trainer
+
+# The test suite.  Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors.
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+bench-cpu: $(STAMP)
+	$(PY) -m bench --cpu
+
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check rlhf_kernels tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

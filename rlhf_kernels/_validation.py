@@ -1,0 +1,107 @@
+"""Argument checks shared by the public functions.
+
+Each raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value),
+naming the argument, what was expected and what was received.  None of them touches tensor data, so
+none synchronises a device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(
+    name: str, value: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES
+) -> torch.Tensor:
+    """A floating tensor of one of ``dtypes``."""
+    tensor = check_tensor(name, value)
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"{name} must be a floating tensor ({_dtype_names(dtypes)}); got {tensor.dtype}")
+    return tensor
+
+
+def check_index_tensor(name: str, value: object) -> torch.Tensor:
+    tensor = check_tensor(name, value)
+    if tensor.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor ({_dtype_names(INDEX_DTYPES)}); got {tensor.dtype}")
+    return tensor
+
+
+def check_mask_tensor(name: str, value: object) -> torch.Tensor:
+    """A 0/1 mask: bool, integer or floating."""
+    tensor = check_tensor(name, value)
+    if tensor.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or floating 0/1 mask; got {tensor.dtype}")
+    return tensor
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int], described_as: str) -> None:
+    """``tensor.shape == expected``; ``described_as`` says where the expectation comes from."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {described_as} = {tuple(expected)}; got {tuple(tensor.shape)}"
+        )
+
+
+def check_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}; got shape {tuple(tensor.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {listed}")
+
+
+def check_real(name: str, value: object) -> float:
+    """A finite Python number (tensors are refused: they would need a host sync)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return value
+
+
+def check_positive(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0; got {value}")
+    return value
+
+
+def check_in_range(name: str, value: object, low: float, high: float) -> float:
+    value = check_real(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}]; got {value}")
+    return value
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int; got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+    return value
