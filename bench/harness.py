@@ -1,0 +1,264 @@
+"""Timing, memory and ceiling measurement shared by every benchmark file.
+
+On CUDA: times with CUDA events through ``triton.testing.do_bench`` (median and 20/80 quantiles), peak
+memory from ``torch.cuda.max_memory_allocated``, and the device's ceilings measured in the same run (a
+large device-to-device copy, a large bf16 matrix product).  With ``cold_l2`` the inputs rotate among
+enough copies to overflow L2.
+
+On CPU: wall-clock medians over repeats, and peak memory as the rise of the process's peak resident set
+(Linux ``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Row:
+    family: str
+    case: str
+    impl: str
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: float | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    frac_of_ceiling: float | None = None
+    speedup: float | None = None  # against the case's baseline impl, same mode
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------------
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
+
+
+def cpu_peak_rss_rise(fn: Callable[[], object]) -> int:
+    """Bytes by which ``fn`` raises the process's peak resident set above the resident set before it.
+
+    Results of ``fn`` are dropped before returning, but counted while alive.  Linux only.
+    """
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    before = _status_bytes("VmRSS")
+    out = fn()
+    peak = _status_bytes("VmHWM")
+    del out
+    return max(0, peak - before)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Extra memory ``fn`` needs at its peak, on ``device`` (CUDA allocator or CPU resident set)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        return peak - before
+    return cpu_peak_rss_rise(fn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup_ms: float = 25, rep_ms: float = 100,
+            min_reps: int = 5) -> tuple[float, float, float]:
+    """(median, 20th percentile, 80th percentile) milliseconds of ``fn``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()  # warm-up (and first-call costs)
+    samples = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(samples) < min_reps or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return statistics.median(samples), q[1], q[7]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ceilings
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Ceilings:
+    copy_gbps: float  # bytes read + bytes written per second, large device-to-device copy
+    matmul_tflops: float | None  # large bf16 matrix product (CUDA only)
+
+
+def measure_ceilings(device: torch.device | str) -> Ceilings:
+    device = torch.device(device)
+    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), device)
+    copy_gbps = 2 * n_bytes / (ms * 1e-3) / 1e9
+    del src, dst
+    matmul_tflops = None
+    if device.type == "cuda":
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        ms, _, _ = time_ms(lambda: a @ b, device)
+        matmul_tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    return Ceilings(copy_gbps=copy_gbps, matmul_tflops=matmul_tflops)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run: collects rows, fills derived columns, writes CSV / markdown.
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    device: torch.device
+    ceilings: Ceilings
+    cold_l2: bool = False
+    quick: bool = False
+    rows: list[Row] = field(default_factory=list)
+
+    def measure(
+        self,
+        family: str,
+        case: str,
+        impl: str,
+        mode: str,
+        fn: Callable[[], object],
+        *,
+        bytes_moved: int | None = None,
+        flops: int | None = None,
+        memory: bool = True,
+        baseline: str | None = None,
+        note: str = "",
+    ) -> Row:
+        """Times ``fn`` (and its peak memory); ``bytes_moved``/``flops`` are the minimal traffic/work,
+        giving GB/s or TFLOP/s and the fraction of the measured ceiling.  ``baseline`` names the impl
+        whose same-mode row this one's speedup is relative to."""
+        rep = 40 if self.quick else 100
+        med, p20, p80 = time_ms(fn, self.device, rep_ms=rep)
+        row = Row(family, case, impl, mode, med, p20, p80, note=note)
+        if memory:
+            row.peak_mem_mb = peak_memory_bytes(fn, self.device) / 2**20
+        if bytes_moved is not None:
+            row.gbps = bytes_moved / (med * 1e-3) / 1e9
+            row.frac_of_ceiling = row.gbps / self.ceilings.copy_gbps
+        if flops is not None:
+            row.tflops = flops / (med * 1e-3) / 1e12
+            if self.ceilings.matmul_tflops:
+                row.frac_of_ceiling = row.tflops / self.ceilings.matmul_tflops
+        if baseline is not None:
+            for other in self.rows:
+                if (other.family, other.case, other.impl, other.mode) == (family, case, baseline, mode):
+                    row.speedup = other.median_ms / med
+        self.rows.append(row)
+        print(_format_row(row), flush=True)
+        return row
+
+    def write(self, out_dir: Path, tag: str) -> tuple[Path, Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        csv_path, md_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.md"
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(self.rows[0]).keys()))
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow(asdict(row))
+        with open(md_path, "w") as f:
+            f.write(f"# Benchmark results: {tag}\n\n")
+            f.write(f"Device: {device_name(self.device)}; torch {torch.__version__}")
+            try:
+                import triton
+
+                f.write(f", triton {triton.__version__}")
+            except ImportError:
+                pass
+            f.write(f"; cold L2: {self.cold_l2}.\n\n")
+            f.write(f"Measured ceilings: copy {self.ceilings.copy_gbps:.0f} GB/s (read + write)")
+            if self.ceilings.matmul_tflops:
+                f.write(f", bf16 matmul {self.ceilings.matmul_tflops:.0f} TFLOP/s")
+            f.write(".\n\n")
+            f.write("| family | case | impl | mode | median ms | p20 | p80 | peak MiB | GB/s | TFLOP/s | of ceiling | speedup | note |\n")
+            f.write("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+            for r in self.rows:
+                f.write(
+                    f"| {r.family} | {r.case} | {r.impl} | {r.mode} | {r.median_ms:.3f} | {r.p20_ms:.3f} | "
+                    f"{r.p80_ms:.3f} | {_fmt(r.peak_mem_mb, '.1f')} | {_fmt(r.gbps, '.0f')} | "
+                    f"{_fmt(r.tflops, '.0f')} | {_fmt(r.frac_of_ceiling, '.0%')} | {_fmt(r.speedup, '.2f', 'x')} | {r.note} |\n"
+                )
+        return csv_path, md_path
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else format(value, spec) + suffix
+
+
+def _format_row(r: Row) -> str:
+    parts = [f"{r.family:>10} {r.case:<34} {r.impl:<26} {r.mode:<7} {r.median_ms:9.3f} ms"]
+    if r.peak_mem_mb is not None:
+        parts.append(f"{r.peak_mem_mb:9.1f} MiB")
+    if r.gbps is not None:
+        parts.append(f"{r.gbps:7.0f} GB/s")
+    if r.tflops is not None:
+        parts.append(f"{r.tflops:6.0f} TFLOP/s")
+    if r.frac_of_ceiling is not None:
+        parts.append(f"{r.frac_of_ceiling:5.0%} of ceiling")
+    if r.speedup is not None:
+        parts.append(f"{r.speedup:6.2f}x")
+    return "  ".join(parts)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def device_tag(device: torch.device) -> str:
+    """File-name tag: e.g. ``nvidia-h100-80gb-hbm3-2026-11-20`` or ``cpu-2core-2026-11-20``."""
+    import os
+
+    if device.type == "cuda":
+        name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    else:
+        name = f"cpu-{os.cpu_count()}core"
+    return f"{name}-{time.strftime('%Y-%m-%d')}"
+
+
+def rotating(make_inputs: Callable[[], tuple], cold_l2: bool, device: torch.device) -> Callable[[], tuple]:
+    """Returns a callable giving the next input set: one set, or (cold L2) enough sets to exceed L2."""
+    first = make_inputs()
+    if not cold_l2 or device.type != "cuda":
+        return lambda: first
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    set_bytes = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+    count = max(2, min(16, -(-2 * l2_bytes // max(set_bytes, 1))))
+    sets = [first] + [make_inputs() for _ in range(count - 1)]
+    state = {"i": 0}
+
+    def next_set() -> tuple:
+        state["i"] = (state["i"] + 1) % len(sets)
+        return sets[state["i"]]
+
+    return next_set

@@ -1,0 +1,44 @@
+"""Test set-up shared by every test file.
+
+Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET must
+be set before triton is imported, i.e. before rlhf_kernels is.  With a CUDA device they run natively.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import rlhf_kernels  # noqa: E402,F401  (imported after TRITON_INTERPRET is decided)
+from rlhf_kernels import _dispatch  # noqa: E402
+
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def backend_device(backend: str) -> str:
+    """Where tensors live to exercise ``backend``: Triton on CUDA when present, else interpreted."""
+    if backend in ("triton", "cuda"):
+        return TRITON_DEVICE if backend == "triton" else "cuda"
+    return "cpu"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Runs the test once per backend, with that backend forced."""
+    with _dispatch.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
