@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - platforms without Triton run the PyTor
     triton = None
 
 FAMILY = "logprobs"
+# fp64 is accepted too (computed in fp64, fp64 outputs): for gradcheck and debugging.
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
 
 
@@ -57,19 +59,19 @@ if triton is not None:
         logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
         stride_x0, stride_x1, stride_xv,
         rows1, V, inv_temperature, ignore_index,
-        BLOCK_V: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+        BLOCK_V: tl.constexpr, HAS_ENTROPY: tl.constexpr, ACC: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + (row // rows1) * stride_x0 + (row % rows1) * stride_x1
         label = tl.load(labels_ptr + row).to(tl.int64)
 
-        m = tl.full((), float("-inf"), tl.float32)  # running max of x'
-        s = tl.zeros((), tl.float32)  # Σ e^{x' − m}
-        t = tl.zeros((), tl.float32)  # Σ e^{x' − m}(x' − m)
+        m = tl.full((), float("-inf"), ACC)  # running max of x'
+        s = tl.zeros((), ACC)  # Σ e^{x' − m}
+        t = tl.zeros((), ACC)  # Σ e^{x' − m}(x' − m)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             x = tl.load(base + offs.to(tl.int64) * stride_xv, mask=offs < V, other=float("-inf"))
-            x = x.to(tl.float32) * inv_temperature
+            x = x.to(ACC) * inv_temperature
             m_new = tl.maximum(m, tl.max(x, axis=0))
             # Reference point for this block's exponentials; stays finite while the row is all -inf.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -88,7 +90,7 @@ if triton is not None:
         ignored = label == ignore_index
         in_range = (label >= 0) & (label < V)
         safe_label = tl.where(in_range, label, 0)
-        x_label = tl.load(base + safe_label * stride_xv).to(tl.float32) * inv_temperature
+        x_label = tl.load(base + safe_label * stride_xv).to(ACC) * inv_temperature
         logprob = tl.where(in_range, x_label - lse, float("nan"))
         tl.store(logprobs_ptr + row, tl.where(ignored, 0.0, logprob))
         tl.store(lse_ptr + row, lse)
@@ -102,7 +104,7 @@ if triton is not None:
         stride_x0, stride_x1, stride_xv,
         stride_g0, stride_g1, stride_gv,
         rows1_x, rows1_g, V, inv_temperature, ignore_index,
-        BLOCK_V: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+        BLOCK_V: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, ACC: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         x_base = logits_ptr + (row // rows1_x) * stride_x0 + (row % rows1_x) * stride_x1
@@ -120,7 +122,7 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
             x = tl.load(x_base + offs.to(tl.int64) * stride_xv, mask=in_vocab, other=float("-inf"))
-            x = x.to(tl.float32) * inv_temperature
+            x = x.to(ACC) * inv_temperature
             logp = x - lse
             p = tl.exp(logp)
             grad = tl.where(offs == label, g_lp, 0.0) - g_lp * p
@@ -132,6 +134,15 @@ if triton is not None:
                 grad.to(grad_logits_ptr.dtype.element_ty),
                 mask=in_vocab,
             )
+
+
+def _out_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Arithmetic and output dtype: fp32, or fp64 for fp64 logits (for gradcheck and debugging)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _acc_dtype(logits: torch.Tensor):
+    return tl.float64 if logits.dtype == torch.float64 else tl.float32
 
 
 @dataclass(frozen=True)
@@ -198,8 +209,8 @@ def _row_chunks(x: torch.Tensor, rows_per_chunk: int):
 
 
 def _rows_per_chunk(vocab_size: int) -> int:
-    """Rows per chunk on the PyTorch path: about 16 MiB of fp32 per temporary."""
-    return max(1, (16 << 20) // (4 * vocab_size))
+    """Rows per chunk on the PyTorch path: about 8 MiB of fp32 per temporary (two or three alive)."""
+    return max(1, (8 << 20) // (4 * vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,13 +229,13 @@ def _logprobs_fwd_torch(
     logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, vocab_size = labels.numel(), logits.shape[-1]
-    logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    logprobs = torch.empty(n_rows, dtype=_out_dtype(logits), device=logits.device)
     lse = torch.empty_like(logprobs)
-    entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(n_rows if with_entropy else 0, dtype=logprobs.dtype, device=logits.device)
     ignored, in_range, safe = _label_terms(labels, vocab_size, ignore_index)
     for first, chunk in _row_chunks(logits, _rows_per_chunk(vocab_size)):
         rows = slice(first, first + chunk.shape[0])
-        x = chunk.to(torch.float32, copy=True)  # never .float(): a no-op alias for fp32 input
+        x = chunk.to(_out_dtype(chunk), copy=True)  # never .float(): a no-op alias for fp32 input
         if inv_temperature != 1.0:
             x.mul_(inv_temperature)
         m = x.amax(dim=-1, keepdim=True)
@@ -237,7 +248,9 @@ def _logprobs_fwd_torch(
         x_label = x.gather(-1, safe[rows].unsqueeze(-1)).squeeze(-1)
         logprobs[rows] = torch.where(in_range[rows], x_label - log_s, float("nan"))
         if with_entropy:
-            t = torch.where(x == float("-inf"), 0.0, e.mul_(x)).sum(dim=-1)
+            # -inf entries have e = 0: clamping them to the lowest finite value makes e·(x − m) = 0
+            # instead of NaN, in place, while NaN stays NaN.
+            t = e.mul_(x.clamp_(min=torch.finfo(x.dtype).min)).sum(dim=-1)
             entropy[rows] = log_s - t / s
     logprobs.masked_fill_(ignored, 0.0)
     if with_entropy:
@@ -248,8 +261,8 @@ def _logprobs_fwd_torch(
 @_logprobs_fwd_torch.register_fake
 def _(logits, labels, inv_temperature, ignore_index, with_entropy):
     n_rows = labels.numel()
-    out = logits.new_empty(n_rows, dtype=torch.float32)
-    return out, logits.new_empty(n_rows if with_entropy else 0, dtype=torch.float32), torch.empty_like(out)
+    out = logits.new_empty(n_rows, dtype=_out_dtype(logits))
+    return out, logits.new_empty(n_rows if with_entropy else 0, dtype=out.dtype), torch.empty_like(out)
 
 
 def _grad_rows_torch(
@@ -266,7 +279,7 @@ def _grad_rows_torch(
     """The fp32 gradient of one chunk of rows."""
     ignored, in_range, safe = _label_terms(labels[rows], chunk.shape[-1], ignore_index)
     g_lp = torch.where(in_range, grad_logprobs[rows], float("nan")).unsqueeze(-1)
-    x = chunk.to(torch.float32, copy=True)  # never .float(): a no-op alias for fp32 input
+    x = chunk.to(_out_dtype(chunk), copy=True)  # never .float(): a no-op alias for fp32 input
     if inv_temperature != 1.0:
         x.mul_(inv_temperature)
     logp = x.sub_(lse[rows].unsqueeze(-1))
@@ -274,9 +287,9 @@ def _grad_rows_torch(
     grad = p * -g_lp
     grad.scatter_add_(-1, safe.unsqueeze(-1), g_lp)
     if grad_entropy.numel():
-        term = p.mul_(logp.add_(entropy[rows].unsqueeze(-1)))
-        term = torch.where(logp == float("-inf"), 0.0, term)
-        grad.sub_(term.mul_(grad_entropy[rows].unsqueeze(-1)))
+        # p·(log p + H), with log p = -inf clamped so that masked entries give 0, not NaN
+        logp.clamp_(min=torch.finfo(logp.dtype).min).add_(entropy[rows].unsqueeze(-1))
+        grad.sub_(p.mul_(logp).mul_(grad_entropy[rows].unsqueeze(-1)))
     if inv_temperature != 1.0:
         grad.mul_(inv_temperature)
     return grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
@@ -335,9 +348,9 @@ def _launch_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits, _, rows1, s0, s1, sv = _row_layout(logits)
     n_rows, vocab_size = labels.numel(), logits.shape[-1]
-    logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    logprobs = torch.empty(n_rows, dtype=_out_dtype(logits), device=logits.device)
     lse = torch.empty_like(logprobs)
-    entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(n_rows if with_entropy else 0, dtype=logprobs.dtype, device=logits.device)
     if n_rows == 0:
         return logprobs, entropy, lse
     cfg = _launch_config(vocab_size)
@@ -345,7 +358,7 @@ def _launch_fwd(
         logits, labels, logprobs, entropy if with_entropy else logprobs, lse,
         s0, s1, sv,
         rows1, vocab_size, inv_temperature, ignore_index,
-        BLOCK_V=cfg.block_v, HAS_ENTROPY=with_entropy, num_warps=cfg.num_warps,
+        BLOCK_V=cfg.block_v, HAS_ENTROPY=with_entropy, ACC=_acc_dtype(logits), num_warps=cfg.num_warps,
     )
     return logprobs, entropy, lse
 
@@ -375,7 +388,8 @@ def _launch_bwd(
         s0, s1, sv,
         g0, g1, gv,
         rows1, grad_rows1, vocab_size, inv_temperature, ignore_index,
-        BLOCK_V=cfg.block_v, HAS_GRAD_ENTROPY=has_grad_entropy, num_warps=cfg.num_warps,
+        BLOCK_V=cfg.block_v, HAS_GRAD_ENTROPY=has_grad_entropy, ACC=_acc_dtype(logits),
+        num_warps=cfg.num_warps,
     )
 
 
@@ -490,7 +504,7 @@ def _check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int)
 def _prepare(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
 ) -> tuple[torch.Tensor, float, int]:
-    check_float_tensor("logits", logits)
+    check_float_tensor("logits", logits, LOGIT_DTYPES)
     check_index_tensor("labels", labels)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension; got shape {tuple(logits.shape)}")
@@ -514,7 +528,8 @@ def logprobs_from_logits(
     """Per-token log-probabilities (and entropy) of ``labels`` under ``softmax(logits / temperature)``.
 
     Args:
-        logits: [..., V] float32, bfloat16 or float16, any strides.
+        logits: [..., V] float32, bfloat16 or float16 (float64 too: then computed and returned in
+            float64), any strides.
         labels: [...] = ``logits.shape[:-1]``, int64 or int32, each in [0, V) or ``ignore_index``.
         temperature: > 0; the logits are divided by it.
         ignore_index: label value of positions that give 0 and receive zero gradient.
@@ -523,7 +538,7 @@ def logprobs_from_logits(
             The logits are destroyed by the backward pass: use it only when nothing else reads them.
 
     Returns:
-        ``logprobs`` [...] float32, or ``(logprobs, entropy)`` with ``return_entropy=True``.  Both are
+        ``logprobs`` [...] float32 (float64 for float64 logits), or ``(logprobs, entropy)`` with ``return_entropy=True``.  Both are
         differentiable with respect to ``logits``; the gradient has the logits' dtype.
 
     The forward reads the logits once, the backward reads them once and writes the gradient once;
@@ -552,7 +567,7 @@ def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> to
     Differentiable with respect to ``logits``; same kernel and numerics as
     :func:`logprobs_from_logits` with ``return_entropy=True``.
     """
-    check_float_tensor("logits", logits)
+    check_float_tensor("logits", logits, LOGIT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension; got shape {tuple(logits.shape)}")
     inv_temperature = 1.0 / check_positive("temperature", temperature)

@@ -1,0 +1,56 @@
+"""Float64 oracle of per-token log-probabilities and entropy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / τ)[label] (and −Σ p log p) in float64; 0 where label == ignore_index."""
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    ignored = labels == ignore_index
+    index = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    logprobs = log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return logprobs
+    p = log_p.exp()
+    # p log p → 0 as p → 0: masked (-inf) vocabulary entries contribute nothing.
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return logprobs, entropy.masked_fill(ignored, 0.0)
+
+
+def logprobs_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The analytic logits gradient in float64 (autograd through p log p is NaN at p = 0):
+
+    ∂/∂x_j = (1/τ)·[g·(1[j = y] − p_j) − h·p_j·(log p_j + H)], zero at ignored positions.
+    """
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = log_p.exp()
+    ignored = labels == ignore_index
+    index = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    one_hot = torch.nn.functional.one_hot(index, logits.shape[-1]).double()
+    grad = grad_logprobs.double().unsqueeze(-1) * (one_hot - p)
+    if grad_entropy is not None:
+        entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, keepdim=True)
+        grad = grad - grad_entropy.double().unsqueeze(-1) * torch.where(p > 0, p * (log_p + entropy), 0.0)
+    return (grad / temperature).masked_fill(ignored.unsqueeze(-1), 0.0)
+
+
+def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)[1]
