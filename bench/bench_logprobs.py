@@ -1,0 +1,109 @@
+"""Per-token log-probs (and entropy) from logits: ours vs the eager idiom, torch.compile of it, Liger.
+
+Minimal traffic: forward reads the logits once (N·V·b bytes); backward reads them once and writes the
+gradient once (2·N·V·b); forward+backward 3·N·V·b.  O(N) terms are ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _dispatch
+
+from .baselines import logprobs as peers
+from .harness import Bench
+
+FAMILY = "logprobs"
+
+
+def _shapes(bench: Bench) -> list[tuple[int, int, torch.dtype]]:
+    if bench.device.type == "cuda":
+        if bench.quick:
+            return [(4096, 151936, torch.bfloat16)]
+        return [(16384, 151936, torch.bfloat16), (16384, 128256, torch.bfloat16), (4096, 151936, torch.float32)]
+    if bench.quick:
+        return [(512, 151936, torch.float32)]
+    return [(2048, 151936, torch.float32), (2048, 151936, torch.bfloat16)]
+
+
+def _liger_logprobs():
+    """Liger's cross entropy with reduction='none' gives −log p[label]; None when not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError:
+        return None
+    return lambda logits, labels: -liger_cross_entropy(logits, labels, reduction="none")
+
+
+def _eager_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    return peers.verl_logprobs(logits, labels), peers.verl_entropy(logits.float())
+
+
+def _ours_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    return rk.logprobs_from_logits(logits, labels, return_entropy=True)
+
+
+def _ours(logits: torch.Tensor, labels: torch.Tensor):
+    return rk.logprobs_from_logits(logits, labels)
+
+
+def _modes(bench: Bench, case: str, impl: str, fn, logits: torch.Tensor, labels: torch.Tensor,
+           bytes_per_pass: int, baseline: str | None) -> None:
+    """Times forward, backward (graph retained) and forward+backward of ``fn``."""
+    x = logits.detach().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            return fn(x, labels)
+
+    def loss_of(out):
+        return sum(o.float().sum() for o in out) if isinstance(out, tuple) else out.float().sum()
+
+    def fwd_bwd():
+        loss_of(fn(x, labels)).backward()
+        grad, x.grad = x.grad, None
+        return grad  # alive until the memory probe has read its peak
+
+    bench.measure(FAMILY, case, impl, "fwd", forward, bytes_moved=bytes_per_pass, baseline=baseline)
+    retained = loss_of(fn(x, labels))
+
+    def backward():
+        retained.backward(retain_graph=True)
+        grad, x.grad = x.grad, None
+        return grad
+
+    bench.measure(FAMILY, case, impl, "bwd", backward, bytes_moved=2 * bytes_per_pass, baseline=baseline,
+                  memory=False)
+    del retained
+    bench.measure(FAMILY, case, impl, "fwd+bwd", fwd_bwd, bytes_moved=3 * bytes_per_pass, baseline=baseline)
+
+
+def run(bench: Bench) -> None:
+    _dispatch.set_index_checks(False)  # the label range check syncs; timed code must not
+    try:
+        for n, vocab, dtype in _shapes(bench):
+            logits = torch.randn(n, vocab, device=bench.device, dtype=torch.float32).mul_(2).to(dtype)
+            labels = torch.randint(0, vocab, (n,), device=bench.device)
+            bytes_per_pass = logits.numel() * logits.element_size()
+            dtype_name = str(dtype).replace("torch.", "")
+            case = f"N={n} V={vocab} {dtype_name}"
+            eager = "eager log_softmax+gather"
+            _modes(bench, case, eager, peers.verl_logprobs, logits, labels, bytes_per_pass, None)
+            if bench.device.type == "cuda":
+                compiled = torch.compile(peers.verl_logprobs)
+                _modes(bench, case, "torch.compile(eager)", compiled, logits, labels, bytes_per_pass, eager)
+                liger = _liger_logprobs()
+                if liger is not None:
+                    _modes(bench, case, "liger cross_entropy", liger, logits, labels, bytes_per_pass, eager)
+            _modes(bench, case, "rlhf_kernels", _ours, logits, labels, bytes_per_pass, eager)
+
+            case_h = case + " +entropy"
+            eager_h = "eager verl logprobs+entropy"
+            _modes(bench, case_h, eager_h, _eager_with_entropy, logits, labels, bytes_per_pass, None)
+            _modes(bench, case_h, "rlhf_kernels", _ours_with_entropy, logits, labels, bytes_per_pass, eager_h)
+            del logits, labels
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        _dispatch.set_index_checks(True)
