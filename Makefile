@@ -28,6 +28,7 @@ bench: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(PY) -m bench --cpu
+	$(PY) -m pytest -q bench/test_cpu_paths.py --benchmark-only
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

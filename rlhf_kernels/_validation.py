@@ -39,7 +39,9 @@ def check_float_tensor(
 def check_index_tensor(name: str, value: object) -> torch.Tensor:
     tensor = check_tensor(name, value)
     if tensor.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor ({_dtype_names(INDEX_DTYPES)}); got {tensor.dtype}")
+        raise TypeError(
+            f"{name} must be an integer tensor ({_dtype_names(INDEX_DTYPES)}); got {tensor.dtype}"
+        )
     return tensor
 
 

@@ -35,7 +35,9 @@ def _assert_close(actual, expected, tol, what):
     assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (tol {tol:g})"
 
 
-def _check_fwd_bwd(logits, labels, *, temperature=1.0, ignore_index=-100, use_logprobs=True, use_entropy=True):
+def _check_fwd_bwd(
+    logits, labels, *, temperature=1.0, ignore_index=-100, use_logprobs=True, use_entropy=True
+):
     """Forward values and the logits gradient of w·logprobs + u·entropy against the oracle."""
     dtype = logits.dtype
     x = logits.clone().requires_grad_()
@@ -319,7 +321,9 @@ def test_opcheck_torch_path():
         lp, h, lse = torch.ops.rlhf_kernels.logprobs_fwd(logits.detach(), labels, 1.0, -100, True, False)
         args = (torch.randn(5), torch.randn(5), logits.detach(), labels, lse, h, 1.0, -100)
         torch.library.opcheck(torch.ops.rlhf_kernels.logprobs_bwd.default, args)
-        torch.library.opcheck(torch.ops.rlhf_kernels.logprobs_fwd_torch.default, (logits.detach(), labels, 1.0, -100, True))
+        torch.library.opcheck(
+            torch.ops.rlhf_kernels.logprobs_fwd_torch.default, (logits.detach(), labels, 1.0, -100, True)
+        )
 
 
 def test_compile_fullgraph_dynamic_torch_path():
@@ -342,7 +346,9 @@ def test_compile_fullgraph_dynamic_torch_path():
             torch.testing.assert_close(x_comp.grad, x_eager.grad)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="torch.compile of Triton kernels needs CUDA (interpreter reads FakeTensor data)")
+@pytest.mark.skipif(
+    not HAS_CUDA, reason="torch.compile of Triton kernels needs CUDA (the interpreter reads FakeTensor data)"
+)
 def test_compile_fullgraph_dynamic_triton_path():
     def step(logits, labels):
         lp, h = rk.logprobs_from_logits(logits, labels, return_entropy=True)

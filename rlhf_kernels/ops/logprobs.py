@@ -80,7 +80,8 @@ if triton is not None:
             e = tl.exp(x - m_ref)
             if HAS_ENTROPY:
                 # -inf entries have probability 0: their e·(x − m) is 0, not 0·(−inf).
-                t = alpha * (t + s * shift) + tl.sum(tl.where(x == float("-inf"), 0.0, e * (x - m_ref)), axis=0)
+                masked_zero = tl.where(x == float("-inf"), 0.0, e * (x - m_ref))
+                t = alpha * (t + s * shift) + tl.sum(masked_zero, axis=0)
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         m_ref = tl.where(m == float("-inf"), 0.0, m)
@@ -226,7 +227,11 @@ def _label_terms(labels: torch.Tensor, vocab_size: int, ignore_index: int):
 
 @torch.library.custom_op("rlhf_kernels::logprobs_fwd_torch", mutates_args=())
 def _logprobs_fwd_torch(
-    logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, vocab_size = labels.numel(), logits.shape[-1]
     logprobs = torch.empty(n_rows, dtype=_out_dtype(logits), device=logits.device)
@@ -235,23 +240,21 @@ def _logprobs_fwd_torch(
     ignored, in_range, safe = _label_terms(labels, vocab_size, ignore_index)
     for first, chunk in _row_chunks(logits, _rows_per_chunk(vocab_size)):
         rows = slice(first, first + chunk.shape[0])
-        x = chunk.to(_out_dtype(chunk), copy=True)  # never .float(): a no-op alias for fp32 input
-        if inv_temperature != 1.0:
-            x.mul_(inv_temperature)
-        m = x.amax(dim=-1, keepdim=True)
-        m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-        x.sub_(m_ref)  # x − m, in place: one fp32 chunk alive besides e
-        e = x.exp()
-        s = e.sum(dim=-1)
-        log_s = s.log()
-        lse[rows] = m_ref.squeeze(-1) + log_s
-        x_label = x.gather(-1, safe[rows].unsqueeze(-1)).squeeze(-1)
-        logprobs[rows] = torch.where(in_range[rows], x_label - log_s, float("nan"))
+        x = _scaled(chunk, inv_temperature)
+        # ATen's fused log_softmax (upcasting inside) is the fastest CPU pass; lse comes back from it
+        # at the row's argmax, where log p = m − lse exactly.  NaN/+inf rows give NaN throughout.
+        m, argmax = x.max(dim=-1, keepdim=True)
+        log_p = torch.log_softmax(x, dim=-1, dtype=logprobs.dtype)
+        lse[rows] = (m.to(log_p.dtype) - log_p.gather(-1, argmax)).squeeze(-1)
+        label_log_p = log_p.gather(-1, safe[rows].unsqueeze(-1)).squeeze(-1)
+        logprobs[rows] = torch.where(in_range[rows], label_log_p, float("nan"))
         if with_entropy:
-            # -inf entries have e = 0: clamping them to the lowest finite value makes e·(x − m) = 0
-            # instead of NaN, in place, while NaN stays NaN.
-            t = e.mul_(x.clamp_(min=torch.finfo(x.dtype).min)).sum(dim=-1)
-            entropy[rows] = log_s - t / s
+            # H = −Σ p·log p; log p = -inf (masked entries, p = 0) is clamped so that they add 0
+            # rather than NaN, while NaN stays NaN.  torch.sum's cascade keeps fp32 sums accurate at
+            # V ~ 1e5 (a plain dot product loses ~2e-5 relative there).
+            prob = log_p.exp()
+            log_p.clamp_(min=torch.finfo(log_p.dtype).min)
+            entropy[rows] = prob.mul_(log_p).sum(dim=-1).neg_()
     logprobs.masked_fill_(ignored, 0.0)
     if with_entropy:
         entropy.masked_fill_(ignored, 0.0)
@@ -265,6 +268,13 @@ def _(logits, labels, inv_temperature, ignore_index, with_entropy):
     return out, logits.new_empty(n_rows if with_entropy else 0, dtype=out.dtype), torch.empty_like(out)
 
 
+def _scaled(chunk: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """x' = chunk / τ in the arithmetic dtype; the chunk itself when τ = 1 (never modified)."""
+    if inv_temperature == 1.0:
+        return chunk
+    return chunk.to(_out_dtype(chunk), copy=True).mul_(inv_temperature)
+
+
 def _grad_rows_torch(
     chunk: torch.Tensor,
     rows: slice,
@@ -276,23 +286,25 @@ def _grad_rows_torch(
     inv_temperature: float,
     ignore_index: int,
 ) -> torch.Tensor:
-    """The fp32 gradient of one chunk of rows."""
+    """The gradient of one chunk of rows, in the arithmetic dtype.
+
+    Per row, (1/τ)·[g·(1[j = y] − p_j) − h·p_j·(log p_j + H)] = p_j·(a + b·log p_j) + (g/τ)·1[j = y]
+    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p.
+    """
     ignored, in_range, safe = _label_terms(labels[rows], chunk.shape[-1], ignore_index)
-    g_lp = torch.where(in_range, grad_logprobs[rows], float("nan")).unsqueeze(-1)
-    x = chunk.to(_out_dtype(chunk), copy=True)  # never .float(): a no-op alias for fp32 input
-    if inv_temperature != 1.0:
-        x.mul_(inv_temperature)
-    logp = x.sub_(lse[rows].unsqueeze(-1))
-    p = logp.exp()
-    grad = p * -g_lp
-    grad.scatter_add_(-1, safe.unsqueeze(-1), g_lp)
+    g = torch.where(in_range, grad_logprobs[rows], float("nan")).unsqueeze(-1) * inv_temperature
+    log_p = torch.sub(_scaled(chunk, inv_temperature), lse[rows].unsqueeze(-1))  # promotes to fp32
+    p = log_p.exp()
     if grad_entropy.numel():
-        # p·(log p + H), with log p = -inf clamped so that masked entries give 0, not NaN
-        logp.clamp_(min=torch.finfo(logp.dtype).min).add_(entropy[rows].unsqueeze(-1))
-        grad.sub_(p.mul_(logp).mul_(grad_entropy[rows].unsqueeze(-1)))
-    if inv_temperature != 1.0:
-        grad.mul_(inv_temperature)
-    return grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
+        h = grad_entropy[rows].unsqueeze(-1) * inv_temperature
+        a = -(g + h * entropy[rows].unsqueeze(-1))
+        # log p = -inf (masked entries, p = 0) is clamped so that p·(a + b·log p) is 0, not NaN
+        grad = log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(-h).add_(a).mul_(p)
+    else:
+        grad = p.mul_(-g)
+    grad.scatter_add_(-1, safe.unsqueeze(-1), g)
+    grad[ignored] = 0.0  # whatever the row holds, NaN included
+    return grad
 
 
 @torch.library.custom_op("rlhf_kernels::logprobs_bwd_torch", mutates_args=())
@@ -507,7 +519,9 @@ def _prepare(
     check_float_tensor("logits", logits, LOGIT_DTYPES)
     check_index_tensor("labels", labels)
     if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension; got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have a non-empty last (vocabulary) dimension; got shape {tuple(logits.shape)}"
+        )
     check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     check_same_device(logits=logits, labels=labels)
     temperature = check_positive("temperature", temperature)
@@ -538,8 +552,9 @@ def logprobs_from_logits(
             The logits are destroyed by the backward pass: use it only when nothing else reads them.
 
     Returns:
-        ``logprobs`` [...] float32 (float64 for float64 logits), or ``(logprobs, entropy)`` with ``return_entropy=True``.  Both are
-        differentiable with respect to ``logits``; the gradient has the logits' dtype.
+        ``logprobs`` [...] float32 (float64 for float64 logits), or ``(logprobs, entropy)`` with
+        ``return_entropy=True``.  Both are differentiable with respect to ``logits``; the gradient has
+        the logits' dtype.
 
     The forward reads the logits once, the backward reads them once and writes the gradient once;
     all arithmetic is fp32.  Labels are range-checked before launch (a device sync on CUDA unless
@@ -569,7 +584,9 @@ def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> to
     """
     check_float_tensor("logits", logits, LOGIT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension; got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have a non-empty last (vocabulary) dimension; got shape {tuple(logits.shape)}"
+        )
     inv_temperature = 1.0 / check_positive("temperature", temperature)
     # Label 0 always exists; its log-prob is computed and discarded (one extra load per row).
     labels = torch.zeros(logits.shape[:-1].numel(), dtype=torch.int64, device=logits.device)
