@@ -48,12 +48,22 @@ def _status_bytes(key: str) -> int:
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: measurements may read low after reuse
+        pass
+
+
 def cpu_peak_rss_rise(fn: Callable[[], object]) -> int:
     """Bytes by which ``fn`` raises the process's peak resident set above the resident set before it.
 
     Results of ``fn`` are dropped before returning, but counted while alive.  Linux only.
     """
     gc.collect()
+    _malloc_trim()  # return freed heap pages, else reused pages hide the function's allocations
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current VmRSS
     before = _status_bytes("VmRSS")

@@ -74,13 +74,17 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_real(name: str, value: object) -> float:
-    """A finite Python number (tensors are refused: they would need a host sync)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite Python number (tensors are refused: reading one would need a host sync).
+
+    Under ``torch.compile(dynamic=True)`` a float may arrive symbolic (``torch.SymFloat``): it is
+    checked by comparison (which guards) and returned as is, so it stays a graph input.
+    """
+    symbolic = isinstance(value, (torch.SymFloat, torch.SymInt))
+    if isinstance(value, bool) or not (symbolic or isinstance(value, (int, float))):
         raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    if not (value == value and -math.inf < value < math.inf):  # NaN fails the first comparison
         raise ValueError(f"{name} must be finite; got {value}")
-    return value
+    return value if symbolic else float(value)
 
 
 def check_positive(name: str, value: object) -> float:
