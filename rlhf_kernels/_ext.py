@@ -1,0 +1,205 @@
+"""Loader of the C++ (CPU) and CUDA extensions built from the repository's ``csrc/``.
+
+Nothing is built when ``rlhf_kernels`` is imported.  The first call that needs an extension (for
+example ``compute_gae`` on a CPU tensor, whose "auto" backend is ``cpp``) builds it just in time with
+``torch.utils.cpp_extension`` and ninja, into a cache folder keyed by a hash of the sources, the torch
+and Python versions and (for CUDA) the GPU architecture:
+
+    ${RLHF_KERNELS_CACHE:-~/.cache/rlhf_kernels}/<name>-<hash>/
+
+Later calls in the same process cost a dictionary look-up; later processes import the cached shared
+library directly (no compiler, no ninja), so only the first use on a machine pays for the build
+(about a minute on two cores for the CPU extension).  A module built at install time
+(``RLHF_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .``, see ``setup.py``) is used first
+when it imports.
+
+If an extension cannot be built or loaded, :func:`unavailable_reason` says why, ``warnings.warn`` is
+issued once per extension, and the "auto" backend falls back to the next one (Triton or PyTorch);
+nothing raises.  ``RLHF_KERNELS_EXT=0`` turns the extensions off without a warning.
+
+Families with extension kernels: ``gae`` (``cpp`` and ``cuda``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+# backend -> (sources, module prebuilt by setup.py); headers are hashed too.
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "cpp": ("gae.cpp",),
+    "cuda": ("gae_cuda_binding.cpp", "gae_cuda.cu"),
+}
+_HEADERS = ("gae_common.h",)
+_PREBUILT = {"cpp": "rlhf_kernels._gae_cpp", "cuda": "rlhf_kernels._gae_cuda"}
+_FAMILIES: dict[str, tuple[str, ...]] = {"gae": ("cpp", "cuda")}
+
+# No -march=native: the cache folder may be shared by machines of different CPUs.  No fast-math: NaN
+# must propagate.  -fopenmp makes at::parallel_for run in parallel (torch ships the OpenMP runtime).
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+CUDA_CFLAGS = ("-O3",)
+
+_lock = threading.Lock()
+_loaded: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
+def csrc_dir() -> Path:
+    """The C++/CUDA sources: ``$RLHF_KERNELS_CSRC`` or the repository's top-level ``csrc/``."""
+    override = os.environ.get("RLHF_KERNELS_CSRC")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def cache_dir() -> Path:
+    """Where JIT builds live: ``$RLHF_KERNELS_CACHE`` or ``~/.cache/rlhf_kernels``."""
+    override = os.environ.get("RLHF_KERNELS_CACHE")
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlhf_kernels"
+
+
+def _disabled() -> bool:
+    return os.environ.get("RLHF_KERNELS_EXT", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _build_key(backend: str, sources: list[Path]) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    flags = CFLAGS + LDFLAGS + (CUDA_CFLAGS if backend == "cuda" else ())
+    digest.update(" ".join(flags).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(f"{sys.version_info[:2]}-{platform.machine()}-{sys.platform}".encode())
+    if backend == "cuda":
+        digest.update(str(torch.version.cuda).encode())
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or str(torch.cuda.get_device_capability())
+        digest.update(arch.encode())
+    return digest.hexdigest()[:16]
+
+
+def _import_shared_library(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(backend: str) -> ModuleType:
+    """Imports the prebuilt module, the cached JIT build, or builds it; raises on failure."""
+    import torch
+
+    if backend == "cuda" and (torch.version.cuda is None or not torch.cuda.is_available()):
+        raise _Unavailable("torch has no CUDA device (the CUDA extension is built only where it runs)")
+    try:
+        return importlib.import_module(_PREBUILT[backend])
+    except ImportError:
+        pass
+    root = csrc_dir()
+    sources = [root / name for name in _SOURCES[backend]]
+    headers = [root / name for name in _HEADERS]
+    missing = [str(p) for p in sources + headers if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"C++/CUDA sources not found ({', '.join(missing)}); set RLHF_KERNELS_CSRC")
+    name = f"rlhf_kernels_{backend}"
+    key = _build_key(backend, sources + headers)
+    build_dir = cache_dir() / f"{name}-{key}"
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES + [".so"]
+    for suffix in suffixes:
+        built = build_dir / f"{name}{suffix}"
+        if built.is_file():
+            try:
+                return _import_shared_library(name, built)
+            except ImportError:
+                break  # e.g. a concurrent build still writing it: let the builder take its lock
+    build_dir.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    return cpp_extension.load(
+        name=name,
+        sources=[str(p) for p in sources],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        extra_cuda_cflags=list(CUDA_CFLAGS),
+        extra_include_paths=[str(root)],
+        build_directory=str(build_dir),
+        with_cuda=backend == "cuda",
+        verbose=os.environ.get("RLHF_KERNELS_EXT_VERBOSE", "0") == "1",
+    )
+
+
+class _Unavailable(RuntimeError):
+    """An expected absence (no CUDA, extensions disabled): no warning."""
+
+
+def _summary(exc: BaseException, limit: int = 1500) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2 :]
+
+
+def load(backend: str) -> ModuleType | None:
+    """The extension module for ``backend`` ("cpp" or "cuda"), built on first use; None when it is
+    unavailable (see :func:`unavailable_reason`)."""
+    return _get(backend)[0]
+
+
+def _get(backend: str) -> tuple[ModuleType | None, str | None]:
+    if backend not in _SOURCES:
+        raise ValueError(f"backend must be one of {tuple(_SOURCES)}; got {backend!r}")
+    cached = _loaded.get(backend)
+    if cached is not None:
+        return cached
+    with _lock:
+        cached = _loaded.get(backend)
+        if cached is not None:
+            return cached
+        if _disabled():
+            result: tuple[ModuleType | None, str | None] = (None, "disabled by RLHF_KERNELS_EXT=0")
+        else:
+            try:
+                result = (_build(backend), None)
+            except _Unavailable as exc:
+                result = (None, str(exc))
+            except Exception as exc:  # any build or import failure: fall back, never crash
+                reason = f"the {backend} extension could not be built or loaded ({_summary(exc)})"
+                warnings.warn(
+                    f"rlhf_kernels: {reason}; falling back to the Triton/PyTorch kernels. "
+                    "Set RLHF_KERNELS_EXT_VERBOSE=1 to see the build log, or RLHF_KERNELS_EXT=0 to silence "
+                    "this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                result = (None, reason)
+        _loaded[backend] = result
+        return result
+
+
+def unavailable_reason(family: str, backend: str) -> str | None:
+    """Why the ``backend`` ("cpp" or "cuda") extension cannot run ``family``; None when it is built
+    and loadable.  Builds the extension on first call; cached afterwards."""
+    if backend not in _FAMILIES.get(family, ()):
+        return f"{family!r} has no {backend} extension kernel"
+    return _get(backend)[1]
+
+
+def _reset() -> None:
+    """Forgets loaded/failed extensions (tests), so that the next call tries again."""
+    with _lock:
+        _loaded.clear()
