@@ -14,8 +14,16 @@ from .ops.advantages import (
     masked_whiten,
     token_level_rewards,
 )
+from .ops.aggregation import LOSS_AGG_MODES, agg_loss
 from .ops.kl import KL_ESTIMATORS, kl_penalty
 from .ops.logprobs import entropy_from_logits, logprobs_from_logits
+from .ops.ppo_losses import kl_loss, ppo_policy_loss, ppo_value_loss
+from .ops.reward_losses import (
+    pairwise_reward_loss,
+    pointwise_reward_loss,
+    ranking_hinge_loss,
+    ranking_reward_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -23,15 +31,24 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "agg_loss",
     "backend_for",
     "broadcast_to_tokens",
     "compute_gae",
     "entropy_from_logits",
     "get_backend",
     "group_advantages",
+    "kl_loss",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_whiten",
+    "pairwise_reward_loss",
+    "pointwise_reward_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "ranking_hinge_loss",
+    "ranking_reward_loss",
     "set_backend",
     "set_index_checks",
     "token_level_rewards",

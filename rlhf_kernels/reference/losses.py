@@ -11,11 +11,7 @@ import torch
 MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _f64(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(torch.float64) if not x.requires_grad else x.to(torch.float64)
-
-
-def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", normalizer=None) -> torch.Tensor:
+def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", normalizer=None):
     L = per_token.to(torch.float64)
     m = mask.to(torch.float64)
     Lm = torch.where(m != 0, L * m, torch.zeros_like(L))
@@ -111,8 +107,7 @@ def kl_loss(logprobs, ref_logprobs, mask, *, estimator="k3", loss_agg="token-mea
 
 
 def _neg_log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    # −log σ(x) = log(1 + e^{−x}), written stably: max(−x, 0) + log1p(e^{−|x|}).
-    return torch.clamp(-x, min=0) + torch.log1p(torch.exp(-x.abs()))
+    return -torch.nn.functional.logsigmoid(x)  # −log σ(x), stable in float64 for any |x|
 
 
 def pairwise_reward_loss(chosen, rejected, *, margin=None, center_coef=None):
@@ -135,8 +130,8 @@ def _pairs(scores, mask):
         s = s.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)
     B, K = s.shape
-    valid = torch.ones(B, K, dtype=torch.bool) if mask is None else (mask.cpu() != 0)
-    i, j = torch.triu_indices(K, K, offset=1)
+    valid = torch.ones(B, K, dtype=torch.bool, device=s.device) if mask is None else (mask.to(s.device) != 0)
+    i, j = torch.triu_indices(K, K, offset=1, device=s.device)
     pair_valid = valid[:, i] & valid[:, j]  # [B, P]
     return s, s[:, i], s[:, j], pair_valid
 
@@ -147,7 +142,8 @@ def ranking_reward_loss(scores, *, mask=None):
     n_pairs = pair_valid.sum(-1)
     per_prompt = torch.where(pair_valid, per_pair, torch.zeros_like(per_pair)).sum(-1) / n_pairs.clamp(min=1)
     has_pairs = n_pairs > 0
-    loss = torch.where(has_pairs, per_prompt, torch.zeros_like(per_prompt)).sum() / has_pairs.sum().clamp(min=1)
+    per_prompt = torch.where(has_pairs, per_prompt, torch.zeros_like(per_prompt))
+    loss = per_prompt.sum() / has_pairs.sum().clamp(min=1)
     with torch.no_grad():
         correct = (pair_valid & (s_i > s_j)).sum()
         metrics = {"accuracy": correct.double() / n_pairs.sum().clamp(min=1)}
