@@ -16,6 +16,7 @@ from .ops.advantages import (
 )
 from .ops.aggregation import LOSS_AGG_MODES, agg_loss
 from .ops.kl import KL_ESTIMATORS, kl_penalty
+from .ops.linear_logprobs import LinearLogprobs, linear_logprobs
 from .ops.logprobs import entropy_from_logits, logprobs_from_logits
 from .ops.ppo_losses import kl_loss, ppo_policy_loss, ppo_value_loss
 from .ops.reward_losses import (
@@ -32,6 +33,7 @@ __all__ = [
     "FixedKLController",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "LinearLogprobs",
     "agg_loss",
     "backend_for",
     "broadcast_to_tokens",
@@ -41,6 +43,7 @@ __all__ = [
     "group_advantages",
     "kl_loss",
     "kl_penalty",
+    "linear_logprobs",
     "logprobs_from_logits",
     "masked_whiten",
     "pairwise_reward_loss",

@@ -1,0 +1,117 @@
+"""Log-probs (and entropy) from hidden states: ours vs the eager lm_head + log_softmax idiom, torch.compile
+of it, and Liger's fused linear cross entropy where installed.
+
+Work: the forward is one [N, H] x [H, V] product (2·N·H·V flop); forward+backward needs three (6·N·H·V:
+logits, d_hidden = G·W, d_weight = Gᵀ·h).  TFLOP/s are reported against those counts ("effective": our
+backward also recomputes the logits, 8·N·H·V in all).  On CUDA the three bf16 products themselves are
+timed in the same run (cuBLAS, on a materialised [N, V] G), and each fwd+bwd row's note gives its time as
+a multiple of theirs, and its peak memory as a fraction of eager's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_kernels import _dispatch
+from rlhf_kernels.ops.linear_logprobs import linear_logprobs
+
+from .baselines import linear_logprobs as peers
+from .harness import Bench
+
+FAMILY = "linear_logprobs"
+
+
+def _shapes(bench: Bench) -> list[tuple[int, int, int, torch.dtype]]:
+    """(N tokens, H, V, dtype)."""
+    if bench.device.type == "cuda":
+        if bench.quick:
+            return [(4096, 4096, 151936, torch.bfloat16)]
+        return [(16384, 4096, 151936, torch.bfloat16)]
+    if bench.quick:
+        return [(256, 256, 32000, torch.float32)]
+    return [(1024, 512, 32000, torch.float32)]  # CPU bf16 products are emulated on most CPUs: fp32 only
+
+
+def _ours(with_entropy: bool):
+    return lambda hidden, weight, labels: linear_logprobs(hidden, weight, labels, return_entropy=with_entropy)
+
+
+def _eager(with_entropy: bool):
+    return lambda hidden, weight, labels: peers.eager_linear_logprobs(
+        hidden, weight, labels, return_entropy=with_entropy
+    )
+
+
+def _loss(out) -> torch.Tensor:
+    return sum(o.float().sum() for o in out) if isinstance(out, tuple) else out.float().sum()
+
+
+def _modes(bench: Bench, case: str, impl: str, fn, hidden, weight, labels, flops_fwd: int,
+           baseline: str | None, fwd: bool = True):
+    """Times forward (no grad) and forward+backward of ``fn``; returns the fwd+bwd row."""
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            return fn(h, w, labels)
+
+    def fwd_bwd():
+        h.grad = w.grad = None
+        _loss(fn(h, w, labels)).backward()
+
+    if fwd:
+        bench.measure(FAMILY, case, impl, "fwd", forward, flops=flops_fwd, baseline=baseline)
+    row = bench.measure(FAMILY, case, impl, "fwd+bwd", fwd_bwd, flops=3 * flops_fwd, baseline=baseline)
+    h.grad = w.grad = None
+    return row
+
+
+def _three_products(bench: Bench, case: str, hidden, weight, flops_fwd: int):
+    """The three bf16 products of forward+backward, cuBLAS, G materialised: the time to beat."""
+    grad_logits = torch.randn(hidden.shape[0], weight.shape[0], device=hidden.device, dtype=hidden.dtype)
+
+    def products():
+        torch.mm(hidden, weight.T)
+        torch.mm(grad_logits, weight)
+        torch.mm(grad_logits.T, hidden)
+
+    return bench.measure(FAMILY, case, "3 products (cuBLAS)", "fwd+bwd", products, flops=3 * flops_fwd,
+                         memory=False, note="logits, d_hidden, d_weight")
+
+
+def run(bench: Bench) -> None:
+    _dispatch.set_index_checks(False)  # the label range check syncs; timed code must not
+    try:
+        for n, hidden_size, vocab, dtype in _shapes(bench):
+            hidden = torch.randn(n, hidden_size, device=bench.device, dtype=dtype)
+            weight = (torch.randn(vocab, hidden_size, device=bench.device) / hidden_size**0.5).to(dtype)
+            labels = torch.randint(0, vocab, (n,), device=bench.device)
+            flops_fwd = 2 * n * hidden_size * vocab
+            dtype_name = str(dtype).replace("torch.", "")
+            on_cuda = bench.device.type == "cuda"
+            for with_entropy in (False, True):
+                case = f"N={n} H={hidden_size} V={vocab} {dtype_name}" + (" +entropy" if with_entropy else "")
+                inputs = (hidden, weight, labels, flops_fwd)
+                products = _three_products(bench, case, hidden, weight, flops_fwd) if on_cuda else None
+                eager = "eager linear+log_softmax"
+                eager_row = _modes(bench, case, eager, _eager(with_entropy), *inputs, None)
+                if on_cuda and not with_entropy:
+                    compiled = torch.compile(_eager(with_entropy))
+                    _modes(bench, case, "torch.compile(eager)", compiled, *inputs, eager)
+                    liger = peers.liger_fused_linear_cross_entropy()
+                    if liger is not None:
+                        _modes(bench, case, "liger fused linear CE", liger, *inputs, eager, fwd=False)
+                ours = _modes(bench, case, "rlhf_kernels", _ours(with_entropy), *inputs, eager)
+                notes = []
+                if products is not None:
+                    notes.append(f"{ours.median_ms / products.median_ms:.2f}x the 3 products")
+                if ours.peak_mem_mb is not None and eager_row.peak_mem_mb:
+                    notes.append(f"peak {ours.peak_mem_mb / eager_row.peak_mem_mb:.1%} of eager's")
+                ours.note = "; ".join(notes)
+                print(f"{'':>10} {case}: rlhf_kernels fwd+bwd {ours.note}", flush=True)
+            del hidden, weight, labels
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        _dispatch.set_index_checks(True)

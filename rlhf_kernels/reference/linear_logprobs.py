@@ -1,0 +1,36 @@
+"""Float64 oracle of log-probabilities and entropy from hidden states through the lm_head."""
+
+from __future__ import annotations
+
+import torch
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax((h Wᵀ + b) / τ)[label] (and −Σ p log p) in float64; 0 where label == ignore_index.
+
+    Differentiable (in float64) with respect to hidden, weight and bias; ignored positions get no gradient.
+    """
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits / temperature
+    log_p = torch.log_softmax(logits, dim=-1)
+    ignored = labels == ignore_index
+    index = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    logprobs = torch.where(ignored, 0.0, log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1))
+    if not return_entropy:
+        return logprobs
+    # H = lse − Σ p·z; masked (-inf) entries have p = 0 and contribute nothing (z replaced by 0 there so
+    # that neither the value nor its gradient meets 0·∞).
+    finite = torch.where(logits == float("-inf"), 0.0, logits)
+    entropy = torch.logsumexp(logits, dim=-1) - (log_p.exp() * finite).sum(dim=-1)
+    return logprobs, torch.where(ignored, 0.0, entropy)
