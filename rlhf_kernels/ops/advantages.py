@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.library import triton_op, wrap_triton
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _dispatch, _ext
 from .._validation import (
@@ -561,14 +560,6 @@ def _launch_whiten(
 # Registration.  No autograd: advantages, rewards and whitened values are targets, not outputs to
 # differentiate (the public functions detach their inputs).
 # ---------------------------------------------------------------------------------------------------
-def _traced() -> bool:
-    """True while torch.compile, export or make_fx traces (then only registered ops may run); False in
-    plain eager mode, where the public functions call the kernels directly: the two layers of
-    torch.library dispatch (the public op, then the path's op) cost 30-100 µs per call on CPU, as much
-    as the C++ GAE kernel itself at 64 x 1024."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
 def _route_gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, carry: bool,
     traced: bool,
@@ -710,7 +701,7 @@ def compute_gae(
     lam = _float_arg("lam", lam, 0.0, 1.0)
     mask_mode = check_choice("mask_mode", mask_mode, MASK_MODES)
     args = (rewards.detach(), values.detach(), mask.detach(), gamma, lam, mask_mode == "carry")
-    if _traced():
+    if _dispatch.tracing():
         return gae_op(*args)
     return _route_gae(*args, traced=False)
 
@@ -764,7 +755,7 @@ def masked_whiten(
     columns = x.shape[-1] if x.dim() else 1
     x2, m2 = x.reshape(-1, columns), mask.reshape(-1, columns)
     args = (x2.detach(), m2.detach(), bool(shift_mean), bool(unbiased), eps, per_row)
-    out = whiten_op(*args) if _traced() else _route_whiten(*args, traced=False)
+    out = whiten_op(*args) if _dispatch.tracing() else _route_whiten(*args, traced=False)
     return out.view(x.shape)
 
 
@@ -813,7 +804,10 @@ def token_level_rewards(
     clip = _float_arg("score_clip", score_clip, positive=True) if has_clip else 0.0
     tensors = (scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach())
     args = (*tensors, kl_coef, estimator, clip, has_clip)
-    rewards, row_kl = token_rewards_op(*args) if _traced() else _route_token_rewards(*args, traced=False)
+    if _dispatch.tracing():
+        rewards, row_kl = token_rewards_op(*args)
+    else:
+        rewards, row_kl = _route_token_rewards(*args, traced=False)
     kl_mean = row_kl.mean() if row_kl.numel() else row_kl.sum()
     return rewards, kl_mean
 

@@ -225,8 +225,7 @@ def _label_terms(labels: torch.Tensor, vocab_size: int, ignore_index: int):
     return ignored, in_range, safe
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_fwd_torch", mutates_args=())
-def _logprobs_fwd_torch(
+def _logprobs_fwd_plain(
     logits: torch.Tensor,
     labels: torch.Tensor,
     inv_temperature: float,
@@ -259,6 +258,11 @@ def _logprobs_fwd_torch(
     if with_entropy:
         entropy.masked_fill_(ignored, 0.0)
     return logprobs, entropy, lse
+
+
+_logprobs_fwd_torch = torch.library.custom_op(
+    "rlhf_kernels::logprobs_fwd_torch", _logprobs_fwd_plain, mutates_args=()
+)
 
 
 @_logprobs_fwd_torch.register_fake
@@ -307,8 +311,7 @@ def _grad_rows_torch(
     return grad
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_bwd_torch", mutates_args=())
-def _logprobs_bwd_torch(
+def _logprobs_bwd_plain(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
     logits: torch.Tensor,
@@ -328,13 +331,17 @@ def _logprobs_bwd_torch(
     return grad_logits
 
 
+_logprobs_bwd_torch = torch.library.custom_op(
+    "rlhf_kernels::logprobs_bwd_torch", _logprobs_bwd_plain, mutates_args=()
+)
+
+
 @_logprobs_bwd_torch.register_fake
 def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index):
     return logits.new_empty(logits.shape)
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_bwd_inplace_torch", mutates_args=("logits",))
-def _logprobs_bwd_inplace_torch(
+def _logprobs_bwd_inplace_plain(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
     logits: torch.Tensor,
@@ -350,6 +357,11 @@ def _logprobs_bwd_inplace_torch(
             chunk, rows, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index
         )
         chunk.copy_(grad)  # a view of logits: the public function refuses layouts that need a copy
+
+
+_logprobs_bwd_inplace_torch = torch.library.custom_op(
+    "rlhf_kernels::logprobs_bwd_inplace_torch", _logprobs_bwd_inplace_plain, mutates_args=("logits",)
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,7 +433,8 @@ def logprobs_fwd(
     """(logprobs [N], entropy [N] or [0], lse [N]), all fp32, for logits [..., V] and labels [N]."""
     if _dispatch.backend_for(FAMILY, logits.device) == "triton":
         return _launch_fwd(logits, labels, inv_temperature, ignore_index, with_entropy)
-    return _logprobs_fwd_torch(logits, labels, inv_temperature, ignore_index, with_entropy)
+    torch_path = _logprobs_fwd_torch if _dispatch.tracing() else _logprobs_fwd_plain
+    return torch_path(logits, labels, inv_temperature, ignore_index, with_entropy)
 
 
 @triton_op("rlhf_kernels::logprobs_bwd", mutates_args=())
@@ -441,7 +454,7 @@ def logprobs_bwd(
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _launch_bwd(grad_logits, *args)
         return grad_logits
-    return _logprobs_bwd_torch(*args)
+    return (_logprobs_bwd_torch if _dispatch.tracing() else _logprobs_bwd_plain)(*args)
 
 
 @triton_op("rlhf_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
@@ -460,7 +473,7 @@ def logprobs_bwd_inplace(
     if _dispatch.backend_for(FAMILY, logits.device) == "triton":
         _launch_bwd(logits, *args)
     else:
-        _logprobs_bwd_inplace_torch(*args)
+        (_logprobs_bwd_inplace_torch if _dispatch.tracing() else _logprobs_bwd_inplace_plain)(*args)
 
 
 def _setup_context(ctx, inputs, output) -> None:
