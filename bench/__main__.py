@@ -3,7 +3,7 @@
     python -m bench                      # every family, on CUDA when present, else the CPU paths
     python -m bench --families logprobs  # a subset
     python -m bench --cpu --quick        # CPU paths, shorter repeats and smaller shapes
-    python -m bench --cold-l2            # rotate inputs so that L2 is cold (CUDA)
+    python -m bench --cold-l2            # flush L2 before every timed call (CUDA)
 
 Each ``bench/bench_<family>.py`` exposes ``FAMILY`` and ``run(bench)``.  Results go to
 ``bench/results/<device>-<date>.{csv,md}`` (and a PNG chart when matplotlib is installed).
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default="", help="comma-separated families (default: all)")
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU paths even if CUDA is present")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
-    parser.add_argument("--cold-l2", action="store_true", help="rotate inputs so that L2 is cold (CUDA)")
+    parser.add_argument("--cold-l2", action="store_true", help="flush L2 before every timed call (CUDA)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="", help="file-name tag (default: <device>-<date>)")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """Timing, memory and ceiling measurement shared by every benchmark file.
 
-On CUDA: times with CUDA events through ``triton.testing.do_bench`` (median and 20/80 quantiles), peak
+On CUDA: times each call between CUDA events (median and 20/80 quantiles over ~100 ms of calls), peak
 memory from ``torch.cuda.max_memory_allocated``, and the device's ceilings measured in the same run (a
-large device-to-device copy, a large bf16 matrix product).  With ``cold_l2`` the inputs rotate among
-enough copies to overflow L2.
+large device-to-device copy, a large bf16 matrix product).  With ``cold_l2`` a buffer twice L2's size is
+overwritten before every timed call, so inputs come from device memory.
 
 On CPU: wall-clock medians over repeats, and peak memory as the rise of the process's peak resident set
 (Linux ``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs``).
@@ -95,17 +95,19 @@ def time_ms(
     fn: Callable[[], object],
     device: torch.device | str,
     *,
-    warmup_ms: float = 25,
     rep_ms: float = 100,
     min_reps: int = 5,
+    cold_l2: bool = False,
 ) -> tuple[float, float, float]:
-    """(median, 20th percentile, 80th percentile) milliseconds of ``fn``."""
+    """(median, 20th percentile, 80th percentile) milliseconds of ``fn``.
+
+    CUDA: CUDA events around each call; with ``cold_l2`` a buffer twice the L2's size is overwritten
+    before every call (outside the timed region), so each call finds its inputs in device memory, not in
+    L2.  CPU: wall clock.
+    """
     device = torch.device(device)
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2])
+        return _cuda_time_ms(fn, device, rep_ms, min_reps, cold_l2)
     fn()  # warm-up (and first-call costs)
     samples = []
     deadline = time.perf_counter() + rep_ms / 1e3
@@ -113,9 +115,43 @@ def time_ms(
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
+    return _quantiles(samples)
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
     return statistics.median(samples), q[1], q[7]
+
+
+def _cuda_time_ms(
+    fn: Callable[[], object], device: torch.device, rep_ms: float, min_reps: int, cold_l2: bool
+) -> tuple[float, float, float]:
+    flush = None
+    if cold_l2:
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        flush = torch.empty(2 * l2_bytes, dtype=torch.int8, device=device)
+    fn()  # warm-up: compilation, autotuning, allocator growth
+    torch.cuda.synchronize(device)
+    probe_start = torch.cuda.Event(enable_timing=True)
+    probe_end = torch.cuda.Event(enable_timing=True)
+    probe_start.record()
+    for _ in range(3):
+        fn()
+    probe_end.record()
+    torch.cuda.synchronize(device)
+    estimate = max(probe_start.elapsed_time(probe_end) / 3, 1e-3)
+    reps = max(min_reps, min(10_000, int(rep_ms / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +210,7 @@ class Bench:
         giving GB/s or TFLOP/s and the fraction of the measured ceiling.  ``baseline`` names the impl
         whose same-mode row this one's speedup is relative to."""
         rep = 40 if self.quick else 100
-        med, p20, p80 = time_ms(fn, self.device, rep_ms=rep)
+        med, p20, p80 = time_ms(fn, self.device, rep_ms=rep, cold_l2=self.cold_l2)
         row = Row(family, case, impl, mode, med, p20, p80, note=note)
         if memory:
             row.peak_mem_mb = peak_memory_bytes(fn, self.device) / 2**20
@@ -264,21 +300,3 @@ def device_tag(device: torch.device) -> str:
     else:
         name = f"cpu-{os.cpu_count()}core"
     return f"{name}-{time.strftime('%Y-%m-%d')}"
-
-
-def rotating(make_inputs: Callable[[], tuple], cold_l2: bool, device: torch.device) -> Callable[[], tuple]:
-    """Returns a callable giving the next input set: one set, or (cold L2) enough sets to exceed L2."""
-    first = make_inputs()
-    if not cold_l2 or device.type != "cuda":
-        return lambda: first
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    set_bytes = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
-    count = max(2, min(16, -(-2 * l2_bytes // max(set_bytes, 1))))
-    sets = [first] + [make_inputs() for _ in range(count - 1)]
-    state = {"i": 0}
-
-    def next_set() -> tuple:
-        state["i"] = (state["i"] + 1) % len(sets)
-        return sets[state["i"]]
-
-    return next_set
