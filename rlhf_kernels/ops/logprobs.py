@@ -311,6 +311,16 @@ def _grad_rows_torch(
     return grad
 
 
+def _grad_chunks(logits: torch.Tensor, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature,
+                 ignore_index):
+    """Yields (rows, logits chunk, its gradient) over all rows, one ~8 MiB chunk alive at a time."""
+    for first, chunk in _row_chunks(logits, _rows_per_chunk(logits.shape[-1])):
+        rows = slice(first, first + chunk.shape[0])
+        yield rows, chunk, _grad_rows_torch(
+            chunk, rows, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index
+        )
+
+
 def _logprobs_bwd_plain(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
@@ -323,11 +333,9 @@ def _logprobs_bwd_plain(
 ) -> torch.Tensor:
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     flat = grad_logits.view(-1, logits.shape[-1])
-    for first, chunk in _row_chunks(logits, _rows_per_chunk(logits.shape[-1])):
-        rows = slice(first, first + chunk.shape[0])
-        flat[rows] = _grad_rows_torch(
-            chunk, rows, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index
-        )
+    args = (labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index)
+    for rows, _, grad in _grad_chunks(logits, *args):
+        flat[rows] = grad
     return grad_logits
 
 
@@ -351,11 +359,8 @@ def _logprobs_bwd_inplace_plain(
     inv_temperature: float,
     ignore_index: int,
 ) -> None:
-    for first, chunk in _row_chunks(logits, _rows_per_chunk(logits.shape[-1])):
-        rows = slice(first, first + chunk.shape[0])
-        grad = _grad_rows_torch(
-            chunk, rows, labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index
-        )
+    args = (labels, grad_logprobs, grad_entropy, lse, entropy, inv_temperature, ignore_index)
+    for _, chunk, grad in _grad_chunks(logits, *args):
         chunk.copy_(grad)  # a view of logits: the public function refuses layouts that need a copy
 
 
