@@ -22,6 +22,7 @@ import rlhf_kernels.ops.advantages as ops
 from rlhf_kernels import _dispatch, _ext
 
 from .baselines import advantages as peers
+from .baselines.masked import verl_masked_whiten
 from .harness import Bench
 
 FAMILY = "advantages"
@@ -74,7 +75,8 @@ def _bench_gae(bench: Bench, B: int, T: int) -> None:
     bench.measure(FAMILY, case, "verl_loop", "fwd", lambda: peers.verl_gae(rewards, values, mask, GAMMA, LAM),
                   bytes_moved=traffic)
     bench.measure(FAMILY, case, "openrlhf_loop", "fwd",
-                  lambda: peers.openrlhf_gae(values, rewards, mask, GAMMA, LAM), bytes_moved=traffic,
+                  lambda: peers.openrlhf_get_advantages_and_returns(values, rewards, mask, GAMMA, LAM),
+                  bytes_moved=traffic,
                   baseline="verl_loop")
     if T <= _compile_max_t(bench.device):
         compiled = torch.compile(peers.verl_gae)
@@ -92,7 +94,7 @@ def _bench_whiten(bench: Bench, B: int, T: int) -> None:
     _, values, mask = _inputs(B, T, bench.device)
     case = f"whiten B={B} T={T}"
     traffic = 2 * B * T * (4 + 1) + B * T * 4
-    bench.measure(FAMILY, case, "verl_masked_whiten", "fwd", lambda: peers.verl_masked_whiten(values, mask),
+    bench.measure(FAMILY, case, "verl_masked_whiten", "fwd", lambda: verl_masked_whiten(values, mask),
                   bytes_moved=traffic)
     bench.measure(FAMILY, case, "rlhf_kernels", "fwd", lambda: ops.masked_whiten(values, mask),
                   bytes_moved=traffic, baseline="verl_masked_whiten")

@@ -1,4 +1,5 @@
-"""Per-token log-probs (and entropy) from logits: ours vs the eager idiom, torch.compile of it, Liger.
+"""Per-token log-probs (and entropy) from logits: ours vs the textbook eager idiom (log_softmax of the fp32
+logits, then gather; with verl's entropy_from_logits for "+entropy"), torch.compile of it, Liger.
 
 Minimal traffic: forward reads the logits once (N·V·b bytes); backward reads them once and writes the
 gradient once (2·N·V·b); forward+backward 3·N·V·b.  O(N) terms are ignored.
@@ -41,7 +42,7 @@ def _liger_logprobs():
 
 
 def _eager_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
-    return peers.verl_logprobs(logits, labels), peers.verl_entropy(logits.float())
+    return peers.eager_logprobs(logits, labels), peers.verl_entropy_from_logits(logits.float())
 
 
 def _ours_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
@@ -93,9 +94,9 @@ def run(bench: Bench) -> None:
             dtype_name = str(dtype).replace("torch.", "")
             case = f"N={n} V={vocab} {dtype_name}"
             eager = "eager log_softmax+gather"
-            _modes(bench, case, eager, peers.verl_logprobs, logits, labels, bytes_per_pass, None)
+            _modes(bench, case, eager, peers.eager_logprobs, logits, labels, bytes_per_pass, None)
             if bench.device.type == "cuda":
-                compiled = torch.compile(peers.verl_logprobs)
+                compiled = torch.compile(peers.eager_logprobs)
                 _modes(bench, case, "torch.compile(eager)", compiled, logits, labels, bytes_per_pass, eager)
                 liger = _liger_logprobs()
                 if liger is not None:
@@ -103,7 +104,7 @@ def run(bench: Bench) -> None:
             _modes(bench, case, "rlhf_kernels", _ours, logits, labels, bytes_per_pass, eager)
 
             case_h = case + " +entropy"
-            eager_h = "eager verl logprobs+entropy"
+            eager_h = "eager log_softmax+gather + verl entropy_from_logits(fp32)"
             _modes(bench, case_h, eager_h, _eager_with_entropy, logits, labels, bytes_per_pass, None)
             _modes(bench, case_h, "rlhf_kernels", _ours_with_entropy, logits, labels, bytes_per_pass, eager_h)
             del logits, labels

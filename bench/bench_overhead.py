@@ -80,7 +80,7 @@ def _logprobs(bench: Bench, device: torch.device) -> None:
         ("public+grad", lambda: logprobs_ops.logprobs_from_logits(leaf, labels, temperature=1.0)),
         ("compiled", _compiled(lambda: logprobs_ops.logprobs_from_logits(logits, labels, temperature=1.0))),
         ("compat (verl)", lambda: compat_verl.logprobs_from_logits(leaf, labels)),
-        ("eager", lambda: logprob_peers.verl_logprobs(leaf, labels)),
+        ("eager", lambda: logprob_peers.eager_logprobs(leaf, labels)),
     ]
     _measure_all(bench, "logprobs 8x64", layers)
     previous = _dispatch.index_checks_enabled()
@@ -185,7 +185,9 @@ def _swaps(bench: Bench, device: torch.device) -> None:
     labels = torch.randint(0, vocab, (n,), device=device)
 
     def verl_eager():
-        return logprob_peers.verl_logprobs(logits, labels), logprob_peers.verl_entropy(logits.float())
+        return logprob_peers.eager_logprobs(logits, labels), logprob_peers.verl_entropy_from_logits(
+            logits.float()
+        )
 
     def verl_shim():
         return compat_verl.logprobs_from_logits(logits, labels, False), compat_verl.entropy_from_logits(
@@ -196,7 +198,10 @@ def _swaps(bench: Bench, device: torch.device) -> None:
     _swap(
         bench,
         case,
-        [("verl eager", _fwd_bwd(verl_eager, [logits])), ("compat.verl", _fwd_bwd(verl_shim, [logits]))],
+        [
+            ("eager log_softmax+gather + verl entropy", _fwd_bwd(verl_eager, [logits])),
+            ("compat.verl", _fwd_bwd(verl_shim, [logits])),
+        ],
         "fwd+bwd",
     )
     case = f"swap trl selective_log_softmax N={n} V={vocab}"
@@ -228,7 +233,10 @@ def _swaps(bench: Bench, device: torch.device) -> None:
         bench,
         case,
         [
-            ("verl eager", lambda: advantage_peers.verl_gae_whitened(rewards, values, mask, 1.0, 0.95)),
+            (
+                "verl eager",
+                lambda: advantage_peers.verl_compute_gae_advantage_return(rewards, values, mask, 1.0, 0.95),
+            ),
             (
                 "compat.verl",
                 lambda: compat_verl.compute_gae_advantage_return(rewards, values, mask, 1.0, 0.95),
@@ -241,7 +249,10 @@ def _swaps(bench: Bench, device: torch.device) -> None:
         bench,
         case,
         [
-            ("openrlhf eager", lambda: advantage_peers.openrlhf_gae(values, rewards, mask, 1.0, 0.95)),
+            (
+                "openrlhf eager",
+                lambda: advantage_peers.openrlhf_get_advantages_and_returns(values, rewards, mask, 1.0, 0.95),
+            ),
             (
                 "compat.openrlhf",
                 lambda: compat_openrlhf.get_advantages_and_returns(values, rewards, mask, 1.0, 0.95),

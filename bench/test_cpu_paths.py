@@ -40,7 +40,7 @@ def _fwd_bwd(fn, logits, labels):
 @pytest.mark.parametrize("impl", ["eager", "rlhf_kernels"])
 def test_logprobs_fwd_bwd(benchmark, logits_labels, impl):
     logits, labels = logits_labels
-    fn = peers.verl_logprobs if impl == "eager" else rk.logprobs_from_logits
+    fn = peers.eager_logprobs if impl == "eager" else rk.logprobs_from_logits
     step = _fwd_bwd(fn, logits, labels)
     with _dispatch.use_backend("torch"):
         benchmark.extra_info["peak_rss_rise_mib"] = cpu_peak_rss_rise(step) / 2**20

@@ -9,6 +9,7 @@ from conftest import HAS_CUDA, backend_device
 
 import rlhf_kernels.ops.advantages as adv
 from bench.baselines import advantages as peers
+from bench.baselines.masked import verl_masked_whiten
 from rlhf_kernels import _dispatch, _ext
 from rlhf_kernels.reference import advantages as ref
 
@@ -311,7 +312,7 @@ def test_gae_matches_peer_idioms():
             torch.testing.assert_close(a, va, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(r, vr, rtol=1e-5, atol=1e-5)
             a, r = adv.compute_gae(rewards, values, mask, 0.99, 0.95, mask_mode="zero")
-            oa, orr = peers.openrlhf_gae(values, rewards, mask, 0.99, 0.95)
+            oa, orr = peers.openrlhf_get_advantages_and_returns(values, rewards, mask, 0.99, 0.95)
             torch.testing.assert_close(a, oa, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(r, orr, rtol=1e-5, atol=1e-5)
 
@@ -488,7 +489,7 @@ def test_whiten_matches_verl_at_valid_positions():
     x = torch.randn(6, 50)
     mask = torch.rand(6, 50) < 0.6
     ours = adv.masked_whiten(x, mask)
-    verl = peers.verl_masked_whiten(x, mask)
+    verl = verl_masked_whiten(x, mask)
     torch.testing.assert_close(ours[mask], verl[mask], rtol=1e-5, atol=1e-5)
     assert torch.equal(ours[~mask], torch.zeros_like(ours[~mask]))  # verl leaves values there
     openrlhf = peers.openrlhf_normalize(x, mask)

@@ -1,4 +1,4 @@
-"""rlhf_kernels.compat.openrlhf against faithful re-implementations of OpenRLHF's functions (tests/peers.py).
+"""rlhf_kernels.compat.openrlhf against faithful re-implementations of OpenRLHF's functions (bench/baselines).
 
 Values and gradients on random inputs, masks and dtypes, on the PyTorch path and the Triton kernels
 (interpreted on CPU).  bf16 inputs are compared with OpenRLHF run on the same values upcast, which is
@@ -7,12 +7,25 @@ what the fused kernels compute.
 
 from __future__ import annotations
 
-import peers
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from rlhf_kernels import _dispatch
-from rlhf_kernels.compat import openrlhf as co
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+
+from bench.baselines.advantages import openrlhf_get_advantages_and_returns  # noqa: E402
+from bench.baselines.kl import openrlhf_compute_approx_kl  # noqa: E402
+from bench.baselines.logprobs import openrlhf_compute_entropy, openrlhf_log_probs_from_logits  # noqa: E402
+from bench.baselines.losses import (  # noqa: E402
+    OpenRLHFLogExpLoss,
+    OpenRLHFPairWiseLoss,
+    OpenRLHFPolicyLoss,
+    OpenRLHFValueLoss,
+)
+from rlhf_kernels import _dispatch  # noqa: E402
+from rlhf_kernels.compat import openrlhf as co  # noqa: E402
 
 # OpenRLHF's sequence mode divides each row by n + 1e-8 where the kernels divide by n: a relative
 # difference of at most 1e-8 even in fp64.  Metrics are fp32 whatever the inputs (METRIC_TOL).
@@ -27,12 +40,6 @@ def _close(actual, expected, tol, what=""):
         actual.detach().double().cpu(), expected.detach().double().cpu(), rtol=tol, atol=tol, equal_nan=True,
         msg=lambda m: f"{what}: {m}",
     )
-
-
-def _tol(backend, dtype, table):
-    """The Triton policy-loss kernel computes part of an fp64 input's loss in fp32 (reported), so fp64 on
-    the Triton path is held to the fp32 tolerance there."""
-    return table[torch.float32] if backend == "triton" and dtype == torch.float64 else table[dtype]
 
 
 def _upcast(*tensors):
@@ -61,11 +68,11 @@ def test_log_probs_from_logits(backend, device, dtype, temperature):
     # The side effect OpenRLHF's actor relies on: the logits are now divided by the temperature, in
     # their own dtype, exactly as OpenRLHF's division rounds them.
     divided = leaf.detach().clone()
-    peers.openrlhf_log_probs_from_logits(divided, labels, temperature)
+    openrlhf_log_probs_from_logits(divided, labels, temperature)
     assert torch.equal(logits.detach(), divided)
     # The log-probs of those (rounded) divided logits, and the gradient through the division.
     x = divided.double().cpu().requires_grad_()
-    want = peers.openrlhf_log_probs_from_logits(x, labels.cpu())
+    want = openrlhf_log_probs_from_logits(x, labels.cpu())
     _close(got, want.to(dtype), OUT_TOL[dtype], "log probs")
     weights = torch.randn(3, 6, dtype=torch.float64)
     (got.double() * weights.to(device)).sum().backward()
@@ -79,8 +86,8 @@ def test_log_probs_then_entropy_like_the_actor():
     labels = torch.randint(0, 33, (2, 5))
     ours, theirs = logits.clone(), logits.clone()
     co.log_probs_from_logits(ours, labels, 0.7)
-    peers.openrlhf_log_probs_from_logits(theirs, labels, 0.7)
-    _close(co.compute_entropy(ours), peers.openrlhf_compute_entropy(theirs), 2e-5, "entropy")
+    openrlhf_log_probs_from_logits(theirs, labels, 0.7)
+    _close(co.compute_entropy(ours), openrlhf_compute_entropy(theirs), 2e-5, "entropy")
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -93,7 +100,7 @@ def test_compute_approx_kl(backend, device, estimator, dtype):
     got = co.compute_approx_kl(lp, base, kl_estimator=estimator)
     assert got.dtype == torch.float32
     lp64, base64 = _upcast(lp, base)
-    want = peers.openrlhf_compute_approx_kl(lp64, base64, estimator)
+    want = openrlhf_compute_approx_kl(lp64, base64, estimator)
     _close(got, want, 2e-5, estimator)
     weights = torch.randn(5, 17, dtype=torch.float64)
     (got.double() * weights.to(device)).sum().backward()
@@ -106,7 +113,7 @@ def test_compute_approx_kl_mask_and_errors():
     lp, base = torch.randn(3, 4), torch.randn(3, 4)
     mask = _mask(3, 4, "cpu")
     _close(co.compute_approx_kl(lp, base, "k3", action_mask=mask),
-           peers.openrlhf_compute_approx_kl(lp, base, "k3") * mask, 1e-6)
+           openrlhf_compute_approx_kl(lp, base, "k3") * mask, 1e-6)
     with pytest.raises(ValueError, match="kl_estimator"):
         co.compute_approx_kl(lp, base, "k4")
 
@@ -117,7 +124,7 @@ def test_compute_entropy(backend, device, dtype):
     got = co.compute_entropy(logits)
     assert got.dtype == dtype
     (x,) = _upcast(logits)
-    want = peers.openrlhf_compute_entropy(x)
+    want = openrlhf_compute_entropy(x)
     _close(got, want.to(dtype), OUT_TOL[dtype], "entropy")
     (got.double() ** 2).sum().backward()
     (want**2).sum().backward()
@@ -147,38 +154,38 @@ def test_policy_loss(backend, device, token_level_loss, dual_clip, dtype, global
     mask = _mask(5, 21, device)
     kwargs = GLOBAL[global_args]
     ours = co.PolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level_loss)
-    theirs = peers.OpenRLHFPolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level_loss)
+    theirs = OpenRLHFPolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level_loss)
     got = ours(lp, old, adv, mask, **kwargs)
     lp64, old64, adv64 = _upcast(lp, old, adv)
     want = theirs(lp64, old64, adv64, mask.double().cpu(), **kwargs)
     assert got[3] is None and want[3] is None
-    _close(got[0], want[0], _tol(backend, dtype, TOL), "loss")
+    _close(got[0], want[0], TOL[dtype], "loss")
     for name, g, w in zip(("clip_ratio", "ppo_kl"), got[1:3], want[1:3]):
         assert g.dtype == torch.float32
         _close(g, w, max(METRIC_TOL, TOL[dtype]), name)
     got[0].backward()
     want[0].backward()
-    _close(lp.grad, lp64.grad, _tol(backend, dtype, GRAD_TOL), "grad")
+    _close(lp.grad, lp64.grad, GRAD_TOL[dtype], "grad")
 
 
 def test_policy_loss_without_mask_and_empty_batch():
     lp, old, adv = _policy_inputs((3, 8), torch.float64, "cpu")
     got = co.PolicyLoss()(lp, old, adv)
-    want = peers.OpenRLHFPolicyLoss()(lp, old, adv)
+    want = OpenRLHFPolicyLoss()(lp, old, adv)
     _close(got[0], want[0], 2e-8, "loss")
     for g, w in zip(got[1:3], want[1:3]):
         _close(g, w, METRIC_TOL, "metric")
     # Without a mask OpenRLHF's sequence mode fails (it sums the None mask); the shim counts every token.
     with pytest.raises(AttributeError):
-        peers.OpenRLHFPolicyLoss(token_level_loss=False)(lp, old, adv)
+        OpenRLHFPolicyLoss(token_level_loss=False)(lp, old, adv)
     ones = torch.ones(3, 8, dtype=torch.float64)
     _close(co.PolicyLoss(token_level_loss=False)(lp, old, adv)[0],
-           peers.OpenRLHFPolicyLoss(token_level_loss=False)(lp, old, adv, ones)[0], 2e-8, "loss")
+           OpenRLHFPolicyLoss(token_level_loss=False)(lp, old, adv, ones)[0], 2e-8, "loss")
     for token_level_loss in (True, False):
         # OpenRLHF's masked mean has no epsilon: an all-masked batch is NaN, and so is the shim's.
         empty = torch.zeros(3, 8, dtype=torch.float64)
         got = co.PolicyLoss(token_level_loss=token_level_loss)(lp, old, adv, empty)
-        want = peers.OpenRLHFPolicyLoss(token_level_loss=token_level_loss)(lp, old, adv, empty)
+        want = OpenRLHFPolicyLoss(token_level_loss=token_level_loss)(lp, old, adv, empty)
         assert all(bool(torch.isnan(t)) for t in got[:3] + want[:3])
 
 
@@ -190,7 +197,7 @@ def test_policy_loss_ppo_kl_uses_the_clamped_log_ratio():
     adv = torch.tensor([[1.0, -1.0, 0.5]], dtype=torch.float64)
     got = co.PolicyLoss()(lp, old, adv)
     lp64 = lp.detach().clone().requires_grad_()
-    want = peers.OpenRLHFPolicyLoss()(lp64, old, adv)
+    want = OpenRLHFPolicyLoss()(lp64, old, adv)
     _close(got[0], want[0], 1e-12, "loss")
     _close(got[1], want[1], METRIC_TOL, "clip_ratio")
     _close(got[2], torch.tensor((-20.0 - 0.5) / 3, dtype=torch.float64), METRIC_TOL, "ppo_kl (clamped)")
@@ -223,7 +230,7 @@ def test_value_loss(backend, device, clip_eps, token_level_loss, dtype, global_a
     kwargs = GLOBAL[global_args]
     got = co.ValueLoss(clip_eps, token_level_loss)(values, old, returns, mask, **kwargs)
     v64, o64, r64 = _upcast(values, old, returns)
-    want = peers.OpenRLHFValueLoss(clip_eps, token_level_loss)(v64, o64, r64, mask.double().cpu(), **kwargs)
+    want = OpenRLHFValueLoss(clip_eps, token_level_loss)(v64, o64, r64, mask.double().cpu(), **kwargs)
     _close(got, want, TOL[dtype], "loss")
     got.backward()
     want.backward()
@@ -238,7 +245,7 @@ def test_pairwise_loss(backend, device, margin, dtype):
     margin = torch.rand(17).to(device) if margin == "tensor" else None
     got = co.PairWiseLoss()(chosen, rejected, margin)
     c64, r64 = _upcast(chosen, rejected)
-    want = peers.OpenRLHFPairWiseLoss()(c64, r64, None if margin is None else margin.double().cpu())
+    want = OpenRLHFPairWiseLoss()(c64, r64, None if margin is None else margin.double().cpu())
     _close(got, want, 2e-5, "loss")
     got.backward()
     want.backward()
@@ -250,14 +257,14 @@ def test_logexp_loss_matches_and_stays_finite():
     chosen, rejected = torch.randn(11, requires_grad=True), torch.randn(11)
     got = co.LogExpLoss()(chosen, rejected, margin=torch.ones(11))  # margin ignored, as in OpenRLHF
     c64 = chosen.detach().double().requires_grad_()
-    want = peers.OpenRLHFLogExpLoss()(c64, rejected.double())
+    want = OpenRLHFLogExpLoss()(c64, rejected.double())
     _close(got, want, 2e-6, "loss")
     got.backward()
     want.backward()
     _close(chosen.grad, c64.grad, 2e-6, "grad")
     # Where OpenRLHF's literal log(1 + e^{r − c}) overflows, the shim's value is the finite limit r − c.
     far = co.LogExpLoss()(torch.tensor([0.0]), torch.tensor([100.0]))
-    assert torch.isinf(peers.OpenRLHFLogExpLoss()(torch.tensor([0.0]), torch.tensor([100.0])))
+    assert torch.isinf(OpenRLHFLogExpLoss()(torch.tensor([0.0]), torch.tensor([100.0])))
     _close(far, torch.tensor(100.0), 1e-6, "large gap")
 
 
@@ -272,7 +279,7 @@ def test_get_advantages_and_returns(backend, device, seq, with_mask):
     got = co.get_advantages_and_returns(
         values.to(device), rewards.to(device), None if mask is None else mask.to(device), 0.99, 0.95
     )
-    want = peers.openrlhf_get_advantages_and_returns(
+    want = openrlhf_get_advantages_and_returns(
         values.double(), rewards.double(), None if mask is None else mask.double(), 0.99, 0.95
     )
     for name, g, w in zip(("advantages", "returns"), got, want):
@@ -285,7 +292,7 @@ def test_get_advantages_and_returns_packed_lists_and_default_backend():
     rewards = [torch.randn(n) for n in (3, 1, 8)]
     advantages, returns = co.get_advantages_and_returns(values, rewards, None, 1.0, 0.9)
     for v, r, a, ret in zip(values, rewards, advantages, returns):
-        want_a, want_r = peers.openrlhf_get_advantages_and_returns(
+        want_a, want_r = openrlhf_get_advantages_and_returns(
             v[None].double(), r[None].double(), None, 1.0, 0.9
         )
         _close(a, want_a[0], 1e-4)

@@ -1,4 +1,4 @@
-"""rlhf_kernels.compat.trl against faithful re-implementations of TRL's functions (tests/peers.py).
+"""rlhf_kernels.compat.trl against faithful re-implementations of TRL's functions (bench/baselines).
 
 Values and gradients on random inputs and dtypes, on the PyTorch path and the Triton kernels
 (interpreted on CPU).  For half-precision logits TRL runs log_softmax in that precision; the shim
@@ -8,12 +8,18 @@ the logits' dtype.
 
 from __future__ import annotations
 
-import peers
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from rlhf_kernels import _dispatch
-from rlhf_kernels.compat import trl as ct
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+
+from bench.baselines.logprobs import trl_entropy_from_logits, trl_selective_log_softmax  # noqa: E402
+from bench.baselines.losses import trl_reward_loss  # noqa: E402
+from rlhf_kernels import _dispatch  # noqa: E402
+from rlhf_kernels.compat import trl as ct  # noqa: E402
 
 OUT_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 GRAD_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -42,7 +48,7 @@ def test_selective_log_softmax(backend, device, dtype, shape):
     got = ct.selective_log_softmax(logits, index)
     assert got.dtype == dtype and got.shape == index.shape
     x = _upcast(logits)
-    want = peers.trl_selective_log_softmax(x, index.cpu())
+    want = trl_selective_log_softmax(x, index.cpu())
     _close(got, want.to(dtype), OUT_TOL[dtype], "logps")
     weights = torch.randn(shape[:-1], dtype=torch.float64)
     (got.double() * weights.to(device)).sum().backward()
@@ -59,7 +65,7 @@ def test_selective_log_softmax_top_k_index(backend, device, dtype, k):
     got = ct.selective_log_softmax(logits, index)
     assert got.dtype == dtype and got.shape == (2, 5, k)
     x = _upcast(logits)
-    want = peers.trl_selective_log_softmax(x, index.cpu())
+    want = trl_selective_log_softmax(x, index.cpu())
     _close(got, want.to(dtype), OUT_TOL[dtype], "logps")
     weights = torch.randn(2, 5, k, dtype=torch.float64)
     (got.double() * weights.to(device)).sum().backward()
@@ -72,7 +78,7 @@ def test_selective_log_softmax_matches_trl_in_its_own_dtype():
     logits = (torch.randn(4, 6, 53) * 3).to(torch.bfloat16)
     index = torch.randint(0, 53, (4, 6))
     got = ct.selective_log_softmax(logits, index)
-    want = peers.trl_selective_log_softmax(logits, index)
+    want = trl_selective_log_softmax(logits, index)
     _close(got, want, 2**-6, "bf16 logps")
 
 
@@ -90,7 +96,7 @@ def test_entropy_from_logits(backend, device, dtype):
     got = ct.entropy_from_logits(logits, chunk_size=5)
     assert got.dtype == dtype and got.shape == (3, 4)
     x = _upcast(logits)
-    want = peers.trl_entropy_from_logits(x, chunk_size=5)
+    want = trl_entropy_from_logits(x, chunk_size=5)
     _close(got, want.to(dtype), OUT_TOL[dtype], "entropy")
     weights = torch.randn(3, 4, dtype=torch.float64)
     (got.double() * weights.to(device)).sum().backward()
@@ -110,7 +116,7 @@ def test_reward_trainer_loss(backend, device, margin, center, dtype):
     got = ct.reward_trainer_loss(chosen, rejected, margin_value, center)
     c64, r64 = _upcast(chosen), _upcast(rejected)
     want_margin = margin_value.double().cpu() if isinstance(margin_value, torch.Tensor) else margin_value
-    want = peers.trl_reward_loss(c64, r64, want_margin, center)
+    want = trl_reward_loss(c64, r64, want_margin, center)
     tol = 2e-5 if dtype != torch.float64 else 1e-12
     _close(got, want, tol, "loss")
     got.backward()
@@ -123,7 +129,7 @@ def test_reward_trainer_loss_reward_head_shape_and_metrics():
     """[N, 1] reward-head outputs are squeezed (older TRL broadcast an [N] margin into [N, N])."""
     chosen, rejected, margin = torch.randn(9, 1), torch.randn(9, 1), torch.rand(9)
     loss, metrics = ct.reward_trainer_loss(chosen, rejected, margin, 0.1, return_metrics=True)
-    want = peers.trl_reward_loss(chosen.squeeze(-1), rejected.squeeze(-1), margin, 0.1)
+    want = trl_reward_loss(chosen.squeeze(-1), rejected.squeeze(-1), margin, 0.1)
     _close(loss, want, 2e-6)
     _close(metrics["accuracy"], (chosen > rejected).float().mean(), 0.0)
     _close(metrics["margin"], (chosen - rejected).mean(), 1e-6)

@@ -1,4 +1,4 @@
-"""rlhf_kernels.compat.verl against faithful re-implementations of verl's functions (tests/peers.py).
+"""rlhf_kernels.compat.verl against faithful re-implementations of verl's functions (bench/baselines).
 
 Every shim is compared on random inputs, masks (empty rows, holes, left/right padding) and dtypes with
 what verl computes, values and gradients, on the PyTorch path and the Triton kernels (interpreted on
@@ -8,23 +8,31 @@ fused kernels compute (verl itself would compute in bf16, less accurately).
 
 from __future__ import annotations
 
-import peers
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from rlhf_kernels import _dispatch
-from rlhf_kernels.compat import verl as cv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+
+from bench.baselines.advantages import verl_compute_gae_advantage_return  # noqa: E402
+from bench.baselines.kl import verl_kl_penalty  # noqa: E402
+from bench.baselines.linear_logprobs import verl_linear_cross_entropy  # noqa: E402
+from bench.baselines.logprobs import verl_entropy_from_logits, verl_logprobs_from_logits  # noqa: E402
+from bench.baselines.losses import (  # noqa: E402
+    verl_agg_loss,
+    verl_compute_policy_loss,
+    verl_compute_value_loss,
+)
+from bench.baselines.masked import verl_masked_mean, verl_masked_whiten  # noqa: E402
+from rlhf_kernels import _dispatch  # noqa: E402
+from rlhf_kernels.compat import verl as cv  # noqa: E402
 
 # verl divides by Σm + 1e-8 (masked means) and n + 1e-8 (row means), where the kernels divide by Σm:
 # a relative difference of at most 1e-8 even in fp64.
 TOL = {torch.float64: 2e-8, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
 GRAD_TOL = {torch.float64: 2e-8, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-def _tol(backend, dtype, table=None):
-    """The Triton policy-loss kernel computes part of an fp64 input's loss in fp32 (reported: the op
-    documents fp64 math), so fp64 on the Triton path is held to the fp32 tolerance there."""
-    table = TOL if table is None else table
-    return table[torch.float32] if backend == "triton" and dtype == torch.float64 else table[dtype]
 
 
 AGG_MODES = (
@@ -77,7 +85,7 @@ def test_logprobs_from_logits(backend, device, dtype, shape):
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
     (x,) = _upcast(logits)
-    want = peers.verl_logprobs_from_logits(x, labels.cpu())
+    want = verl_logprobs_from_logits(x, labels.cpu())
     _close(got, want, TOL[dtype], "logprobs")
     weights = torch.randn(shape[:-1], dtype=torch.float64)
     (got * weights.to(got.dtype).to(device)).sum().backward()
@@ -94,7 +102,7 @@ def test_logprobs_inplace_backward_writes_over_logits():
     out = cv.logprobs_from_logits(logits, labels)  # inplace_backward=True by default
     out.sum().backward()
     want_logits = leaf.detach().clone().requires_grad_()
-    peers.verl_logprobs_from_logits(want_logits, labels).sum().backward()
+    verl_logprobs_from_logits(want_logits, labels).sum().backward()
     _close(leaf.grad, want_logits.grad, 2e-5, "grad")
     _close(logits.detach(), want_logits.grad, 2e-5, "logits buffer holds the gradient")
 
@@ -107,7 +115,7 @@ def test_logprobs_inplace_backward_non_contiguous_keeps_logits():
     cv.logprobs_from_logits(logits, labels).sum().backward()
     _close(logits.detach(), base[:, :-1], 0.0, "a non-contiguous view is not overwritten")
     want = base[:, :-1].clone().requires_grad_()
-    peers.verl_logprobs_from_logits(want, labels).sum().backward()
+    verl_logprobs_from_logits(want, labels).sum().backward()
     _close(leaf.grad[:, :-1], want.grad, 2e-5, "grad")
 
 
@@ -117,7 +125,7 @@ def test_entropy_from_logits(backend, device, dtype):
     got = cv.entropy_from_logits(logits)
     assert got.dtype == dtype and got.shape == (3, 4)
     (x,) = _upcast(logits)
-    want = peers.verl_entropy_from_logits(x)
+    want = verl_entropy_from_logits(x)
     # fp32 math rounded once to the logits' dtype
     _close(got, want, 2e-5 if dtype == torch.float32 else 2**-7, "entropy")
     weights = torch.randn(3, 4, dtype=torch.float64)
@@ -130,7 +138,7 @@ def test_entropy_with_chunking_is_fp32_on_cpu():
     logits = torch.randn(37, 19).to(torch.bfloat16)
     got = cv.entropy_from_logits_with_chunking(logits, chunk_size=8)
     assert got.dtype == torch.float32
-    _close(got, peers.verl_entropy_from_logits(logits.double()), 2e-5, "entropy")
+    _close(got, verl_entropy_from_logits(logits.double()), 2e-5, "entropy")
     with pytest.raises(ValueError, match="chunk_size"):
         cv.entropy_from_logits_with_chunking(logits, chunk_size=0)
 
@@ -141,7 +149,7 @@ def test_masked_whiten(backend, device, shift_mean, kind):
     x = torch.randn(6, 29) * 3 + 1
     mask = _mask(6, 29, "cpu", kind)
     got = cv.masked_whiten(x.to(device), mask.to(device), shift_mean=shift_mean)
-    want = peers.verl_masked_whiten(x.double(), mask.double(), shift_mean=shift_mean)
+    want = verl_masked_whiten(x.double(), mask.double(), shift_mean=shift_mean)
     valid = mask.bool()
     _close(got.cpu()[valid], want[valid], 2e-5, "valid positions")
     # Outside the mask verl leaves (x − μ)/σ (+ μ), which nothing reads; the shim writes 0 (μ).
@@ -149,7 +157,7 @@ def test_masked_whiten(backend, device, shift_mean, kind):
     if shift_mean:
         assert bool((outside == 0).all())
     else:
-        mean = peers.verl_masked_mean(x.double(), mask.double())
+        mean = verl_masked_mean(x.double(), mask.double())
         _close(outside, mean.expand_as(outside), 2e-5, "μ outside the mask")
 
 
@@ -159,7 +167,7 @@ def test_masked_whiten_degenerate_masks_give_zeros_where_verl_raises():
     single[1, 2] = 1.0
     for mask in (torch.zeros(3, 5), single):
         with pytest.raises(ValueError):
-            peers.verl_masked_whiten(x, mask)
+            verl_masked_whiten(x, mask)
         assert bool((cv.masked_whiten(x, mask) == 0).all())
 
 
@@ -177,7 +185,7 @@ def test_compute_gae_advantage_return(backend, device, kind, seq):
     got_adv, got_ret = cv.compute_gae_advantage_return(
         rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95
     )
-    want_adv, want_ret = peers.verl_compute_gae_advantage_return(
+    want_adv, want_ret = verl_compute_gae_advantage_return(
         rewards.double(), values.double(), mask.double(), 0.99, 0.95
     )
     assert got_adv.dtype == got_ret.dtype == torch.float32
@@ -195,7 +203,7 @@ def test_compute_gae_default_backend_and_tensor_hyperparameters():
     got_adv, got_ret = cv.compute_gae_advantage_return(
         rewards, values, mask, torch.tensor(1.0), torch.tensor(0.9)
     )
-    want_adv, want_ret = peers.verl_compute_gae_advantage_return(rewards, values, mask, 1.0, 0.9)
+    want_adv, want_ret = verl_compute_gae_advantage_return(rewards, values, mask, 1.0, 0.9)
     valid = mask.bool()
     _close(got_adv[valid], want_adv[valid], 1e-4, "advantages")
     _close(got_ret, want_ret, 1e-4, "returns")
@@ -208,7 +216,7 @@ def test_agg_loss(mode, dtype):
     mask = _mask(6, 13, "cpu")
     got = cv.agg_loss(loss, mask, mode)
     (x,) = _upcast(loss)
-    want = peers.verl_agg_loss(x, mask.double(), mode)
+    want = verl_agg_loss(x, mask.double(), mode)
     _close(got, want, TOL[dtype], mode)
     got.backward()
     want.backward()
@@ -225,7 +233,7 @@ def test_agg_loss_global_batch_arguments(mode):
         dict(dp_size=2, batch_num_tokens=torch.tensor(77.0), global_batch_size=torch.tensor(9.0)),
         dict(loss_scale_factor=5),
     ):
-        want = peers.verl_agg_loss(loss, mask, mode, **kwargs)
+        want = verl_agg_loss(loss, mask, mode, **kwargs)
         _close(cv.agg_loss(loss, mask, mode, **kwargs), want, 2e-8, mode)
 
 
@@ -233,7 +241,7 @@ def test_agg_loss_empty_and_errors():
     loss = torch.randn(3, 4)
     empty = torch.zeros(3, 4)
     for mode in AGG_MODES:
-        got, want = cv.agg_loss(loss, empty, mode), peers.verl_agg_loss(loss, empty, mode)
+        got, want = cv.agg_loss(loss, empty, mode), verl_agg_loss(loss, empty, mode)
         assert torch.isnan(got) == torch.isnan(want), mode  # verl: 0/0 for the mean modes
         if not torch.isnan(want):
             assert got.item() == want.item() == 0.0
@@ -260,15 +268,15 @@ def test_compute_policy_loss(backend, device, mode, dtype):
     mask = _mask(5, 19, device)
     got = cv.compute_policy_loss(old, lp, adv, mask, cliprange=0.2, cliprange_high=0.28, loss_agg_mode=mode)
     old64, lp64, adv64 = _upcast(old, lp, adv)
-    want = peers.verl_compute_policy_loss(
+    want = verl_compute_policy_loss(
         old64, lp64, adv64, mask.double().cpu(), cliprange=0.2, cliprange_high=0.28, loss_agg_mode=mode
     )
     for name, g, w in zip(("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), got, want):
         assert g.dim() == 0
-        _close(g, w, _tol(backend, dtype), name)
+        _close(g, w, TOL[dtype], name)
     got[0].backward()
     want[0].backward()
-    _close(lp.grad, lp64.grad, _tol(backend, dtype, GRAD_TOL), "grad")
+    _close(lp.grad, lp64.grad, GRAD_TOL[dtype], "grad")
 
 
 def test_compute_policy_loss_extreme_ratios_and_empty_rows():
@@ -278,7 +286,7 @@ def test_compute_policy_loss_extreme_ratios_and_empty_rows():
     for c in (3.0, 10.0):
         got = cv.compute_policy_loss(old, lp, adv, mask, cliprange=0.2, clip_ratio_c=c)
         lp64 = lp.detach().clone().requires_grad_()
-        want = peers.verl_compute_policy_loss(old, lp64, adv, mask.double(), cliprange=0.2, clip_ratio_c=c)
+        want = verl_compute_policy_loss(old, lp64, adv, mask.double(), cliprange=0.2, clip_ratio_c=c)
         for g, w in zip(got, want):
             _close(g, w, 2e-8)
         lp.grad = None
@@ -291,7 +299,7 @@ def test_compute_policy_loss_empty_batch_and_errors():
     old, lp, adv = _policy_inputs((2, 3), torch.float32, "cpu")
     empty = torch.zeros(2, 3)
     got = cv.compute_policy_loss(old, lp, adv, empty, cliprange=0.2)
-    want = peers.verl_compute_policy_loss(old, lp, adv, empty, cliprange=0.2)
+    want = verl_compute_policy_loss(old, lp, adv, empty, cliprange=0.2)
     assert torch.isnan(got[0]) and torch.isnan(want[0])  # 0/0, as verl
     assert [g.item() for g in got[1:]] == [w.item() for w in want[1:]] == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="clip_ratio_c"):
@@ -310,7 +318,7 @@ def test_compute_value_loss(backend, device, mode, dtype):
     kwargs = dict(dp_size=2, batch_num_tokens=40, global_batch_size=6) if mode != "token-sum" else {}
     got = cv.compute_value_loss(vpreds, returns, values, mask, 0.2, mode, **kwargs)
     v64, r64, o64 = _upcast(vpreds, returns, values)
-    want = peers.verl_compute_value_loss(v64, r64, o64, mask.double().cpu(), 0.2, mode, **kwargs)
+    want = verl_compute_value_loss(v64, r64, o64, mask.double().cpu(), 0.2, mode, **kwargs)
     _close(got[0], want[0], TOL[dtype], "vf_loss")
     _close(got[1], want[1], TOL[dtype], "vf_clipfrac")
     got[0].backward()
@@ -328,7 +336,7 @@ def test_kl_penalty(backend, device, name):
     ref.data[0, :3] += 30.0  # beyond k3's clamps
     got = cv.kl_penalty(lp, ref, name)
     lp64, ref64 = _upcast(lp, ref)
-    want = peers.verl_kl_penalty(lp64, ref64, name)
+    want = verl_kl_penalty(lp64, ref64, name)
     _close(got, want, 2e-5, name)
     weights = torch.randn(4, 9, dtype=torch.float64)
     (got.double() * weights.to(device)).sum().backward()
@@ -341,7 +349,7 @@ def test_kl_penalty_unknown_names_raise_like_verl():
     lp, ref = torch.randn(3), torch.randn(3)
     for name in ("full", "k4", "kl++"):
         with pytest.raises(NotImplementedError):
-            peers.verl_kl_penalty(lp, ref, name)
+            verl_kl_penalty(lp, ref, name)
         with pytest.raises(NotImplementedError):
             cv.kl_penalty(lp, ref, name)
 
@@ -356,7 +364,7 @@ def test_linear_cross_entropy(backend, device, reduction):
     labels = torch.randint(0, 37, (2, 5)).to(device)
     got_lp, got_h = cv.linear_cross_entropy(hidden, weight, labels, 0.7, reduction)
     h64, w64 = _upcast(hidden, weight)
-    want_lp, want_h = peers.verl_linear_cross_entropy(h64, w64, labels.cpu(), 0.7, reduction)
+    want_lp, want_h = verl_linear_cross_entropy(h64, w64, labels.cpu(), 0.7, reduction)
     assert got_h.shape == (10,) and got_lp.shape == want_lp.shape
     _close(got_lp, want_lp, 1e-4, "logprobs")
     _close(got_h, want_h, 1e-4, "entropy")
@@ -372,7 +380,7 @@ def test_linear_cross_entropy_defaults_and_errors():
     hidden, weight = torch.randn(6, 8), torch.randn(11, 8)
     labels = torch.randint(0, 11, (6,))
     got = cv.linear_cross_entropy(hidden, weight, labels, None, None)
-    want = peers.verl_linear_cross_entropy(hidden.double(), weight.double(), labels)
+    want = verl_linear_cross_entropy(hidden.double(), weight.double(), labels)
     _close(got[0], want[0], 1e-4)
     with pytest.raises(ValueError, match="reduction"):
         cv.linear_cross_entropy(hidden, weight, labels, reduction="max")

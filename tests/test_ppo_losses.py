@@ -201,14 +201,19 @@ def test_policy_matches_verl_and_openrlhf(backend, device):
             old, lp, adv, mask.float(), cliprange_low=0.2, cliprange_high=0.3, clip_ratio_c=3.0,
             loss_agg_mode=mode,
         )
+        if mode == "seq-mean-token-sum-norm":
+            # verl (since its global-batch agg_loss) divides this mode by (non-empty rows)·T, the library
+            # by T (docs/losses.md): on this mask without empty rows, a factor of B exactly.
+            pg_loss = pg_loss * shape[0]
         torch.testing.assert_close(loss, pg_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(metrics["clipfrac"], clipfrac)
         torch.testing.assert_close(metrics["approx_kl"], ppo_kl, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(metrics["clipfrac_lower"], clipfrac_lower)
     loss, metrics = ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.3)
-    want, clip_ratio = peers.OpenRLHFPolicyLoss(0.2, 0.3)(lp, old, adv, mask.float())
+    want, clip_ratio, ppo_kl, _ = peers.OpenRLHFPolicyLoss(0.2, 0.3)(lp, old, adv, mask.float())
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["clipfrac"], clip_ratio)
+    torch.testing.assert_close(metrics["approx_kl"], ppo_kl, rtol=1e-5, atol=1e-6)  # |lp − old| < 20 here
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +345,19 @@ def test_value_matches_oracle(backend, device, dtype, shape, mode):
         metrics = _check_value(v, v_old, ret, mask, clip=clip, loss_agg=mode)
         if clip is None:
             assert metrics["clipfrac"] == 0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_float64_inputs_are_computed_in_float64(backend, device, mode):
+    """fp64 inputs: every backend at fp64 accuracy, clip values that fp32 cannot represent included
+    (Triton passes Python floats as fp32; the kernels rebuild them exactly from three fp32 parts)."""
+    shape = (5, 19)
+    lp, old, adv = _policy_inputs(shape, torch.float64, device, spread=0.5)
+    mask = _mask(shape, device)
+    metrics = _check_policy(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.1, loss_agg=mode)
+    assert metrics["clipfrac"] > 0 and metrics["clipfrac_lower"] > 0  # both clips decide some tokens
+    v, v_old, ret = _policy_inputs(shape, torch.float64, device, spread=0.5)
+    assert _check_value(v, v_old, ret, mask, clip=0.3, loss_agg=mode)["clipfrac"] > 0
 
 
 def test_value_clipping_is_exercised_and_matches_peers(backend, device):

@@ -1,4 +1,4 @@
-"""Eager advantage idioms of verl and OpenRLHF (written from their published semantics).
+"""Eager advantage idioms of verl and OpenRLHF (versions in ``bench/baselines/__init__.py``).
 
 Both compute GAE with a reverse Python loop over the response length (T small kernels per call);
 verl whitens the advantages over the response mask with Bessel's correction, OpenRLHF normalises them
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .masked import verl_masked_mean, verl_masked_whiten
+
 
 def verl_gae(
     token_level_rewards: torch.Tensor,
@@ -17,9 +19,11 @@ def verl_gae(
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's compute_gae_advantage_return without its final whitening: (advantages, returns).
+    """The loop of verl's compute_gae_advantage_return, without its final whitening: (advantages,
+    returns).  The carried next value and last advantage skip masked positions (m·new + (1 − m)·old).
 
-    The carried next value and last advantage skip masked positions (m·new + (1 − m)·old)."""
+    The mask is cast to the values' dtype first: verl's response_mask is an integer or float tensor (its
+    ``1 − m`` fails on bool); for those the numbers are the same."""
     with torch.no_grad():
         next_values = 0
         last_gae = 0
@@ -35,44 +39,52 @@ def verl_gae(
         return advantages, advantages + values
 
 
-def verl_masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """verl's masked_whiten: masked mean, unbiased masked variance, rsqrt(var + 1e-8).  Masked positions
-    keep (x − μ)·rstd (verl does not zero them); raises on an empty mask (a host sync)."""
-    mask = mask.to(values.dtype)
-    mean = (values * mask).sum() / mask.sum()
-    centered = values - mean
-    variance = (centered**2 * mask).sum() / mask.sum()
-    count = mask.sum()
-    if count == 0:
-        raise ValueError("At least one element in the mask has to be 1.")
-    variance = variance * count / (count - 1)
-    whitened = centered * torch.rsqrt(variance + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened
-
-
-def verl_gae_whitened(
+def verl_compute_gae_advantage_return(
     token_level_rewards: torch.Tensor,
     values: torch.Tensor,
     response_mask: torch.Tensor,
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's full compute_gae_advantage_return: the loop, then whitening over the response mask."""
+    """verl's compute_gae_advantage_return: the loop, then masked_whiten of the advantages over the
+    response mask (raises, a host sync, with fewer than two valid tokens); returns are not whitened."""
     advantages, returns = verl_gae(token_level_rewards, values, response_mask, gamma, lam)
     return verl_masked_whiten(advantages, response_mask), returns
 
 
-def openrlhf_gae(
-    values: torch.Tensor, rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float, lambd: float
+def verl_token_level_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's apply_kl_penalty with the k1 estimator, on token-level scores that hold each sequence's
+    score at its last valid token (where verl's reward manager puts it for right-padded responses):
+    rewards = scores − β·KL·m, and the batch KL metric, the mean over rows of the masked row mean (as a
+    0-dim tensor: verl reads it with ``.item()``)."""
+    mask = response_mask.to(torch.float32)
+    last = (torch.arange(mask.shape[1], device=mask.device) * (mask > 0)).amax(-1)
+    token_scores = torch.zeros_like(logprobs, dtype=torch.float32)
+    token_scores[torch.arange(mask.shape[0], device=mask.device), last] = scores.float()
+    kld = (logprobs.float() - ref_logprobs.float()) * mask
+    rewards = token_scores - kl_coef * kld
+    return rewards, verl_masked_mean(kld, mask, axis=-1).mean()
+
+
+def openrlhf_get_advantages_and_returns(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    action_mask: torch.Tensor | None,
+    gamma: float,
+    lambd: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OpenRLHF's get_advantages_and_returns: zero the masked values and rewards, then the plain loop
     with V_T = 0.  Note the (values, rewards) argument order."""
     with torch.no_grad():
-        mask = action_mask.to(values.dtype)
-        values = mask * values
-        rewards = mask * rewards
+        if action_mask is not None:
+            values = action_mask * values
+            rewards = action_mask * rewards
         last_gae = 0
         reversed_advantages = []
         length = rewards.shape[1]
@@ -82,7 +94,7 @@ def openrlhf_gae(
             last_gae = delta + gamma * lambd * last_gae
             reversed_advantages.append(last_gae)
         advantages = torch.stack(reversed_advantages[::-1], dim=1)
-        return advantages, advantages + values
+        return advantages.detach(), advantages + values
 
 
 def openrlhf_normalize(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
@@ -93,22 +105,3 @@ def openrlhf_normalize(advantages: torch.Tensor, action_mask: torch.Tensor) -> t
     mean = (advantages * mask).sum() / count
     variance = ((advantages - mean).pow(2) * mask).sum() / count
     return (advantages - mean) * variance.clamp(min=1e-8).rsqrt()
-
-
-def verl_token_level_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    response_mask: torch.Tensor,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's apply_kl_penalty with the k1 estimator: the score placed at the last valid token, minus
-    β·KL on every valid token; and the batch KL metric (mean over rows of the masked row mean)."""
-    mask = response_mask.to(torch.float32)
-    last = (torch.arange(mask.shape[1], device=mask.device) * (mask > 0)).amax(-1)
-    token_scores = torch.zeros_like(logprobs, dtype=torch.float32)
-    token_scores[torch.arange(mask.shape[0], device=mask.device), last] = scores.float()
-    kld = (logprobs.float() - ref_logprobs.float()) * mask
-    rewards = token_scores - kl_coef * kld
-    row_kl = (kld * mask).sum(-1) / (mask.sum(-1) + 1e-8)
-    return rewards, row_kl.mean()

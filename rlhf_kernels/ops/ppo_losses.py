@@ -28,6 +28,7 @@ padding included), and receive exactly zero gradient.  NaN at a valid position g
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,11 @@ _VALUE_STATS = 2
 if triton is not None:
 
     @triton.jit
+    def _scalar_arg(hi, mid, lo, dtype: tl.constexpr):
+        """A Python float passed as three fp32-exact parts (see ``_scalar_parts``), summed in ``dtype``."""
+        return tl.cast(hi, dtype) + tl.cast(mid, dtype) + tl.cast(lo, dtype)
+
+    @triton.jit
     def _policy_token_terms(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL_CLIP: tl.constexpr):
         """(L, ∂L/∂lp, log-ratio ℓ, ratio r, clipped, dual-clipped) of one tile of tokens."""
         raw = lp - old
@@ -102,16 +108,17 @@ if triton is not None:
         logprobs_ptr, old_ptr, adv_ptr, mask_ptr, loss_partials_ptr, stats_ptr,
         stride_lp0, stride_lp1, stride_old0, stride_old1, stride_adv0, stride_adv1, stride_m0, stride_m1,
         stride_stat,
-        T, tiles_per_program, clip_low, clip_high, dual_clip,
+        T, tiles_per_program,
+        clip_low_hi, clip_low_mid, clip_low_lo, clip_high_hi, clip_high_mid, clip_high_lo,
+        dual_clip_hi, dual_clip_mid, dual_clip_lo,
         BLOCK_T: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         compute_ty = stats_ptr.dtype.element_ty
-        # Python floats arrive as fp32 eagerly but may arrive as fp64 under Inductor: fix the type here.
-        clip_low = tl.cast(clip_low, compute_ty)
-        clip_high = tl.cast(clip_high, compute_ty)
-        dual_clip = tl.cast(dual_clip, compute_ty)
+        clip_low = _scalar_arg(clip_low_hi, clip_low_mid, clip_low_lo, compute_ty)
+        clip_high = _scalar_arg(clip_high_hi, clip_high_mid, clip_high_lo, compute_ty)
+        dual_clip = _scalar_arg(dual_clip_hi, dual_clip_mid, dual_clip_lo, compute_ty)
         acc_loss = tl.zeros((BLOCK_T,), compute_ty)
         acc_mask = tl.zeros((BLOCK_T,), compute_ty)
         acc_clip = tl.zeros((BLOCK_T,), compute_ty)
@@ -154,16 +161,17 @@ if triton is not None:
         grad_logprobs_ptr, grad_partials_ptr, logprobs_ptr, old_ptr, adv_ptr, mask_ptr,
         stride_lp0, stride_lp1, stride_old0, stride_old1, stride_adv0, stride_adv1, stride_m0, stride_m1,
         stride_g0, stride_g1,
-        T, tiles_per_program, clip_low, clip_high, dual_clip,
+        T, tiles_per_program,
+        clip_low_hi, clip_low_mid, clip_low_lo, clip_high_hi, clip_high_mid, clip_high_lo,
+        dual_clip_hi, dual_clip_mid, dual_clip_lo,
         BLOCK_T: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         compute_ty = grad_partials_ptr.dtype.element_ty
-        # Python floats arrive as fp32 eagerly but may arrive as fp64 under Inductor: fix the type here.
-        clip_low = tl.cast(clip_low, compute_ty)
-        clip_high = tl.cast(clip_high, compute_ty)
-        dual_clip = tl.cast(dual_clip, compute_ty)
+        clip_low = _scalar_arg(clip_low_hi, clip_low_mid, clip_low_lo, compute_ty)
+        clip_high = _scalar_arg(clip_high_hi, clip_high_mid, clip_high_lo, compute_ty)
+        dual_clip = _scalar_arg(dual_clip_hi, dual_clip_mid, dual_clip_lo, compute_ty)
         g = tl.load(grad_partials_ptr + row * stride_g0 + chunk * stride_g1)
         for k in range(0, tiles_per_program):
             cols = ((chunk * tiles_per_program + k) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -204,13 +212,13 @@ if triton is not None:
         values_ptr, old_ptr, returns_ptr, mask_ptr, loss_partials_ptr, stats_ptr,
         stride_v0, stride_v1, stride_old0, stride_old1, stride_r0, stride_r1, stride_m0, stride_m1,
         stride_stat,
-        T, tiles_per_program, clip,
+        T, tiles_per_program, clip_hi, clip_mid, clip_lo,
         BLOCK_T: tl.constexpr, HAS_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         compute_ty = stats_ptr.dtype.element_ty
-        clip = tl.cast(clip, compute_ty)  # fp32 eagerly, possibly fp64 under Inductor
+        clip = _scalar_arg(clip_hi, clip_mid, clip_lo, compute_ty)
         acc_loss = tl.zeros((BLOCK_T,), compute_ty)
         acc_mask = tl.zeros((BLOCK_T,), compute_ty)
         acc_clip = tl.zeros((BLOCK_T,), compute_ty)
@@ -241,13 +249,13 @@ if triton is not None:
         grad_values_ptr, grad_partials_ptr, values_ptr, old_ptr, returns_ptr, mask_ptr,
         stride_v0, stride_v1, stride_old0, stride_old1, stride_r0, stride_r1, stride_m0, stride_m1,
         stride_g0, stride_g1,
-        T, tiles_per_program, clip,
+        T, tiles_per_program, clip_hi, clip_mid, clip_lo,
         BLOCK_T: tl.constexpr, HAS_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         compute_ty = grad_partials_ptr.dtype.element_ty
-        clip = tl.cast(clip, compute_ty)  # fp32 eagerly, possibly fp64 under Inductor
+        clip = _scalar_arg(clip_hi, clip_mid, clip_lo, compute_ty)
         g = tl.load(grad_partials_ptr + row * stride_g0 + chunk * stride_g1)
         for k in range(0, tiles_per_program):
             cols = ((chunk * tiles_per_program + k) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -306,6 +314,35 @@ def _row_tiling(rows: int, cols: int) -> _RowTiling:
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+_FP32_MAX = 3.4028234663852886e38
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _scalar_parts(value: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """A scalar for a kernel computing in ``dtype``, as three Python floats that are exact in fp32 and
+    whose sum in ``dtype`` is ``value`` rounded to ``dtype``.
+
+    Triton passes a Python float to a kernel as fp32 (the interpreter, too), so an fp64 kernel given
+    ``value`` itself would compute with a 24-bit clip (a relative error of ~1e-8 in the loss, where
+    fp64 inputs promise fp64 math).  hi = fp32(value), mid = fp32(value − hi), lo = value − hi − mid
+    (24 + 24 + 24 ≥ 53 bits, each subtraction exact) add up to ``value`` exactly in fp64.  fp32 kernels
+    get ``(value, 0, 0)``: no arithmetic on the host, so a symbolic float under torch.compile stays
+    symbolic; the fp64 split reads the float (a guard on its value under torch.compile).
+    """
+    if dtype != torch.float64:
+        return value, 0.0, 0.0
+    value = float(value)
+    if not abs(value) < _FP32_MAX:  # beyond fp32's range no fp32 parts exist; validated clips are small
+        return value, 0.0, 0.0
+    hi = _fp32(value)
+    mid = _fp32(value - hi)
+    return hi, mid, _fp32(value - hi - mid)
 
 
 def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -515,7 +552,9 @@ def _launch_policy_fwd(
         logprobs.stride(0), logprobs.stride(1), old_logprobs.stride(0), old_logprobs.stride(1),
         advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
         stats.stride(0),
-        cols, cfg.tiles_per_program, clip_low, clip_high, 0.0 if dual_clip is None else dual_clip,
+        cols, cfg.tiles_per_program,
+        *_scalar_parts(clip_low, dtype), *_scalar_parts(clip_high, dtype),
+        *_scalar_parts(0.0 if dual_clip is None else dual_clip, dtype),
         BLOCK_T=cfg.block_t, HAS_DUAL_CLIP=dual_clip is not None, num_warps=cfg.num_warps,
     )
     return loss_partials, stats
@@ -534,6 +573,7 @@ def _launch_policy_bwd(
     rows, cols = logprobs.shape
     cfg = _row_tiling(rows, cols)
     assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
     grad_logprobs = torch.empty(rows, cols, dtype=logprobs.dtype, device=logprobs.device)
     mask = _kernel_mask(mask)
     wrap_triton(_ppo_policy_loss_bwd_kernel)[(rows, cfg.chunks)](
@@ -541,7 +581,9 @@ def _launch_policy_bwd(
         logprobs.stride(0), logprobs.stride(1), old_logprobs.stride(0), old_logprobs.stride(1),
         advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
         grad_partials.stride(0), grad_partials.stride(1),
-        cols, cfg.tiles_per_program, clip_low, clip_high, 0.0 if dual_clip is None else dual_clip,
+        cols, cfg.tiles_per_program,
+        *_scalar_parts(clip_low, dtype), *_scalar_parts(clip_high, dtype),
+        *_scalar_parts(0.0 if dual_clip is None else dual_clip, dtype),
         BLOCK_T=cfg.block_t, HAS_DUAL_CLIP=dual_clip is not None, num_warps=cfg.num_warps,
     )
     return grad_logprobs
@@ -565,7 +607,7 @@ def _launch_value_fwd(
         values.stride(0), values.stride(1), old_values.stride(0), old_values.stride(1),
         returns.stride(0), returns.stride(1), mask.stride(0), mask.stride(1),
         stats.stride(0),
-        cols, cfg.tiles_per_program, 0.0 if clip is None else clip,
+        cols, cfg.tiles_per_program, *_scalar_parts(0.0 if clip is None else clip, dtype),
         BLOCK_T=cfg.block_t, HAS_CLIP=clip is not None, num_warps=cfg.num_warps,
     )
     return loss_partials, stats
@@ -582,6 +624,7 @@ def _launch_value_bwd(
     rows, cols = values.shape
     cfg = _row_tiling(rows, cols)
     assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
+    dtype = _compute_dtype(values, old_values, returns)
     grad_values = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     mask = _kernel_mask(mask)
     wrap_triton(_ppo_value_loss_bwd_kernel)[(rows, cfg.chunks)](
@@ -589,7 +632,7 @@ def _launch_value_bwd(
         values.stride(0), values.stride(1), old_values.stride(0), old_values.stride(1),
         returns.stride(0), returns.stride(1), mask.stride(0), mask.stride(1),
         grad_partials.stride(0), grad_partials.stride(1),
-        cols, cfg.tiles_per_program, 0.0 if clip is None else clip,
+        cols, cfg.tiles_per_program, *_scalar_parts(0.0 if clip is None else clip, dtype),
         BLOCK_T=cfg.block_t, HAS_CLIP=clip is not None, num_warps=cfg.num_warps,
     )
     return grad_values
