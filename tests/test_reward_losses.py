@@ -129,6 +129,20 @@ def test_pairwise_matches_trl_and_openrlhf(backend, device):
     torch.testing.assert_close(loss, peers.OpenRLHFLogExpLoss()(chosen, rejected))
 
 
+def test_pairwise_float64_scalar_margin_is_exact(backend, device):
+    # Triton passes Python floats as fp32: an fp64 computation must not see a 24-bit margin.
+    chosen = _scores((13,), torch.float64, device)
+    rejected = _scores((13,), torch.float64, device)
+    c = chosen.clone().requires_grad_()
+    loss, _ = pairwise_reward_loss(c, rejected, margin=0.3, center_coef=0.01)
+    loss.backward()
+    c_ref = chosen.cpu().clone().requires_grad_()
+    want = ref.pairwise_reward_loss(c_ref, rejected.cpu(), margin=0.3, center_coef=0.01)[0]
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 1e-12 * abs(want.item())
+    torch.testing.assert_close(c.grad.cpu(), c_ref.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_pairwise_nan_in_nan_out(backend, device):
     chosen = _scores((9,), torch.float32, device)
     rejected = _scores((9,), torch.float32, device)

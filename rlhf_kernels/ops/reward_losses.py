@@ -429,6 +429,16 @@ def _(grad_partials, pred, target):
 # ---------------------------------------------------------------------------------------------------
 # Triton launchers (flat contiguous 1-D inputs, or [B, K] with any strides for the ranking losses).
 # ---------------------------------------------------------------------------------------------------
+def _exact_margin(
+    chosen: torch.Tensor, margin: torch.Tensor | None, margin_value: float, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Triton passes a Python float as fp32: an fp64 computation gets a scalar margin as an fp64 tensor
+    instead (fp64 inputs are a debugging and gradcheck path, where the extra N values do not matter)."""
+    if margin is None and dtype == torch.float64:
+        return torch.full(chosen.shape, margin_value, dtype=dtype, device=chosen.device)
+    return margin
+
+
 def _launch_pairwise_fwd(
     chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, margin_value: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,6 +448,7 @@ def _launch_pairwise_fwd(
     dtype = _compute_dtype(chosen, rejected)
     partials = torch.empty(2, n_blocks, dtype=dtype, device=chosen.device)
     stats = torch.empty(2, n_blocks, dtype=dtype, device=chosen.device)
+    margin = _exact_margin(chosen, margin, margin_value, dtype)
     wrap_triton(_pairwise_reward_fwd_kernel)[(n_blocks,)](
         chosen, rejected, chosen if margin is None else margin, partials, stats,
         n, margin_value,
@@ -459,6 +470,7 @@ def _launch_pairwise_bwd(
     assert tuple(grad_partials.shape) == (2, n_blocks), "gradient of the forward's partial sums"
     grad_chosen = torch.empty_like(chosen)
     grad_rejected = torch.empty_like(rejected)
+    margin = _exact_margin(chosen, margin, margin_value, _compute_dtype(chosen, rejected))
     wrap_triton(_pairwise_reward_bwd_kernel)[(n_blocks,)](
         grad_chosen, grad_rejected, grad_partials, chosen, rejected, chosen if margin is None else margin,
         n, margin_value,
