@@ -1,7 +1,13 @@
-"""PNG chart of speedup and peak memory against each case's baseline."""
+"""PNG chart of speedup and peak memory of ours against each case's baseline.
+
+    python -m bench.chart bench/results/<tag>.csv     # redraw a chart from a results CSV
+"""
 
 from __future__ import annotations
 
+import csv
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import matplotlib
@@ -14,27 +20,51 @@ from .harness import Row  # noqa: E402
 
 def write_chart(rows: list[Row], path: Path) -> Path:
     ours = [r for r in rows if r.impl == "rlhf_kernels" and r.speedup is not None]
-    labels = [f"{r.family}\n{r.case}\n{r.mode}" for r in ours]
-    baseline_mem = {}
+    labels = [f"{r.family}: {r.case} [{r.mode}]" for r in ours]
+    baseline_mem: dict[tuple[str, str, str], float] = {}
     for r in rows:
         if r.impl != "rlhf_kernels" and r.peak_mem_mb:
             key = (r.family, r.case, r.mode)
             baseline_mem[key] = max(baseline_mem.get(key, 0.0), r.peak_mem_mb)
-    fig, (ax_speed, ax_mem) = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(ours)), 9))
-    ax_speed.bar(range(len(ours)), [r.speedup for r in ours], color="#3465a4")
-    ax_speed.axhline(1.0, color="black", linewidth=0.8)
-    ax_speed.set_ylabel("speedup vs baseline (x)")
-    ax_speed.set_xticks(range(len(ours)), labels, fontsize=7)
-    ratios = [
+    mem_ratio = [
         (r.peak_mem_mb or 0.0) / baseline_mem[(r.family, r.case, r.mode)]
-        if baseline_mem.get((r.family, r.case, r.mode)) else 0.0
+        if r.peak_mem_mb is not None and baseline_mem.get((r.family, r.case, r.mode)) else float("nan")
         for r in ours
     ]
-    ax_mem.bar(range(len(ours)), ratios, color="#73d216")
-    ax_mem.axhline(1.0, color="black", linewidth=0.8)
-    ax_mem.set_ylabel("peak memory / largest baseline's")
-    ax_mem.set_xticks(range(len(ours)), labels, fontsize=7)
+    height = max(4.0, 0.28 * len(ours) + 1.5)
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(15, height), sharey=True)
+    y = range(len(ours))
+    ax_speed.barh(y, [r.speedup for r in ours], color="#3465a4")
+    ax_speed.set_xscale("log")
+    ax_speed.axvline(1.0, color="black", linewidth=0.8)
+    ax_speed.set_xlabel("speedup vs the case's baseline (x, log scale)")
+    ax_speed.set_yticks(list(y), labels, fontsize=7)
+    ax_speed.invert_yaxis()
+    ax_mem.barh(y, mem_ratio, color="#73d216")
+    ax_mem.axvline(1.0, color="black", linewidth=0.8)
+    ax_mem.set_xlabel("peak memory / largest baseline's (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rows_from_csv(path: Path) -> list[Row]:
+    kinds = {f.name: f.type for f in fields(Row)}
+    rows = []
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for name, text in record.items():
+                if name in ("family", "case", "impl", "mode", "note"):
+                    values[name] = text
+                else:
+                    values[name] = float(text) if text not in ("", "None") else None
+            rows.append(Row(**values))
+    assert set(kinds) >= set(values)
+    return rows
+
+
+if __name__ == "__main__":
+    csv_path = Path(sys.argv[1])
+    print(write_chart(rows_from_csv(csv_path), csv_path.with_suffix(".png")))
