@@ -85,6 +85,12 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
+def torch_path(op):
+    """A registered PyTorch-path custom op while tracing; its plain Python body in eager mode (one
+    dispatcher crossing fewer).  The body is the op's own implementation, so both give the same result."""
+    return op if tracing() else getattr(op, "_init_fn", op)
+
+
 def index_checks_enabled() -> bool:
     """Whether index arguments are range-checked (see ``RLHF_KERNELS_CHECK_INDICES``)."""
     return getattr(_state, "check_indices", _CHECK_INDICES)

@@ -266,7 +266,7 @@ def kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator:
     ``estimator`` canonical (k1, abs, k2, k3)."""
     if _dispatch.backend_for(FAMILY, logprobs.device) == "triton":
         return _launch_fwd(logprobs, ref_logprobs, estimator)
-    return _kl_penalty_fwd_torch(logprobs, ref_logprobs, estimator)
+    return _dispatch.torch_path(_kl_penalty_fwd_torch)(logprobs, ref_logprobs, estimator)
 
 
 @triton_op("rlhf_kernels::kl_penalty_bwd", mutates_args=())
@@ -280,7 +280,8 @@ def kl_penalty_bwd(
     """(∂/∂logprobs in logprobs' dtype, ∂/∂ref_logprobs in its dtype or empty when not needed)."""
     if _dispatch.backend_for(FAMILY, logprobs.device) == "triton":
         return _launch_bwd(grad_kl, logprobs, ref_logprobs, estimator, need_grad_ref)
-    return _kl_penalty_bwd_torch(grad_kl, logprobs, ref_logprobs, estimator, need_grad_ref)
+    body = _dispatch.torch_path(_kl_penalty_bwd_torch)
+    return body(grad_kl, logprobs, ref_logprobs, estimator, need_grad_ref)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -628,7 +628,7 @@ def linear_logprobs_stats(
     args = (hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
     if _dispatch.backend_for(FAMILY, hidden.device) == "triton":
         return _launch_stats(*args)
-    return _linear_logprobs_stats_torch(*args)
+    return _dispatch.torch_path(_linear_logprobs_stats_torch)(*args)
 
 
 @triton_op("rlhf_kernels::linear_logprobs_fwd", mutates_args=())
@@ -646,7 +646,7 @@ def linear_logprobs_fwd(
     if _dispatch.backend_for(FAMILY, hidden.device) == "triton":
         m, s, t, z_label = _launch_stats(*args)
     else:
-        m, s, t, z_label = _linear_logprobs_stats_torch(*args)
+        m, s, t, z_label = _dispatch.torch_path(_linear_logprobs_stats_torch)(*args)
     return _finalize(m, s, t, z_label, labels, weight.shape[0], ignore_index, with_entropy)
 
 
@@ -677,7 +677,7 @@ def linear_logprobs_bwd(
     )
     if _dispatch.backend_for(FAMILY, hidden.device) == "triton":
         return _launch_bwd(*args)
-    return _linear_logprobs_bwd_torch(*args)
+    return _dispatch.torch_path(_linear_logprobs_bwd_torch)(*args)
 
 
 def _backward_grads(ctx, grad_logprobs, grad_entropy):

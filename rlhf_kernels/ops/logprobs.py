@@ -438,8 +438,8 @@ def logprobs_fwd(
     """(logprobs [N], entropy [N] or [0], lse [N]), all fp32, for logits [..., V] and labels [N]."""
     if _dispatch.backend_for(FAMILY, logits.device) == "triton":
         return _launch_fwd(logits, labels, inv_temperature, ignore_index, with_entropy)
-    torch_path = _logprobs_fwd_torch if _dispatch.tracing() else _logprobs_fwd_plain
-    return torch_path(logits, labels, inv_temperature, ignore_index, with_entropy)
+    body = _dispatch.torch_path(_logprobs_fwd_torch)
+    return body(logits, labels, inv_temperature, ignore_index, with_entropy)
 
 
 @triton_op("rlhf_kernels::logprobs_bwd", mutates_args=())
@@ -459,7 +459,7 @@ def logprobs_bwd(
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _launch_bwd(grad_logits, *args)
         return grad_logits
-    return (_logprobs_bwd_torch if _dispatch.tracing() else _logprobs_bwd_plain)(*args)
+    return _dispatch.torch_path(_logprobs_bwd_torch)(*args)
 
 
 @triton_op("rlhf_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
@@ -478,7 +478,7 @@ def logprobs_bwd_inplace(
     if _dispatch.backend_for(FAMILY, logits.device) == "triton":
         _launch_bwd(logits, *args)
     else:
-        (_logprobs_bwd_inplace_torch if _dispatch.tracing() else _logprobs_bwd_inplace_plain)(*args)
+        _dispatch.torch_path(_logprobs_bwd_inplace_torch)(*args)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -658,7 +658,7 @@ def ppo_policy_loss_fwd(
     args = (logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
     if _dispatch.backend_for(FAMILY, logprobs.device) == "triton":
         return _launch_policy_fwd(*args)
-    return _ppo_policy_loss_fwd_torch(*args)
+    return _dispatch.torch_path(_ppo_policy_loss_fwd_torch)(*args)
 
 
 @triton_op("rlhf_kernels::ppo_policy_loss_bwd", mutates_args=())
@@ -676,7 +676,7 @@ def ppo_policy_loss_bwd(
     args = (grad_partials, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
     if _dispatch.backend_for(FAMILY, logprobs.device) == "triton":
         return _launch_policy_bwd(*args)
-    return _ppo_policy_loss_bwd_torch(*args)
+    return _dispatch.torch_path(_ppo_policy_loss_bwd_torch)(*args)
 
 
 def _policy_setup_context(ctx, inputs, output) -> None:
@@ -707,7 +707,7 @@ def ppo_value_loss_fwd(
     """(Σ L·m partial sums [B, chunks], statistics [2, B, chunks]: Σm, Σ clipped·m)."""
     if _dispatch.backend_for(FAMILY, values.device) == "triton":
         return _launch_value_fwd(values, old_values, returns, mask, clip)
-    return _ppo_value_loss_fwd_torch(values, old_values, returns, mask, clip)
+    return _dispatch.torch_path(_ppo_value_loss_fwd_torch)(values, old_values, returns, mask, clip)
 
 
 @triton_op("rlhf_kernels::ppo_value_loss_bwd", mutates_args=())
@@ -722,7 +722,8 @@ def ppo_value_loss_bwd(
     """∂/∂values [B, T] (values' dtype) given the gradient of the forward's loss partial sums."""
     if _dispatch.backend_for(FAMILY, values.device) == "triton":
         return _launch_value_bwd(grad_partials, values, old_values, returns, mask, clip)
-    return _ppo_value_loss_bwd_torch(grad_partials, values, old_values, returns, mask, clip)
+    body = _dispatch.torch_path(_ppo_value_loss_bwd_torch)
+    return body(grad_partials, values, old_values, returns, mask, clip)
 
 
 def _value_setup_context(ctx, inputs, output) -> None:

@@ -550,7 +550,7 @@ def pairwise_reward_loss_fwd(
     for flat contiguous inputs; ``margin`` a tensor like ``chosen`` or None (then ``margin_value``)."""
     if _dispatch.backend_for(FAMILY, chosen.device) == "triton":
         return _launch_pairwise_fwd(chosen, rejected, margin, margin_value)
-    return _pairwise_reward_fwd_torch(chosen, rejected, margin, margin_value)
+    return _dispatch.torch_path(_pairwise_reward_fwd_torch)(chosen, rejected, margin, margin_value)
 
 
 @triton_op("rlhf_kernels::pairwise_reward_loss_bwd", mutates_args=())
@@ -564,7 +564,8 @@ def pairwise_reward_loss_bwd(
     """(∂/∂chosen, ∂/∂rejected) given the gradient of the forward's partial sums."""
     if _dispatch.backend_for(FAMILY, chosen.device) == "triton":
         return _launch_pairwise_bwd(grad_partials, chosen, rejected, margin, margin_value)
-    return _pairwise_reward_bwd_torch(grad_partials, chosen, rejected, margin, margin_value)
+    body = _dispatch.torch_path(_pairwise_reward_bwd_torch)
+    return body(grad_partials, chosen, rejected, margin, margin_value)
 
 
 def _pairwise_setup_context(ctx, inputs, output) -> None:
@@ -592,7 +593,7 @@ def ranking_loss_fwd(
     stats [2, B]: valid pairs, pairs with s_i > s_j) for scores [B, K]."""
     if _dispatch.backend_for(FAMILY, scores.device) == "triton":
         return _launch_ranking_fwd(scores, mask, hinge)
-    return _ranking_fwd_torch(scores, mask, hinge)
+    return _dispatch.torch_path(_ranking_fwd_torch)(scores, mask, hinge)
 
 
 @triton_op("rlhf_kernels::ranking_loss_bwd", mutates_args=())
@@ -602,7 +603,7 @@ def ranking_loss_bwd(
     """∂/∂scores [B, K] (scores' dtype) given the gradient of each prompt's partial sum."""
     if _dispatch.backend_for(FAMILY, scores.device) == "triton":
         return _launch_ranking_bwd(grad_partials, scores, mask, hinge)
-    return _ranking_bwd_torch(grad_partials, scores, mask, hinge)
+    return _dispatch.torch_path(_ranking_bwd_torch)(grad_partials, scores, mask, hinge)
 
 
 def _ranking_setup_context(ctx, inputs, output) -> None:
@@ -624,7 +625,7 @@ def pointwise_reward_loss_fwd(pred: torch.Tensor, target: torch.Tensor) -> torch
     """Partial sums of (p − t)² [blocks] for flat contiguous inputs."""
     if _dispatch.backend_for(FAMILY, pred.device) == "triton":
         return _launch_pointwise_fwd(pred, target)
-    return _pointwise_reward_fwd_torch(pred, target)
+    return _dispatch.torch_path(_pointwise_reward_fwd_torch)(pred, target)
 
 
 @triton_op("rlhf_kernels::pointwise_reward_loss_bwd", mutates_args=())
@@ -634,7 +635,7 @@ def pointwise_reward_loss_bwd(
     """∂/∂pred (pred's dtype) given the gradient of the forward's partial sums; ∂/∂target is its negation."""
     if _dispatch.backend_for(FAMILY, pred.device) == "triton":
         return _launch_pointwise_bwd(grad_partials, pred, target)
-    return _pointwise_reward_bwd_torch(grad_partials, pred, target)
+    return _dispatch.torch_path(_pointwise_reward_bwd_torch)(grad_partials, pred, target)
 
 
 def _pointwise_setup_context(ctx, inputs, output) -> None:
