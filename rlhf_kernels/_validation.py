@@ -20,6 +20,12 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The arithmetic (and accumulation) dtype of an op: fp64 if any input is fp64, else fp32."""
+    has_fp64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if has_fp64 else torch.float32
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
@@ -88,9 +94,20 @@ def check_real(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object) -> float:
+    return check_greater(name, value, 0.0)
+
+
+def check_greater(name: str, value: object, bound: float) -> float:
     value = check_real(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0; got {value}")
+    if not value > bound:
+        raise ValueError(f"{name} must be > {bound:g}; got {value}")
+    return value
+
+
+def check_at_least(name: str, value: object, bound: float) -> float:
+    value = check_real(name, value)
+    if not value >= bound:
+        raise ValueError(f"{name} must be >= {bound:g}; got {value}")
     return value
 
 

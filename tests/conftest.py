@@ -27,6 +27,26 @@ def backend_device(backend: str) -> str:
     return "cpu"
 
 
+def assert_close(actual, expected, tol, what):
+    """|actual − expected| ≤ tol·(1 + |expected|) elementwise, compared in float64 on the CPU."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, what
+    err = (actual - expected).abs()
+    bound = tol * (1 + expected.abs())
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (tol {tol:g})"
+
+
+def assert_grad_close(actual, expected, tol, what):
+    """|actual − expected| ≤ tol·(|expected| + max|expected|): gradients relative to their scale."""
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    assert actual.shape == expected.shape, what
+    scale = expected.abs().max() + 1e-30
+    err = (actual - expected).abs()
+    assert bool((err <= tol * (expected.abs() + scale)).all()), f"{what}: max error {err.max().item():.3g}"
+
+
 @pytest.fixture(params=["torch", "triton"])
 def backend(request):
     """Runs the test once per backend, with that backend forced."""

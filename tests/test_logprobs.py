@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_close
 
 import rlhf_kernels as rk
 from rlhf_kernels import _dispatch
@@ -26,15 +26,6 @@ def _labels(shape, vocab, device, ignore_frac=0.25, ignore_index=-100):
     return labels.to(device)
 
 
-def _assert_close(actual, expected, tol, what):
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    assert actual.shape == expected.shape, what
-    err = (actual - expected).abs()
-    bound = tol * (1 + expected.abs())
-    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (tol {tol:g})"
-
-
 def _check_fwd_bwd(
     logits, labels, *, temperature=1.0, ignore_index=-100, use_logprobs=True, use_entropy=True
 ):
@@ -49,8 +40,8 @@ def _check_fwd_bwd(
     )
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert logprobs.dtype == entropy.dtype == out_dtype
-    _assert_close(logprobs.detach(), want_lp, FWD_TOL[dtype], "logprobs")
-    _assert_close(entropy.detach(), want_h, FWD_TOL[dtype], "entropy")
+    assert_close(logprobs.detach(), want_lp, FWD_TOL[dtype], "logprobs")
+    assert_close(entropy.detach(), want_h, FWD_TOL[dtype], "entropy")
 
     w = torch.rand(labels.shape, dtype=out_dtype, device=logits.device) + 0.5
     u = torch.rand(labels.shape, dtype=out_dtype, device=logits.device) - 0.5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_close, assert_grad_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
 
@@ -24,23 +24,6 @@ FWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
 METRICS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 SHAPES = [(1, 1), (3, 17), (4, 1030)]
-
-
-def _assert_close(actual, expected, tol, what):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    err = (actual - expected).abs()
-    bound = tol * (1 + expected.abs())
-    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (tol {tol:g})"
-
-
-def _assert_grad_close(actual, expected, tol, what):
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    scale = expected.abs().max() + 1e-30
-    err = (actual - expected).abs()
-    assert bool((err <= tol * (expected.abs() + scale)).all()), f"{what}: max error {err.max().item():.3g}"
 
 
 def _mask(shape, device, empty_rows=True, dtype=torch.bool):
@@ -67,13 +50,13 @@ def _check_policy(lp, old, adv, mask, **kwargs):
     x_ref = lp.detach().cpu().double().requires_grad_()
     want, want_metrics = ref.ppo_policy_loss(x_ref, old.cpu(), adv.cpu(), mask.cpu(), **kwargs)
     want.backward()
-    _assert_close(loss, want, FWD_TOL[dtype], "loss")
+    assert_close(loss, want, FWD_TOL[dtype], "loss")
     for name in METRICS:
         assert metrics[name].dim() == 0 and metrics[name].dtype == torch.float32, name
         assert not metrics[name].requires_grad, name
-        _assert_close(metrics[name], want_metrics[name], max(FWD_TOL[dtype], 1e-6), name)
+        assert_close(metrics[name], want_metrics[name], max(FWD_TOL[dtype], 1e-6), name)
     assert x.grad.dtype == dtype and x.grad.shape == lp.shape
-    _assert_grad_close(x.grad, x_ref.grad, GRAD_TOL[dtype], "grad")
+    assert_grad_close(x.grad, x_ref.grad, GRAD_TOL[dtype], "grad")
     return want_metrics
 
 
@@ -241,7 +224,7 @@ def test_micro_batches_with_shared_normalizer_add_up(backend, device, mode):
     with_norm, _ = ref.ppo_policy_loss(
         lp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), dual_clip=3.0, loss_agg=mode, normalizer=normalizer
     )
-    _assert_close(full, with_norm, 2e-5, "full vs normalized oracle")
+    assert_close(full, with_norm, 2e-5, "full vs normalized oracle")
 
     split_x = lp.clone().requires_grad_()
     total = 0
@@ -327,11 +310,11 @@ def _check_value(v, v_old, ret, mask, **kwargs):
     x_ref = v.detach().cpu().double().requires_grad_()
     want, want_metrics = ref.ppo_value_loss(x_ref, v_old.cpu(), ret.cpu(), mask.cpu(), **kwargs)
     want.backward()
-    _assert_close(loss, want, FWD_TOL[dtype], "value loss")
+    assert_close(loss, want, FWD_TOL[dtype], "value loss")
     assert metrics["clipfrac"].dtype == torch.float32 and not metrics["clipfrac"].requires_grad
-    _assert_close(metrics["clipfrac"], want_metrics["clipfrac"], 1e-6, "value clipfrac")
+    assert_close(metrics["clipfrac"], want_metrics["clipfrac"], 1e-6, "value clipfrac")
     assert x.grad.dtype == dtype
-    _assert_grad_close(x.grad, x_ref.grad, GRAD_TOL[dtype], "value grad")
+    assert_grad_close(x.grad, x_ref.grad, GRAD_TOL[dtype], "value grad")
     return want_metrics
 
 
@@ -405,8 +388,8 @@ def test_kl_loss_matches_oracle(backend, device, estimator, mode):
     x_ref = lp.cpu().double().requires_grad_()
     want = ref.kl_loss(x_ref, ref_lp.cpu(), mask.cpu(), estimator=estimator, loss_agg=mode)
     want.backward()
-    _assert_close(loss, want, 2e-5, "kl loss")
-    _assert_grad_close(x.grad, x_ref.grad, 2e-5, "kl grad")
+    assert_close(loss, want, 2e-5, "kl loss")
+    assert_grad_close(x.grad, x_ref.grad, 2e-5, "kl grad")
     assert bool((x.grad[~mask] == 0).all())
     # NaN / inf padding at masked positions changes nothing, gradient included.
     x_pad = torch.where(mask, lp, float("nan")).requires_grad_()
@@ -416,7 +399,7 @@ def test_kl_loss_matches_oracle(backend, device, estimator, mode):
     assert bool((x_pad.grad[~mask] == 0).all())
     torch.testing.assert_close(x_pad.grad[mask], x.grad[mask])
     got = kl_loss(lp, ref_lp, mask, estimator=estimator, loss_agg=mode, normalizer=11)
-    _assert_close(got, ref.kl_loss(lp.cpu(), ref_lp.cpu(), mask.cpu(), estimator=estimator, loss_agg=mode,
+    assert_close(got, ref.kl_loss(lp.cpu(), ref_lp.cpu(), mask.cpu(), estimator=estimator, loss_agg=mode,
                                    normalizer=11), 2e-5, "kl loss normalizer")
 
 

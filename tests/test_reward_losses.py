@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_close, assert_grad_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
 
@@ -25,24 +25,6 @@ from rlhf_kernels.reference import losses as ref  # noqa: E402
 # the input dtype.
 FWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-12}
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
-
-
-def _assert_close(actual, expected, tol, what):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, what
-    err = (actual - expected).abs()
-    bound = tol * (1 + expected.abs())
-    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (tol {tol:g})"
-
-
-def _assert_grad_close(actual, expected, tol, what):
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    assert actual.shape == expected.shape, what
-    scale = expected.abs().max() + 1e-30
-    err = (actual - expected).abs()
-    assert bool((err <= tol * (expected.abs() + scale)).all()), f"{what}: max error {err.max().item():.3g}"
 
 
 def _scores(shape, dtype, device, scale=2.0):
@@ -65,16 +47,16 @@ def _check_pairwise(chosen, rejected, **kwargs):
     ref_kwargs = dict(kwargs, margin=margin.cpu() if isinstance(margin, torch.Tensor) else margin)
     want, want_metrics = ref.pairwise_reward_loss(c_ref, r_ref, **ref_kwargs)
     want.backward()
-    _assert_close(loss, want, FWD_TOL[dtype], "pairwise loss")
+    assert_close(loss, want, FWD_TOL[dtype], "pairwise loss")
     # margin_mean sums differences of up to max|c − r| in fp32: its error scales with that, not the mean.
     spread = 1.0 + (c_ref - r_ref).abs().max().item()
     for name, tol in (("accuracy", 1e-6), ("margin_mean", 1e-6 * spread)):
         assert metrics[name].dtype == torch.float32 and metrics[name].dim() == 0
         assert not metrics[name].requires_grad
-        _assert_close(metrics[name], want_metrics[name], tol, name)
+        assert_close(metrics[name], want_metrics[name], tol, name)
     assert c.grad.dtype == dtype and r.grad.dtype == dtype
-    _assert_grad_close(c.grad, c_ref.grad, GRAD_TOL[dtype], "grad chosen")
-    _assert_grad_close(r.grad, r_ref.grad, GRAD_TOL[dtype], "grad rejected")
+    assert_grad_close(c.grad, c_ref.grad, GRAD_TOL[dtype], "grad chosen")
+    assert_grad_close(r.grad, r_ref.grad, GRAD_TOL[dtype], "grad rejected")
     return loss
 
 
@@ -177,13 +159,13 @@ def _check_ranking(scores, mask, hinge):
         loss, metrics = ranking_reward_loss(s, mask=mask)
         want, want_metrics = ref.ranking_reward_loss(s_ref, mask=mask_ref)
         assert metrics["accuracy"].dtype == torch.float32 and not metrics["accuracy"].requires_grad
-        _assert_close(metrics["accuracy"], want_metrics["accuracy"], 1e-6, "accuracy")
+        assert_close(metrics["accuracy"], want_metrics["accuracy"], 1e-6, "accuracy")
     assert loss.dim() == 0
     loss.backward()
     want.backward()
-    _assert_close(loss, want, FWD_TOL[dtype], "ranking loss")
+    assert_close(loss, want, FWD_TOL[dtype], "ranking loss")
     assert s.grad.dtype == dtype
-    _assert_grad_close(s.grad, s_ref.grad, GRAD_TOL[dtype], "ranking grad")
+    assert_grad_close(s.grad, s_ref.grad, GRAD_TOL[dtype], "ranking grad")
     if mask is not None:
         assert bool((s.grad[~mask] == 0).all())
     return loss
@@ -278,9 +260,9 @@ def test_pointwise_matches_oracle(backend, device, dtype, shape):
     target_ref = target.detach().cpu().double().requires_grad_()
     want = ref.pointwise_reward_loss(pred_ref, target_ref)
     want.backward()
-    _assert_close(loss, want, FWD_TOL[dtype], "mse")
-    _assert_grad_close(pred.grad, pred_ref.grad, GRAD_TOL[dtype], "grad pred")
-    _assert_grad_close(target.grad, target_ref.grad, GRAD_TOL[dtype], "grad target")
+    assert_close(loss, want, FWD_TOL[dtype], "mse")
+    assert_grad_close(pred.grad, pred_ref.grad, GRAD_TOL[dtype], "grad pred")
+    assert_grad_close(target.grad, target_ref.grad, GRAD_TOL[dtype], "grad target")
     if dtype == torch.float32:
         torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, target))
 

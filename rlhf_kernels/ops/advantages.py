@@ -42,6 +42,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _dispatch, _ext
 from .._validation import (
+    check_at_least,
     check_choice,
     check_float_tensor,
     check_in_range,
@@ -624,30 +625,6 @@ def whiten_op(
 # ---------------------------------------------------------------------------------------------------
 # Public functions.
 # ---------------------------------------------------------------------------------------------------
-def _float_arg(name: str, value: float, low: float | None = None, high: float | None = None,
-               *, positive: bool = False) -> float:
-    """A finite Python float, in [low, high] (or > 0 with ``positive``).
-
-    Under torch.compile a float default becomes symbolic and ``math.isfinite`` of it breaks the graph,
-    so there the same conditions are checked with comparisons only (dynamo turns them into guards)."""
-    if torch.compiler.is_compiling():
-        ok = value == value and (not positive or value > 0)
-        ok = ok and (low is None or value >= low) and (high is None or value <= high)
-        if not ok:
-            raise ValueError(
-                f"{name} must be a finite float (>= {low}, <= {high}, positive: {positive}); got {value}"
-            )
-        return value
-    value = check_real(name, value)
-    if positive:
-        return check_positive(name, value)
-    if high is not None:
-        return check_in_range(name, value, low, high)
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}; got {value}")
-    return value
-
-
 def _check_bt(name: str, tensor: torch.Tensor, shape: torch.Size | None, like: str) -> None:
     if shape is None:
         check_ndim(name, tensor, 2, "[B, T]")
@@ -697,8 +674,8 @@ def compute_gae(
     check_shape("values", values, rewards.shape, "rewards.shape")
     check_shape("mask", mask, rewards.shape, "rewards.shape")
     check_same_device(rewards=rewards, values=values, mask=mask)
-    gamma = _float_arg("gamma", gamma, 0.0, 1.0)
-    lam = _float_arg("lam", lam, 0.0, 1.0)
+    gamma = check_in_range("gamma", gamma, 0.0, 1.0)
+    lam = check_in_range("lam", lam, 0.0, 1.0)
     mask_mode = check_choice("mask_mode", mask_mode, MASK_MODES)
     args = (rewards.detach(), values.detach(), mask.detach(), gamma, lam, mask_mode == "carry")
     if _dispatch.tracing():
@@ -741,7 +718,7 @@ def masked_whiten(
     check_mask_tensor("mask", mask)
     check_shape("mask", mask, x.shape, "x.shape")
     check_same_device(x=x, mask=mask)
-    eps = _float_arg("eps", eps, 0.0)
+    eps = check_at_least("eps", eps, 0.0)
     if dim is not None:
         dim = check_int("dim", dim)
         if x.dim() == 0 or dim not in (-1, x.dim() - 1):
@@ -798,10 +775,10 @@ def token_level_rewards(
     check_shape("mask", mask, logprobs.shape, "logprobs.shape")
     check_shape("scores", scores, logprobs.shape[:1], "logprobs.shape[:1]")
     check_same_device(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
-    kl_coef = _float_arg("kl_coef", kl_coef)
+    kl_coef = check_real("kl_coef", kl_coef)
     estimator = check_estimator(estimator)
     has_clip = score_clip is not None
-    clip = _float_arg("score_clip", score_clip, positive=True) if has_clip else 0.0
+    clip = check_positive("score_clip", score_clip) if has_clip else 0.0
     tensors = (scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach())
     args = (*tensors, kl_coef, estimator, clip, has_clip)
     if _dispatch.tracing():
@@ -837,7 +814,7 @@ def group_advantages(
     check_ndim("scores", scores, 1, "[B]")
     group_size = check_int("group_size", group_size)
     norm = check_choice("norm", norm, GROUP_NORMS)
-    eps = _float_arg("eps", eps, 0.0)
+    eps = check_at_least("eps", eps, 0.0)
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1; got {group_size}")
     if scores.shape[0] % group_size != 0:

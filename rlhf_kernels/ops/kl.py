@@ -26,7 +26,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from .. import _dispatch
-from .._validation import FLOAT_DTYPES, check_float_tensor, check_same_device, check_shape
+from .._validation import FLOAT_DTYPES, check_float_tensor, check_same_device, check_shape, compute_dtype
 
 try:
     import triton
@@ -149,16 +149,12 @@ def _launch_config(n: int) -> _LaunchConfig:
     return _LaunchConfig(block=block, num_warps=4 if block >= 512 else 1)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------------
 # PyTorch path.
 # ---------------------------------------------------------------------------------------------------
 def kl_value_torch(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """The estimator in plain PyTorch, in fp32 (fp64 for fp64 inputs); ``estimator`` canonical."""
-    dtype = _compute_dtype(logprobs, ref_logprobs)
+    dtype = compute_dtype(logprobs, ref_logprobs)
     delta = logprobs.to(dtype) - ref_logprobs.to(dtype)
     if estimator == "k1":
         return delta
@@ -171,7 +167,7 @@ def kl_value_torch(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
 
 
 def _kl_derivative_torch(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    dtype = _compute_dtype(logprobs, ref_logprobs)
+    dtype = compute_dtype(logprobs, ref_logprobs)
     delta = logprobs.to(dtype) - ref_logprobs.to(dtype)
     if estimator == "k1":
         return torch.where(delta.isnan(), delta, torch.ones_like(delta))
@@ -195,7 +191,7 @@ def _kl_penalty_fwd_torch(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, es
 
 @_kl_penalty_fwd_torch.register_fake
 def _(logprobs, ref_logprobs, estimator):
-    return logprobs.new_empty(logprobs.shape, dtype=_compute_dtype(logprobs, ref_logprobs))
+    return logprobs.new_empty(logprobs.shape, dtype=compute_dtype(logprobs, ref_logprobs))
 
 
 @torch.library.custom_op("rlhf_kernels::kl_penalty_bwd_torch", mutates_args=())
@@ -221,7 +217,7 @@ def _(grad_kl, logprobs, ref_logprobs, estimator, need_grad_ref):
 # Triton launchers (flat, contiguous tensors).
 # ---------------------------------------------------------------------------------------------------
 def _launch_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    kl = torch.empty(logprobs.shape, dtype=_compute_dtype(logprobs, ref_logprobs), device=logprobs.device)
+    kl = torch.empty(logprobs.shape, dtype=compute_dtype(logprobs, ref_logprobs), device=logprobs.device)
     n = kl.numel()
     if n == 0:
         return kl

@@ -27,7 +27,6 @@ padding included), and receive exactly zero gradient.  NaN at a valid position g
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 
@@ -37,10 +36,12 @@ from torch.library import triton_op, wrap_triton
 from .. import _dispatch
 from .._validation import (
     check_float_tensor,
+    check_greater,
     check_mask_tensor,
     check_ndim,
     check_same_device,
     check_shape,
+    compute_dtype,
 )
 from .aggregation import TOKEN_MEAN, Normalizer, agg_loss, agg_row_sums, check_loss_agg, check_normalizer
 from .kl import check_estimator, kl_penalty
@@ -312,10 +313,6 @@ def _row_tiling(rows: int, cols: int) -> _RowTiling:
     return _RowTiling(block_t, tiles_per_program, chunks, num_warps)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 _FP32_MAX = 3.4028234663852886e38
 
 
@@ -402,7 +399,7 @@ def _ppo_policy_loss_fwd_torch(
     dual_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = logprobs.shape
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     loss_partials = torch.empty(rows, 1, dtype=dtype, device=logprobs.device)
     stats = torch.zeros(_POLICY_STATS, rows, 1, dtype=dtype, device=logprobs.device)
     for rs in _row_slices(rows, cols):
@@ -425,7 +422,7 @@ def _ppo_policy_loss_fwd_torch(
 @_ppo_policy_loss_fwd_torch.register_fake
 def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip):
     rows = logprobs.shape[0]
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     return logprobs.new_empty(rows, 1, dtype=dtype), logprobs.new_empty(_POLICY_STATS, rows, 1, dtype=dtype)
 
 
@@ -441,7 +438,7 @@ def _ppo_policy_loss_bwd_torch(
     dual_clip: float | None,
 ) -> torch.Tensor:
     rows, cols = logprobs.shape
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     grad_logprobs = torch.empty(rows, cols, dtype=logprobs.dtype, device=logprobs.device)
     # One partial per row on this path (a forward and its backward always share a backend).
     g = grad_partials.sum(-1, keepdim=True).to(dtype)
@@ -484,7 +481,7 @@ def _ppo_value_loss_fwd_torch(
     clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = values.shape
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     loss_partials = torch.empty(rows, 1, dtype=dtype, device=values.device)
     stats = torch.zeros(_VALUE_STATS, rows, 1, dtype=dtype, device=values.device)
     for rs in _row_slices(rows, cols):
@@ -500,7 +497,7 @@ def _ppo_value_loss_fwd_torch(
 @_ppo_value_loss_fwd_torch.register_fake
 def _(values, old_values, returns, mask, clip):
     rows = values.shape[0]
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     return values.new_empty(rows, 1, dtype=dtype), values.new_empty(_VALUE_STATS, rows, 1, dtype=dtype)
 
 
@@ -514,7 +511,7 @@ def _ppo_value_loss_bwd_torch(
     clip: float | None,
 ) -> torch.Tensor:
     rows, cols = values.shape
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     grad_values = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     g = grad_partials.sum(-1, keepdim=True).to(dtype)
     for rs in _row_slices(rows, cols):
@@ -543,7 +540,7 @@ def _launch_policy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = logprobs.shape
     cfg = _row_tiling(rows, cols)
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     loss_partials = torch.empty(rows, cfg.chunks, dtype=dtype, device=logprobs.device)
     stats = torch.empty(_POLICY_STATS, rows, cfg.chunks, dtype=dtype, device=logprobs.device)
     mask = _kernel_mask(mask)
@@ -573,7 +570,7 @@ def _launch_policy_bwd(
     rows, cols = logprobs.shape
     cfg = _row_tiling(rows, cols)
     assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
     grad_logprobs = torch.empty(rows, cols, dtype=logprobs.dtype, device=logprobs.device)
     mask = _kernel_mask(mask)
     wrap_triton(_ppo_policy_loss_bwd_kernel)[(rows, cfg.chunks)](
@@ -598,7 +595,7 @@ def _launch_value_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = values.shape
     cfg = _row_tiling(rows, cols)
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     loss_partials = torch.empty(rows, cfg.chunks, dtype=dtype, device=values.device)
     stats = torch.empty(_VALUE_STATS, rows, cfg.chunks, dtype=dtype, device=values.device)
     mask = _kernel_mask(mask)
@@ -624,7 +621,7 @@ def _launch_value_bwd(
     rows, cols = values.shape
     cfg = _row_tiling(rows, cols)
     assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     grad_values = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     mask = _kernel_mask(mask)
     wrap_triton(_ppo_value_loss_bwd_kernel)[(rows, cfg.chunks)](
@@ -763,19 +760,6 @@ def _check_token_inputs(mask: object, **tensors: torch.Tensor) -> None:
     check_same_device(**tensors, mask=mask)
 
 
-def _check_scalar(name: str, value: object, greater_than: float | None = None) -> float:
-    """A finite Python number (> ``greater_than`` when given), as ``_validation.check_real`` but without
-    ``math.isfinite``: under ``torch.compile(dynamic=True)`` floats read from function defaults or
-    attributes are symbolic, and only comparisons (which become guards) can be traced on them."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
-    if not -math.inf < value < math.inf:
-        raise ValueError(f"{name} must be finite; got {value}")
-    if greater_than is not None and not value > greater_than:
-        raise ValueError(f"{name} must be > {greater_than:g}; got {value}")
-    return float(value)
-
-
 def _row_sums(partials: torch.Tensor) -> torch.Tensor:
     """[B, chunks] partial sums -> [B]; no launch when a row is one chunk (the usual case)."""
     return partials.sum(dim=-1) if partials.shape[-1] > 1 else partials.squeeze(-1)
@@ -822,10 +806,10 @@ def ppo_policy_loss(
     Masked positions contribute exactly 0 and receive exactly zero gradient, whatever they hold.
     """
     _check_token_inputs(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    clip_low = _check_scalar("clip_low", clip_low, greater_than=0.0)
-    clip_high = clip_low if clip_high is None else _check_scalar("clip_high", clip_high, greater_than=0.0)
+    clip_low = check_greater("clip_low", clip_low, 0.0)
+    clip_high = clip_low if clip_high is None else check_greater("clip_high", clip_high, 0.0)
     if dual_clip is not None:
-        dual_clip = _check_scalar("dual_clip", dual_clip, greater_than=1.0)
+        dual_clip = check_greater("dual_clip", dual_clip, 1.0)
     check_loss_agg(loss_agg)
     normalizer = check_normalizer(normalizer)
 
@@ -879,7 +863,7 @@ def ppo_value_loss(
     """
     _check_token_inputs(mask, values=values, old_values=old_values, returns=returns)
     if clip is not None:
-        clip = _check_scalar("clip", clip, greater_than=0.0)
+        clip = check_greater("clip", clip, 0.0)
     check_loss_agg(loss_agg)
     normalizer = check_normalizer(normalizer)
 

@@ -19,7 +19,6 @@ NaN in gives NaN out.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +29,10 @@ from .._validation import (
     check_float_tensor,
     check_mask_tensor,
     check_ndim,
+    check_real,
     check_same_device,
     check_shape,
+    compute_dtype,
 )
 
 try:
@@ -261,11 +262,6 @@ def _ranking_config(k: int) -> _LaunchConfig:
     return _LaunchConfig(block=block, num_warps=4 if block == 64 else 2)
 
 
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    has_fp64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
-    return torch.float64 if has_fp64 else torch.float32
-
-
 def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask reinterpreted as uint8 (same bytes, no copy)."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -283,7 +279,7 @@ def _relu_derivative_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pairwise_inputs(chosen, rejected, margin, margin_value):
-    dtype = _compute_dtype(chosen, rejected)
+    dtype = compute_dtype(chosen, rejected)
     c, r = chosen.to(dtype), rejected.to(dtype)
     m = margin.to(dtype) if margin is not None else margin_value
     return c, r, m
@@ -303,7 +299,7 @@ def _pairwise_reward_fwd_torch(
 
 @_pairwise_reward_fwd_torch.register_fake
 def _(chosen, rejected, margin, margin_value):
-    dtype = _compute_dtype(chosen, rejected)
+    dtype = compute_dtype(chosen, rejected)
     return chosen.new_empty(2, 1, dtype=dtype), chosen.new_empty(2, 1, dtype=dtype)
 
 
@@ -349,7 +345,7 @@ def _ranking_fwd_torch(
     scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, k = scores.shape
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     loss_partials = torch.empty(rows, dtype=dtype, device=scores.device)
     stats = torch.empty(2, rows, dtype=dtype, device=scores.device)
     index_i, index_j = torch.triu_indices(k, k, offset=1, device=scores.device)
@@ -370,7 +366,7 @@ def _ranking_fwd_torch(
 
 @_ranking_fwd_torch.register_fake
 def _(scores, mask, hinge):
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     return scores.new_empty(scores.shape[0], dtype=dtype), scores.new_empty(2, scores.shape[0], dtype=dtype)
 
 
@@ -379,7 +375,7 @@ def _ranking_bwd_torch(
     grad_partials: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
 ) -> torch.Tensor:
     rows, k = scores.shape
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     grad_scores = torch.empty(rows, k, dtype=scores.dtype, device=scores.device)
     index_i, index_j = torch.triu_indices(k, k, offset=1, device=scores.device)
     for rs in _pair_rows(rows, index_i.numel()):
@@ -403,20 +399,20 @@ def _(grad_partials, scores, mask, hinge):
 
 @torch.library.custom_op("rlhf_kernels::pointwise_reward_loss_fwd_torch", mutates_args=())
 def _pointwise_reward_fwd_torch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    dtype = _compute_dtype(pred, target)
+    dtype = compute_dtype(pred, target)
     return ((pred.to(dtype) - target.to(dtype)) ** 2).sum().reshape(1)
 
 
 @_pointwise_reward_fwd_torch.register_fake
 def _(pred, target):
-    return pred.new_empty(1, dtype=_compute_dtype(pred, target))
+    return pred.new_empty(1, dtype=compute_dtype(pred, target))
 
 
 @torch.library.custom_op("rlhf_kernels::pointwise_reward_loss_bwd_torch", mutates_args=())
 def _pointwise_reward_bwd_torch(
     grad_partials: torch.Tensor, pred: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
-    dtype = _compute_dtype(pred, target)
+    dtype = compute_dtype(pred, target)
     g = grad_partials.sum().to(dtype)
     return (2.0 * g * (pred.to(dtype) - target.to(dtype))).to(pred.dtype)
 
@@ -445,7 +441,7 @@ def _launch_pairwise_fwd(
     n = chosen.numel()
     cfg = _flat_config(n)
     n_blocks = (n + cfg.block - 1) // cfg.block
-    dtype = _compute_dtype(chosen, rejected)
+    dtype = compute_dtype(chosen, rejected)
     partials = torch.empty(2, n_blocks, dtype=dtype, device=chosen.device)
     stats = torch.empty(2, n_blocks, dtype=dtype, device=chosen.device)
     margin = _exact_margin(chosen, margin, margin_value, dtype)
@@ -470,7 +466,7 @@ def _launch_pairwise_bwd(
     assert tuple(grad_partials.shape) == (2, n_blocks), "gradient of the forward's partial sums"
     grad_chosen = torch.empty_like(chosen)
     grad_rejected = torch.empty_like(rejected)
-    margin = _exact_margin(chosen, margin, margin_value, _compute_dtype(chosen, rejected))
+    margin = _exact_margin(chosen, margin, margin_value, compute_dtype(chosen, rejected))
     wrap_triton(_pairwise_reward_bwd_kernel)[(n_blocks,)](
         grad_chosen, grad_rejected, grad_partials, chosen, rejected, chosen if margin is None else margin,
         n, margin_value,
@@ -484,7 +480,7 @@ def _launch_ranking_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, k = scores.shape
     cfg = _ranking_config(k)
-    dtype = _compute_dtype(scores)
+    dtype = compute_dtype(scores)
     loss_partials = torch.empty(rows, dtype=dtype, device=scores.device)
     stats = torch.empty(2, rows, dtype=dtype, device=scores.device)
     mask_arg = scores if mask is None else _kernel_mask(mask)
@@ -517,7 +513,7 @@ def _launch_pointwise_fwd(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     n = pred.numel()
     cfg = _flat_config(n)
     n_blocks = (n + cfg.block - 1) // cfg.block
-    partials = torch.empty(n_blocks, dtype=_compute_dtype(pred, target), device=pred.device)
+    partials = torch.empty(n_blocks, dtype=compute_dtype(pred, target), device=pred.device)
     wrap_triton(_pointwise_reward_fwd_kernel)[(n_blocks,)](
         pred, target, partials, n, BLOCK=cfg.block, num_warps=cfg.num_warps
     )
@@ -667,19 +663,6 @@ def _check_pair(first_name: str, first: object, second_name: str, second: object
     check_same_device(**{first_name: first, second_name: second})
 
 
-def _check_scalar(name: str, value: object, greater_than: float | None = None) -> float:
-    """A finite Python number (> ``greater_than`` when given), as ``_validation.check_real`` but without
-    ``math.isfinite``: under ``torch.compile(dynamic=True)`` floats read from function defaults or
-    attributes are symbolic, and only comparisons (which become guards) can be traced on them."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
-    if not -math.inf < value < math.inf:
-        raise ValueError(f"{name} must be finite; got {value}")
-    if greater_than is not None and not value > greater_than:
-        raise ValueError(f"{name} must be > {greater_than:g}; got {value}")
-    return float(value)
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(-1)
 
@@ -715,9 +698,9 @@ def pairwise_reward_loss(
         check_same_device(chosen=chosen, margin=margin)
         margin_tensor = _flat(margin.detach())
     elif margin is not None:
-        margin_value = _check_scalar("margin", margin)
+        margin_value = check_real("margin", margin)
     if center_coef is not None:
-        center_coef = _check_scalar("center_coef", center_coef)
+        center_coef = check_real("center_coef", center_coef)
 
     n = chosen.numel()
     partials, stats = pairwise_reward_loss_fwd(_flat(chosen), _flat(rejected), margin_tensor, margin_value)
