@@ -3,57 +3,80 @@
 Every op runs on CUDA tensors through Triton (or the csrc CUDA extension) and on CPU tensors through a
 memory-efficient PyTorch (or C++) path; ``rlhf_kernels._dispatch`` decides which, and
 ``RLHF_KERNELS_BACKEND=triton|torch|cpp|cuda`` forces one.
+
+Importing the package is cheap: each op family's module (its Triton kernels and registrations) is
+imported the first time one of its names is used (``rk.compute_gae`` or ``from rlhf_kernels import
+compute_gae``).  ``bench/bench_import.py`` measures it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._dispatch import backend_for, get_backend, set_backend, set_index_checks, use_backend
-from .kl_control import AdaptiveKLController, FixedKLController
-from .ops.advantages import (
-    broadcast_to_tokens,
-    compute_gae,
-    group_advantages,
-    masked_whiten,
-    token_level_rewards,
-)
-from .ops.aggregation import LOSS_AGG_MODES, agg_loss
-from .ops.kl import KL_ESTIMATORS, kl_penalty
-from .ops.linear_logprobs import LinearLogprobs, linear_logprobs
-from .ops.logprobs import entropy_from_logits, logprobs_from_logits
-from .ops.ppo_losses import kl_loss, ppo_policy_loss, ppo_value_loss
-from .ops.reward_losses import (
-    pairwise_reward_loss,
-    pointwise_reward_loss,
-    ranking_hinge_loss,
-    ranking_reward_loss,
-)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
-    "KL_ESTIMATORS",
-    "LOSS_AGG_MODES",
-    "LinearLogprobs",
-    "agg_loss",
-    "backend_for",
-    "broadcast_to_tokens",
-    "compute_gae",
-    "entropy_from_logits",
-    "get_backend",
-    "group_advantages",
-    "kl_loss",
-    "kl_penalty",
-    "linear_logprobs",
-    "logprobs_from_logits",
-    "masked_whiten",
-    "pairwise_reward_loss",
-    "pointwise_reward_loss",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "ranking_hinge_loss",
-    "ranking_reward_loss",
-    "set_backend",
-    "set_index_checks",
-    "token_level_rewards",
-    "use_backend",
-]
+# Public name -> the module (relative to this package) that defines it: one family per ops/ module.
+_LAZY = {
+    "logprobs_from_logits": ".ops.logprobs",
+    "entropy_from_logits": ".ops.logprobs",
+    "linear_logprobs": ".ops.linear_logprobs",
+    "LinearLogprobs": ".modules",
+    "compute_gae": ".ops.gae",
+    "masked_whiten": ".ops.whiten",
+    "token_level_rewards": ".ops.token_rewards",
+    "group_advantages": ".ops.advantages",
+    "broadcast_to_tokens": ".ops.advantages",
+    "KL_ESTIMATORS": ".ops.kl",
+    "kl_penalty": ".ops.kl",
+    "kl_loss": ".ops.kl",
+    "LOSS_AGG_MODES": ".ops.aggregation",
+    "agg_loss": ".ops.aggregation",
+    "ppo_policy_loss": ".ops.ppo_losses",
+    "ppo_value_loss": ".ops.ppo_losses",
+    "pairwise_reward_loss": ".ops.reward_losses",
+    "pointwise_reward_loss": ".ops.reward_losses",
+    "ranking_hinge_loss": ".ops.reward_losses",
+    "ranking_reward_loss": ".ops.reward_losses",
+    "AdaptiveKLController": ".kl_control",
+    "FixedKLController": ".kl_control",
+}
+
+__all__ = sorted(
+    [*_LAZY, "backend_for", "get_backend", "set_backend", "set_index_checks", "use_backend"]
+)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlhf_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
+    from .kl_control import AdaptiveKLController, FixedKLController
+    from .modules import LinearLogprobs
+    from .ops.advantages import broadcast_to_tokens, group_advantages
+    from .ops.aggregation import LOSS_AGG_MODES, agg_loss
+    from .ops.gae import compute_gae
+    from .ops.kl import KL_ESTIMATORS, kl_loss, kl_penalty
+    from .ops.linear_logprobs import linear_logprobs
+    from .ops.logprobs import entropy_from_logits, logprobs_from_logits
+    from .ops.ppo_losses import ppo_policy_loss, ppo_value_loss
+    from .ops.reward_losses import (
+        pairwise_reward_loss,
+        pointwise_reward_loss,
+        ranking_hinge_loss,
+        ranking_reward_loss,
+    )
+    from .ops.token_rewards import token_level_rewards
+    from .ops.whiten import masked_whiten

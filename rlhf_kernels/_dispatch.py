@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -85,10 +85,19 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
-def torch_path(op):
-    """A registered PyTorch-path custom op while tracing; its plain Python body in eager mode (one
-    dispatcher crossing fewer).  The body is the op's own implementation, so both give the same result."""
-    return op if tracing() else getattr(op, "_init_fn", op)
+def route(family: str, device: torch.device | str, **implementations: Callable) -> Callable:
+    """The implementation of ``family`` that runs for tensors on ``device``, among ``implementations``
+    (keyword per backend: ``triton=``, ``cuda=``, ``cpp=``, ``torch=``).  Every routing op's body is
+    ``route(FAMILY, device, triton=..., torch=...)(*args)``: the choice is Python-level state only, so
+    it is made once at trace time under ``torch.compile``."""
+    backend = backend_for(family, device)
+    try:
+        return implementations[backend]
+    except KeyError:
+        raise RuntimeError(
+            f"rlhf_kernels: {family!r} routed to backend {backend!r}, which this op does not implement "
+            f"(it has {sorted(implementations)})"
+        ) from None
 
 
 def index_checks_enabled() -> bool:

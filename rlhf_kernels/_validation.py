@@ -2,7 +2,7 @@
 
 Each raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape or value),
 naming the argument, what was expected and what was received.  None of them touches tensor data, so
-none synchronises a device.
+none synchronises a device, except ``check_label_range`` (documented, and switchable).
 """
 
 from __future__ import annotations
@@ -128,3 +128,21 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
     return value
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, vocab_from: str) -> None:
+    """Raises when a label is outside [0, V) and not ``ignore_index`` (``vocab_from`` names where V
+    comes from).  The one check in this module that reads tensor data: it synchronises a CUDA device,
+    so it is off with ``RLHF_KERNELS_CHECK_INDICES=0`` / ``set_index_checks(False)`` (on every device)
+    and under torch.compile; unchecked bad labels give NaN, never an out-of-bounds access."""
+    from . import _dispatch
+
+    if torch.compiler.is_compiling() or labels.numel() == 0 or not _dispatch.index_checks_enabled():
+        return
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):  # host sync: the documented, switchable label check
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) (the vocabulary size, {vocab_from}) or equal "
+            f"ignore_index={ignore_index}; got label {first}"
+        )
