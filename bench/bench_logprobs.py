@@ -1,6 +1,10 @@
 """Per-token log-probs (and entropy) from logits: ours vs the textbook eager idiom (log_softmax of the fp32
 logits, then gather; with verl's entropy_from_logits for "+entropy"), torch.compile of it, Liger.
 
+Ours: the Triton kernels of ``rlhf_kernels/ops/logprobs.py`` on CUDA, the chunked PyTorch path of
+``rlhf_kernels/ops/cpu/logprobs.py`` on CPU.  The eager idioms come from ``bench/baselines/logprobs.py``
+(the tests import the same ones).  Each implementation is checked against eager before it is timed.
+
 Minimal traffic: forward reads the logits once (N·V·b bytes); backward reads them once and writes the
 gradient once (2·N·V·b); forward+backward 3·N·V·b.  O(N) terms are ignored.
 """
@@ -9,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-import rlhf_kernels as rk
 from rlhf_kernels import _dispatch
+from rlhf_kernels.ops.logprobs import logprobs_from_logits
 
 from .baselines import logprobs as peers
 from .harness import Bench
@@ -46,16 +50,38 @@ def _eager_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
 
 
 def _ours_with_entropy(logits: torch.Tensor, labels: torch.Tensor):
-    return rk.logprobs_from_logits(logits, labels, return_entropy=True)
+    return logprobs_from_logits(logits, labels, return_entropy=True)
 
 
 def _ours(logits: torch.Tensor, labels: torch.Tensor):
-    return rk.logprobs_from_logits(logits, labels)
+    return logprobs_from_logits(logits, labels)
+
+
+def _check_against(reference, fn, logits: torch.Tensor, labels: torch.Tensor, impl: str) -> None:
+    """Raises unless ``fn`` gives the reference's outputs: 1e-4 for fp32 results (a log-sum-exp over
+    V ~ 1e5 terms), one half-precision rounding for outputs in bf16/fp16."""
+    with torch.no_grad():
+        got, want = fn(logits, labels), reference(logits, labels)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    for g, w in zip(got, want, strict=True):
+        tol = 1e-4 if g.dtype in (torch.float32, torch.float64) else 2**-7
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=lambda m: f"{impl}: {m}")
+
+
+def _case(bench: Bench, case: str, impls: dict, logits: torch.Tensor, labels: torch.Tensor,
+          bytes_per_pass: int) -> None:
+    """Checks and times every implementation; the first is the case's baseline and reference."""
+    baseline, reference = next(iter(impls.items()))
+    for impl, fn in impls.items():
+        _modes(bench, case, impl, fn, logits, labels, bytes_per_pass, None if impl == baseline else baseline,
+               reference)
 
 
 def _modes(bench: Bench, case: str, impl: str, fn, logits: torch.Tensor, labels: torch.Tensor,
-           bytes_per_pass: int, baseline: str | None) -> None:
-    """Times forward, backward (graph retained) and forward+backward of ``fn``."""
+           bytes_per_pass: int, baseline: str | None, reference) -> None:
+    """Checks ``fn`` against ``reference``, then times its forward, backward (graph retained) and
+    forward+backward."""
+    _check_against(reference, fn, logits, labels, impl)
     x = logits.detach().requires_grad_()
 
     def forward():
@@ -85,6 +111,7 @@ def _modes(bench: Bench, case: str, impl: str, fn, logits: torch.Tensor, labels:
 
 
 def run(bench: Bench) -> None:
+    previous = _dispatch.index_checks_enabled()
     _dispatch.set_index_checks(False)  # the label range check syncs; timed code must not
     try:
         for n, vocab, dtype in _shapes(bench):
@@ -93,22 +120,21 @@ def run(bench: Bench) -> None:
             bytes_per_pass = logits.numel() * logits.element_size()
             dtype_name = str(dtype).replace("torch.", "")
             case = f"N={n} V={vocab} {dtype_name}"
-            eager = "eager log_softmax+gather"
-            _modes(bench, case, eager, peers.eager_logprobs, logits, labels, bytes_per_pass, None)
+            impls = {"eager log_softmax+gather": peers.eager_logprobs}
             if bench.device.type == "cuda":
-                compiled = torch.compile(peers.eager_logprobs)
-                _modes(bench, case, "torch.compile(eager)", compiled, logits, labels, bytes_per_pass, eager)
+                impls["torch.compile(eager)"] = torch.compile(peers.eager_logprobs)
                 liger = _liger_logprobs()
                 if liger is not None:
-                    _modes(bench, case, "liger cross_entropy", liger, logits, labels, bytes_per_pass, eager)
-            _modes(bench, case, "rlhf_kernels", _ours, logits, labels, bytes_per_pass, eager)
-
-            case_h = case + " +entropy"
-            eager_h = "eager log_softmax+gather + verl entropy_from_logits(fp32)"
-            _modes(bench, case_h, eager_h, _eager_with_entropy, logits, labels, bytes_per_pass, None)
-            _modes(bench, case_h, "rlhf_kernels", _ours_with_entropy, logits, labels, bytes_per_pass, eager_h)
+                    impls["liger cross_entropy"] = liger
+            impls["rlhf_kernels"] = _ours
+            _case(bench, case, impls, logits, labels, bytes_per_pass)
+            impls_h = {
+                "eager log_softmax+gather + verl entropy_from_logits(fp32)": _eager_with_entropy,
+                "rlhf_kernels": _ours_with_entropy,
+            }
+            _case(bench, case + " +entropy", impls_h, logits, labels, bytes_per_pass)
             del logits, labels
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
-        _dispatch.set_index_checks(True)
+        _dispatch.set_index_checks(previous)

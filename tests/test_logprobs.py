@@ -1,13 +1,20 @@
-"""logprobs_from_logits / entropy_from_logits against the float64 oracle, on every backend."""
+"""logprobs_from_logits / entropy_from_logits against the float64 oracle, on every backend.
+
+Kernels, launchers and routing: rlhf_kernels/ops/logprobs.py; PyTorch path: rlhf_kernels/ops/cpu/logprobs.py;
+oracle: rlhf_kernels/reference/logprobs.py.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_close
 
 import rlhf_kernels as rk
+from bench.baselines.logprobs import eager_logprobs, verl_entropy_from_logits
 from rlhf_kernels import _dispatch
+from rlhf_kernels.ops import logprobs as ops
+from rlhf_kernels.ops.cpu import logprobs as cpu
 from rlhf_kernels.reference import logprobs as ref
 
 # Inputs are exact in every dtype (the oracle sees the same rounded values), so forward errors come
@@ -26,6 +33,27 @@ def _labels(shape, vocab, device, ignore_frac=0.25, ignore_index=-100):
     return labels.to(device)
 
 
+def _out_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _assert_grad_close(got, want, rtol, what="grad"):
+    """Per row, |got − want| ≤ rtol·max_j |want_j| (+1e-6 absolute): gradients against their row's scale."""
+    assert got.shape == want.shape, what
+    scale = want.abs().amax(-1, keepdim=True) + 1e-30
+    err = (got.double().cpu() - want).abs() / scale
+    assert bool((err <= rtol + 1e-6).all()), f"{what}: max scaled error {err.max().item():.3g}"
+
+
+@pytest.fixture
+def unchecked():
+    """Label range checks off (RLHF_KERNELS_CHECK_INDICES=0), restored afterwards."""
+    previous = _dispatch.index_checks_enabled()
+    _dispatch.set_index_checks(False)
+    yield
+    _dispatch.set_index_checks(previous)
+
+
 def _check_fwd_bwd(
     logits, labels, *, temperature=1.0, ignore_index=-100, use_logprobs=True, use_entropy=True
 ):
@@ -38,7 +66,7 @@ def _check_fwd_bwd(
     want_lp, want_h = ref.logprobs_from_logits(
         logits.cpu(), labels.cpu(), temperature=temperature, ignore_index=ignore_index, return_entropy=True
     )
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out_dtype = _out_dtype(dtype)
     assert logprobs.dtype == entropy.dtype == out_dtype
     assert_close(logprobs.detach(), want_lp, FWD_TOL[dtype], "logprobs")
     assert_close(entropy.detach(), want_h, FWD_TOL[dtype], "entropy")
@@ -48,13 +76,12 @@ def _check_fwd_bwd(
     loss = (w * logprobs).sum() * use_logprobs + (u * entropy).sum() * use_entropy
     loss.backward()
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    assert torch.equal(x.detach(), logits), "the logits were modified"
     want_grad = ref.logprobs_grad(
         logits.cpu(), labels.cpu(), w.cpu() * use_logprobs, u.cpu() if use_entropy else None,
         temperature=temperature, ignore_index=ignore_index,
     )
-    scale = want_grad.abs().amax(-1, keepdim=True) + 1e-30
-    err = (x.grad.double().cpu() - want_grad).abs() / scale
-    assert bool((err <= GRAD_RTOL[dtype] * 2 + 1e-6).all()), f"grad: max scaled error {err.max().item():.3g}"
+    _assert_grad_close(x.grad, want_grad, GRAD_RTOL[dtype] * 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,13 +134,33 @@ def test_fp64_matches_oracle_closely(backend, device):
     _check_fwd_bwd(logits, labels)
 
 
-def test_empty_batch(backend, device):
-    logits = _logits((0, 11), torch.float32, device).requires_grad_()
-    labels = torch.zeros(0, dtype=torch.long, device=device)
-    logprobs, entropy = rk.logprobs_from_logits(logits, labels, return_entropy=True)
-    assert logprobs.shape == entropy.shape == (0,)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_fp64_temperature_keeps_fp64_accuracy(backend, device, temperature):
+    # 1/0.7 and 1/1.3 are not fp32 numbers: rounded to fp32 they would err by ~1e-8 relative.
+    logits = _logits((5, 2, 300), torch.float64, device, scale=4.0)
+    labels = _labels((5, 2), 300, device)
+    _check_fwd_bwd(logits, labels, temperature=temperature)
+    entropy = rk.entropy_from_logits(logits, temperature=temperature)
+    assert_close(entropy, ref.entropy_from_logits(logits.cpu(), temperature=temperature), 1e-12, "entropy")
+
+
+@pytest.mark.parametrize("shape", [(0, 11), (2, 0, 5), (0, 3, 5), (3, 0, 1)])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_empty_inputs(backend, device, shape, inplace_backward):
+    # issue 19: a zero-sized leading dimension after the first used to divide by zero on the PyTorch path
+    logits = _logits(shape, torch.float32, device).requires_grad_()
+    labels = torch.zeros(shape[:-1], dtype=torch.long, device=device)
+    logprobs, entropy = rk.logprobs_from_logits(
+        logits, labels, return_entropy=True, inplace_backward=inplace_backward
+    )
+    assert logprobs.shape == entropy.shape == shape[:-1]
+    assert logprobs.dtype == entropy.dtype == torch.float32
     (logprobs.sum() + entropy.sum()).backward()
-    assert logits.grad.shape == (0, 11)
+    assert logits.grad.shape == shape and logits.grad.dtype == torch.float32
+    alone = rk.entropy_from_logits(logits)
+    assert alone.shape == shape[:-1]
+    alone.sum().backward()
+    assert logits.grad.shape == shape
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,10 +200,63 @@ def test_inplace_backward(backend, device):
     torch.testing.assert_close(leaf.detach(), expected.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_inplace_backward_refuses_layouts_that_need_a_copy(backend, device):
-    logits = _logits((2, 3, 5, 19), torch.float32, device)[:, 1:, :-1].requires_grad_()
-    with pytest.raises(ValueError, match="inplace_backward"):
-        rk.logprobs_from_logits(logits, _labels((2, 2, 4), 19, device), inplace_backward=True)
+# (buffer shape, the view of it passed as logits): each leaves part of the buffer outside the view.
+INPLACE_LAYOUTS = {
+    "strided_rows": ((6, 2, 45), lambda t: t[:, 1]),
+    "sliced_time": ((3, 9, 70), lambda t: t[:, :-1]),  # two row dims that do not merge, short rows
+    "transposed_vocab": ((50, 7), lambda t: t[:, 1:].t()),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(INPLACE_LAYOUTS))
+def test_inplace_backward_layouts(backend, device, layout):
+    shape, view = INPLACE_LAYOUTS[layout]
+    base = _logits(shape, torch.float32, device)
+    labels = _labels(view(base).shape[:-1], view(base).shape[-1], device)
+    weights = torch.rand(labels.shape, device=device) - 0.5
+
+    def loss(logits, inplace):
+        lp, h = rk.logprobs_from_logits(
+            logits, labels, temperature=0.8, return_entropy=True, inplace_backward=inplace
+        )
+        return lp.sum() + (weights * h).sum()
+
+    leaf = base.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(view(leaf), False), leaf)
+    leaf = base.clone().requires_grad_()
+    buffer = leaf * 1.0  # a non-leaf, as a model's output is
+    (got,) = torch.autograd.grad(loss(view(buffer), True), leaf)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the gradient was written over the view itself, and nothing outside it was touched
+    torch.testing.assert_close(view(buffer.detach()), view(want), rtol=1e-5, atol=1e-6)
+    outside = torch.ones(shape, dtype=torch.bool, device=device)
+    view(outside).fill_(False)
+    assert torch.equal(buffer.detach()[outside], base[outside])
+
+
+# Layouts the in-place backward must refuse: writing through them is unsafe or needs a copy.
+REFUSED_LAYOUTS = {
+    "expanded_rows": lambda device: torch.randn(1, 1, 6, device=device).expand(3, 4, 6),
+    "expanded_vocab": lambda device: torch.randn(5, 1, device=device).expand(5, 8),
+    "overlapping_rows": lambda device: torch.randn(40, device=device).as_strided((4, 6), (2, 1)),
+    "three_row_dims": lambda device: torch.randn(2, 3, 5, 19, device=device)[:, 1:, :-1],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(REFUSED_LAYOUTS))
+def test_inplace_backward_refuses_unsafe_layouts(backend, device, layout):
+    # refused at the public boundary, before any work (issue 19: an expanded tensor got a silently wrong
+    # gradient from Triton and a RuntimeError from inside torch on the PyTorch path)
+    logits = REFUSED_LAYOUTS[layout](device)
+    before = logits.clone()
+    labels = torch.randint(0, logits.shape[-1], logits.shape[:-1], device=logits.device)
+    with pytest.raises(ValueError, match=r"inplace_backward.*logits"):
+        rk.logprobs_from_logits(logits.requires_grad_(), labels, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    lp = rk.logprobs_from_logits(logits, labels)  # the copying backward is fine
+    (grad,) = torch.autograd.grad(lp.sum(), logits)
+    want = ref.logprobs_grad(logits.detach().cpu(), labels.cpu(), torch.ones(labels.shape), None)
+    _assert_grad_close(grad, want, 2e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,22 +348,22 @@ def test_out_of_range_label_raises(backend, device, bad_label):
         rk.logprobs_from_logits(logits, labels)
 
 
-def test_unchecked_out_of_range_label_gives_nan_not_a_wild_read(backend, device):
-    logits = _logits((3, 7), torch.float32, device)
-    labels = torch.tensor([0, 1 << 40, -5], device=device)
-    _dispatch.set_index_checks(False)
-    try:
-        if device == "cpu":  # CPU tensors are always checked: the check costs no device sync
-            with pytest.raises(ValueError):
-                rk.logprobs_from_logits(logits, labels)
-            return
-        x = logits.clone().requires_grad_()
-        lp = rk.logprobs_from_logits(x, labels)
-    finally:
-        _dispatch.set_index_checks(True)
-    assert torch.isfinite(lp[0]).item() and torch.isnan(lp[1:]).all().item()
-    lp.sum().backward()
-    assert bool(torch.isnan(x.grad[1:]).all())
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
+def test_unchecked_out_of_range_label_gives_nan_not_a_wild_read(backend, device, unchecked, label_dtype):
+    # set_index_checks(False) applies on every device: no ValueError, and no error from inside torch
+    logits = _logits((5, 7), torch.float32, device)
+    far = (1 << 40) if label_dtype == torch.int64 else (1 << 31) - 1
+    labels = torch.tensor([0, far, -5, 7, -100], dtype=label_dtype, device=device)
+    x = logits.clone().requires_grad_()
+    lp, h = rk.logprobs_from_logits(x, labels, return_entropy=True)
+    want_lp, want_h = ref.logprobs_from_logits(logits.cpu(), labels.cpu(), return_entropy=True)
+    assert torch.equal(torch.isnan(lp).cpu(), torch.tensor([False, True, True, True, False]))
+    assert torch.equal(torch.isnan(want_lp), torch.isnan(lp).cpu())
+    assert_close(lp[[0, 4]], want_lp[[0, 4]], 2e-5, "logprobs of the valid and ignored rows")
+    assert_close(h, want_h, 2e-5, "entropy (independent of the label)")
+    (lp.sum() + h.sum()).backward()
+    assert bool(torch.isnan(x.grad[1:4]).all())
+    assert bool(torch.isfinite(x.grad[0]).all()) and bool((x.grad[4] == 0).all())
 
 
 def test_forced_triton_without_interpreter_or_cuda_is_a_clear_error(monkeypatch):
@@ -271,6 +371,76 @@ def test_forced_triton_without_interpreter_or_cuda_is_a_clear_error(monkeypatch)
     with _dispatch.use_backend("triton"):
         with pytest.raises(RuntimeError, match="backend 'triton' was forced"):
             rk.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+
+
+def test_agrees_with_the_benchmark_baseline(backend, device):
+    # what bench/bench_logprobs.py times as "eager": the same numbers in fp32
+    logits = _logits((6, 300), torch.float32, device)
+    labels = torch.randint(0, 300, (6,), device=device)
+    lp, h = rk.logprobs_from_logits(logits, labels, return_entropy=True)
+    assert_close(lp, eager_logprobs(logits, labels), 2e-5, "logprobs vs eager log_softmax+gather")
+    assert_close(h, verl_entropy_from_logits(logits), 2e-5, "entropy vs verl entropy_from_logits")
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers write every element of the outputs the caller allocated
+# --------------------------------------------------------------------------------------------------
+def _row_stats(logits, labels, temperature):
+    """lse and entropy per row (float64 oracle), rounded to the arithmetic dtype, as the forward saves them."""
+    x = logits.detach().double().cpu() / temperature
+    _, entropy = ref.logprobs_from_logits(
+        logits.detach().cpu(), labels.cpu(), temperature=temperature, ignore_index=-1, return_entropy=True
+    )
+    dtype = _out_dtype(logits.dtype)
+    return torch.logsumexp(x, -1).to(dtype), entropy.to(dtype)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fwd_launcher_writes_every_output(dtype, with_entropy):
+    device = TRITON_DEVICE
+    logits = _logits((5, 3, 37), dtype, device)[:, 1:]  # [5, 2, 37], rows strided
+    labels = _labels((5, 2), 37, device).reshape(-1)
+    n, out_dtype = labels.numel(), _out_dtype(dtype)
+    logprobs, lse = (torch.full((n,), float("nan"), dtype=out_dtype, device=device) for _ in range(2))
+    entropy = torch.full((n if with_entropy else 0,), float("nan"), dtype=out_dtype, device=device)
+    ops._launch_fwd(logprobs, entropy, lse, logits, labels, 1 / 0.7, -100)
+    want_lp, want_h = ref.logprobs_from_logits(
+        logits.cpu(), labels.view(5, 2).cpu(), temperature=0.7, return_entropy=True
+    )
+    want_lse, _ = _row_stats(logits.reshape(n, 37), labels, 0.7)
+    assert_close(logprobs, want_lp.reshape(-1), FWD_TOL[dtype], "logprobs")
+    assert_close(lse, want_lse, FWD_TOL[dtype], "lse")
+    if with_entropy:
+        assert_close(entropy, want_h.reshape(-1), FWD_TOL[dtype], "entropy")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("with_grad_entropy", [False, True])
+def test_bwd_launcher_writes_every_element(impl, in_place, with_grad_entropy):
+    """The Triton launcher and the PyTorch path's writer, into a NaN-filled gradient or over the logits."""
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    launch = ops._launch_bwd if impl == "triton" else cpu.logprobs_bwd_out
+    buffer = _logits((6, 2, 45), torch.float32, device)
+    buffer[:, 0] = float("nan")  # outside the logits: must stay as it is
+    logits = buffer[:, 1]
+    original = logits.clone()
+    labels = _labels((6,), 45, device)
+    lse, entropy = _row_stats(logits, labels, 0.7)
+    lse, entropy = lse.to(device), entropy.to(device)
+    grad_logprobs = torch.randn(6, device=device)
+    grad_entropy = torch.randn(6 if with_grad_entropy else 0, device=device)
+    grad = logits if in_place else torch.full((6, 45), float("nan"), device=device)
+    launch(grad, grad_logprobs, grad_entropy, logits, labels, lse, entropy, 1 / 0.7, -100)
+    want = ref.logprobs_grad(
+        original.cpu(), labels.cpu(), grad_logprobs.cpu(), grad_entropy.cpu() if with_grad_entropy else None,
+        temperature=0.7,
+    )
+    _assert_grad_close(grad, want, 2e-5)
+    assert bool(torch.isnan(buffer[:, 0]).all())
+    if not in_place:
+        assert torch.equal(logits, original)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +485,24 @@ def test_opcheck_torch_path():
         torch.library.opcheck(
             torch.ops.rlhf_kernels.logprobs_fwd_torch.default, (logits.detach(), labels, 1.0, -100, True)
         )
+
+
+def test_torch_ops_eager_body_equals_registered_op():
+    # eager calls run the plain body (.body); the registered op must compute the same
+    logits = torch.randn(2, 4, 13)[:, 1:]
+    labels = torch.tensor([0, 12, -100, 3, 3, 5])
+    args = (logits, labels, 1 / 0.7, -100, True)
+    body = cpu.logprobs_fwd_torch.body(*args)
+    registered = torch.ops.rlhf_kernels.logprobs_fwd_torch(*args)
+    assert cpu.logprobs_fwd_torch.op is not None
+    for a, b in zip(body, registered, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    lp, h, lse = body
+    bwd_args = (torch.randn(6), torch.randn(6), logits, labels, lse, h, 1 / 0.7, -100)
+    torch.testing.assert_close(
+        cpu.logprobs_bwd_torch.body(*bwd_args), torch.ops.rlhf_kernels.logprobs_bwd_torch(*bwd_args),
+        rtol=0, atol=0,
+    )
 
 
 def test_compile_fullgraph_dynamic_torch_path():
