@@ -5,7 +5,8 @@ Work: the forward is one [N, H] x [H, V] product (2·N·H·V flop); forward+back
 logits, d_hidden = G·W, d_weight = Gᵀ·h).  TFLOP/s are reported against those counts ("effective": our
 backward also recomputes the logits, 8·N·H·V in all).  On CUDA the three bf16 products themselves are
 timed in the same run (cuBLAS, on a materialised [N, V] G), and each fwd+bwd row's note gives its time as
-a multiple of theirs, and its peak memory as a fraction of eager's.
+a multiple of theirs, and its peak memory as a fraction of eager's.  Before a shape is timed, ours is
+checked against the float64 oracle (rlhf_kernels.reference) on its first rows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from rlhf_kernels import _dispatch
 from rlhf_kernels.ops.linear_logprobs import linear_logprobs
+from rlhf_kernels.reference import linear_logprobs as reference
 
 from .baselines import linear_logprobs as peers
 from .harness import Bench
@@ -40,6 +42,24 @@ def _eager(with_entropy: bool):
     return lambda hidden, weight, labels: peers.eager_linear_logprobs(
         hidden, weight, labels, return_entropy=with_entropy
     )
+
+
+def _check_against_oracle(hidden, weight, labels, rows: int = 32) -> None:
+    """Raises unless ours matches the float64 oracle on the first ``rows`` tokens (values and d_hidden):
+    a wrong kernel is never timed.  fp32 accumulation over H and V: 1e-4; d_hidden in the input dtype:
+    one bf16 rounding at the gradient's scale (2⁻⁸) plus fp32 noise."""
+    h = hidden[:rows].detach().requires_grad_()
+    got = linear_logprobs(h, weight, labels[:rows], return_entropy=True)
+    _loss(got).backward()
+    h64 = hidden[:rows].detach().double().requires_grad_()
+    want = reference.linear_logprobs(h64, weight.double(), labels[:rows], return_entropy=True)
+    _loss(want).backward()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w.detach(), rtol=1e-4, atol=1e-4)
+    scale = h64.grad.abs().max().item()
+    err = (h.grad.double() - h64.grad).abs().max().item()
+    if err > 2 * 2**-8 * scale:
+        raise AssertionError(f"linear_logprobs d_hidden: error {err:.3g} at gradient scale {scale:.3g}")
 
 
 def _loss(out) -> torch.Tensor:
@@ -89,6 +109,7 @@ def run(bench: Bench) -> None:
             labels = torch.randint(0, vocab, (n,), device=bench.device)
             flops_fwd = 2 * n * hidden_size * vocab
             dtype_name = str(dtype).replace("torch.", "")
+            _check_against_oracle(hidden, weight, labels)
             on_cuda = bench.device.type == "cuda"
             for with_entropy in (False, True):
                 case = f"N={n} H={hidden_size} V={vocab} {dtype_name}" + (" +entropy" if with_entropy else "")

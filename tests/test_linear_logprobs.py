@@ -9,11 +9,12 @@ import time
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, TRITON_DEVICE
 
 import rlhf_kernels as rk  # noqa: F401  (registers every family)
-from rlhf_kernels import _dispatch
+from rlhf_kernels import _dispatch, modules
 from rlhf_kernels.ops import linear_logprobs as ops
+from rlhf_kernels.ops.cpu import linear_logprobs as cpu_ops
 from rlhf_kernels.ops.linear_logprobs import LinearLogprobs, linear_logprobs
 from rlhf_kernels.reference import linear_logprobs as ref
 
@@ -135,8 +136,8 @@ def test_many_chunks_and_splits(backend, device, monkeypatch):
     """Backward over several vocabulary chunks (Triton) and several row x vocabulary chunks (PyTorch)."""
     n, hidden_size, vocab = 100, 45, 300
     monkeypatch.setattr(ops, "_BWD_BUFFER_BYTES", n * 4 * 128)  # 128-column chunks: 3 passes
-    monkeypatch.setattr(ops, "_TORCH_CHUNK_BYTES", 4 * hidden_size * 40)  # 40 rows x 40 entries
-    assert ops._torch_chunks(n, vocab, hidden_size) == (40, 40)
+    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * hidden_size * 40)  # 40 rows x 40 entries
+    assert cpu_ops.chunk_sizes(n, vocab, hidden_size) == (40, 40)
     hidden, weight, b, labels = _inputs((n,), hidden_size, vocab, torch.float32, device)
     _check(hidden, weight, b, labels, temperature=1.1)
 
@@ -270,6 +271,150 @@ def test_frozen_inputs_get_no_gradient(backend, device, frozen):
 
 
 # --------------------------------------------------------------------------------------------------
+# float64 and the temperature's fp64 parts; d_hidden rounded once (issue 15)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_float64_with_temperature_matches_oracle(backend, device, with_bias):
+    """fp64 inputs compute in fp64 on both paths (through the registered op: the public function takes
+    16/32-bit inputs), 1/τ included: with τ = 0.7, 1/τ is not an fp32 number and reaches the kernels as
+    three fp32 parts, so values and gradients match the float64 oracle to ~1e-12."""
+    temperature = 0.7
+    hidden, weight, b, labels = _inputs((9,), 21, 203, torch.float64, device, bias=with_bias)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, b)]
+    lp, ent, _ = ops.linear_logprobs_fwd(*leaves, labels, 1 / temperature, -100, True)
+    assert lp.dtype == ent.dtype == torch.float64
+    oracle = [None if t is None else t.detach().cpu().requires_grad_() for t in (hidden, weight, b)]
+    want_lp, want_h = ref.linear_logprobs(oracle[0], oracle[1], labels.cpu(), bias=oracle[2],
+                                          temperature=temperature, return_entropy=True)
+    _assert_close(lp.detach(), want_lp.detach(), 1e-12, "logprobs")
+    _assert_close(ent.detach(), want_h.detach(), 1e-12, "entropy")
+    w_up = torch.rand(9, dtype=torch.float64) + 0.5
+    u_up = torch.rand(9, dtype=torch.float64) - 0.5
+    ((w_up.to(device) * lp).sum() + (u_up.to(device) * ent).sum()).backward()
+    ((w_up * want_lp).sum() + (u_up * want_h).sum()).backward()
+    for name, got, expect in zip(("hidden", "weight", "bias"), leaves, oracle, strict=True):
+        if got is not None:
+            assert got.grad.dtype == torch.float64, name
+            _assert_grad_close(got.grad, expect.grad, 1e-12, f"d_{name}")
+    # The bound can fail: 1/τ rounded to fp32 moves the log-probs by ~1e-7.
+    inv_t32 = torch.tensor(1 / temperature, dtype=torch.float32).item()
+    rounded = ref.linear_logprobs(oracle[0].detach(), oracle[1].detach(), labels.cpu(),
+                                  bias=None if b is None else oracle[2].detach(), temperature=1 / inv_t32)
+    assert (rounded - want_lp.detach()).abs().max().item() > 1e-10
+
+
+def test_bf16_d_hidden_is_rounded_once(backend, device, monkeypatch):
+    """Issue 15: d_hidden sums the vocabulary chunks' products in fp32 and is rounded to bf16 once, so its
+    error stays within bf16's unit roundoff (2⁻⁸) of the gradient's scale with 24 chunks, where rounding
+    each chunk's product to bf16 first (what the Triton path did) exceeds it."""
+    n, hidden_size, chunk, chunks = 8, 16, 128, 24
+    vocab = chunk * chunks
+    monkeypatch.setattr(ops, "_BWD_BUFFER_BYTES", 0)  # the smallest chunk: one vocabulary tile
+    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * hidden_size * chunk)
+    cfg = ops._launch_config(n, vocab, hidden_size, torch.bfloat16, torch.device(device))
+    assert cfg.bwd_chunk_v == chunk
+    assert cpu_ops.chunk_sizes(n, vocab, hidden_size)[1] == chunk
+    # Logits rise along the vocabulary (weight column 0 is a ramp, hidden[:, 0] > 0); the other columns are
+    # the same for every entry, so their d_hidden is exactly 0 (Σ_j G_j = 0) while each chunk's share of it
+    # is not: per-chunk products are large next to the final value, which per-chunk rounding cannot hide.
+    hidden = torch.randn(n, hidden_size)
+    hidden[:, 0] = torch.rand(n) + 0.5
+    weight = torch.empty(vocab, hidden_size)
+    weight[:, 0] = 10 * torch.arange(vocab) / vocab
+    weight[:, 1:] = torch.rand(hidden_size - 1) + 0.5
+    hidden, weight = hidden.bfloat16().to(device), weight.bfloat16().to(device)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    u_up = torch.rand(n, dtype=torch.float64) + 0.5  # entropy only: G has no one-hot term to round
+    h = hidden.clone().requires_grad_()
+    _, ent = linear_logprobs(h, weight, labels, return_entropy=True)
+    (u_up.float().to(device) * ent).sum().backward()
+
+    h64 = hidden.double().cpu().requires_grad_()
+    w64 = weight.double().cpu()
+    _, want_h = ref.linear_logprobs(h64, w64, labels.cpu(), return_entropy=True)
+    (u_up * want_h).sum().backward()
+    bound = 2**-8 * h64.grad.abs().max().item()
+    err = (h.grad.double().cpu() - h64.grad).abs().max().item()
+    assert err <= bound, f"d_hidden error {err:.3g} > {bound:.3g}"
+
+    z = (h64.detach() @ w64.T).requires_grad_()  # G = ∂(u·H)/∂z, to replay the per-chunk rounding
+    log_p = torch.log_softmax(z, dim=-1)
+    (u_up * -(log_p.exp() * log_p).sum(dim=-1)).sum().backward()
+    g16, w32 = z.grad.bfloat16().float(), weight.float().cpu()
+    chunked = sum((g16[:, v0 : v0 + chunk] @ w32[v0 : v0 + chunk]).bfloat16().double()
+                  for v0 in range(0, vocab, chunk))
+    chunked_err = (chunked.bfloat16().double() - h64.grad).abs().max().item()
+    assert chunked_err > 1.5 * bound, (chunked_err, bound)
+
+
+# --------------------------------------------------------------------------------------------------
+# The launchers write every element of outputs the caller allocated (NaN-filled here)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_stats_launcher_writes_every_output(with_entropy):
+    """(m, s, t, z_label) of every vocabulary split and row, for a weight slice starting at vocab_start."""
+    n, hidden_size, vocab, vocab_start, inv_t = 150, 24, 300, 7, 0.8
+    hidden, weight, b, _ = _inputs((n,), hidden_size, vocab, torch.float32, TRITON_DEVICE)
+    labels = torch.randint(0, vocab + 2 * vocab_start, (n,), device=TRITON_DEVICE)  # some off this slice
+    cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, hidden.device)
+    assert cfg.vocab_splits > 1 and n > cfg.block_n  # several splits and row blocks
+    partials = torch.full((4, cfg.vocab_splits, n), float("nan"), device=TRITON_DEVICE)
+    ops._launch_stats_out(partials, hidden, weight, b, labels, inv_t, vocab_start, with_entropy)
+
+    z = (hidden.double() @ weight.double().T + b.double()).cpu() * inv_t
+    local = labels.cpu() - vocab_start
+    span = cfg.tiles_per_split * cfg.block_v
+    for split in range(cfg.vocab_splits):
+        zk = z[:, split * span : (split + 1) * span]
+        m = zk.amax(dim=1)
+        e = (zk - m[:, None]).exp()
+        t = (e * (zk - m[:, None])).sum(dim=1) if with_entropy else torch.zeros(n, dtype=torch.float64)
+        col = local - split * span
+        hit = (col >= 0) & (col < zk.shape[1])
+        z_label = torch.where(hit, zk.gather(1, col.clamp(0, zk.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+        for got, want, name in zip(partials[:, split], (m, e.sum(dim=1), t, z_label), "mstz", strict=True):
+            assert not bool(got.isnan().any()), f"split {split}: {name} not written everywhere"
+            _assert_close(got, want, 2e-5, f"split {split} {name}")
+
+
+@pytest.mark.parametrize("with_grad_entropy", [True, False])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True)])
+def test_bwd_launcher_writes_every_output(monkeypatch, needs, with_grad_entropy):
+    """d_hidden, d_weight and d_bias over three vocabulary chunks and two row blocks, against G in float64."""
+    n, hidden_size, vocab, inv_t = 150, 24, 300, 1.25
+    monkeypatch.setattr(ops, "_BWD_BUFFER_BYTES", 0)
+    cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, torch.device(TRITON_DEVICE))
+    assert cfg.bwd_chunk_v < vocab and n > cfg.block_n  # several chunks and row blocks
+    hidden, weight, b, labels = _inputs((n,), hidden_size, vocab, torch.float32, TRITON_DEVICE)
+    h64, w64, labels_cpu = hidden.double().cpu(), weight.double().cpu(), labels.cpu()
+    z = (h64 @ w64.T + b.double().cpu()) * inv_t
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(dim=-1)
+    g = torch.randn(n, dtype=torch.float64)
+    eta = torch.randn(n, dtype=torch.float64) if with_grad_entropy else torch.zeros(n, dtype=torch.float64)
+    ignored = labels_cpu == -100
+    onehot = torch.nn.functional.one_hot(labels_cpu.clamp(min=0), vocab).double()
+    G = inv_t * (g[:, None] * (onehot - p) - eta[:, None] * p * (log_p + entropy[:, None]))
+    G[ignored] = 0.0
+
+    grads = cpu_ops.empty_grads(hidden, weight, b, *needs)
+    for out in grads:
+        out.fill_(float("nan"))
+    to = lambda t: t.float().to(TRITON_DEVICE)  # noqa: E731
+    grad_entropy = to(eta) if with_grad_entropy else hidden.new_empty(0)
+    ops._launch_bwd_out(*grads, to(g), grad_entropy, hidden, weight, b, labels, to(torch.logsumexp(z, -1)),
+                        to(entropy), inv_t, -100, 0)
+    wants = (G @ w64, G.T @ h64, G.sum(dim=0))
+    for got, want, needed, name in zip(grads, wants, needs, ("hidden", "weight", "bias"), strict=True):
+        if not needed:
+            assert got.numel() == 0, name
+            continue
+        assert got.shape == want.shape and not bool(got.isnan().any()), f"d_{name} not written everywhere"
+        _assert_grad_close(got, want, 2e-5, f"d_{name}")
+
+
+# --------------------------------------------------------------------------------------------------
 # The nn.Module wrapper
 # --------------------------------------------------------------------------------------------------
 def test_module_wrapper(backend, device):
@@ -290,6 +435,12 @@ def test_module_wrapper(backend, device):
     want_t1 = ref.linear_logprobs(hidden.detach().cpu(), head.weight.detach().cpu(), labels.cpu(),
                                   bias=head.bias.detach().cpu())
     _assert_close(lp_t1, want_t1, 2e-5, "logprobs at temperature 1")
+
+
+def test_module_lives_in_modules_and_is_reexported():
+    assert LinearLogprobs is modules.LinearLogprobs is rk.LinearLogprobs
+    with pytest.raises(AttributeError, match="no attribute 'NotThere'"):
+        ops.NotThere  # noqa: B018
 
 
 def test_module_wrapper_rejects_non_linear():

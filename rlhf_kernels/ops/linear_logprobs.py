@@ -14,7 +14,7 @@ disjoint vocabulary ranges merge exactly: rebased to a common maximum M,
     s' = e^{m − M} s,   t' = e^{m − M} (t + s (m − M)),
 
 so the forward splits the vocabulary over several programs (more parallelism) and a weight sharded by
-rows over tensor-parallel ranks merges the same way across ranks (one all_reduce MAX, one SUM).
+rows over tensor-parallel ranks merges the same way across ranks (:mod:`rlhf_kernels.parallel`).
 
 Backward, with upstream gradients g (of logp_y) and η (of H) per row, recomputes the logits tile by tile:
 
@@ -22,31 +22,38 @@ Backward, with upstream gradients g (of logp_y) and η (of H) per row, recompute
     d_hidden = G W,   d_weight = Gᵀ h,   d_bias = Σ_rows G
 
 G is written, in the input dtype, into a [N, chunk] buffer one vocabulary chunk at a time, and the two
-products run as tensor-core matrix products on that chunk (see :class:`LinearLogprobsConfig`).
+products run as tensor-core matrix products on that chunk (see :class:`LinearLogprobsConfig`); d_hidden
+sums the chunks' products in fp32 and is rounded to the input dtype once, at the end.
 
 Positions whose label equals ``ignore_index`` give 0 and send exactly zero into G.  A ``-inf`` bias entry
 masks that vocabulary entry (probability 0); NaN in gives NaN out.
+
+Elsewhere: the PyTorch path in :mod:`rlhf_kernels.ops.cpu.linear_logprobs`, ``LinearLogprobs`` in
+:mod:`rlhf_kernels.modules`, vocabulary parallelism in :mod:`rlhf_kernels.parallel`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.library import triton_op, wrap_triton
+from torch import Tensor
+from torch.library import wrap_triton
 
 from .. import _dispatch
+from .._registration import kernel_op
 from .._validation import (
     check_float_tensor,
     check_index_tensor,
     check_int,
+    check_label_range,
     check_positive,
     check_same_device,
     check_shape,
+    compute_dtype,
 )
-from .logprobs import _check_label_range
+from ._launch import acc_dtype, cdiv, pow2_between, scalar_parts, sm_count
+from .cpu import linear_logprobs as cpu
 
 try:
     import triton
@@ -60,14 +67,16 @@ _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels.  Rows (tokens) are tiled by BLOCK_N, the vocabulary by BLOCK_V, the hidden features
-# (the products' reduction dimension) by BLOCK_K.
+# (the products' reduction dimension) by BLOCK_K.  ACC is the arithmetic dtype (fp32; fp64 for fp64
+# inputs); 1/τ arrives as scalar_parts and is read with scalar_arg.
 # ---------------------------------------------------------------------------------------------------
 if triton is not None:
+    from ._launch import scalar_arg
 
     @triton.jit
     def _dot(a, b, acc, DOT_MODE: tl.constexpr):
         # DOT_MODE 0: native tensor-core product (bf16/fp16; fp32 as TF32 when torch allows TF32).
-        # 1: fp32 in full precision (torch's default for fp32 matmuls).
+        # 1: fp32 / fp64 in full precision (torch's default for fp32 matmuls).
         # 2: operands widened to fp32 first: Triton's interpreter multiplies bf16 tiles as raw 16-bit
         #    integers (its dot has no bf16 case); widening is exact, so the interpreter stays a true check.
         if DOT_MODE == 1:
@@ -79,19 +88,27 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _to_buffer_dtype(x, dtype: tl.constexpr, DOT_MODE: tl.constexpr):
+        # DOT_MODE 2 (bf16 in the interpreter): the interpreter's fp32 -> bf16 cast truncates, where a GPU
+        # rounds to nearest even; rounding the fp32 bits first makes the interpreter round as the GPU does.
+        if DOT_MODE == 2:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
     def _logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr,
-        offs_n, offs_v, row_ok, col_ok,
-        stride_hn, stride_hk, stride_wv, stride_wk,
-        H, inv_temperature,
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_ok, col_ok,
+        stride_hn, stride_hk, stride_wv, stride_wk, H, inv_temperature,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
     ):
-        """z = (h Wᵀ + b) / τ for rows offs_n and vocabulary entries offs_v, fp32 [BLOCK_N, BLOCK_V]."""
+        """z = (h Wᵀ + b) / τ for rows offs_n and vocabulary entries offs_v, [BLOCK_N, BLOCK_V] in ACC."""
         offs_k = tl.arange(0, BLOCK_K)
         h_ptrs = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_k[None, :] * stride_hk
         w_ptrs = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_k[:, None] * stride_wk
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
         for k in range(0, H, BLOCK_K):
             k_ok = offs_k < H - k
             a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -100,18 +117,18 @@ if triton is not None:
             h_ptrs += BLOCK_K * stride_hk
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_v, mask=col_ok, other=0.0).to(ACC)[None, :]
         return acc * inv_temperature
 
+    # Reads hidden [N, H] once per vocabulary split and weight [V, H] once per row block (each weight tile
+    # once per wave from HBM, see the program order); writes 4 · splits · N accumulators.
     @triton.jit
     def _linear_logprobs_fwd_kernel(
-        hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
-        max_ptr, sum_ptr, tsum_ptr, label_logit_ptr,
-        stride_hn, stride_hk,
-        stride_wv, stride_wk,
-        N, V, H, label_offset, inv_temperature, tiles_per_split, vocab_splits,
+        hidden_ptr, weight_ptr, bias_ptr, labels_ptr, max_ptr, sum_ptr, tsum_ptr, label_logit_ptr,
+        stride_hn, stride_hk, stride_wv, stride_wk,
+        N, V, H, label_offset, inv_t_hi, inv_t_mid, inv_t_lo, tiles_per_split, vocab_splits,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
     ):
         # Split-fastest order: programs running together share a row block (its hidden rows stay in L2)
         # and walk the weight in step (each weight tile is read from HBM once per wave).
@@ -120,11 +137,12 @@ if triton is not None:
         offs_n = (pid // vocab_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = offs_n < N
         label = tl.load(labels_ptr + offs_n, mask=row_ok, other=0).to(tl.int64) - label_offset
+        inv_temperature = scalar_arg(inv_t_hi, inv_t_mid, inv_t_lo, ACC)
 
-        m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of z
-        s = tl.zeros((BLOCK_N,), tl.float32)  # Σ e^{z − m}
-        t = tl.zeros((BLOCK_N,), tl.float32)  # Σ e^{z − m}(z − m)
-        z_label = tl.zeros((BLOCK_N,), tl.float32)
+        m = tl.full((BLOCK_N,), float("-inf"), ACC)  # running max of z
+        s = tl.zeros((BLOCK_N,), ACC)  # Σ e^{z − m}
+        t = tl.zeros((BLOCK_N,), ACC)  # Σ e^{z − m}(z − m); stays 0 without HAS_ENTROPY
+        z_label = tl.zeros((BLOCK_N,), ACC)
         first_tile = split * tiles_per_split
         last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_V))
         for tile in range(first_tile, last_tile):
@@ -133,7 +151,7 @@ if triton is not None:
             z = _logits_tile(
                 hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_ok, col_ok,
                 stride_hn, stride_hk, stride_wv, stride_wk, H, inv_temperature,
-                BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_MODE,
+                BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_MODE, ACC,
             )
             z = tl.where(col_ok[None, :], z, float("-inf"))
             is_label = (offs_v[None, :] == label[:, None]) & col_ok[None, :]
@@ -154,22 +172,21 @@ if triton is not None:
         out = split.to(tl.int64) * N + offs_n
         tl.store(max_ptr + out, m, mask=row_ok)
         tl.store(sum_ptr + out, s, mask=row_ok)
+        tl.store(tsum_ptr + out, t, mask=row_ok)
         tl.store(label_logit_ptr + out, z_label, mask=row_ok)
-        if HAS_ENTROPY:
-            tl.store(tsum_ptr + out, t, mask=row_ok)
 
+    # Per vocabulary chunk: reads hidden [N, H] once per column block and the chunk's weight rows once per
+    # row block; writes G [N, chunk] in the input dtype (and row-block partial sums of G for d_bias).
     @triton.jit
     def _linear_logprobs_bwd_kernel(
         grad_logits_ptr, grad_bias_ptr,
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
         lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
-        stride_gn, stride_gbn,
-        stride_hn, stride_hk,
-        stride_wv, stride_wk,
-        N, H, chunk_width, label_offset, inv_temperature, ignore_index,
+        stride_gn, stride_gbn, stride_hn, stride_hk, stride_wv, stride_wk,
+        N, H, chunk_width, label_offset, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
-        DOT_MODE: tl.constexpr,
+        DOT_MODE: tl.constexpr, ACC: tl.constexpr,
     ):
         # Grouped order (as in a tiled matrix product): GROUP_N row blocks sweep the chunk's vocabulary
         # tiles together, so both operands of the programs in flight stay in L2.
@@ -186,42 +203,47 @@ if triton is not None:
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # within the chunk
         row_ok = offs_n < N
         col_ok = offs_v < chunk_width
+        inv_temperature = scalar_arg(inv_t_hi, inv_t_mid, inv_t_lo, ACC)
         z = _logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_ok, col_ok,
             stride_hn, stride_hk, stride_wv, stride_wk, H, inv_temperature,
-            BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_MODE,
+            BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_MODE, ACC,
         )
         label = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index).to(tl.int64)
         ignored = label == ignore_index
-        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-        g = tl.load(grad_logprobs_ptr + offs_n, mask=row_ok, other=0.0)
+        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
+        g = tl.load(grad_logprobs_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
         logp = z - lse[:, None]
         p = tl.exp(logp)
         grad = tl.where(offs_v[None, :] == (label - label_offset)[:, None], g[:, None], 0.0) - g[:, None] * p
         if HAS_GRAD_ENTROPY:
-            eta = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0)
-            entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0)
+            eta = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
+            entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
             grad -= eta[:, None] * tl.where(z == float("-inf"), 0.0, p * (logp + entropy[:, None]))
         grad = tl.where(ignored[:, None], 0.0, grad * inv_temperature)
 
         g_ptrs = grad_logits_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_v[None, :]
-        tl.store(g_ptrs, grad.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        grad_out = _to_buffer_dtype(grad, grad_logits_ptr.dtype.element_ty, DOT_MODE)
+        tl.store(g_ptrs, grad_out, mask=row_ok[:, None] & col_ok[None, :])
         if WRITE_GRAD_BIAS:
-            # One fp32 partial per (row block, column): summed afterwards in a fixed order (deterministic).
+            # One partial per (row block, column), in ACC: summed afterwards in a fixed order (deterministic).
             gb_ptrs = grad_bias_ptr + pid_n.to(tl.int64) * stride_gbn + offs_v
             tl.store(gb_ptrs, tl.sum(grad, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launch configuration: the one place where tile sizes and the backward's split are chosen.
+# Launch configuration: the one place where tile sizes, the forward's splits and the backward's chunk
+# are chosen.
 # ---------------------------------------------------------------------------------------------------
 # Backward: bytes of the [N, chunk] gradient buffer (input dtype).  512 MiB holds 16384 columns for
 # N = 16384 bf16 tokens: ~10 passes over V = 151936, each a pair of large tensor-core products.
 _BWD_BUFFER_BYTES = 512 << 20
-# PyTorch path: bytes per fp32 temporary (weight chunk, hidden chunk, logits chunk).
-_TORCH_CHUNK_BYTES = 8 << 20
 # Forward programs wanted per SM: enough waves that the last one's imbalance stays small.
 _PROGRAMS_PER_SM = 4
+# At least this many forward splits on a GPU, so that programs in flight share few row blocks.
+_MIN_SPLITS = 8
+# Forward splits in Triton's interpreter: a few, so that the tests exercise the merge.
+_INTERPRETER_SPLITS = 4
 
 
 @dataclass(frozen=True)
@@ -231,19 +253,21 @@ class LinearLogprobsConfig:
     block_n, block_v, block_k: a logits tile is [block_n tokens, block_v vocabulary entries], computed by
         tl.dot over the hidden dimension in steps of block_k.  128 x 128 x 64 in bf16/fp16 is the usual
         Hopper/Ampere tensor-core tile (32 KiB of operands per pipeline stage, a 64 KiB fp32 accumulator
-        over 8 warps); fp32 halves block_k to keep the shared memory per stage the same.  Small problems
-        shrink each block to the next power of two >= the size (at least 16, tl.dot's minimum).
-    vocab_splits: forward programs per row block, each owning a contiguous range of vocabulary tiles; their
-        (max, sum, entropy) accumulators are merged afterwards.  Chosen so that rows x splits fills the
-        GPU _PROGRAMS_PER_SM times over (at least 8 splits when V allows, so programs in flight share few
-        row blocks and walk the weight in step).
-    bwd_chunk_v: the backward's split between recomputation and buffering.  The logits are recomputed
-        once, tile by tile, and the gradient G is kept for bwd_chunk_v columns at a time in a [N,
-        bwd_chunk_v] buffer (input dtype, at most _BWD_BUFFER_BYTES), from which d_hidden and d_weight are
-        two large tensor-core products (cuBLAS).  Recomputing instead inside one fused kernel would need
-        fp32 atomics into d_weight [V, H] (non-deterministic, 2.5 GB at V = 151936, H = 4096) or a second
+        over 8 warps); wider dtypes shrink block_k (fp32 32, fp64 16) to keep the bytes per stage, and
+        fp64 also caps the tile at 64 x 64.  Small problems shrink each block to the next power of two
+        >= the size (at least 16, tl.dot's minimum).
+    vocab_splits, tiles_per_split: forward programs per row block, each owning a contiguous range of
+        tiles_per_split vocabulary tiles; their (max, sum, entropy) accumulators are merged afterwards.
+        Chosen so that rows x splits fills the GPU _PROGRAMS_PER_SM times over (at least _MIN_SPLITS
+        when V allows, so programs in flight share few row blocks and walk the weight in step).
+    bwd_chunk_v: the backward recomputes the logits once and keeps G for bwd_chunk_v columns at a time in
+        a [N, bwd_chunk_v] buffer (input dtype, at most _BWD_BUFFER_BYTES), from which d_hidden and
+        d_weight are two large tensor-core products (cuBLAS).  One fused kernel instead would need fp32
+        atomics into d_weight [V, H] (non-deterministic, 2.5 GB at V = 151936, H = 4096) or a second
         recomputation.
     group_n: row blocks per group in the backward kernel's grouped program order (L2 reuse).
+    dot_mode: how the kernels call tl.dot (see _dot): 0 native, 1 full-precision fp32/fp64, 2 bf16
+        widened to fp32 (the interpreter).
     """
 
     block_n: int
@@ -255,335 +279,120 @@ class LinearLogprobsConfig:
     tiles_per_split: int
     bwd_chunk_v: int
     group_n: int
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _block(size: int, cap: int) -> int:
-    """The power of two >= size, clamped to [16, cap].  Comparisons only: under torch.compile with dynamic
-    shapes a symbolic size then costs a few range guards, not a specialisation (a recompile per size)."""
-    block = 16
-    while block < cap and block < size:
-        block *= 2
-    return block
+    dot_mode: int
 
 
 def _launch_config(
     n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
 ) -> LinearLogprobsConfig:
-    wide = dtype == torch.float32
-    block_n = _block(n_rows, 128)
-    block_v = _block(vocab_size, 128)
-    block_k = _block(hidden_size, 32 if wide else 64)
-    vocab_tiles = triton.cdiv(vocab_size, block_v)
-    row_blocks = triton.cdiv(max(n_rows, 1), block_n)
+    element = dtype.itemsize
+    # fp32 products in full precision unless the user allowed TF32 for torch's matmuls (see _dot).
+    full_precision = dtype == torch.float64 or (
+        dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    )
+    dot_mode = 2 if dtype == torch.bfloat16 and _dispatch.triton_interpreted() else int(full_precision)
+    tile = 128 if element <= 4 else 64
+    block_n = pow2_between(n_rows, 16, tile)
+    block_v = pow2_between(vocab_size, 16, tile)
+    block_k = pow2_between(hidden_size, 16, 128 // element)
+    vocab_tiles = cdiv(vocab_size, block_v)
+    row_blocks = cdiv(max(n_rows, 1), block_n)
     if device.type == "cuda":
-        programs = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
-        splits = max(8, triton.cdiv(programs, row_blocks))
-    else:  # the interpreter: a few splits, so that tests exercise the merge
-        splits = 4
-    tiles_per_split = triton.cdiv(vocab_tiles, min(splits, vocab_tiles))
-    splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split owns at least one tile
-    element = torch.finfo(dtype).bits // 8
-    chunk = block_v  # a power-of-two multiple of block_v (comparisons only, as in _block)
+        splits = max(_MIN_SPLITS, cdiv(_PROGRAMS_PER_SM * sm_count(device), row_blocks))
+    else:
+        splits = _INTERPRETER_SPLITS
+    tiles_per_split = cdiv(vocab_tiles, min(splits, vocab_tiles))
+    splits = cdiv(vocab_tiles, tiles_per_split)  # every split owns at least one tile
+    chunk = block_v  # a power-of-two multiple of block_v (comparisons only, as in pow2_between)
     while chunk < vocab_size and n_rows * 2 * chunk * element <= _BWD_BUFFER_BYTES:
         chunk *= 2
     return LinearLogprobsConfig(
         block_n=block_n, block_v=block_v, block_k=block_k,
-        num_warps=8 if block_n * block_v >= 128 * 64 else 4, num_stages=2 if wide else 3,
+        num_warps=8 if block_n * block_v >= 128 * 64 else 4, num_stages=3 if element == 2 else 2,
         vocab_splits=splits, tiles_per_split=tiles_per_split, bwd_chunk_v=chunk, group_n=8,
+        dot_mode=dot_mode,
     )
 
 
-def _dot_mode(dtype: torch.dtype) -> int:
-    """See _dot: fp32 products in full precision unless the user allowed TF32 for torch's matmuls."""
-    if dtype == torch.bfloat16 and _dispatch.triton_interpreted():
-        return 2
-    return 1 if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else 0
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 is accepted by the internal ops (for gradcheck) and computed in float64; all else in fp32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------------
-# Accumulator algebra shared by the split merge, the tensor-parallel merge and both paths.
+# Launchers: each writes into outputs the caller allocated; a thin allocating wrapper sits on top.
 # ---------------------------------------------------------------------------------------------------
-def _rebase(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, m_all: torch.Tensor):
-    """(s, t) of a vocabulary range with max m, re-expressed relative to the overall max m_all."""
-    m_ref = torch.where(m_all == float("-inf"), 0.0, m_all)
-    shift = torch.where(s > 0, m - m_ref, 0.0)  # an empty range (s = 0) contributes nothing
-    alpha = shift.exp()
-    return s * alpha, alpha * (t + s * shift)
-
-
-def _finalize(
-    m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, z_label: torch.Tensor, labels: torch.Tensor,
-    vocab_total: int, ignore_index: int, with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprobs, entropy or [0], lse) from the merged row accumulators."""
-    ignored = labels == ignore_index
-    in_range = (labels >= 0) & (labels < vocab_total)
-    m_ref = torch.where(m == float("-inf"), 0.0, m)
-    log_s = s.log()
-    lse = m_ref + log_s
-    logprobs = torch.where(ignored, 0.0, torch.where(in_range, z_label - lse, float("nan")))
-    if with_entropy:
-        entropy = torch.where(ignored, 0.0, log_s - t / s)
-    else:
-        entropy = lse.new_empty(0)
-    return logprobs, entropy, lse
-
-
-def _label_gradient(
-    grad_logprobs: torch.Tensor, labels: torch.Tensor, vocab_total: int, ignore_index: int
-) -> torch.Tensor:
-    """An out-of-range label produced a NaN log-prob; its gradient is NaN too, never a number."""
-    valid = ((labels >= 0) & (labels < vocab_total)) | (labels == ignore_index)
-    return torch.where(valid, grad_logprobs, float("nan")).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------------
-# PyTorch path (CPU and any device without a kernel): the same math, chunked over the vocabulary
-# (outer) and tokens (inner) so that no fp32 temporary exceeds _TORCH_CHUNK_BYTES.
-# ---------------------------------------------------------------------------------------------------
-def _torch_chunks(n_rows: int, vocab_size: int, hidden_size: int) -> tuple[int, int]:
-    """(rows, vocabulary entries) per chunk."""
-    elements = _TORCH_CHUNK_BYTES // 4
-    vocab_chunk = max(1, min(vocab_size, elements // max(hidden_size, 1)))
-    rows = max(1, min(n_rows, elements // vocab_chunk, elements // max(hidden_size, 1)))
-    return rows, vocab_chunk
-
-
-def _logits_chunk(hidden_rows, weight_rows, bias_rows, inv_temperature, acc_dtype):
-    """(h Wᵀ + b) / τ for a chunk, in one pass over the output."""
-    h = hidden_rows.to(acc_dtype)
-    if bias_rows is not None:
-        return torch.addmm(bias_rows, h, weight_rows.T, beta=inv_temperature, alpha=inv_temperature)
-    z = h @ weight_rows.T
-    return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
-
-
-@torch.library.custom_op("rlhf_kernels::linear_logprobs_stats_torch", mutates_args=())
-def _linear_logprobs_stats_torch(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    inv_temperature: float,
-    vocab_start: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    m = torch.full((n_rows,), float("-inf"), dtype=acc, device=hidden.device)
-    s = torch.zeros_like(m)
-    t = torch.zeros_like(m)
-    z_label = torch.zeros_like(m)
-    rows_per_chunk, vocab_per_chunk = _torch_chunks(n_rows, vocab_size, hidden.shape[1])
-    local = labels.long() - vocab_start
-    for v0 in range(0, vocab_size, vocab_per_chunk):
-        width = min(vocab_per_chunk, vocab_size - v0)
-        w = weight[v0 : v0 + width].to(acc)  # an alias for fp32 weights: only read
-        b = None if bias is None else bias[v0 : v0 + width].to(acc)
-        for r0 in range(0, n_rows, rows_per_chunk):
-            r = slice(r0, r0 + rows_per_chunk)
-            z = _logits_chunk(hidden[r], w, b, inv_temperature, acc)
-            col = local[r] - v0
-            hit = (col >= 0) & (col < width)
-            z_hit = z.gather(1, col.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
-            z_label[r] += torch.where(hit, z_hit, 0.0)
-            if not with_entropy:
-                # One fused pass: the chunk is (max, sum) = (lse_c, 1), or (−inf, 0) when it is all −inf.
-                lse_c = torch.logsumexp(z, dim=1)
-                m_new = torch.maximum(m[r], lse_c)
-                s_old, _ = _rebase(m[r], s[r], t[r], m_new)
-                s_chunk, _ = _rebase(lse_c, (lse_c != float("-inf")).to(acc), t[r], m_new)
-                s[r] = s_old + s_chunk
-                m[r] = m_new
-                del z
-                continue
-            m_new = torch.maximum(m[r], z.amax(dim=1))
-            m_ref = torch.where(m_new == float("-inf"), 0.0, m_new)
-            s_old, t_old = _rebase(m[r], s[r], t[r], m_new)
-            z.sub_(m_ref.unsqueeze(1))  # z − m, in place: one chunk alive besides e
-            e = z.exp()
-            s[r] = s_old + e.sum(dim=1)
-            # -inf entries have e = 0: clamped to the lowest finite value they give e·(z − m) = 0, not NaN,
-            # with no extra temporary; NaN stays NaN.
-            t[r] = t_old + e.mul_(z.clamp_(min=torch.finfo(acc).min)).sum(dim=1)
-            m[r] = m_new
-            del z, e  # before the next chunk's are allocated
-    return m, s, t, z_label
-
-
-@_linear_logprobs_stats_torch.register_fake
-def _(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy):
-    out = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
-
-
-@torch.library.custom_op("rlhf_kernels::linear_logprobs_bwd_torch", mutates_args=())
-def _linear_logprobs_bwd_torch(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    vocab_start: int,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n_rows, hidden_size = hidden.shape
-    vocab_size = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    need_bias = need_bias and bias is not None
-    d_hidden = hidden.new_zeros((n_rows, hidden_size) if need_hidden else (0,), dtype=acc)
-    d_weight = weight.new_empty(weight.shape if need_weight else (0,))
-    d_bias = weight.new_empty(vocab_size if need_bias else 0)
-    rows_per_chunk, vocab_per_chunk = _torch_chunks(n_rows, vocab_size, hidden_size)
-    ignored = labels == ignore_index
-    local = labels.long() - vocab_start
-    has_entropy = grad_entropy.numel() > 0
-    # G is linear in g and η: folding 1/τ into them saves a pass over every chunk.
-    grad_logprobs = grad_logprobs.to(acc) * inv_temperature
-    grad_entropy = grad_entropy.to(acc) * inv_temperature
-    for v0 in range(0, vocab_size, vocab_per_chunk):
-        width = min(vocab_per_chunk, vocab_size - v0)
-        w = weight[v0 : v0 + width].to(acc)
-        b = None if bias is None else bias[v0 : v0 + width].to(acc)
-        d_w = None
-        if need_weight:  # accumulate in place when the weight's dtype is the accumulation dtype
-            d_w = d_weight[v0 : v0 + width].zero_() if weight.dtype == acc else w.new_zeros(w.shape)
-        d_b = w.new_zeros(width) if need_bias else None
-        for r0 in range(0, n_rows, rows_per_chunk):
-            r = slice(r0, r0 + rows_per_chunk)
-            h = hidden[r].to(acc)
-            logp = _logits_chunk(h, w, b, inv_temperature, acc).sub_(lse[r].unsqueeze(1))
-            grad = logp.exp()  # p, turned into the gradient in place: two chunks alive at most
-            g = grad_logprobs[r].unsqueeze(1)
-            if has_entropy:
-                # −η·p·(log p + H), with log p = -inf clamped so that masked entries give 0, not NaN
-                logp.clamp_(min=torch.finfo(acc).min).add_(entropy[r].unsqueeze(1)).mul_(grad)
-                grad.mul_(-g).sub_(logp.mul_(grad_entropy[r].unsqueeze(1)))
-            else:
-                grad.mul_(-g)
-            col = local[r] - v0
-            hit = ((col >= 0) & (col < width)).unsqueeze(1)
-            grad.scatter_add_(1, col.clamp(0, width - 1).unsqueeze(1), torch.where(hit, g, 0.0))
-            grad.masked_fill_(ignored[r].unsqueeze(1), 0.0)
-            if need_hidden:
-                d_hidden[r].addmm_(grad, w)
-            if need_weight:
-                d_w.addmm_(grad.T, h)
-            if need_bias:
-                d_b += grad.sum(dim=0)
-            del logp, grad  # before the next chunk's are allocated
-        if need_weight and d_w.data_ptr() != d_weight[v0 : v0 + width].data_ptr():
-            d_weight[v0 : v0 + width] = d_w
-        if need_bias:
-            d_bias[v0 : v0 + width] = d_b
-    return d_hidden, d_weight, d_bias
-
-
-@_linear_logprobs_bwd_torch.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, inv_temperature,
-      ignore_index, vocab_start, need_hidden, need_weight, need_bias):
-    return _empty_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
-
-
-def _empty_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
-    acc = _acc_dtype(hidden.dtype)
-    d_hidden = hidden.new_empty(tuple(hidden.shape) if need_hidden else (0,), dtype=acc)
-    d_weight = weight.new_empty(tuple(weight.shape) if need_weight else (0,))
-    d_bias = weight.new_empty(weight.shape[0] if (need_bias and bias is not None) else 0)
-    return d_hidden, d_weight, d_bias
-
-
-# ---------------------------------------------------------------------------------------------------
-# Triton launchers.
-# ---------------------------------------------------------------------------------------------------
-def _launch_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    inv_temperature: float,
-    vocab_start: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_stats_out(
+    partials: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    inv_temperature: float, vocab_start: int, with_entropy: bool,
+) -> None:
+    """Writes the per-split row accumulators (m, s, t, z_label) into ``partials`` [4, vocab_splits, N]
+    (compute dtype; t is 0 without ``with_entropy``)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device)
-    partial = [
-        torch.empty(cfg.vocab_splits, n_rows, dtype=torch.float32, device=hidden.device) for _ in range(4)
-    ]
-    m, s, t, z_label = partial
-    if n_rows > 0:
-        grid = (triton.cdiv(n_rows, cfg.block_n) * cfg.vocab_splits,)
-        wrap_triton(_linear_logprobs_fwd_kernel)[grid](
-            hidden, weight, weight if bias is None else bias, labels,
-            m, s, t, z_label,
-            hidden.stride(0), hidden.stride(1),
-            weight.stride(0), weight.stride(1),
-            n_rows, vocab_size, hidden_size, vocab_start, inv_temperature,
-            cfg.tiles_per_split, cfg.vocab_splits,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            HAS_BIAS=bias is not None, HAS_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if not with_entropy:
-        t = torch.zeros_like(s)  # unwritten by the kernel
+    assert partials.shape == (4, cfg.vocab_splits, n_rows) and partials.is_contiguous()
+    assert partials.dtype == compute_dtype(hidden)
+    if n_rows == 0:
+        return
+    m, s, t, z_label = partials.unbind(0)
+    grid = (cdiv(n_rows, cfg.block_n) * cfg.vocab_splits,)
+    wrap_triton(_linear_logprobs_fwd_kernel)[grid](
+        hidden, weight, weight if bias is None else bias, labels, m, s, t, z_label,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        n_rows, vocab_size, hidden_size, vocab_start, *scalar_parts(inv_temperature, partials.dtype),
+        cfg.tiles_per_split, cfg.vocab_splits,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, HAS_ENTROPY=with_entropy, DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _launch_stats(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
+    vocab_start: int, with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Allocating wrapper: the merged row accumulators (m, s, t, z_label) [N]."""
+    cfg = _launch_config(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, hidden.device)
+    partials = hidden.new_empty((4, cfg.vocab_splits, hidden.shape[0]), dtype=compute_dtype(hidden))
+    _launch_stats_out(partials, hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
+    m, s, t, z_label = partials.unbind(0)
     m_all = m.amax(dim=0)
-    s, t = _rebase(m, s, t, m_all)
+    s, t = cpu.rebase(m, s, t, m_all)
     return m_all, s.sum(dim=0), t.sum(dim=0), z_label.sum(dim=0)
 
 
-def _launch_bwd(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    vocab_start: int,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with the product's sums added in acc's dtype, never rounded to a's (issue 15)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # cuBLAS: 16-bit operands, fp32 result
+    else:  # the interpreter on CPU, which has no mixed-dtype product
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _launch_bwd_out(
+    d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+    labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
+) -> None:
+    """Writes d_hidden [N, H] (compute dtype), d_weight [V, H] and d_bias [V], each as allocated by
+    :func:`cpu.empty_grads`: a [0] output is not wanted.  grad_entropy is [0] when H has no gradient."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device)
-    write_bias = need_bias and bias is not None
-    d_hidden, d_weight, d_bias = _empty_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    need_hidden, need_weight = d_hidden.dim() == 2, d_weight.dim() == 2
+    write_bias = bias is not None and d_bias.numel() == vocab_size
     if need_hidden:
-        d_hidden.zero_()
-    row_blocks = triton.cdiv(n_rows, cfg.block_n)
-    bias_partial = torch.zeros(row_blocks if write_bias else 0, vocab_size, dtype=torch.float32,
-                               device=hidden.device)
+        d_hidden.zero_()  # chunks are summed into it
     if n_rows == 0 or not (need_hidden or need_weight or write_bias):
         d_weight.zero_()
         d_bias.zero_()
-        return d_hidden, d_weight, d_bias
+        return
+    cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device)
+    row_blocks = cdiv(n_rows, cfg.block_n)
+    acc = compute_dtype(hidden)
+    bias_partial = hidden.new_empty((row_blocks if write_bias else 0, vocab_size), dtype=acc)
     has_grad_entropy = grad_entropy.numel() > 0
-    buffer = torch.empty(n_rows, min(cfg.bwd_chunk_v, vocab_size), dtype=hidden.dtype, device=hidden.device)
+    buffer = hidden.new_empty((n_rows, min(cfg.bwd_chunk_v, vocab_size)))
     for begin in range(0, vocab_size, cfg.bwd_chunk_v):
         width = min(cfg.bwd_chunk_v, vocab_size - begin)
-        grid = (row_blocks * triton.cdiv(width, cfg.block_v),)
+        grid = (row_blocks * cdiv(width, cfg.block_v),)
         # The kernel sees the chunk's rows of weight and bias (views: no copy, 64-bit base addresses).
         weight_rows = weight[begin : begin + width]
         wrap_triton(_linear_logprobs_bwd_kernel)[grid](
@@ -591,99 +400,93 @@ def _launch_bwd(
             hidden, weight_rows, weight_rows if bias is None else bias[begin : begin + width], labels,
             lse, entropy if has_grad_entropy else lse,
             grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs,
-            buffer.stride(0), bias_partial.stride(0),
-            hidden.stride(0), hidden.stride(1),
+            buffer.stride(0), bias_partial.stride(0), hidden.stride(0), hidden.stride(1),
             weight.stride(0), weight.stride(1),
-            n_rows, hidden_size, width, vocab_start + begin, inv_temperature, ignore_index,
+            n_rows, hidden_size, width, vocab_start + begin, *scalar_parts(inv_temperature, acc),
+            ignore_index,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
             HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_GRAD_BIAS=write_bias,
-            DOT_MODE=_dot_mode(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         grad_chunk = buffer[:, :width]
         if need_weight:
             torch.mm(grad_chunk.T, hidden, out=d_weight[begin : begin + width])
         if need_hidden:
-            d_hidden.add_(torch.mm(grad_chunk, weight_rows))
+            _add_product(d_hidden, grad_chunk, weight_rows)
     if write_bias:
-        d_bias = bias_partial.sum(dim=0).to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+        d_bias.copy_(bias_partial.sum(dim=0))
+
+
+def _launch_bwd(
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+    labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Allocating wrapper, with the arguments of ``rlhf_kernels::linear_logprobs_bwd_torch``."""
+    grads = cpu.empty_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    _launch_bwd_out(*grads, grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                    inv_temperature, ignore_index, vocab_start)
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------------
-# Registration: the ops autograd and torch.compile see.  Each routes by backend; under torch.compile
-# the Triton route is traced into the graph and the PyTorch route stays one opaque op.
+# Routing ops (what autograd and torch.compile see) and autograd.
 # ---------------------------------------------------------------------------------------------------
-@triton_op("rlhf_kernels::linear_logprobs_stats", mutates_args=())
+@kernel_op("linear_logprobs_stats")
 def linear_logprobs_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    inv_temperature: float,
-    vocab_start: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
+    vocab_start: int, with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row accumulators (m, s, t, z_label) [N] over this weight's vocabulary rows; labels are global ids,
     this weight's row j is vocabulary entry vocab_start + j (z_label is 0 where the label is elsewhere)."""
-    args = (hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
-    if _dispatch.backend_for(FAMILY, hidden.device) == "triton":
-        return _launch_stats(*args)
-    return _dispatch.torch_path(_linear_logprobs_stats_torch)(*args)
+    return _dispatch.route(
+        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
+    )(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
 
 
-@triton_op("rlhf_kernels::linear_logprobs_fwd", mutates_args=())
+@kernel_op("linear_logprobs_fwd")
 def linear_logprobs_fwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
+    ignore_index: int, with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(logprobs [N], entropy [N] or [0], lse [N]) for hidden [N, H], weight [V, H], labels [N]."""
-    args = (hidden, weight, bias, labels, inv_temperature, 0, with_entropy)
-    if _dispatch.backend_for(FAMILY, hidden.device) == "triton":
-        m, s, t, z_label = _launch_stats(*args)
-    else:
-        m, s, t, z_label = _dispatch.torch_path(_linear_logprobs_stats_torch)(*args)
-    return _finalize(m, s, t, z_label, labels, weight.shape[0], ignore_index, with_entropy)
+    m, s, t, z_label = _dispatch.route(
+        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
+    )(hidden, weight, bias, labels, inv_temperature, 0, with_entropy)
+    return cpu.finalize(m, s, t, z_label, labels, weight.shape[0], ignore_index, with_entropy)
 
 
-@triton_op("rlhf_kernels::linear_logprobs_bwd", mutates_args=())
+@kernel_op("linear_logprobs_bwd")
 def linear_logprobs_bwd(
-    grad_logprobs: torch.Tensor,
-    grad_entropy: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    vocab_start: int,
-    vocab_total: int,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_hidden [N, H] fp32, d_weight [V, H], d_bias [V]); each is empty when not needed.  grad_entropy is
-    empty when the entropy has no gradient; lse and entropy are the global (all-rank) row values."""
-    grad_logprobs = _label_gradient(grad_logprobs, labels, vocab_total, ignore_index)
-    args = (
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+    labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
+    vocab_total: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_hidden [N, H] in the compute dtype, d_weight [V, H], d_bias [V]); each is [0] when not needed.
+    grad_entropy is [0] when the entropy has no gradient; lse and entropy are the global (all-rank) row
+    values.  An out-of-range label produced a NaN log-prob: its gradient is NaN too, never a number."""
+    valid = ((labels >= 0) & (labels < vocab_total)) | (labels == ignore_index)
+    grad_logprobs = torch.where(valid, grad_logprobs, float("nan")).contiguous()
+    return _dispatch.route(FAMILY, hidden.device, triton=_launch_bwd, torch=cpu.linear_logprobs_bwd_torch)(
         grad_logprobs, grad_entropy.contiguous(), hidden, weight, bias, labels, lse, entropy,
         inv_temperature, ignore_index, vocab_start, need_hidden, need_weight, need_bias,
     )
-    if _dispatch.backend_for(FAMILY, hidden.device) == "triton":
-        return _launch_bwd(*args)
-    return _dispatch.torch_path(_linear_logprobs_bwd_torch)(*args)
 
 
-def _backward_grads(ctx, grad_logprobs, grad_entropy):
-    """(d_hidden fp32 or None, d_weight or None, d_bias or None) for both autograd wirings."""
+def save_for_backward(ctx, hidden, weight, bias, labels, lse, entropy, inv_temperature: float,
+                      ignore_index: int, vocab_start: int, vocab_total: int) -> None:
+    """What :func:`backward_grads` reads, for both autograd wirings (this one and parallel.py's)."""
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+    ctx.vocab_start, ctx.vocab_total = vocab_start, vocab_total
+    ctx.set_materialize_grads(False)
+
+
+def backward_grads(ctx, grad_logprobs, grad_entropy):
+    """(d_hidden in the compute dtype or None, d_weight or None, d_bias or None)."""
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and bias is not None
     if (grad_logprobs is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
         return None, None, None
     if grad_logprobs is None:
@@ -693,79 +496,31 @@ def _backward_grads(ctx, grad_logprobs, grad_entropy):
     d_hidden, d_weight, d_bias = linear_logprobs_bwd(
         grad_logprobs.contiguous(), grad_entropy, hidden, weight, bias, labels, lse, entropy,
         ctx.inv_temperature, ctx.ignore_index, ctx.vocab_start, ctx.vocab_total,
-        need_hidden, need_weight, need_bias and bias is not None,
+        need_hidden, need_weight, need_bias,
     )
-    return (
-        d_hidden if need_hidden else None,
-        d_weight if need_weight else None,
-        d_bias if need_bias and bias is not None else None,
-    )
+    return (d_hidden if need_hidden else None, d_weight if need_weight else None,
+            d_bias if need_bias else None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy = inputs
+    hidden, weight, bias, labels, inv_temperature, ignore_index, _ = inputs
     _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.inv_temperature = inv_temperature
-    ctx.ignore_index = ignore_index
-    ctx.vocab_start = 0
-    ctx.vocab_total = weight.shape[0]
-    ctx.set_materialize_grads(False)
+    save_for_backward(ctx, hidden, weight, bias, labels, lse, entropy, inv_temperature, ignore_index,
+                      0, weight.shape[0])
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
-    d_hidden, d_weight, d_bias = _backward_grads(ctx, grad_logprobs, grad_entropy)
+    d_hidden, d_weight, d_bias = backward_grads(ctx, grad_logprobs, grad_entropy)
     if d_hidden is not None:
-        d_hidden = d_hidden.to(ctx.saved_tensors[0].dtype)
+        d_hidden = d_hidden.to(ctx.saved_tensors[0].dtype)  # the one rounding of d_hidden
     return d_hidden, d_weight, d_bias, None, None, None, None
 
 
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _VocabParallelLinearLogprobs(torch.autograd.Function):
-    """The weight's rows are this rank's contiguous slice of the vocabulary.  Forward merges the row
-    accumulators across ranks (all_reduce MAX of the max, SUM of the rebased sums and the label logit);
-    backward sums d_hidden across ranks, as the hidden states feed every rank's slice."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy,
-                vocab_start, vocab_total, group):
-        import torch.distributed as dist
-
-        m, s, t, z_label = linear_logprobs_stats(
-            hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy
-        )
-        m_all = m.clone()
-        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
-        s, t = _rebase(m, s, t, m_all)
-        sums = torch.stack((s, t, z_label))
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        logprobs, entropy, lse = _finalize(
-            m_all, sums[0], sums[1], sums[2], labels, vocab_total, ignore_index, with_entropy
-        )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
-        ctx.vocab_start, ctx.vocab_total, ctx.group = vocab_start, vocab_total, group
-        ctx.set_materialize_grads(False)
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        import torch.distributed as dist
-
-        d_hidden, d_weight, d_bias = _backward_grads(ctx, grad_logprobs, grad_entropy)
-        if ctx.needs_input_grad[0]:
-            if d_hidden is None:  # no upstream gradient here, but the other ranks still reduce
-                d_hidden = torch.zeros(ctx.saved_tensors[0].shape, dtype=torch.float32,
-                                       device=ctx.saved_tensors[0].device)
-            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
-            d_hidden = d_hidden.to(ctx.saved_tensors[0].dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
-
-
 # ---------------------------------------------------------------------------------------------------
-# Public function and module.
+# Public function.
 # ---------------------------------------------------------------------------------------------------
 def _check_same_dtype(name: str, tensor: torch.Tensor, hidden: torch.Tensor) -> None:
     if tensor.dtype != hidden.dtype:
@@ -776,18 +531,14 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, return_ent
     check_float_tensor("hidden", hidden)
     check_float_tensor("weight", weight)
     if weight.dim() != 2:
-        raise ValueError(
-            "weight must be 2-D [V, H] (an nn.Linear lm_head weight as stored); "
-            f"got shape {tuple(weight.shape)}"
-        )
+        raise ValueError("weight must be 2-D [V, H] (an nn.Linear lm_head weight as stored); "
+                         f"got shape {tuple(weight.shape)}")
     vocab_size, hidden_size = weight.shape
     if vocab_size == 0 or hidden_size == 0:
         raise ValueError(f"weight must be non-empty [V, H] with V, H >= 1; got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != hidden_size:
-        raise ValueError(
-            f"hidden must have shape [..., H] with H = weight.shape[1] = {hidden_size}; "
-            f"got {tuple(hidden.shape)}"
-        )
+        raise ValueError(f"hidden must have shape [..., H] with H = weight.shape[1] = {hidden_size}; "
+                         f"got {tuple(hidden.shape)}")
     _check_same_dtype("weight", weight, hidden)
     check_index_tensor("labels", labels)
     check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
@@ -800,22 +551,13 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, return_ent
     ignore_index = check_int("ignore_index", ignore_index)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool; got {type(return_entropy).__name__}")
-    vocab_start, vocab_total = 0, vocab_size
+    vocab_total = vocab_size
     if process_group is not None:
-        import torch.distributed as dist
+        from ..parallel import vocab_range  # parallel.py imports this module
 
-        if not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup or None; "
-                f"got {type(process_group).__name__}"
-            )
-        vocab_start = dist.get_rank(process_group) * vocab_size
-        vocab_total = dist.get_world_size(process_group) * vocab_size
-    _check_label_range(labels, vocab_total, ignore_index)
-    return (
-        hidden.reshape(-1, hidden_size), labels.reshape(-1).contiguous(), 1.0 / temperature, ignore_index,
-        vocab_start, vocab_total,
-    )
+        _, vocab_total = vocab_range(process_group, vocab_size)
+    check_label_range(labels, vocab_total, ignore_index, "weight.shape[0] over all ranks")
+    return hidden.reshape(-1, hidden_size), labels.reshape(-1).contiguous(), 1.0 / temperature, ignore_index
 
 
 def linear_logprobs(
@@ -852,14 +594,16 @@ def linear_logprobs(
 
     Returns:
         ``logprobs`` [...] float32, or ``(logprobs, entropy)``.  Differentiable with respect to ``hidden``,
-        ``weight`` and ``bias`` (gradients in their dtypes, accumulated in fp32).
+        ``weight`` and ``bias`` (gradients in their dtypes, accumulated in fp32 and rounded once).
+
+    Example: hidden [2, 5, 4096] bf16, weight [151936, 4096] bf16, labels [2, 5] → logprobs [2, 5] fp32.
 
     Peak extra memory is O(N) in the forward; the backward adds a [N, chunk] gradient buffer of at most
     512 MiB on the Triton path and fp32 chunks of at most 8 MiB on the PyTorch path, never [N, V].
     Labels are range-checked before launch (a device sync on CUDA unless ``RLHF_KERNELS_CHECK_INDICES=0``);
     unchecked out-of-range labels give NaN, never a wild read.
     """
-    hidden2d, flat_labels, inv_temperature, ignore_index, vocab_start, vocab_total = _prepare(
+    hidden2d, flat_labels, inv_temperature, ignore_index = _prepare(
         hidden, weight, labels, bias, temperature, ignore_index, return_entropy, process_group
     )
     if process_group is None:
@@ -867,9 +611,10 @@ def linear_logprobs(
             hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, return_entropy
         )
     else:
-        logprobs, entropy = _VocabParallelLinearLogprobs.apply(
-            hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, return_entropy,
-            vocab_start, vocab_total, process_group,
+        from ..parallel import vocab_parallel_linear_logprobs
+
+        logprobs, entropy = vocab_parallel_linear_logprobs(
+            hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, return_entropy, process_group
         )
     logprobs = logprobs.view(labels.shape)
     if return_entropy:
@@ -877,37 +622,10 @@ def linear_logprobs(
     return logprobs
 
 
-class LinearLogprobs(nn.Module):
-    """Wraps a model's lm_head (``nn.Linear(H, V)``, or any module with a [V, H] ``weight`` and optional
-    ``bias``) so that a patched forward gets log-probs (and entropy) from hidden states directly:
+def __getattr__(name: str):
+    # LinearLogprobs lives in rlhf_kernels.modules (which imports this module): re-exported lazily.
+    if name == "LinearLogprobs":
+        from ..modules import LinearLogprobs
 
-        head = LinearLogprobs(model.lm_head, temperature=0.7)
-        logprobs, entropy = head(hidden_states[:, :-1], input_ids[:, 1:], return_entropy=True)
-
-    The lm_head stays a submodule: its parameters are shared, not copied, and receive the gradients.
-    """
-
-    def __init__(self, lm_head: nn.Module, *, temperature: float = 1.0, ignore_index: int = -100,
-                 process_group=None) -> None:
-        super().__init__()
-        weight = getattr(lm_head, "weight", None)
-        if not isinstance(lm_head, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TypeError(
-                "lm_head must be an nn.Module with a 2-D [V, H] weight (e.g. nn.Linear); "
-                f"got {type(lm_head).__name__}"
-            )
-        self.lm_head = lm_head
-        self.temperature = check_positive("temperature", temperature)
-        self.ignore_index = check_int("ignore_index", ignore_index)
-        self.process_group = process_group
-
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float | None = None,
-                return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return linear_logprobs(
-            hidden, self.lm_head.weight, labels, bias=getattr(self.lm_head, "bias", None),
-            temperature=self.temperature if temperature is None else temperature,
-            ignore_index=self.ignore_index, return_entropy=return_entropy, process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, ignore_index={self.ignore_index}"
+        return LinearLogprobs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
