@@ -7,6 +7,9 @@ overwritten before every timed call, so inputs come from device memory.
 
 On CPU: wall-clock medians over repeats, and peak memory as the rise of the process's peak resident set
 (Linux ``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs``).
+
+Rows are written to CSV and markdown the moment they are measured (:class:`RowWriter`), so a run killed
+at its time limit keeps everything it measured.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -184,6 +187,74 @@ def measure_ceilings(device: torch.device | str) -> Ceilings:
 # ---------------------------------------------------------------------------------------------------
 # The run: collects rows, fills derived columns, writes CSV / markdown.
 # ---------------------------------------------------------------------------------------------------
+CSV_FIELDS = [f.name for f in fields(Row)]
+MD_HEADER = (
+    "| family | case | impl | mode | median ms | p20 | p80 | peak MiB | GB/s | TFLOP/s | of ceiling "
+    "| speedup | note |\n"
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+)
+
+
+def md_row(r: Row) -> str:
+    return (
+        f"| {r.family} | {r.case} | {r.impl} | {r.mode} | {r.median_ms:.3f} | {r.p20_ms:.3f} | "
+        f"{r.p80_ms:.3f} | {_fmt(r.peak_mem_mb, '.1f')} | {_fmt(r.gbps, '.0f')} | "
+        f"{_fmt(r.tflops, '.0f')} | {_fmt(r.frac_of_ceiling, '.0%')} | "
+        f"{_fmt(r.speedup, '.2f', 'x')} | {r.note} |\n"
+    )
+
+
+def md_preamble(tag: str, device: torch.device, ceilings: Ceilings, cold_l2: bool) -> str:
+    text = f"# Benchmark results: {tag}\n\nDevice: {device_name(device)}; torch {torch.__version__}"
+    try:
+        import triton
+
+        text += f", triton {triton.__version__}"
+    except ImportError:
+        pass
+    text += f"; cold L2: {cold_l2}.\n\nMeasured ceilings: copy {ceilings.copy_gbps:.0f} GB/s (read + write)"
+    if ceilings.matmul_tflops:
+        text += f", bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s"
+    return text + ".\n\n"
+
+
+class RowWriter:
+    """Appends each row to ``<tag>.csv`` and ``<tag>.md`` the moment it is measured (files opened, written
+    and closed per row), so a run stopped at any point keeps every row it measured.  With ``append`` an
+    existing pair of files is continued (several processes, e.g. one per family, filling one table)."""
+
+    def __init__(self, out_dir: Path, tag: str, preamble: str, append: bool = False) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path, self.md_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.md"
+        if not (append and self.csv_path.exists() and self.csv_path.stat().st_size > 0):
+            with open(self.csv_path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
+        if not (append and self.md_path.exists() and self.md_path.stat().st_size > 0):
+            self.md_path.write_text(preamble + MD_HEADER)
+
+    def write(self, row: Row) -> None:
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(asdict(row))
+        with open(self.md_path, "a") as f:
+            f.write(md_row(row))
+
+
+def read_rows(csv_path: Path) -> list[Row]:
+    """The rows of a results CSV (e.g. written by several processes), for the chart."""
+    rows = []
+    with open(csv_path, newline="") as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for spec in fields(Row):
+                text = record.get(spec.name, "")
+                if spec.name in ("family", "case", "impl", "mode", "note"):
+                    values[spec.name] = text
+                else:
+                    values[spec.name] = float(text) if text not in ("", "None") else None
+            rows.append(Row(**values))
+    return rows
+
+
 @dataclass
 class Bench:
     device: torch.device
@@ -191,6 +262,8 @@ class Bench:
     cold_l2: bool = False
     quick: bool = False
     rows: list[Row] = field(default_factory=list)
+    writer: RowWriter | None = None  # each row is written as soon as it is measured
+    compile_baselines: bool = True  # False: with_compiled adds no torch.compile peers
 
     def measure(
         self,
@@ -226,44 +299,17 @@ class Bench:
                 if (other.family, other.case, other.impl, other.mode) == (family, case, baseline, mode):
                     row.speedup = other.median_ms / med
         self.rows.append(row)
+        if self.writer is not None:
+            self.writer.write(row)
         print(_format_row(row), flush=True)
         return row
 
     def write(self, out_dir: Path, tag: str) -> tuple[Path, Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        csv_path, md_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.md"
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(self.rows[0]).keys()))
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow(asdict(row))
-        with open(md_path, "w") as f:
-            f.write(f"# Benchmark results: {tag}\n\n")
-            f.write(f"Device: {device_name(self.device)}; torch {torch.__version__}")
-            try:
-                import triton
-
-                f.write(f", triton {triton.__version__}")
-            except ImportError:
-                pass
-            f.write(f"; cold L2: {self.cold_l2}.\n\n")
-            f.write(f"Measured ceilings: copy {self.ceilings.copy_gbps:.0f} GB/s (read + write)")
-            if self.ceilings.matmul_tflops:
-                f.write(f", bf16 matmul {self.ceilings.matmul_tflops:.0f} TFLOP/s")
-            f.write(".\n\n")
-            f.write(
-                "| family | case | impl | mode | median ms | p20 | p80 | peak MiB | GB/s | TFLOP/s "
-                "| of ceiling | speedup | note |\n"
-            )
-            f.write("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
-            for r in self.rows:
-                f.write(
-                    f"| {r.family} | {r.case} | {r.impl} | {r.mode} | {r.median_ms:.3f} | {r.p20_ms:.3f} | "
-                    f"{r.p80_ms:.3f} | {_fmt(r.peak_mem_mb, '.1f')} | {_fmt(r.gbps, '.0f')} | "
-                    f"{_fmt(r.tflops, '.0f')} | {_fmt(r.frac_of_ceiling, '.0%')} | "
-                    f"{_fmt(r.speedup, '.2f', 'x')} | {r.note} |\n"
-                )
-        return csv_path, md_path
+        """Writes every row at once (runs without a :class:`RowWriter`)."""
+        writer = RowWriter(out_dir, tag, md_preamble(tag, self.device, self.ceilings, self.cold_l2))
+        for row in self.rows:
+            writer.write(row)
+        return writer.csv_path, writer.md_path
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -300,3 +346,35 @@ def device_tag(device: torch.device) -> str:
     else:
         name = f"cpu-{os.cpu_count()}core"
     return f"{name}-{time.strftime('%Y-%m-%d')}"
+
+
+# Shared by the loss families' benchmarks.
+def measure_loss_modes(bench: Bench, family: str, case: str, impl: str, fn, x: torch.Tensor,
+                       bytes_per_token: tuple[int, int], baseline: str | None) -> None:
+    """Times ``fn(x)`` (a 0-dim loss) forward only and forward+backward."""
+    x = x.detach().requires_grad_()
+    fwd_bytes, bwd_bytes = (b * x.numel() for b in bytes_per_token)
+
+    def forward():
+        with torch.no_grad():
+            return fn(x)
+
+    def fwd_bwd():
+        x.grad = None
+        fn(x).backward()
+
+    bench.measure(family, case, impl, "fwd", forward, bytes_moved=fwd_bytes, baseline=baseline)
+    bench.measure(family, case, impl, "fwd+bwd", fwd_bwd, bytes_moved=fwd_bytes + bwd_bytes,
+                  baseline=baseline)
+    x.grad = None
+
+
+def with_compiled(bench: Bench, impls: dict) -> dict:
+    """Adds torch.compile of each eager peer (skipped with --quick on CPU, where compiling dominates, and
+    with ``--compile-baselines none``)."""
+    if (bench.device.type == "cpu" and bench.quick) or not bench.compile_baselines:
+        return impls
+    out = dict(impls)
+    for name, fn in impls.items():
+        out[f"torch.compile({name})"] = torch.compile(fn)
+    return out

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close, assert_grad_close
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_close, assert_grad_close
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
-
-from bench.baselines import losses as peers  # noqa: E402
-from rlhf_kernels import _dispatch  # noqa: E402
-from rlhf_kernels.ops.reward_losses import (  # noqa: E402
+from bench.baselines import losses as peers
+from rlhf_kernels import _dispatch
+from rlhf_kernels.ops import reward_losses as ops
+from rlhf_kernels.ops.reward_losses import (
     pairwise_reward_loss,
     pointwise_reward_loss,
     ranking_hinge_loss,
     ranking_reward_loss,
 )
-from rlhf_kernels.reference import losses as ref  # noqa: E402
+from rlhf_kernels.reference import reward_losses as ref
 
 # Inputs are exact in every dtype, so forward errors come from fp32 arithmetic; gradients are rounded to
 # the input dtype.
@@ -111,18 +109,22 @@ def test_pairwise_matches_trl_and_openrlhf(backend, device):
     torch.testing.assert_close(loss, peers.OpenRLHFLogExpLoss()(chosen, rejected))
 
 
-def test_pairwise_float64_scalar_margin_is_exact(backend, device):
-    # Triton passes Python floats as fp32: an fp64 computation must not see a 24-bit margin.
-    chosen = _scores((13,), torch.float64, device)
-    rejected = _scores((13,), torch.float64, device)
-    c = chosen.clone().requires_grad_()
-    loss, _ = pairwise_reward_loss(c, rejected, margin=0.3, center_coef=0.01)
+@pytest.mark.parametrize("margin, center_coef", [(1 / 3, None), (None, 1 / 3), (1 / 3, 1 / 3), (0.7, 0.01)])
+def test_pairwise_float64_scalars_are_exact(backend, device, margin, center_coef):
+    # Scalars not representable in fp32: an fp64 computation must not see a 24-bit copy (a relative
+    # error of ~1e-8 in the loss and gradients).
+    chosen = _scores((1500,), torch.float64, device)  # two kernel blocks
+    rejected = _scores((1500,), torch.float64, device)
+    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    loss, _ = pairwise_reward_loss(c, r, margin=margin, center_coef=center_coef)
     loss.backward()
-    c_ref = chosen.cpu().clone().requires_grad_()
-    want = ref.pairwise_reward_loss(c_ref, rejected.cpu(), margin=0.3, center_coef=0.01)[0]
+    c_ref, r_ref = chosen.cpu().clone().requires_grad_(), rejected.cpu().clone().requires_grad_()
+    want = ref.pairwise_reward_loss(c_ref, r_ref, margin=margin, center_coef=center_coef)[0]
     want.backward()
+    assert loss.dtype == torch.float64
     assert abs(loss.item() - want.item()) <= 1e-12 * abs(want.item())
     torch.testing.assert_close(c.grad.cpu(), c_ref.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(r.grad.cpu(), r_ref.grad, rtol=1e-12, atol=1e-15)
 
 
 def test_pairwise_nan_in_nan_out(backend, device):
@@ -268,6 +270,126 @@ def test_pointwise_matches_oracle(backend, device, dtype, shape):
 
 
 # --------------------------------------------------------------------------------------------------
+# Launchers write every element of the outputs their caller allocated (filled with NaN here), and
+# nothing outside them (each output sits in a NaN buffer one element longer on both sides).
+# --------------------------------------------------------------------------------------------------
+LAUNCH_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _poisoned(shape, dtype):
+    buffer = torch.full((math.prod(shape) + 2,), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+    return buffer[1:-1].view(shape), buffer
+
+
+def _assert_written(out, buffer, expected, scale, tol, what):
+    """Every element of ``out`` finite and within tol·(1 + scale) of ``expected``; the guards untouched."""
+    assert torch.isnan(buffer[0]) and torch.isnan(buffer[-1]), f"{what}: written out of bounds"
+    assert bool(torch.isfinite(out).all()), f"{what}: elements left unwritten"
+    err = (out.double().cpu() - expected.detach()).abs()
+    bound = tol * (1 + scale)
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g}"
+
+
+def _block_sums(values, cfg):
+    """Sums of ``values`` [N] over the launch's consecutive blocks: [cfg.programs]."""
+    padded = torch.zeros(cfg.programs * cfg.block, dtype=values.dtype)
+    padded[: values.numel()] = values
+    return padded.view(cfg.programs, cfg.block).sum(-1)
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 2500])
+@pytest.mark.parametrize("margin_kind", ["none", "scalar", "tensor"])
+def test_pairwise_launchers_write_every_output(dtype, n, margin_kind):
+    chosen = _scores((n,), dtype, TRITON_DEVICE)
+    rejected = _scores((n,), dtype, TRITON_DEVICE)
+    margin = torch.rand(n, device=TRITON_DEVICE) if margin_kind == "tensor" else None
+    margin_value = 1 / 3 if margin_kind == "scalar" else 0.0
+    cfg = ops._LaunchConfig.flat(n)
+    acc = _compute_dtype(dtype)
+    (partials, partials_buf), (stats, stats_buf) = (_poisoned((2, cfg.programs), acc) for _ in range(2))
+    ops._pairwise_fwd_out(partials, stats, chosen, rejected, margin, margin_value)
+
+    c = chosen.cpu().double().requires_grad_()
+    r = rejected.cpu().double().requires_grad_()
+    z = c - r - (margin.cpu().double() if margin is not None else margin_value)
+    terms = [-torch.nn.functional.logsigmoid(z), (c + r) ** 2, (c > r).double(), c - r]
+    for out, buf, rows in ((partials, partials_buf, terms[:2]), (stats, stats_buf, terms[2:])):
+        for i, term in enumerate(rows):
+            scale = _block_sums(term.detach().abs(), cfg)
+            _assert_written(out[i], buf, _block_sums(term.detach(), cfg), scale, FWD_TOL[dtype], "fwd")
+
+    grad_partials = torch.randn(2, cfg.programs, dtype=acc, device=TRITON_DEVICE)
+    (grad_c, grad_c_buf), (grad_r, grad_r_buf) = _poisoned((n,), dtype), _poisoned((n,), dtype)
+    ops._pairwise_bwd_out(grad_c, grad_r, grad_partials, chosen, rejected, margin, margin_value)
+    weighted = (grad_partials.cpu().double() * torch.stack([_block_sums(t, cfg) for t in terms[:2]])).sum()
+    want_c, want_r = torch.autograd.grad(weighted, (c, r))
+    for out, buf, want in ((grad_c, grad_c_buf, want_c), (grad_r, grad_r_buf, want_r)):
+        _assert_written(out, buf, want, want.abs().max(), GRAD_TOL[dtype], "bwd")
+
+
+def _pair_sums(scores, mask, hinge):
+    """Per prompt (Σ over valid pairs i < j of the loss term, valid pairs, pairs with s_i > s_j,
+    Σ |term|), in float64."""
+    k = scores.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.cpu() != 0
+    pair = valid[:, i] & valid[:, j]
+    d = scores[:, i] - scores[:, j]
+    term = torch.where(pair, torch.relu(-d) if hinge else -torch.nn.functional.logsigmoid(d), 0.0)
+    return term.sum(-1), pair.sum(-1).double(), (pair & (d > 0)).sum(-1).double(), term.abs().sum(-1)
+
+
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 70)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("hinge", [False, True])
+def test_ranking_launchers_write_every_output(dtype, shape, masked, hinge):
+    base = _scores((shape[0], 2 * shape[1]), dtype, TRITON_DEVICE)
+    scores = base[:, ::2]  # strided
+    mask = _ranking_mask(shape, TRITON_DEVICE) if masked else None
+    acc = _compute_dtype(dtype)
+    (loss_partials, loss_buf), (stats, stats_buf) = _poisoned(shape[:1], acc), _poisoned((2, shape[0]), acc)
+    ops._ranking_fwd_out(loss_partials, stats, scores, mask, hinge)
+
+    s = scores.cpu().double().requires_grad_()
+    loss_sums, pairs, correct, scale = _pair_sums(s, mask, hinge)
+    _assert_written(loss_partials, loss_buf, loss_sums, scale.detach(), FWD_TOL[dtype], "fwd loss")
+    _assert_written(stats[0], stats_buf, pairs, 0.0, 0.0, "fwd pairs")
+    _assert_written(stats[1], stats_buf, correct, 0.0, 0.0, "fwd correct")
+
+    grad_partials = torch.randn(shape[0], dtype=acc, device=TRITON_DEVICE)
+    grad_scores, grad_buf = _poisoned(shape, dtype)
+    ops._ranking_bwd_out(grad_scores, grad_partials, scores, mask, hinge)
+    (want,) = torch.autograd.grad((grad_partials.cpu().double() * loss_sums).sum(), (s,))
+    _assert_written(grad_scores, grad_buf, want, want.abs().max(), GRAD_TOL[dtype], "bwd")
+
+
+@pytest.mark.parametrize("dtype", LAUNCH_DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 2500])
+def test_pointwise_launchers_write_every_output(dtype, n):
+    pred = _scores((n,), dtype, TRITON_DEVICE)
+    target = _scores((n,), dtype, TRITON_DEVICE)
+    cfg = ops._LaunchConfig.flat(n)
+    partials, partials_buf = _poisoned((cfg.programs,), _compute_dtype(dtype))
+    ops._pointwise_fwd_out(partials, pred, target)
+    p = pred.cpu().double().requires_grad_()
+    squares = (p - target.cpu().double()) ** 2
+    sums = _block_sums(squares, cfg)
+    _assert_written(partials, partials_buf, sums, sums.detach(), FWD_TOL[dtype], "fwd")
+
+    grad_partials = torch.randn(cfg.programs, dtype=_compute_dtype(dtype), device=TRITON_DEVICE)
+    grad_pred, grad_buf = _poisoned((n,), dtype)
+    ops._pointwise_bwd_out(grad_pred, grad_partials, pred, target)
+    (want,) = torch.autograd.grad((grad_partials.cpu().double() * sums).sum(), (p,))
+    _assert_written(grad_pred, grad_buf, want, want.abs().max(), GRAD_TOL[dtype], "bwd")
+
+
+# --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
 def test_bad_inputs():
@@ -326,28 +448,27 @@ def test_opcheck_torch_path():
     chosen, rejected = torch.randn(7, requires_grad=True), torch.randn(7, requires_grad=True)
     scores = torch.randn(3, 6, requires_grad=True)
     mask = torch.rand(3, 6) < 0.7
-    ops = torch.ops.rlhf_kernels
+    registered = torch.ops.rlhf_kernels
     with _dispatch.use_backend("torch"):
         for margin in (None, torch.rand(7)):
-            torch.library.opcheck(ops.pairwise_reward_loss_fwd.default, (chosen, rejected, margin, 0.5))
-            torch.library.opcheck(
-                ops.pairwise_reward_loss_fwd_torch.default, (chosen.detach(), rejected.detach(), margin, 0.5)
-            )
+            torch.library.opcheck(registered.pairwise_reward_loss_fwd.default, (chosen, rejected, margin, 0.5))
+            detached = (chosen.detach(), rejected.detach(), margin, 0.5)
+            torch.library.opcheck(registered.pairwise_reward_loss_fwd_torch.default, detached)
             bwd = (torch.randn(2, 1), chosen.detach(), rejected.detach(), margin, 0.5)
-            torch.library.opcheck(ops.pairwise_reward_loss_bwd.default, bwd)
-            torch.library.opcheck(ops.pairwise_reward_loss_bwd_torch.default, bwd)
+            torch.library.opcheck(registered.pairwise_reward_loss_bwd.default, bwd)
+            torch.library.opcheck(registered.pairwise_reward_loss_bwd_torch.default, bwd)
         for m, hinge in ((None, False), (mask, True)):
-            torch.library.opcheck(ops.ranking_loss_fwd.default, (scores, m, hinge))
-            torch.library.opcheck(ops.ranking_loss_fwd_torch.default, (scores.detach(), m, hinge))
+            torch.library.opcheck(registered.ranking_loss_fwd.default, (scores, m, hinge))
+            torch.library.opcheck(registered.ranking_loss_fwd_torch.default, (scores.detach(), m, hinge))
             bwd = (torch.randn(3), scores.detach(), m, hinge)
-            torch.library.opcheck(ops.ranking_loss_bwd.default, bwd)
-            torch.library.opcheck(ops.ranking_loss_bwd_torch.default, bwd)
-        torch.library.opcheck(ops.pointwise_reward_loss_fwd.default, (chosen, rejected))
+            torch.library.opcheck(registered.ranking_loss_bwd.default, bwd)
+            torch.library.opcheck(registered.ranking_loss_bwd_torch.default, bwd)
+        torch.library.opcheck(registered.pointwise_reward_loss_fwd.default, (chosen, rejected))
         detached = (chosen.detach(), rejected.detach())
-        torch.library.opcheck(ops.pointwise_reward_loss_fwd_torch.default, detached)
+        torch.library.opcheck(registered.pointwise_reward_loss_fwd_torch.default, detached)
         bwd = (torch.randn(1), chosen.detach(), rejected.detach())
-        torch.library.opcheck(ops.pointwise_reward_loss_bwd.default, bwd)
-        torch.library.opcheck(ops.pointwise_reward_loss_bwd_torch.default, bwd)
+        torch.library.opcheck(registered.pointwise_reward_loss_bwd.default, bwd)
+        torch.library.opcheck(registered.pointwise_reward_loss_bwd_torch.default, bwd)
 
 
 def test_compile_fullgraph_dynamic_torch_path():

@@ -14,7 +14,8 @@ the hinge's derivative is 1[x > 0] (0 at a tie, as ``torch.relu``).
 
 Kernels write per-block (pairwise, pointwise) or per-prompt (ranking, hinge) partial sums; the means
 are taken in plain torch.  Inputs are read in their dtype, all arithmetic is fp32 (fp64 for fp64).
-NaN in gives NaN out.
+NaN in gives NaN out.  The PyTorch path is ``ops/cpu/reward_losses.py``; the float64 oracle
+``reference/reward_losses.py``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch import Tensor
 
 from .. import _dispatch
+from .._registration import kernel_op
 from .._validation import (
     check_float_tensor,
     check_mask_tensor,
@@ -34,10 +36,15 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
+from . import _launch
+from .cpu import reward_losses as cpu
 
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
+
+    from ._launch import scalar_arg
 except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
     triton = None
 
@@ -48,7 +55,9 @@ _REWARD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton kernels.
+# Triton kernels.  Outputs first; the flat kernels (pairwise, pointwise) take contiguous 1-D inputs and
+# write one partial sum per program, the ranking kernels one program per prompt of scores [B, K] (any
+# strides).
 # ---------------------------------------------------------------------------------------------------
 if triton is not None:
 
@@ -73,22 +82,57 @@ if triton is not None:
         return tl.where(x > 0, 1.0, tl.where(x <= 0, 0.0, x))
 
     @triton.jit
-    def _pairwise_reward_fwd_kernel(
-        chosen_ptr, rejected_ptr, margin_ptr, partials_ptr, stats_ptr,
-        N, margin_value,
-        BLOCK: tl.constexpr, HAS_MARGIN_TENSOR: tl.constexpr,
-    ):
+    def _block_offsets(N, BLOCK: tl.constexpr):
+        """(program id, its BLOCK int64 offsets, which of them are < N)."""
         pid = tl.program_id(0)
-        n_blocks = tl.num_programs(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < N
-        compute_ty = partials_ptr.dtype.element_ty
-        c = tl.load(chosen_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-        r = tl.load(rejected_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
+        return pid, offs, offs < N
+
+    @triton.jit
+    def _load_pair(
+        chosen_ptr, rejected_ptr, margin_ptr, offs, in_range, margin_hi, margin_mid, margin_lo,
+        HAS_MARGIN_TENSOR: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """(c, r, margin) at ``offs`` in ACC; 0 out of range.  The margin is the tensor's elements with
+        HAS_MARGIN_TENSOR, else the scalar passed as ``scalar_parts``."""
+        c = tl.load(chosen_ptr + offs, mask=in_range, other=0.0).to(ACC)
+        r = tl.load(rejected_ptr + offs, mask=in_range, other=0.0).to(ACC)
         if HAS_MARGIN_TENSOR:
-            margin = tl.load(margin_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
+            margin = tl.load(margin_ptr + offs, mask=in_range, other=0.0).to(ACC)
         else:
-            margin = tl.cast(margin_value, compute_ty)  # fp32 eagerly, possibly fp64 under Inductor
+            margin = scalar_arg(margin_hi, margin_mid, margin_lo, ACC)
+        return c, r, margin
+
+    @triton.jit
+    def _load_error(pred_ptr, target_ptr, offs, in_range, ACC: tl.constexpr):
+        """p − t at ``offs`` in ACC; 0 out of range."""
+        p = tl.load(pred_ptr + offs, mask=in_range, other=0.0).to(ACC)
+        return p - tl.load(target_ptr + offs, mask=in_range, other=0.0).to(ACC)
+
+    @triton.jit
+    def _load_scores(
+        row_scores, row_mask, idx, stride_s1, stride_m1, K, HAS_MASK: tl.constexpr, ACC: tl.constexpr
+    ):
+        """(scores at ``idx`` of one prompt in ACC, validity: idx < K and, with HAS_MASK, mask != 0)."""
+        valid = idx < K
+        s = tl.load(row_scores + idx * stride_s1, mask=valid, other=0.0).to(ACC)
+        if HAS_MASK:
+            valid &= tl.load(row_mask + idx * stride_m1, mask=valid, other=0) != 0
+        return s, valid
+
+    # Reads c, r (and a margin tensor) once; writes 4 values per program.
+    @triton.jit
+    def _pairwise_reward_fwd_kernel(
+        partials_ptr, stats_ptr, chosen_ptr, rejected_ptr, margin_ptr,
+        N, margin_hi, margin_mid, margin_lo,
+        BLOCK: tl.constexpr, HAS_MARGIN_TENSOR: tl.constexpr, ACC: tl.constexpr,
+    ):
+        pid, offs, in_range = _block_offsets(N, BLOCK)
+        n_blocks = tl.num_programs(0)
+        c, r, margin = _load_pair(
+            chosen_ptr, rejected_ptr, margin_ptr, offs, in_range, margin_hi, margin_mid, margin_lo,
+            HAS_MARGIN_TENSOR, ACC,
+        )
         diff = c - r
         center = (c + r) * (c + r)
         tl.store(partials_ptr + pid, tl.sum(tl.where(in_range, _neg_log_sigmoid(diff - margin), 0.0), axis=0))
@@ -96,24 +140,20 @@ if triton is not None:
         tl.store(stats_ptr + pid, tl.sum(tl.where(in_range & (c > r), 1.0, 0.0), axis=0))
         tl.store(stats_ptr + n_blocks + pid, tl.sum(tl.where(in_range, diff, 0.0), axis=0))
 
+    # Reads c, r (and a margin tensor) and 2 values per program; writes ∂/∂c, ∂/∂r once.
     @triton.jit
     def _pairwise_reward_bwd_kernel(
         grad_chosen_ptr, grad_rejected_ptr, grad_partials_ptr, chosen_ptr, rejected_ptr, margin_ptr,
-        N, margin_value,
-        BLOCK: tl.constexpr, HAS_MARGIN_TENSOR: tl.constexpr,
+        N, margin_hi, margin_mid, margin_lo,
+        BLOCK: tl.constexpr, HAS_MARGIN_TENSOR: tl.constexpr, ACC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < N
-        compute_ty = grad_partials_ptr.dtype.element_ty
-        g_loss = tl.load(grad_partials_ptr + pid)
-        g_center = tl.load(grad_partials_ptr + tl.num_programs(0) + pid)
-        c = tl.load(chosen_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-        r = tl.load(rejected_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-        if HAS_MARGIN_TENSOR:
-            margin = tl.load(margin_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-        else:
-            margin = tl.cast(margin_value, compute_ty)  # fp32 eagerly, possibly fp64 under Inductor
+        pid, offs, in_range = _block_offsets(N, BLOCK)
+        g_loss = tl.load(grad_partials_ptr + pid).to(ACC)
+        g_center = tl.load(grad_partials_ptr + tl.num_programs(0) + pid).to(ACC)
+        c, r, margin = _load_pair(
+            chosen_ptr, rejected_ptr, margin_ptr, offs, in_range, margin_hi, margin_mid, margin_lo,
+            HAS_MARGIN_TENSOR, ACC,
+        )
         d_loss = g_loss * _sigmoid_of_neg(c - r - margin)  # = −∂/∂c = ∂/∂r of sp(c − r − margin)
         d_center = g_center * 2.0 * (c + r)
         grad_chosen = (d_center - d_loss).to(grad_chosen_ptr.dtype.element_ty)
@@ -121,32 +161,27 @@ if triton is not None:
         tl.store(grad_chosen_ptr + offs, grad_chosen, mask=in_range)
         tl.store(grad_rejected_ptr + offs, grad_rejected, mask=in_range)
 
+    # Reads a prompt's K scores (and mask) once per tile row (K/BLOCK_K times, from L1/L2); writes 3
+    # values per prompt.  Only the tiles on or above the diagonal (the pairs i < j) are visited.
     @triton.jit
     def _ranking_fwd_kernel(
-        scores_ptr, mask_ptr, loss_partials_ptr, stats_ptr,
+        loss_partials_ptr, stats_ptr, scores_ptr, mask_ptr,
         stride_s0, stride_s1, stride_m0, stride_m1,
         B, K,
-        BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HINGE: tl.constexpr,
+        BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HINGE: tl.constexpr, ACC: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_scores = scores_ptr + row * stride_s0
         row_mask = mask_ptr + row * stride_m0
-        compute_ty = loss_partials_ptr.dtype.element_ty
-        acc_loss = tl.zeros((), compute_ty)
-        acc_pairs = tl.zeros((), compute_ty)
-        acc_correct = tl.zeros((), compute_ty)
+        acc_loss = tl.zeros((), ACC)
+        acc_pairs = tl.zeros((), ACC)
+        acc_correct = tl.zeros((), ACC)
         for i0 in range(0, K, BLOCK_K):
             ii = i0 + tl.arange(0, BLOCK_K)
-            valid_i = ii < K
-            s_i = tl.load(row_scores + ii * stride_s1, mask=valid_i, other=0.0).to(compute_ty)
-            if HAS_MASK:
-                valid_i &= tl.load(row_mask + ii * stride_m1, mask=valid_i, other=0) != 0
+            s_i, valid_i = _load_scores(row_scores, row_mask, ii, stride_s1, stride_m1, K, HAS_MASK, ACC)
             for j0 in range(i0, K, BLOCK_K):
                 jj = j0 + tl.arange(0, BLOCK_K)
-                valid_j = jj < K
-                s_j = tl.load(row_scores + jj * stride_s1, mask=valid_j, other=0.0).to(compute_ty)
-                if HAS_MASK:
-                    valid_j &= tl.load(row_mask + jj * stride_m1, mask=valid_j, other=0) != 0
+                s_j, valid_j = _load_scores(row_scores, row_mask, jj, stride_s1, stride_m1, K, HAS_MASK, ACC)
                 pair = (ii[:, None] < jj[None, :]) & valid_i[:, None] & valid_j[None, :]
                 d = s_i[:, None] - s_j[None, :]
                 if HINGE:
@@ -160,491 +195,316 @@ if triton is not None:
         tl.store(stats_ptr + row, acc_pairs)
         tl.store(stats_ptr + B + row, acc_correct)
 
+    # Reads a prompt's K scores (and mask) K/BLOCK_K + 1 times (from L1/L2) and 1 value; writes its K
+    # gradients once.
     @triton.jit
     def _ranking_bwd_kernel(
         grad_scores_ptr, grad_partials_ptr, scores_ptr, mask_ptr,
         stride_s0, stride_s1, stride_m0, stride_m1,
         K,
-        BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HINGE: tl.constexpr,
+        BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HINGE: tl.constexpr, ACC: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_scores = scores_ptr + row * stride_s0
         row_mask = mask_ptr + row * stride_m0
-        compute_ty = grad_partials_ptr.dtype.element_ty
-        g = tl.load(grad_partials_ptr + row)
+        g = tl.load(grad_partials_ptr + row).to(ACC)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            in_row = kk < K
-            valid_k = in_row
-            s_k = tl.load(row_scores + kk * stride_s1, mask=in_row, other=0.0).to(compute_ty)
-            if HAS_MASK:
-                valid_k &= tl.load(row_mask + kk * stride_m1, mask=in_row, other=0) != 0
-            acc = tl.zeros((BLOCK_K,), compute_ty)
+            s_k, valid_k = _load_scores(row_scores, row_mask, kk, stride_s1, stride_m1, K, HAS_MASK, ACC)
+            acc = tl.zeros((BLOCK_K,), ACC)
             for j0 in range(0, K, BLOCK_K):
                 jj = j0 + tl.arange(0, BLOCK_K)
-                valid_j = jj < K
-                s_j = tl.load(row_scores + jj * stride_s1, mask=valid_j, other=0.0).to(compute_ty)
-                if HAS_MASK:
-                    valid_j &= tl.load(row_mask + jj * stride_m1, mask=valid_j, other=0) != 0
-                d = s_k[:, None] - s_j[None, :]
-                # k ranked above j: term f(s_k − s_j); k ranked below j: term f(s_j − s_k).
+                s_j, valid_j = _load_scores(row_scores, row_mask, jj, stride_s1, stride_m1, K, HAS_MASK, ACC)
+                # The pair's term is f(x), x = s_above − s_below: x = s_k − s_j when k ranks above j
+                # (∂/∂s_k = f'(x)), x = s_j − s_k when below (∂/∂s_k = −f'(x)); −f'(x) = σ(−x) for sp,
+                # 1[−x > 0] for the hinge.  One exponential per pair.
+                above = kk[:, None] < jj[None, :]
+                x = tl.where(above, s_k[:, None] - s_j[None, :], s_j[None, :] - s_k[:, None])
                 if HINGE:
-                    above = -_relu_derivative(-d)
-                    below = _relu_derivative(d)
+                    neg_df = _relu_derivative(-x)
                 else:
-                    above = -_sigmoid_of_neg(d)
-                    below = _sigmoid_of_neg(-d)
-                k_col, j_row = kk[:, None], jj[None, :]
-                w = tl.where(k_col < j_row, above, tl.where(k_col > j_row, below, 0.0))
-                both = valid_k[:, None] & valid_j[None, :]
-                acc += tl.sum(tl.where(both, w, 0.0), axis=1)
-            out = grad_scores_ptr + row * K + kk
-            tl.store(out, (g * acc).to(grad_scores_ptr.dtype.element_ty), mask=in_row)
+                    neg_df = _sigmoid_of_neg(x)
+                w = tl.where(above, -neg_df, tl.where(kk[:, None] > jj[None, :], neg_df, 0.0))
+                acc += tl.sum(tl.where(valid_k[:, None] & valid_j[None, :], w, 0.0), axis=1)
+            grad = (g * acc).to(grad_scores_ptr.dtype.element_ty)
+            tl.store(grad_scores_ptr + row * K + kk, grad, mask=kk < K)
 
+    # Reads p, t once; writes 1 value per program.
     @triton.jit
     def _pointwise_reward_fwd_kernel(
-        pred_ptr, target_ptr, partials_ptr,
-        N,
-        BLOCK: tl.constexpr,
+        partials_ptr, pred_ptr, target_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr
     ):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < N
-        compute_ty = partials_ptr.dtype.element_ty
-        err = (
-            tl.load(pred_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-            - tl.load(target_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-        )
+        pid, offs, in_range = _block_offsets(N, BLOCK)
+        err = _load_error(pred_ptr, target_ptr, offs, in_range, ACC)
         tl.store(partials_ptr + pid, tl.sum(err * err, axis=0))
 
+    # Reads p, t once and 1 value per program; writes ∂/∂p once.
     @triton.jit
     def _pointwise_reward_bwd_kernel(
-        grad_pred_ptr, grad_partials_ptr, pred_ptr, target_ptr,
-        N,
-        BLOCK: tl.constexpr,
+        grad_pred_ptr, grad_partials_ptr, pred_ptr, target_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr
     ):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < N
-        compute_ty = grad_partials_ptr.dtype.element_ty
-        g = tl.load(grad_partials_ptr + pid)
-        err = (
-            tl.load(pred_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-            - tl.load(target_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
-        )
+        pid, offs, in_range = _block_offsets(N, BLOCK)
+        g = tl.load(grad_partials_ptr + pid).to(ACC)
+        err = _load_error(pred_ptr, target_ptr, offs, in_range, ACC)
         tl.store(grad_pred_ptr + offs, (2.0 * g * err).to(grad_pred_ptr.dtype.element_ty), mask=in_range)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configuration.
+# ---------------------------------------------------------------------------------------------------
+FLAT_BLOCK = 1024  # elements per program of the pairwise and pointwise kernels
+PAIR_TILE = 64  # the ranking kernels' pair tiles are at most PAIR_TILE × PAIR_TILE
+# Issue 13 measured the ranking forward kernel at 255 registers per thread on sm_90 (the architectural
+# maximum: it may spill, and it caps occupancy) with 64 × 64 tiles over 4 warps, i.e. 32 pairs per
+# thread, each with d, sp(d) and three masks live.  Warps are now chosen so that a thread holds at most
+# PAIRS_PER_THREAD pairs: 8 warps for 64 × 64 tiles (16 × 16 and 32 × 32 keep their 2 warps).  Not yet
+# re-measured on a GPU.
+PAIRS_PER_THREAD = 16
 
 
 @dataclass(frozen=True)
 class _LaunchConfig:
+    """``programs`` programs of ``num_warps`` warps, each over ``block`` elements (flat kernels) or a
+    prompt in ``block`` × ``block`` pair tiles (ranking kernels)."""
+
+    programs: int
     block: int
     num_warps: int
 
+    @classmethod
+    def flat(cls, n: int) -> _LaunchConfig:
+        """FLAT_BLOCK elements per program (4 warps); tiny inputs one block sized to them (1 warp)."""
+        block = _launch.pow2_between(n, 16, FLAT_BLOCK)
+        return cls(_launch.cdiv(n, block), block, 4 if block >= 512 else 1)
 
-def _pow2_between(n: int, low: int, high: int) -> int:
-    """The smallest power of two >= n, clamped to [low, high].  Comparisons only: a symbolic size under
-    torch.compile(dynamic=True) then costs a few guards instead of a specialisation."""
-    p = low
-    while p < high and p < n:
-        p *= 2
-    return p
-
-
-def _flat_config(n: int) -> _LaunchConfig:
-    """Elementwise reductions: 1024 elements per program (4 warps); tiny inputs one block sized to them."""
-    block = _pow2_between(n, 16, 1024)
-    return _LaunchConfig(block=block, num_warps=4 if block >= 512 else 1)
-
-
-def _ranking_config(k: int) -> _LaunchConfig:
-    """One prompt per program; pairs in tiles of at most 64 x 64 (4096 fp32 values over 4 warps)."""
-    block = _pow2_between(k, 16, 64)
-    return _LaunchConfig(block=block, num_warps=4 if block == 64 else 2)
-
-
-def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask reinterpreted as uint8 (same bytes, no copy)."""
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    @classmethod
+    def ranking(cls, prompts: int, k: int) -> _LaunchConfig:
+        """One prompt per program; tiles sized to K up to PAIR_TILE, ≤ PAIRS_PER_THREAD pairs a thread."""
+        block = _launch.pow2_between(k, 16, PAIR_TILE)
+        return cls(prompts, block, max(2, block * block // (32 * PAIRS_PER_THREAD)))
 
 
 # ---------------------------------------------------------------------------------------------------
-# PyTorch path: torch's own stable log-sigmoid and sigmoid (same values as the kernels' formulas).
+# Launchers: ``_<op>_out(outputs..., inputs...)`` writes into outputs the caller allocated (contiguous, of
+# the shapes and dtypes the allocating ``_launch_<op>`` gives them) and returns them; flat contiguous
+# 1-D inputs, or scores [B, K] with any strides.
 # ---------------------------------------------------------------------------------------------------
-def _neg_log_sigmoid_torch(x: torch.Tensor) -> torch.Tensor:
-    return -torch.nn.functional.logsigmoid(x)
+def _check_out(out: Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    assert out.shape == shape and out.dtype == dtype and out.is_contiguous(), (
+        f"output of shape {tuple(shape)} and dtype {dtype} expected; got {tuple(out.shape)} {out.dtype}"
+    )
 
 
-def _relu_derivative_torch(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, 1.0, torch.where(x <= 0, 0.0, x))
+def _pairwise_args(chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float) -> tuple:
+    """chosen, rejected, margin (``chosen`` as an unread placeholder when None), N, the scalar's parts."""
+    margin_arg = chosen if margin is None else margin
+    parts = _launch.scalar_parts(margin_value, compute_dtype(chosen, rejected))
+    return chosen, rejected, margin_arg, chosen.numel(), *parts
 
 
-def _pairwise_inputs(chosen, rejected, margin, margin_value):
-    dtype = compute_dtype(chosen, rejected)
-    c, r = chosen.to(dtype), rejected.to(dtype)
-    m = margin.to(dtype) if margin is not None else margin_value
-    return c, r, m
-
-
-@torch.library.custom_op("rlhf_kernels::pairwise_reward_loss_fwd_torch", mutates_args=())
-def _pairwise_reward_fwd_torch(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, margin_value: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    c, r, m = _pairwise_inputs(chosen, rejected, margin, margin_value)
-    diff = c - r
-    total = c + r
-    partials = torch.stack([_neg_log_sigmoid_torch(diff - m).sum(), total.dot(total)]).unsqueeze(-1)
-    stats = torch.stack([(c > r).sum().to(c.dtype), diff.sum()]).unsqueeze(-1)
-    return partials, stats
-
-
-@_pairwise_reward_fwd_torch.register_fake
-def _(chosen, rejected, margin, margin_value):
-    dtype = compute_dtype(chosen, rejected)
-    return chosen.new_empty(2, 1, dtype=dtype), chosen.new_empty(2, 1, dtype=dtype)
-
-
-@torch.library.custom_op("rlhf_kernels::pairwise_reward_loss_bwd_torch", mutates_args=())
-def _pairwise_reward_bwd_torch(
-    grad_partials: torch.Tensor,
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    margin: torch.Tensor | None,
-    margin_value: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    c, r, m = _pairwise_inputs(chosen, rejected, margin, margin_value)
-    g = grad_partials.sum(-1).to(c.dtype)
-    d_loss = g[0] * torch.sigmoid(m - (c - r))  # σ(−z), z = c − r − margin
-    d_center = g[1] * 2.0 * (c + r)
-    return (d_center - d_loss).to(chosen.dtype), (d_center + d_loss).to(rejected.dtype)
-
-
-@_pairwise_reward_bwd_torch.register_fake
-def _(grad_partials, chosen, rejected, margin, margin_value):
-    return torch.empty_like(chosen), torch.empty_like(rejected)
-
-
-def _pair_rows(rows: int, pairs: int):
-    """Row slices keeping the [rows, K(K−1)/2] pair temporaries near 4 Mi elements."""
-    step = max(1, (1 << 22) // max(pairs, 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
-
-
-def _pair_terms(scores: torch.Tensor, mask: torch.Tensor | None, rs: slice, index_i, index_j, dtype):
-    """(d = s_i − s_j over pairs i < j [rows, P], pair validity [rows, P] or None)."""
-    s = scores[rs].to(dtype)
-    d = s[:, index_i] - s[:, index_j]
-    if mask is None:
-        return d, None
-    valid = mask[rs] != 0
-    return d, valid[:, index_i] & valid[:, index_j]
-
-
-@torch.library.custom_op("rlhf_kernels::ranking_loss_fwd_torch", mutates_args=())
-def _ranking_fwd_torch(
-    scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, k = scores.shape
-    dtype = compute_dtype(scores)
-    loss_partials = torch.empty(rows, dtype=dtype, device=scores.device)
-    stats = torch.empty(2, rows, dtype=dtype, device=scores.device)
-    index_i, index_j = torch.triu_indices(k, k, offset=1, device=scores.device)
-    for rs in _pair_rows(rows, index_i.numel()):
-        d, pair = _pair_terms(scores, mask, rs, index_i, index_j, dtype)
-        term = torch.relu(-d) if hinge else _neg_log_sigmoid_torch(d)  # max(0, s_j − s_i) or −log σ(d)
-        correct = d > 0
-        if pair is None:
-            loss_partials[rs] = term.sum(-1)
-            stats[0, rs] = float(index_i.numel())
-        else:
-            loss_partials[rs] = torch.where(pair, term, 0.0).sum(-1)
-            stats[0, rs] = pair.sum(-1).to(dtype)
-            correct &= pair
-        stats[1, rs] = correct.sum(-1).to(dtype)
-    return loss_partials, stats
-
-
-@_ranking_fwd_torch.register_fake
-def _(scores, mask, hinge):
-    dtype = compute_dtype(scores)
-    return scores.new_empty(scores.shape[0], dtype=dtype), scores.new_empty(2, scores.shape[0], dtype=dtype)
-
-
-@torch.library.custom_op("rlhf_kernels::ranking_loss_bwd_torch", mutates_args=())
-def _ranking_bwd_torch(
-    grad_partials: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
-) -> torch.Tensor:
-    rows, k = scores.shape
-    dtype = compute_dtype(scores)
-    grad_scores = torch.empty(rows, k, dtype=scores.dtype, device=scores.device)
-    index_i, index_j = torch.triu_indices(k, k, offset=1, device=scores.device)
-    for rs in _pair_rows(rows, index_i.numel()):
-        d, pair = _pair_terms(scores, mask, rs, index_i, index_j, dtype)
-        # w = ∂term/∂d, with d = s_i − s_j: the pair adds w to ∂/∂s_i and −w to ∂/∂s_j.
-        w = -_relu_derivative_torch(-d) if hinge else -torch.sigmoid(-d)
-        if pair is not None:
-            w = torch.where(pair, w, 0.0)
-        w = w * grad_partials[rs].to(dtype)[:, None]
-        grad = torch.zeros(w.shape[0], k, dtype=dtype, device=scores.device)
-        grad.index_add_(1, index_i, w)
-        grad.index_add_(1, index_j, -w)
-        grad_scores[rs] = grad
-    return grad_scores
-
-
-@_ranking_bwd_torch.register_fake
-def _(grad_partials, scores, mask, hinge):
-    return scores.new_empty(scores.shape)
-
-
-@torch.library.custom_op("rlhf_kernels::pointwise_reward_loss_fwd_torch", mutates_args=())
-def _pointwise_reward_fwd_torch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    dtype = compute_dtype(pred, target)
-    return ((pred.to(dtype) - target.to(dtype)) ** 2).sum().reshape(1)
-
-
-@_pointwise_reward_fwd_torch.register_fake
-def _(pred, target):
-    return pred.new_empty(1, dtype=compute_dtype(pred, target))
-
-
-@torch.library.custom_op("rlhf_kernels::pointwise_reward_loss_bwd_torch", mutates_args=())
-def _pointwise_reward_bwd_torch(
-    grad_partials: torch.Tensor, pred: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    dtype = compute_dtype(pred, target)
-    g = grad_partials.sum().to(dtype)
-    return (2.0 * g * (pred.to(dtype) - target.to(dtype))).to(pred.dtype)
-
-
-@_pointwise_reward_bwd_torch.register_fake
-def _(grad_partials, pred, target):
-    return torch.empty_like(pred)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Triton launchers (flat contiguous 1-D inputs, or [B, K] with any strides for the ranking losses).
-# ---------------------------------------------------------------------------------------------------
-def _exact_margin(
-    chosen: torch.Tensor, margin: torch.Tensor | None, margin_value: float, dtype: torch.dtype
-) -> torch.Tensor | None:
-    """Triton passes a Python float as fp32: an fp64 computation gets a scalar margin as an fp64 tensor
-    instead (fp64 inputs are a debugging and gradcheck path, where the extra N values do not matter)."""
-    if margin is None and dtype == torch.float64:
-        return torch.full(chosen.shape, margin_value, dtype=dtype, device=chosen.device)
-    return margin
-
-
-def _launch_pairwise_fwd(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, margin_value: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = chosen.numel()
-    cfg = _flat_config(n)
-    n_blocks = (n + cfg.block - 1) // cfg.block
-    dtype = compute_dtype(chosen, rejected)
-    partials = torch.empty(2, n_blocks, dtype=dtype, device=chosen.device)
-    stats = torch.empty(2, n_blocks, dtype=dtype, device=chosen.device)
-    margin = _exact_margin(chosen, margin, margin_value, dtype)
-    wrap_triton(_pairwise_reward_fwd_kernel)[(n_blocks,)](
-        chosen, rejected, chosen if margin is None else margin, partials, stats,
-        n, margin_value,
-        BLOCK=cfg.block, HAS_MARGIN_TENSOR=margin is not None, num_warps=cfg.num_warps,
+def _pairwise_fwd_out(
+    partials: Tensor, stats: Tensor,
+    chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float,
+) -> tuple[Tensor, Tensor]:
+    cfg = _LaunchConfig.flat(chosen.numel())
+    for out in (partials, stats):
+        _check_out(out, (2, cfg.programs), compute_dtype(chosen, rejected))
+    wrap_triton(_pairwise_reward_fwd_kernel)[(cfg.programs,)](
+        partials, stats, *_pairwise_args(chosen, rejected, margin, margin_value),
+        BLOCK=cfg.block, HAS_MARGIN_TENSOR=margin is not None, ACC=_launch.acc_dtype(chosen, rejected),
+        num_warps=cfg.num_warps,
     )
     return partials, stats
 
 
-def _launch_pairwise_bwd(
-    grad_partials: torch.Tensor,
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    margin: torch.Tensor | None,
-    margin_value: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = chosen.numel()
-    cfg = _flat_config(n)
-    n_blocks = (n + cfg.block - 1) // cfg.block
-    assert tuple(grad_partials.shape) == (2, n_blocks), "gradient of the forward's partial sums"
-    grad_chosen = torch.empty_like(chosen)
-    grad_rejected = torch.empty_like(rejected)
-    margin = _exact_margin(chosen, margin, margin_value, compute_dtype(chosen, rejected))
-    wrap_triton(_pairwise_reward_bwd_kernel)[(n_blocks,)](
-        grad_chosen, grad_rejected, grad_partials, chosen, rejected, chosen if margin is None else margin,
-        n, margin_value,
-        BLOCK=cfg.block, HAS_MARGIN_TENSOR=margin is not None, num_warps=cfg.num_warps,
+def _launch_pairwise_fwd(
+    chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float
+) -> tuple[Tensor, Tensor]:
+    shape, dtype = (2, _LaunchConfig.flat(chosen.numel()).programs), compute_dtype(chosen, rejected)
+    outputs = chosen.new_empty(shape, dtype=dtype), chosen.new_empty(shape, dtype=dtype)
+    return _pairwise_fwd_out(*outputs, chosen, rejected, margin, margin_value)
+
+
+def _pairwise_bwd_out(
+    grad_chosen: Tensor, grad_rejected: Tensor, grad_partials: Tensor,
+    chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float,
+) -> tuple[Tensor, Tensor]:
+    cfg = _LaunchConfig.flat(chosen.numel())
+    assert grad_partials.shape == (2, cfg.programs), "gradient of the forward's partial sums"
+    _check_out(grad_chosen, chosen.shape, chosen.dtype)
+    _check_out(grad_rejected, rejected.shape, rejected.dtype)
+    wrap_triton(_pairwise_reward_bwd_kernel)[(cfg.programs,)](
+        grad_chosen, grad_rejected, grad_partials, *_pairwise_args(chosen, rejected, margin, margin_value),
+        BLOCK=cfg.block, HAS_MARGIN_TENSOR=margin is not None, ACC=_launch.acc_dtype(chosen, rejected),
+        num_warps=cfg.num_warps,
     )
     return grad_chosen, grad_rejected
 
 
-def _launch_ranking_fwd(
-    scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, k = scores.shape
-    cfg = _ranking_config(k)
-    dtype = compute_dtype(scores)
-    loss_partials = torch.empty(rows, dtype=dtype, device=scores.device)
-    stats = torch.empty(2, rows, dtype=dtype, device=scores.device)
-    mask_arg = scores if mask is None else _kernel_mask(mask)
-    wrap_triton(_ranking_fwd_kernel)[(rows,)](
-        scores, mask_arg, loss_partials, stats,
-        scores.stride(0), scores.stride(1), mask_arg.stride(0), mask_arg.stride(1),
-        rows, k,
-        BLOCK_K=cfg.block, HAS_MASK=mask is not None, HINGE=hinge, num_warps=cfg.num_warps,
+def _launch_pairwise_bwd(
+    grad_partials: Tensor, chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float
+) -> tuple[Tensor, Tensor]:
+    outputs = torch.empty_like(chosen), torch.empty_like(rejected)
+    return _pairwise_bwd_out(*outputs, grad_partials, chosen, rejected, margin, margin_value)
+
+
+def _ranking_args(scores: Tensor, mask: Tensor | None) -> tuple:
+    """scores, mask (``scores`` as an unread placeholder when None) and their strides."""
+    mask_arg = scores if mask is None else _launch.loadable_mask(mask)
+    return scores, mask_arg, scores.stride(0), scores.stride(1), mask_arg.stride(0), mask_arg.stride(1)
+
+
+def _ranking_fwd_out(
+    loss_partials: Tensor, stats: Tensor, scores: Tensor, mask: Tensor | None, hinge: bool
+) -> tuple[Tensor, Tensor]:
+    prompts, k = scores.shape
+    cfg = _LaunchConfig.ranking(prompts, k)
+    _check_out(loss_partials, (prompts,), compute_dtype(scores))
+    _check_out(stats, (2, prompts), compute_dtype(scores))
+    wrap_triton(_ranking_fwd_kernel)[(cfg.programs,)](
+        loss_partials, stats, *_ranking_args(scores, mask), prompts, k,
+        BLOCK_K=cfg.block, HAS_MASK=mask is not None, HINGE=hinge, ACC=_launch.acc_dtype(scores),
+        num_warps=cfg.num_warps,
     )
     return loss_partials, stats
 
 
-def _launch_ranking_bwd(
-    grad_partials: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
-) -> torch.Tensor:
-    rows, k = scores.shape
-    cfg = _ranking_config(k)
-    grad_scores = torch.empty(rows, k, dtype=scores.dtype, device=scores.device)
-    mask_arg = scores if mask is None else _kernel_mask(mask)
-    wrap_triton(_ranking_bwd_kernel)[(rows,)](
-        grad_scores, grad_partials, scores, mask_arg,
-        scores.stride(0), scores.stride(1), mask_arg.stride(0), mask_arg.stride(1),
-        k,
-        BLOCK_K=cfg.block, HAS_MASK=mask is not None, HINGE=hinge, num_warps=cfg.num_warps,
+def _launch_ranking_fwd(scores: Tensor, mask: Tensor | None, hinge: bool) -> tuple[Tensor, Tensor]:
+    return _ranking_fwd_out(*cpu.ranking_fwd_outputs(scores), scores, mask, hinge)
+
+
+def _ranking_bwd_out(
+    grad_scores: Tensor, grad_partials: Tensor, scores: Tensor, mask: Tensor | None, hinge: bool
+) -> Tensor:
+    prompts, k = scores.shape
+    cfg = _LaunchConfig.ranking(prompts, k)
+    assert grad_partials.shape == (prompts,), "gradient of the forward's per-prompt sums"
+    _check_out(grad_scores, scores.shape, scores.dtype)
+    wrap_triton(_ranking_bwd_kernel)[(cfg.programs,)](
+        grad_scores, grad_partials, *_ranking_args(scores, mask), k,
+        BLOCK_K=cfg.block, HAS_MASK=mask is not None, HINGE=hinge, ACC=_launch.acc_dtype(scores),
+        num_warps=cfg.num_warps,
     )
     return grad_scores
 
 
-def _launch_pointwise_fwd(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    n = pred.numel()
-    cfg = _flat_config(n)
-    n_blocks = (n + cfg.block - 1) // cfg.block
-    partials = torch.empty(n_blocks, dtype=compute_dtype(pred, target), device=pred.device)
-    wrap_triton(_pointwise_reward_fwd_kernel)[(n_blocks,)](
-        pred, target, partials, n, BLOCK=cfg.block, num_warps=cfg.num_warps
+def _launch_ranking_bwd(grad_partials: Tensor, scores: Tensor, mask: Tensor | None, hinge: bool) -> Tensor:
+    return _ranking_bwd_out(scores.new_empty(scores.shape), grad_partials, scores, mask, hinge)
+
+
+def _pointwise_fwd_out(partials: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    cfg = _LaunchConfig.flat(pred.numel())
+    _check_out(partials, (cfg.programs,), compute_dtype(pred, target))
+    wrap_triton(_pointwise_reward_fwd_kernel)[(cfg.programs,)](
+        partials, pred, target, pred.numel(),
+        BLOCK=cfg.block, ACC=_launch.acc_dtype(pred, target), num_warps=cfg.num_warps,
     )
     return partials
 
 
-def _launch_pointwise_bwd(
-    grad_partials: torch.Tensor, pred: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    n = pred.numel()
-    cfg = _flat_config(n)
-    n_blocks = (n + cfg.block - 1) // cfg.block
-    assert tuple(grad_partials.shape) == (n_blocks,), "gradient of the forward's partial sums"
-    grad_pred = torch.empty_like(pred)
-    wrap_triton(_pointwise_reward_bwd_kernel)[(n_blocks,)](
-        grad_pred, grad_partials, pred, target, n, BLOCK=cfg.block, num_warps=cfg.num_warps
+def _launch_pointwise_fwd(pred: Tensor, target: Tensor) -> Tensor:
+    programs = _LaunchConfig.flat(pred.numel()).programs
+    return _pointwise_fwd_out(pred.new_empty(programs, dtype=compute_dtype(pred, target)), pred, target)
+
+
+def _pointwise_bwd_out(grad_pred: Tensor, grad_partials: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    cfg = _LaunchConfig.flat(pred.numel())
+    assert grad_partials.shape == (cfg.programs,), "gradient of the forward's partial sums"
+    _check_out(grad_pred, pred.shape, pred.dtype)
+    wrap_triton(_pointwise_reward_bwd_kernel)[(cfg.programs,)](
+        grad_pred, grad_partials, pred, target, pred.numel(),
+        BLOCK=cfg.block, ACC=_launch.acc_dtype(pred, target), num_warps=cfg.num_warps,
     )
     return grad_pred
+
+
+def _launch_pointwise_bwd(grad_partials: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    return _pointwise_bwd_out(torch.empty_like(pred), grad_partials, pred, target)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Registration.  Forward ops return partial sums (differentiable) and statistics (not); the public
 # functions finish the means in plain torch.
 # ---------------------------------------------------------------------------------------------------
-@triton_op("rlhf_kernels::pairwise_reward_loss_fwd", mutates_args=())
+@kernel_op("pairwise_reward_loss_fwd")
 def pairwise_reward_loss_fwd(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, margin_value: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float
+) -> tuple[Tensor, Tensor]:
     """(partials [2, blocks]: Σ sp(c − r − margin), Σ (c + r)²; stats [2, blocks]: Σ 1[c > r], Σ (c − r))
     for flat contiguous inputs; ``margin`` a tensor like ``chosen`` or None (then ``margin_value``)."""
-    if _dispatch.backend_for(FAMILY, chosen.device) == "triton":
-        return _launch_pairwise_fwd(chosen, rejected, margin, margin_value)
-    return _dispatch.torch_path(_pairwise_reward_fwd_torch)(chosen, rejected, margin, margin_value)
+    impl = _dispatch.route(FAMILY, chosen.device, triton=_launch_pairwise_fwd, torch=cpu.pairwise_fwd)
+    return impl(chosen, rejected, margin, margin_value)
 
 
-@triton_op("rlhf_kernels::pairwise_reward_loss_bwd", mutates_args=())
+@kernel_op("pairwise_reward_loss_bwd")
 def pairwise_reward_loss_bwd(
-    grad_partials: torch.Tensor,
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    margin: torch.Tensor | None,
-    margin_value: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_partials: Tensor, chosen: Tensor, rejected: Tensor, margin: Tensor | None, margin_value: float
+) -> tuple[Tensor, Tensor]:
     """(∂/∂chosen, ∂/∂rejected) given the gradient of the forward's partial sums."""
-    if _dispatch.backend_for(FAMILY, chosen.device) == "triton":
-        return _launch_pairwise_bwd(grad_partials, chosen, rejected, margin, margin_value)
-    body = _dispatch.torch_path(_pairwise_reward_bwd_torch)
-    return body(grad_partials, chosen, rejected, margin, margin_value)
+    impl = _dispatch.route(FAMILY, chosen.device, triton=_launch_pairwise_bwd, torch=cpu.pairwise_bwd)
+    return impl(grad_partials, chosen, rejected, margin, margin_value)
 
 
-def _pairwise_setup_context(ctx, inputs, output) -> None:
-    chosen, rejected, margin, margin_value = inputs
-    ctx.save_for_backward(chosen, rejected, margin)
-    ctx.margin_value = margin_value
+@kernel_op("ranking_loss_fwd")
+def ranking_loss_fwd(scores: Tensor, mask: Tensor | None, hinge: bool) -> tuple[Tensor, Tensor]:
+    """(per-prompt Σ over valid pairs i < j of sp(s_i − s_j), or of max(0, s_j − s_i) with ``hinge``, [B];
+    stats [2, B]: valid pairs, pairs with s_i > s_j) for scores [B, K]."""
+    impl = _dispatch.route(FAMILY, scores.device, triton=_launch_ranking_fwd, torch=cpu.ranking_fwd)
+    return impl(scores, mask, hinge)
+
+
+@kernel_op("ranking_loss_bwd")
+def ranking_loss_bwd(grad_partials: Tensor, scores: Tensor, mask: Tensor | None, hinge: bool) -> Tensor:
+    """∂/∂scores [B, K] (scores' dtype, contiguous) given the gradient of each prompt's partial sum."""
+    impl = _dispatch.route(FAMILY, scores.device, triton=_launch_ranking_bwd, torch=cpu.ranking_bwd)
+    return impl(grad_partials, scores, mask, hinge)
+
+
+@kernel_op("pointwise_reward_loss_fwd")
+def pointwise_reward_loss_fwd(pred: Tensor, target: Tensor) -> Tensor:
+    """Partial sums of (p − t)² [blocks] for flat contiguous inputs."""
+    impl = _dispatch.route(FAMILY, pred.device, triton=_launch_pointwise_fwd, torch=cpu.pointwise_fwd)
+    return impl(pred, target)
+
+
+@kernel_op("pointwise_reward_loss_bwd")
+def pointwise_reward_loss_bwd(grad_partials: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    """∂/∂pred (pred's dtype) given the gradient of the forward's partial sums (∂/∂target = −∂/∂pred)."""
+    impl = _dispatch.route(FAMILY, pred.device, triton=_launch_pointwise_bwd, torch=cpu.pointwise_bwd)
+    return impl(grad_partials, pred, target)
+
+
+def _save_inputs(ctx, inputs: tuple, output) -> None:
+    """setup_context of every forward op: tensor inputs (None included) saved for backward, the others
+    (scalars, flags) kept as they are."""
+    ctx.is_tensor = [x is None or isinstance(x, torch.Tensor) for x in inputs]
+    ctx.save_for_backward(*(x for x, is_tensor in zip(inputs, ctx.is_tensor) if is_tensor))
+    ctx.others = [x for x, is_tensor in zip(inputs, ctx.is_tensor) if not is_tensor]
+
+
+def _saved_inputs(ctx) -> list:
+    """The forward op's inputs, in order, as :func:`_save_inputs` kept them."""
+    tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
+    return [next(tensors) if is_tensor else next(others) for is_tensor in ctx.is_tensor]
 
 
 def _pairwise_backward(ctx, grad_partials, grad_stats):
-    chosen, rejected, margin = ctx.saved_tensors
-    grad_chosen, grad_rejected = pairwise_reward_loss_bwd(
-        grad_partials.contiguous(), chosen, rejected, margin, ctx.margin_value
-    )
+    grad_chosen, grad_rejected = pairwise_reward_loss_bwd(grad_partials.contiguous(), *_saved_inputs(ctx))
     return grad_chosen, grad_rejected, None, None
 
 
-pairwise_reward_loss_fwd.register_autograd(_pairwise_backward, setup_context=_pairwise_setup_context)
-
-
-@triton_op("rlhf_kernels::ranking_loss_fwd", mutates_args=())
-def ranking_loss_fwd(
-    scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-prompt Σ over valid pairs i < j of sp(s_i − s_j), or of max(0, s_j − s_i) with ``hinge``, [B];
-    stats [2, B]: valid pairs, pairs with s_i > s_j) for scores [B, K]."""
-    if _dispatch.backend_for(FAMILY, scores.device) == "triton":
-        return _launch_ranking_fwd(scores, mask, hinge)
-    return _dispatch.torch_path(_ranking_fwd_torch)(scores, mask, hinge)
-
-
-@triton_op("rlhf_kernels::ranking_loss_bwd", mutates_args=())
-def ranking_loss_bwd(
-    grad_partials: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None, hinge: bool
-) -> torch.Tensor:
-    """∂/∂scores [B, K] (scores' dtype) given the gradient of each prompt's partial sum."""
-    if _dispatch.backend_for(FAMILY, scores.device) == "triton":
-        return _launch_ranking_bwd(grad_partials, scores, mask, hinge)
-    return _dispatch.torch_path(_ranking_bwd_torch)(grad_partials, scores, mask, hinge)
-
-
-def _ranking_setup_context(ctx, inputs, output) -> None:
-    scores, mask, hinge = inputs
-    ctx.save_for_backward(scores, mask)
-    ctx.hinge = hinge
-
-
 def _ranking_backward(ctx, grad_partials, grad_stats):
-    scores, mask = ctx.saved_tensors
-    return ranking_loss_bwd(grad_partials.contiguous(), scores, mask, ctx.hinge), None, None
-
-
-ranking_loss_fwd.register_autograd(_ranking_backward, setup_context=_ranking_setup_context)
-
-
-@triton_op("rlhf_kernels::pointwise_reward_loss_fwd", mutates_args=())
-def pointwise_reward_loss_fwd(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Partial sums of (p − t)² [blocks] for flat contiguous inputs."""
-    if _dispatch.backend_for(FAMILY, pred.device) == "triton":
-        return _launch_pointwise_fwd(pred, target)
-    return _dispatch.torch_path(_pointwise_reward_fwd_torch)(pred, target)
-
-
-@triton_op("rlhf_kernels::pointwise_reward_loss_bwd", mutates_args=())
-def pointwise_reward_loss_bwd(
-    grad_partials: torch.Tensor, pred: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """∂/∂pred (pred's dtype) given the gradient of the forward's partial sums; ∂/∂target is its negation."""
-    if _dispatch.backend_for(FAMILY, pred.device) == "triton":
-        return _launch_pointwise_bwd(grad_partials, pred, target)
-    return _dispatch.torch_path(_pointwise_reward_bwd_torch)(grad_partials, pred, target)
-
-
-def _pointwise_setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    return ranking_loss_bwd(grad_partials.contiguous(), *_saved_inputs(ctx)), None, None
 
 
 def _pointwise_backward(ctx, grad_partials):
-    pred, target = ctx.saved_tensors
-    grad_pred = pointwise_reward_loss_bwd(grad_partials.contiguous(), pred, target)
+    grad_pred = pointwise_reward_loss_bwd(grad_partials.contiguous(), *_saved_inputs(ctx))
     return grad_pred, (-grad_pred if ctx.needs_input_grad[1] else None)
 
 
-pointwise_reward_loss_fwd.register_autograd(_pointwise_backward, setup_context=_pointwise_setup_context)
+pairwise_reward_loss_fwd.register_autograd(_pairwise_backward, setup_context=_save_inputs)
+ranking_loss_fwd.register_autograd(_ranking_backward, setup_context=_save_inputs)
+pointwise_reward_loss_fwd.register_autograd(_pointwise_backward, setup_context=_save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -688,7 +548,12 @@ def pairwise_reward_loss(
         ``(loss, metrics)``: loss = mean(−log σ(c − r − margin)) (+ center term), 0-dim fp32 (fp64
         for fp64 inputs), differentiable with respect to ``chosen`` and ``rejected``; metrics
         ``accuracy`` = mean(c > r) (strict: ties count as wrong) and ``margin_mean`` = mean(c − r),
-        0-dim fp32.  Exact for |c − r| up to the fp32 range; no device sync.
+        0-dim fp32.  There is no mask: every pair counts, and a NaN anywhere makes the loss,
+        ``margin_mean`` and that pair's gradient NaN.  Exact for |c − r| up to the fp32 range; no
+        device sync.
+
+    Example: c = [1, 2], r = [0, 2], margin 0: loss = (sp(1) + sp(0)) / 2 = (0.3133 + 0.6931) / 2,
+    accuracy 0.5 (the tie is wrong), margin_mean 0.5.
     """
     _check_pair("chosen", chosen, "rejected", rejected)
     margin_tensor, margin_value = None, 0.0
@@ -748,6 +613,10 @@ def ranking_reward_loss(
         −log σ(s_i − s_j); prompts with no valid pair are left out of the mean (loss 0 if none has
         one).  0-dim fp32 (fp64 for fp64), differentiable with respect to ``scores``.
         ``metrics["accuracy"]`` = fraction of all valid pairs with s_i > s_j (0 if none), 0-dim fp32.
+        Masked responses add nothing and get exactly zero gradient, whatever they hold (NaN included);
+        a NaN score in a valid pair makes the loss NaN.
+
+    Example: scores [[2, 1, 0]], mask [[1, 0, 1]]: one pair (2, 0), loss sp(2) = 0.1269, accuracy 1.
     """
     scores, mask = _ranking_inputs("scores", scores, mask)
     pair_sums, stats = ranking_loss_fwd(scores, mask, False)
@@ -769,7 +638,9 @@ def ranking_hinge_loss(seq_scores: torch.Tensor, *, mask: torch.Tensor | None = 
 
     Returns:
         0-dim fp32 loss (fp64 for fp64), differentiable with respect to ``seq_scores`` (derivative
-        1[s_j > s_i] per pair: 0 at ties).  A prompt with no valid pair contributes 0 to the mean.
+        1[s_j > s_i] per pair: 0 at ties).  A prompt with no valid pair contributes 0 to the mean
+        (which is over all B prompts).  Masked responses add nothing and get exactly zero gradient,
+        whatever they hold; a NaN score in a valid pair makes the loss NaN.
     """
     seq_scores, mask = _ranking_inputs("seq_scores", seq_scores, mask)
     pair_sums, _ = ranking_loss_fwd(seq_scores, mask, True)
@@ -785,7 +656,7 @@ def pointwise_reward_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
     Returns:
         0-dim fp32 loss (fp64 for fp64), differentiable with respect to ``pred`` (and ``target``
-        if it requires grad).
+        if it requires grad).  No mask: a NaN anywhere makes the loss NaN.
     """
     _check_pair("pred", pred, "target", target)
     return pointwise_reward_loss_fwd(_flat(pred), _flat(target)).sum() / pred.numel()
