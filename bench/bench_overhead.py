@@ -3,7 +3,7 @@
 For each op, from the innermost layer out (each row's time includes the layers inside it):
 
     raw          the backend body called as a plain Python function: on CPU the PyTorch path's body
-                 (``CustomOpDef._init_fn`` of the ``*_torch`` op), on CUDA the Triton launcher
+                 (``RegisteredOp.body`` of the ``*_torch`` op), on CUDA the Triton launcher
     custom op    (CPU) the ``*_torch`` op through the dispatcher
     registered   ``torch.ops.rlhf_kernels.<op>``: the dispatcher, the backend choice, the op inside
     public       the public function: argument checks, the registered op, the autograd wiring
@@ -33,6 +33,9 @@ from rlhf_kernels.compat import verl as compat_verl
 from rlhf_kernels.ops import kl as kl_ops
 from rlhf_kernels.ops import logprobs as logprobs_ops
 from rlhf_kernels.ops import ppo_losses as ppo_ops
+from rlhf_kernels.ops.cpu import kl as kl_cpu
+from rlhf_kernels.ops.cpu import logprobs as logprobs_cpu
+from rlhf_kernels.ops.cpu import ppo_losses as ppo_cpu
 
 from .baselines import advantages as advantage_peers
 from .baselines import logprobs as logprob_peers
@@ -67,9 +70,9 @@ def _logprobs(bench: Bench, device: torch.device) -> None:
     leaf = logits.clone().requires_grad_()
     cuda = device.type == "cuda"
     raw = (
-        (lambda: logprobs_ops._launch_fwd(logits, labels, 1.0, -100, False))
+        (lambda: logprobs_ops._fwd_triton(logits, labels, 1.0, -100, False))
         if cuda
-        else (lambda: logprobs_ops._logprobs_fwd_torch._init_fn(logits, labels, 1.0, -100, False))
+        else (lambda: logprobs_cpu.logprobs_fwd_torch.body(logits, labels, 1.0, -100, False))
     )
     layers = [("raw", raw)]
     if not cuda:
@@ -106,7 +109,7 @@ def _kl(bench: Bench, device: torch.device) -> None:
     raw = (
         (lambda: kl_ops._launch_fwd(lp, ref, "k3"))
         if cuda
-        else (lambda: kl_ops._kl_penalty_fwd_torch._init_fn(lp, ref, "k3"))
+        else (lambda: kl_cpu.kl_penalty_fwd_torch.body(lp, ref, "k3"))
     )
     layers = [("raw", raw)]
     if not cuda:
@@ -132,7 +135,7 @@ def _policy(bench: Bench, device: torch.device) -> None:
     raw = (
         (lambda: ppo_ops._launch_policy_fwd(lp, old, adv, mask, 0.2, 0.2, 3.0))
         if cuda
-        else (lambda: ppo_ops._ppo_policy_loss_fwd_torch._init_fn(lp, old, adv, mask, 0.2, 0.2, 3.0))
+        else (lambda: ppo_cpu.ppo_policy_loss_fwd_torch.body(lp, old, adv, mask, 0.2, 0.2, 3.0))
     )
     layers = [("raw", raw)]
     if not cuda:

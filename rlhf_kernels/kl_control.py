@@ -1,7 +1,8 @@
 """KL coefficient controllers (Ziegler et al., 2019, "Fine-Tuning Language Models from Human Preferences").
 
-The coefficient β of the KL penalty in :func:`rlhf_kernels.token_level_rewards` either stays fixed or
-adapts so that the measured KL tracks a target:
+The coefficient β of the KL penalty in :func:`rlhf_kernels.token_level_rewards` (or of a
+:func:`rlhf_kernels.kl_loss` term; see docs/kl.md) either stays fixed or adapts so that the measured KL
+tracks a target:
 
     e = clip(KL / target − 1, −0.2, 0.2),   β ← β·(1 + e·n_steps / horizon)
 
@@ -16,7 +17,7 @@ import torch
 from ._validation import check_int, check_positive, check_real
 
 
-def _kl_value(current_kl: float | torch.Tensor) -> float:
+def _measured_kl(current_kl: float | torch.Tensor) -> float:
     if isinstance(current_kl, torch.Tensor):
         if current_kl.numel() != 1:
             raise ValueError(
@@ -59,7 +60,7 @@ class AdaptiveKLController:
         n_steps = check_int("n_steps", n_steps)
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0; got {n_steps}")
-        error = min(max(_kl_value(current_kl) / self.target - 1.0, -0.2), 0.2)
+        error = min(max(_measured_kl(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 
     def __repr__(self) -> str:

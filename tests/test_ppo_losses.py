@@ -1,22 +1,28 @@
-"""ppo_policy_loss / ppo_value_loss / kl_loss and the shared aggregation, against the float64 oracle."""
+"""ppo_policy_loss / ppo_value_loss against the float64 oracle, the peers, and their launchers."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close, assert_grad_close
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_close, assert_grad_close
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+from bench.baselines import losses as peers
+from rlhf_kernels import _dispatch
+from rlhf_kernels.ops import ppo_losses
+from rlhf_kernels.ops.aggregation import LOSS_AGG_MODES, chunk_totals
+from rlhf_kernels.ops.cpu import ppo_losses as cpu
+from rlhf_kernels.ops.kl import kl_loss
+from rlhf_kernels.ops.ppo_losses import ppo_policy_loss, ppo_value_loss
+from rlhf_kernels.reference import ppo_losses as ref
 
-from bench.baselines import losses as peers  # noqa: E402
-from rlhf_kernels import _dispatch  # noqa: E402
-from rlhf_kernels.ops import aggregation, ppo_losses  # noqa: E402
-from rlhf_kernels.ops.aggregation import LOSS_AGG_MODES, agg_loss  # noqa: E402
-from rlhf_kernels.ops.ppo_losses import kl_loss, ppo_policy_loss, ppo_value_loss  # noqa: E402
-from rlhf_kernels.reference import losses as ref  # noqa: E402
+try:
+    import triton
+except ImportError:  # pragma: no cover
+    triton = None
 
 # Inputs are exact in every dtype (the oracle sees the same rounded values), so forward errors come from
 # fp32 arithmetic alone; gradients are additionally rounded to the input dtype.
@@ -174,9 +180,10 @@ def test_policy_several_tiles_per_program(backend, device, monkeypatch):
 
 
 def test_policy_matches_verl_and_openrlhf(backend, device):
+    """Every mode means what verl 0.9.1 means, empty rows included (no rescaling of any mode)."""
     shape = (6, 45)
     lp, old, adv = _policy_inputs(shape, torch.float32, device, spread=1.0)
-    mask = _mask(shape, device, empty_rows=False)
+    mask = _mask(shape, device)  # row 1 is empty
     for mode in LOSS_AGG_MODES:
         loss, metrics = ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
                                         loss_agg=mode)
@@ -184,10 +191,6 @@ def test_policy_matches_verl_and_openrlhf(backend, device):
             old, lp, adv, mask.float(), cliprange_low=0.2, cliprange_high=0.3, clip_ratio_c=3.0,
             loss_agg_mode=mode,
         )
-        if mode == "seq-mean-token-sum-norm":
-            # verl (since its global-batch agg_loss) divides this mode by (non-empty rows)·T, the library
-            # by T (docs/losses.md): on this mask without empty rows, a factor of B exactly.
-            pg_loss = pg_loss * shape[0]
         torch.testing.assert_close(loss, pg_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(metrics["clipfrac"], clipfrac)
         torch.testing.assert_close(metrics["approx_kl"], ppo_kl, rtol=1e-5, atol=1e-6)
@@ -197,17 +200,24 @@ def test_policy_matches_verl_and_openrlhf(backend, device):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["clipfrac"], clip_ratio)
     torch.testing.assert_close(metrics["approx_kl"], ppo_kl, rtol=1e-5, atol=1e-6)  # |lp − old| < 20 here
+    loss, _ = ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.3, loss_agg="seq-mean-token-mean")
+    want = peers.OpenRLHFPolicyLoss(0.2, 0.3, token_level_loss=False)(lp, old, adv, mask.float())[0]
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregation and the normalizer
+# The normalizer and fully masked batches
 # --------------------------------------------------------------------------------------------------
 def _shared_normalizer(mode, mask):
-    if mode == "token-mean":
-        return float(mask.sum())
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return mask.shape[0]
-    return mask.shape[1]
+    """The whole batch's denominator (docs/aggregation.md), given to every micro-batch."""
+    rows = float((mask.sum(-1) > 0).sum())
+    return {
+        "token-mean": float(mask.sum()),
+        "token-sum": None,
+        "seq-mean-token-sum": rows,
+        "seq-mean-token-mean": rows,
+        "seq-mean-token-sum-norm": rows * mask.shape[1],
+    }[mode]
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -228,7 +238,7 @@ def test_micro_batches_with_shared_normalizer_add_up(backend, device, mode):
 
     split_x = lp.clone().requires_grad_()
     total = 0
-    for rows in (slice(0, 3), slice(3, 7)):
+    for rows in (slice(0, 3), slice(3, 7)):  # row 1, the empty one, is in the first micro-batch
         part, _ = ppo_policy_loss(
             split_x[rows], old[rows], adv[rows], mask[rows],
             dual_clip=3.0, loss_agg=mode, normalizer=normalizer,
@@ -256,47 +266,30 @@ def test_normalizer_matches_oracle(backend, device, mode):
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-def test_agg_loss_matches_oracle(mode):
-    shape = (6, 13)
-    per_token = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    mask = _mask(shape, "cpu")
-    mask[3] = False
-    for normalizer in (None, 4, torch.tensor(2.5)):
-        got = agg_loss(per_token, mask, mode, normalizer)
-        want = ref.agg_loss(per_token, mask, mode, normalizer)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # Masked positions get exactly zero gradient even when they hold NaN.
-    poisoned = torch.where(mask, per_token.detach(), float("nan")).requires_grad_()
-    loss = agg_loss(poisoned, mask, mode)
-    loss.backward()
-    assert torch.isfinite(loss) and bool((poisoned.grad[~mask] == 0).all())
-    assert torch.autograd.gradcheck(lambda x: agg_loss(x, mask, mode), (per_token,))
-
-
-def test_agg_loss_bf16_is_fp32_and_all_empty_is_zero():
-    per_token = torch.randn(3, 5).to(torch.bfloat16)
-    mask = torch.zeros(3, 5, dtype=torch.bool)
-    for mode in LOSS_AGG_MODES:
-        loss = agg_loss(per_token, mask, mode)
-        assert loss.dtype == torch.float32 and loss.item() == 0.0
-
-
-def test_agg_loss_bad_arguments():
-    x = torch.randn(3, 4)
-    mask = torch.ones(3, 4)
-    with pytest.raises(ValueError, match="loss_agg must be one of"):
-        agg_loss(x, mask, "seq-mean")
-    with pytest.raises(ValueError, match="normalizer must be a finite number > 0"):
-        agg_loss(x, mask, "token-mean", 0)
-    with pytest.raises(ValueError, match="normalizer"):
-        agg_loss(x, mask, "token-mean", torch.ones(2))
-    with pytest.raises(TypeError, match="normalizer"):
-        agg_loss(x, mask, "token-mean", "10")
-    with pytest.raises(ValueError, match="mask must have shape"):
-        agg_loss(x, mask[:, :3], "token-mean")
-    with pytest.raises(ValueError, match="per_token must be 2-D"):
-        agg_loss(x.view(-1), mask.view(-1), "token-mean")
-    assert aggregation.LOSS_AGG_MODES == LOSS_AGG_MODES
+def test_fully_masked_batch_has_exactly_zero_gradient(backend, device, mode):
+    """Issue 12: a fully masked (micro-)batch, with the default denominator (loss 0), a global one
+    (loss 0) or a global one of 0 (loss 0/0 = NaN, as verl): the gradient is exactly 0, NaN padding
+    included, for both losses."""
+    shape = (3, 21)
+    lp, old, adv = _policy_inputs(shape, torch.float32, device)
+    v, v_old, ret = _policy_inputs(shape, torch.float32, device)
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    padding = torch.rand(shape, device=device) < 0.3
+    for normalizer in (None, 17.0, torch.tensor(0.0)):
+        x = torch.where(padding, float("nan"), lp).requires_grad_()
+        y = torch.where(padding, float("inf"), v).requires_grad_()
+        policy, metrics = ppo_policy_loss(
+            x, old, adv, mask, dual_clip=3.0, loss_agg=mode, normalizer=normalizer
+        )
+        value, _ = ppo_value_loss(y, v_old, ret, mask, clip=0.2, loss_agg=mode, normalizer=normalizer)
+        (policy + value).backward()
+        assert torch.equal(x.grad, torch.zeros_like(x)), (mode, normalizer)
+        assert torch.equal(y.grad, torch.zeros_like(y)), (mode, normalizer)
+        if isinstance(normalizer, torch.Tensor):
+            assert torch.isnan(policy) and torch.isnan(value)
+        else:
+            assert policy.item() == 0.0 and value.item() == 0.0
+        assert all(m.item() == 0.0 for m in metrics.values())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,15 +325,16 @@ def test_value_matches_oracle(backend, device, dtype, shape, mode):
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_float64_inputs_are_computed_in_float64(backend, device, mode):
-    """fp64 inputs: every backend at fp64 accuracy, clip values that fp32 cannot represent included
-    (Triton passes Python floats as fp32; the kernels rebuild them exactly from three fp32 parts)."""
+    """fp64 inputs: every backend at fp64 accuracy (1e-12 against the float64 oracle), with clip values
+    that fp32 cannot represent (Triton passes Python floats as fp32; the kernels rebuild them exactly from
+    three fp32 parts: ops/_launch.scalar_parts)."""
     shape = (5, 19)
     lp, old, adv = _policy_inputs(shape, torch.float64, device, spread=0.5)
     mask = _mask(shape, device)
-    metrics = _check_policy(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.1, loss_agg=mode)
+    metrics = _check_policy(lp, old, adv, mask, clip_low=1 / 3, clip_high=0.28, dual_clip=3.1, loss_agg=mode)
     assert metrics["clipfrac"] > 0 and metrics["clipfrac_lower"] > 0  # both clips decide some tokens
     v, v_old, ret = _policy_inputs(shape, torch.float64, device, spread=0.5)
-    assert _check_value(v, v_old, ret, mask, clip=0.3, loss_agg=mode)["clipfrac"] > 0
+    assert _check_value(v, v_old, ret, mask, clip=1 / 3, loss_agg=mode)["clipfrac"] > 0
 
 
 def test_value_clipping_is_exercised_and_matches_peers(backend, device):
@@ -373,37 +367,6 @@ def test_value_masked_positions_and_nan(backend, device):
 
 
 # --------------------------------------------------------------------------------------------------
-# KL loss
-# --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "low_var_kl"])
-@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-def test_kl_loss_matches_oracle(backend, device, estimator, mode):
-    shape = (5, 27)
-    lp, ref_lp, _ = _policy_inputs(shape, torch.float32, device, spread=1.0)
-    ref_lp[0, :3] = lp[0, :3] + 30.0  # k3's clamps
-    mask = _mask(shape, device)
-    x = lp.clone().requires_grad_()
-    loss = kl_loss(x, ref_lp, mask, estimator=estimator, loss_agg=mode, normalizer=None)
-    loss.backward()
-    x_ref = lp.cpu().double().requires_grad_()
-    want = ref.kl_loss(x_ref, ref_lp.cpu(), mask.cpu(), estimator=estimator, loss_agg=mode)
-    want.backward()
-    assert_close(loss, want, 2e-5, "kl loss")
-    assert_grad_close(x.grad, x_ref.grad, 2e-5, "kl grad")
-    assert bool((x.grad[~mask] == 0).all())
-    # NaN / inf padding at masked positions changes nothing, gradient included.
-    x_pad = torch.where(mask, lp, float("nan")).requires_grad_()
-    padded = kl_loss(x_pad, torch.where(mask, ref_lp, float("inf")), mask, estimator=estimator, loss_agg=mode)
-    padded.backward()
-    torch.testing.assert_close(padded, loss)
-    assert bool((x_pad.grad[~mask] == 0).all())
-    torch.testing.assert_close(x_pad.grad[mask], x.grad[mask])
-    got = kl_loss(lp, ref_lp, mask, estimator=estimator, loss_agg=mode, normalizer=11)
-    assert_close(got, ref.kl_loss(lp.cpu(), ref_lp.cpu(), mask.cpu(), estimator=estimator, loss_agg=mode,
-                                   normalizer=11), 2e-5, "kl loss normalizer")
-
-
-# --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
 def test_bad_inputs():
@@ -422,7 +385,7 @@ def test_bad_inputs():
         (ValueError, "clip_high must be > 0", dict(clip_high=0.0)),
         (ValueError, "dual_clip must be > 1", dict(dual_clip=1.0)),
         (ValueError, "dual_clip must be > 1", dict(dual_clip=0.5)),
-        (ValueError, "loss_agg must be one of", dict(loss_agg="sum")),
+        (ValueError, "^loss_agg must be one of", dict(loss_agg="sum")),
         (ValueError, "normalizer must be a finite number > 0", dict(normalizer=-2)),
         (TypeError, "clip_low must be a Python float", dict(clip_low=torch.tensor(0.2))),
     ]
@@ -436,14 +399,129 @@ def test_bad_inputs():
         ppo_value_loss(lp, old, adv, mask, clip=0.0)
     with pytest.raises(ValueError, match="returns must have shape"):
         ppo_value_loss(lp, old, adv[:, :2], mask)
-    with pytest.raises(ValueError, match="loss_agg must be one of"):
+    with pytest.raises(ValueError, match="^loss_agg must be one of"):
         ppo_value_loss(lp, old, adv, mask, loss_agg="mean")
-    with pytest.raises(ValueError, match="estimator must be one of"):
-        kl_loss(lp, old, mask, estimator="k4")
-    with pytest.raises(TypeError, match="ref_logprobs must have the dtype"):
-        kl_loss(lp, old.half(), mask)
-    with pytest.raises(ValueError, match="loss_agg must be one of"):
-        kl_loss(lp, old, mask, loss_agg="token_mean")
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers: outputs allocated by the caller (any strides), every element written
+# --------------------------------------------------------------------------------------------------
+triton_launchers = pytest.mark.skipif(triton is None, reason="needs triton")
+LAUNCH_SHAPE = (2, 2100)  # with 8 target programs: 3 chunks of one 1024-column tile per row, the last partial
+
+
+def _poisoned(*shape, order):
+    """A NaN-filled tensor of ``shape`` whose memory is laid out in dimension order ``order``."""
+    storage = torch.full([shape[d] for d in order], float("nan"), device=TRITON_DEVICE)
+    return storage.permute([order.index(d) for d in range(len(shape))])
+
+
+def _chunk_of_column(cfg, cols):
+    return torch.arange(cols, device=TRITON_DEVICE) // (cfg.tiles_per_program * cfg.block_t)
+
+
+def _check_launchers(monkeypatch, kind, inputs, mask, scalars):
+    """Forward: partials and statistics, poisoned, against the PyTorch path's row sums (which the oracle
+    tests check) and the oracle's token-sum; backward: the gradient, poisoned, against the oracle's
+    token-sum gradient times each (row, chunk)'s upstream gradient."""
+    monkeypatch.setattr(ppo_losses, "_TARGET_PROGRAMS", 8)
+    rows, cols = LAUNCH_SHAPE
+    cfg = ppo_losses._row_tiling(rows, cols)
+    assert cfg.chunks == 3
+    n_stats, fwd_torch, oracle, max_row = {
+        "policy": (cpu.POLICY_STATS, cpu.ppo_policy_loss_fwd_torch, ref.ppo_policy_loss, cpu.P_RATIO_MAX),
+        "value": (cpu.VALUE_STATS, cpu.ppo_value_loss_fwd_torch, ref.ppo_value_loss, None),
+    }[kind]
+    loss_partials = _poisoned(rows, cfg.chunks, order=(1, 0))
+    stats = _poisoned(n_stats, rows, cfg.chunks, order=(2, 1, 0))
+    ppo_losses._launch_fwd_out(kind, loss_partials, stats, *inputs, mask, *scalars)
+    assert not loss_partials.isnan().any() and not stats.isnan().any()
+    want_partials, want_stats = fwd_torch(*inputs, mask, *scalars)
+    torch.testing.assert_close(chunk_totals(loss_partials), want_partials[:, 0], rtol=1e-5, atol=1e-5)
+    sums = slice(None, max_row)
+    torch.testing.assert_close(chunk_totals(stats[sums]), want_stats[sums, :, 0], rtol=1e-5, atol=1e-5)
+    if max_row is not None:
+        torch.testing.assert_close(stats[max_row].amax(-1), want_stats[max_row, :, 0])
+
+    clip_kwargs = (dict(clip_low=scalars[0], clip_high=scalars[1], dual_clip=scalars[2]) if kind == "policy"
+                   else dict(clip=scalars[0]))
+    x = inputs[0].detach().cpu().double().requires_grad_()
+    token_sum, _ = oracle(x, *(t.cpu() for t in inputs[1:]), mask.cpu(), loss_agg="token-sum", **clip_kwargs)
+    token_sum.backward()
+    assert_close(loss_partials.sum(), token_sum, 2e-5, "total")
+    grad_partials = torch.randn(rows, cfg.chunks, device=TRITON_DEVICE)
+    grad = _poisoned(rows, cols, order=(1, 0))
+    ppo_losses._launch_bwd_out(kind, grad, grad_partials, *inputs, mask, *scalars)
+    assert not grad.isnan().any()
+    upstream = grad_partials[:, _chunk_of_column(cfg, cols)].cpu().double()
+    want = x.grad * upstream
+    assert_grad_close(grad, want, 2e-5, f"{kind} grad")
+
+
+@triton_launchers
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_policy_launchers_write_every_element(monkeypatch, dual_clip):
+    lp, old, adv = _policy_inputs(LAUNCH_SHAPE, torch.float32, TRITON_DEVICE, spread=1.0)
+    mask = _mask(LAUNCH_SHAPE, TRITON_DEVICE, empty_rows=False)
+    _check_launchers(monkeypatch, "policy", (lp, old, adv), mask, (0.2, 0.28, dual_clip))
+
+
+@triton_launchers
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_launchers_write_every_element(monkeypatch, clip):
+    v, v_old, ret = _policy_inputs(LAUNCH_SHAPE, torch.float32, TRITON_DEVICE, spread=1.0)
+    mask = _mask(LAUNCH_SHAPE, TRITON_DEVICE, empty_rows=False).float()
+    _check_launchers(monkeypatch, "value", (v, v_old, ret), mask, (clip,))
+
+
+_AOT_SCRIPT = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import rlhf_kernels.ops.ppo_losses as ppo
+
+def arg_type(name, pointers):
+    if name.endswith("_ptr"):
+        return pointers.get(name, "*fp32")
+    if name.startswith("stride"):
+        return "i64"
+    if name in ("T", "tiles_per_program"):
+        return "i32"
+    if name.upper() == name:
+        return "constexpr"
+    return "fp32"  # a scalar part
+
+def compile_for_sm90(fn, pointers, constexprs):
+    signature = {name: arg_type(name, pointers) for name in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+bf16_inputs = {"logprobs_ptr": "*bf16", "old_ptr": "*bf16", "adv_ptr": "*bf16", "mask_ptr": "*u8",
+               "values_ptr": "*bf16", "returns_ptr": "*bf16", "grad_logprobs_ptr": "*bf16",
+               "grad_values_ptr": "*bf16"}
+fp64 = {name: "*fp64" for name in ("logprobs_ptr", "old_ptr", "adv_ptr", "values_ptr", "returns_ptr",
+                                   "loss_partials_ptr", "stats_ptr", "grad_partials_ptr",
+                                   "grad_logprobs_ptr", "grad_values_ptr")}
+for pointers, acc in ((bf16_inputs, tl.float32), (fp64, tl.float64)):
+    for flag in (True, False):
+        for fn in (ppo._ppo_policy_loss_fwd_kernel, ppo._ppo_policy_loss_bwd_kernel):
+            compile_for_sm90(fn, pointers, {"BLOCK_T": 1024, "ACC": acc, "HAS_DUAL_CLIP": flag})
+        for fn in (ppo._ppo_value_loss_fwd_kernel, ppo._ppo_value_loss_bwd_kernel):
+            compile_for_sm90(fn, pointers, {"BLOCK_T": 1024, "ACC": acc, "HAS_CLIP": flag})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels run natively in the other tests")
+@triton_launchers
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter checks the math, not the lowering: compile every kernel of this family to PTX for
+    sm_90 (Triton's bundled ptxas; no device needed), in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,7 +547,6 @@ def test_gradcheck_float64(backend_name):
 
             assert torch.autograd.gradcheck(policy, (lp,))
             assert torch.autograd.gradcheck(value, (v,))
-        assert torch.autograd.gradcheck(lambda x: kl_loss(x, old, mask, estimator="k3"), (lp,))
 
 
 def test_opcheck_torch_path():

@@ -1,5 +1,5 @@
-"""Eager KL estimators of verl (``core_algos.kl_penalty``) and OpenRLHF (``models.utils.compute_approx_kl``),
-versions in ``bench/baselines/__init__.py``."""
+"""Eager KL estimators of verl (``core_algos.kl_penalty``, as in verl 0.9.1) and OpenRLHF
+(``models.utils.compute_approx_kl``), versions in ``bench/baselines/__init__.py``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Eager PPO / reward-model loss idioms of verl, OpenRLHF and TRL (versions: ``bench/baselines/__init__``).
 
-verl (``trainer/ppo/core_algos.py``): ``compute_policy_loss`` clamps lp − old to ±20, always applies the
+verl (``trainer/ppo/core_algos.py``, checked line by line against the verl 0.9.1 wheel):
+``compute_policy_loss`` clamps lp − old to ±20, always applies the
 dual clip with ``clip_ratio_c`` (default 3) and reduces with ``agg_loss``: "token-mean" divides the masked
 sum by Σm (0/0 = NaN for an empty batch), "token-sum" does not divide, the sequence modes average over
 the rows that have at least one token ("seq-mean-token-sum-norm" further divides by T, or

@@ -1,4 +1,4 @@
-"""PPO policy loss, value loss and KL loss over [B, T] tokens.
+"""PPO policy loss and value loss over [B, T] tokens, fused.
 
 Policy loss (clipped surrogate, with optional dual clip), per token:
 
@@ -22,70 +22,86 @@ given the gradient of each row's partial sum.  Ties take the unclipped branch, s
 flows exactly where the clip metrics count a token as unclipped.
 
 Masked positions (m = 0) contribute exactly 0 to the loss and every metric, whatever they hold (NaN
-padding included), and receive exactly zero gradient.  NaN at a valid position gives a NaN loss.
+padding included), and receive exactly zero gradient, on every backend and in every aggregation mode
+(also when the upstream gradient is not finite, e.g. a fully masked batch with a normalizer of 0).
+NaN at a valid position gives a NaN loss.
+
+Layout: Triton kernels → launch config → launchers → registration/autograd → public functions; the
+PyTorch path is ``ops/cpu/ppo_losses.py``.  ``kl_loss`` lives in ``ops/kl.py`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import struct
+import functools
 from dataclasses import dataclass
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 from .. import _dispatch
-from .._validation import (
-    check_float_tensor,
-    check_greater,
-    check_mask_tensor,
-    check_ndim,
-    check_same_device,
-    check_shape,
-    compute_dtype,
+from .._registration import kernel_op
+from .._validation import check_greater, compute_dtype
+from ._launch import acc_dtype, cdiv, loadable_mask, pow2_between, scalar_parts
+from .aggregation import (
+    TOKEN_MEAN,
+    Normalizer,
+    agg_row_sums,
+    check_loss_agg,
+    check_normalizer,
+    check_token_inputs,
+    chunk_totals,
 )
-from .aggregation import TOKEN_MEAN, Normalizer, agg_loss, agg_row_sums, check_loss_agg, check_normalizer
-from .kl import check_estimator, kl_penalty
+from .cpu import ppo_losses as cpu
+from .cpu.ppo_losses import LOG_RATIO_CLAMP, P_MASK, P_RATIO_MAX, POLICY_STATS, V_CLIP, V_MASK, VALUE_STATS
+from .kl import kl_loss  # noqa: F401  (re-export: kl_loss lives in ops/kl.py)
 
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
+
+    from ._launch import scalar_arg
 except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
     triton = None
 
 FAMILY = "ppo_losses"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
 
-LOG_RATIO_CLAMP = 20.0  # verl's clamp of lp − old before the exponential
-
-# float64 is accepted too (gradcheck, oracles); it is then the compute precision, else fp32.
-_LOSS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-# Rows of the policy loss's statistics tensor (each a per-(row, chunk) partial sum, except the max).
-_P_MASK, _P_CLIP, _P_CLIP_LOWER, _P_NEG_LOG_RATIO, _P_RATIO, _P_RATIO_MAX = range(6)
-_POLICY_STATS = 6
-# Rows of the value loss's statistics tensor.
-_V_MASK, _V_CLIP = range(2)
-_VALUE_STATS = 2
-
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels.  Grid (B, chunks): program (b, c) covers columns [c·TILES·BLOCK_T, (c+1)·TILES·BLOCK_T)
-# of row b, so that short batches of long rows still fill the GPU.  Clamps are written with
-# comparisons (not minimum/maximum) so that NaN passes through.
+# of row b, so that short batches of long rows still fill the GPU.  Every input is [B, T] with its own
+# strides (an expand of [B, 1] advantages is read without a copy); the mask is bool (as uint8), integer
+# or floating.  Clamps are written with comparisons (not minimum/maximum) so that NaN passes through.
 # ---------------------------------------------------------------------------------------------------
 if triton is not None:
+    _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 
     @triton.jit
-    def _scalar_arg(hi, mid, lo, dtype: tl.constexpr):
-        """A Python float passed as three fp32-exact parts (see ``_scalar_parts``), summed in ``dtype``."""
-        return tl.cast(hi, dtype) + tl.cast(mid, dtype) + tl.cast(lo, dtype)
+    def _load_tile(
+        x_ptr, y_ptr, z_ptr, mask_ptr, row, tile, T,
+        stride_x0, stride_x1, stride_y0, stride_y1, stride_z0, stride_z1, stride_m0, stride_m1,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, LOAD_Y: tl.constexpr,
+    ):
+        """(columns, in-row flags, x, y, z, m) of tile ``tile`` of ``row``, in ``ACC``; without ``LOAD_Y``,
+        y is x (not read)."""
+        cols = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        in_row = cols < T
+        m = tl.load(mask_ptr + row * stride_m0 + cols * stride_m1, mask=in_row, other=0).to(ACC)
+        x = tl.load(x_ptr + row * stride_x0 + cols * stride_x1, mask=in_row, other=0.0).to(ACC)
+        if LOAD_Y:
+            y = tl.load(y_ptr + row * stride_y0 + cols * stride_y1, mask=in_row, other=0.0).to(ACC)
+        else:
+            y = x
+        z = tl.load(z_ptr + row * stride_z0 + cols * stride_z1, mask=in_row, other=0.0).to(ACC)
+        return cols, in_row, x, y, z, m
 
     @triton.jit
     def _policy_token_terms(lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL_CLIP: tl.constexpr):
         """(L, ∂L/∂lp, log-ratio ℓ, ratio r, clipped, dual-clipped) of one tile of tokens."""
         raw = lp - old
-        out_of_clamp = (raw < -20.0) | (raw > 20.0)
-        log_ratio = tl.where(raw < -20.0, -20.0, tl.where(raw > 20.0, 20.0, raw))
+        out_of_clamp = (raw < -_LOG_RATIO_CLAMP) | (raw > _LOG_RATIO_CLAMP)
+        log_ratio = tl.where(raw < -_LOG_RATIO_CLAMP, -_LOG_RATIO_CLAMP,
+                             tl.where(raw > _LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP, raw))
         ratio = tl.exp(log_ratio)
         low = 1.0 - clip_low
         high = 1.0 + clip_high
@@ -104,39 +120,39 @@ if triton is not None:
         d_lp = tl.where(out_of_clamp, 0.0, d_ratio * ratio)
         return loss, d_lp, log_ratio, ratio, clipped, lower
 
+    # Reads lp, old, A and m once (13 bytes per token in fp32 with a bool mask); writes 7 floats per
+    # program.
     @triton.jit
     def _ppo_policy_loss_fwd_kernel(
         logprobs_ptr, old_ptr, adv_ptr, mask_ptr, loss_partials_ptr, stats_ptr,
         stride_lp0, stride_lp1, stride_old0, stride_old1, stride_adv0, stride_adv1, stride_m0, stride_m1,
-        stride_stat,
+        stride_p0, stride_p1, stride_s0, stride_s1, stride_s2,
         T, tiles_per_program,
         clip_low_hi, clip_low_mid, clip_low_lo, clip_high_hi, clip_high_mid, clip_high_lo,
         dual_clip_hi, dual_clip_mid, dual_clip_lo,
-        BLOCK_T: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        compute_ty = stats_ptr.dtype.element_ty
-        clip_low = _scalar_arg(clip_low_hi, clip_low_mid, clip_low_lo, compute_ty)
-        clip_high = _scalar_arg(clip_high_hi, clip_high_mid, clip_high_lo, compute_ty)
-        dual_clip = _scalar_arg(dual_clip_hi, dual_clip_mid, dual_clip_lo, compute_ty)
-        acc_loss = tl.zeros((BLOCK_T,), compute_ty)
-        acc_mask = tl.zeros((BLOCK_T,), compute_ty)
-        acc_clip = tl.zeros((BLOCK_T,), compute_ty)
-        acc_lower = tl.zeros((BLOCK_T,), compute_ty)
-        acc_neg_log_ratio = tl.zeros((BLOCK_T,), compute_ty)
-        acc_ratio = tl.zeros((BLOCK_T,), compute_ty)
-        ratio_max = tl.zeros((BLOCK_T,), compute_ty)  # ratios are > 0: 0 is "no valid token"
+        clip_low = scalar_arg(clip_low_hi, clip_low_mid, clip_low_lo, ACC)
+        clip_high = scalar_arg(clip_high_hi, clip_high_mid, clip_high_lo, ACC)
+        dual_clip = scalar_arg(dual_clip_hi, dual_clip_mid, dual_clip_lo, ACC)
+        acc_loss = tl.zeros((BLOCK_T,), ACC)
+        acc_mask = tl.zeros((BLOCK_T,), ACC)
+        acc_clip = tl.zeros((BLOCK_T,), ACC)
+        acc_lower = tl.zeros((BLOCK_T,), ACC)
+        acc_neg_log_ratio = tl.zeros((BLOCK_T,), ACC)
+        acc_ratio = tl.zeros((BLOCK_T,), ACC)
+        ratio_max = tl.zeros((BLOCK_T,), ACC)  # ratios are > 0: 0 is "no valid token"
         for k in range(0, tiles_per_program):
-            cols = ((chunk * tiles_per_program + k) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            in_row = cols < T
-            m = tl.load(mask_ptr + row * stride_m0 + cols * stride_m1, mask=in_row, other=0).to(compute_ty)
-            lp = tl.load(logprobs_ptr + row * stride_lp0 + cols * stride_lp1, mask=in_row, other=0.0)
-            old = tl.load(old_ptr + row * stride_old0 + cols * stride_old1, mask=in_row, other=0.0)
-            adv = tl.load(adv_ptr + row * stride_adv0 + cols * stride_adv1, mask=in_row, other=0.0)
+            _, _, lp, old, adv, m = _load_tile(
+                logprobs_ptr, old_ptr, adv_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
+                stride_lp0, stride_lp1, stride_old0, stride_old1, stride_adv0, stride_adv1,
+                stride_m0, stride_m1,
+                BLOCK_T, ACC, True,
+            )
             loss, _, log_ratio, ratio, clipped, lower = _policy_token_terms(
-                lp.to(compute_ty), old.to(compute_ty), adv.to(compute_ty),
-                clip_low, clip_high, dual_clip, HAS_DUAL_CLIP,
+                lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL_CLIP
             )
             valid = m != 0
             acc_loss += tl.where(valid, loss * m, 0.0)
@@ -147,48 +163,45 @@ if triton is not None:
             acc_ratio += tl.where(valid, ratio * m, 0.0)
             # NaN ratios are ignored here; the finishing step turns a NaN ratio sum into a NaN max.
             ratio_max = tl.where(valid & (ratio > ratio_max), ratio, ratio_max)
-        n_chunks = tl.num_programs(1)
-        out = row * n_chunks + chunk
-        tl.store(loss_partials_ptr + out, tl.sum(acc_loss, axis=0))
-        tl.store(stats_ptr + 0 * stride_stat + out, tl.sum(acc_mask, axis=0))
-        tl.store(stats_ptr + 1 * stride_stat + out, tl.sum(acc_clip, axis=0))
-        tl.store(stats_ptr + 2 * stride_stat + out, tl.sum(acc_lower, axis=0))
-        tl.store(stats_ptr + 3 * stride_stat + out, tl.sum(acc_neg_log_ratio, axis=0))
-        tl.store(stats_ptr + 4 * stride_stat + out, tl.sum(acc_ratio, axis=0))
-        tl.store(stats_ptr + 5 * stride_stat + out, tl.max(ratio_max, axis=0))
+        tl.store(loss_partials_ptr + row * stride_p0 + chunk * stride_p1, tl.sum(acc_loss, axis=0))
+        stats = stats_ptr + row * stride_s1 + chunk * stride_s2
+        tl.store(stats + 0 * stride_s0, tl.sum(acc_mask, axis=0))
+        tl.store(stats + 1 * stride_s0, tl.sum(acc_clip, axis=0))
+        tl.store(stats + 2 * stride_s0, tl.sum(acc_lower, axis=0))
+        tl.store(stats + 3 * stride_s0, tl.sum(acc_neg_log_ratio, axis=0))
+        tl.store(stats + 4 * stride_s0, tl.sum(acc_ratio, axis=0))
+        tl.store(stats + 5 * stride_s0, tl.max(ratio_max, axis=0))
 
+    # Reads lp, old, A, m again and writes ∂/∂lp (17 bytes per token in fp32 with a bool mask).
     @triton.jit
     def _ppo_policy_loss_bwd_kernel(
         grad_logprobs_ptr, grad_partials_ptr, logprobs_ptr, old_ptr, adv_ptr, mask_ptr,
         stride_lp0, stride_lp1, stride_old0, stride_old1, stride_adv0, stride_adv1, stride_m0, stride_m1,
-        stride_g0, stride_g1,
+        stride_glp0, stride_glp1, stride_g0, stride_g1,
         T, tiles_per_program,
         clip_low_hi, clip_low_mid, clip_low_lo, clip_high_hi, clip_high_mid, clip_high_lo,
         dual_clip_hi, dual_clip_mid, dual_clip_lo,
-        BLOCK_T: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        compute_ty = grad_partials_ptr.dtype.element_ty
-        clip_low = _scalar_arg(clip_low_hi, clip_low_mid, clip_low_lo, compute_ty)
-        clip_high = _scalar_arg(clip_high_hi, clip_high_mid, clip_high_lo, compute_ty)
-        dual_clip = _scalar_arg(dual_clip_hi, dual_clip_mid, dual_clip_lo, compute_ty)
-        g = tl.load(grad_partials_ptr + row * stride_g0 + chunk * stride_g1)
+        clip_low = scalar_arg(clip_low_hi, clip_low_mid, clip_low_lo, ACC)
+        clip_high = scalar_arg(clip_high_hi, clip_high_mid, clip_high_lo, ACC)
+        dual_clip = scalar_arg(dual_clip_hi, dual_clip_mid, dual_clip_lo, ACC)
+        g = tl.load(grad_partials_ptr + row * stride_g0 + chunk * stride_g1).to(ACC)
         for k in range(0, tiles_per_program):
-            cols = ((chunk * tiles_per_program + k) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            in_row = cols < T
-            m = tl.load(mask_ptr + row * stride_m0 + cols * stride_m1, mask=in_row, other=0).to(compute_ty)
-            lp = tl.load(logprobs_ptr + row * stride_lp0 + cols * stride_lp1, mask=in_row, other=0.0)
-            old = tl.load(old_ptr + row * stride_old0 + cols * stride_old1, mask=in_row, other=0.0)
-            adv = tl.load(adv_ptr + row * stride_adv0 + cols * stride_adv1, mask=in_row, other=0.0)
+            cols, in_row, lp, old, adv, m = _load_tile(
+                logprobs_ptr, old_ptr, adv_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
+                stride_lp0, stride_lp1, stride_old0, stride_old1, stride_adv0, stride_adv1,
+                stride_m0, stride_m1,
+                BLOCK_T, ACC, True,
+            )
             _, d_lp, _, _, _, _ = _policy_token_terms(
-                lp.to(compute_ty), old.to(compute_ty), adv.to(compute_ty),
-                clip_low, clip_high, dual_clip, HAS_DUAL_CLIP,
+                lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL_CLIP
             )
             grad = tl.where(m != 0, g * m * d_lp, 0.0)
-            tl.store(
-                grad_logprobs_ptr + row * T + cols, grad.to(grad_logprobs_ptr.dtype.element_ty), mask=in_row
-            )
+            tl.store(grad_logprobs_ptr + row * stride_glp0 + cols * stride_glp1,
+                     grad.to(grad_logprobs_ptr.dtype.element_ty), mask=in_row)
 
     @triton.jit
     def _value_token_terms(v, v_old, ret, clip, HAS_CLIP: tl.constexpr):
@@ -208,73 +221,65 @@ if triton is not None:
             d_v = err
         return loss, d_v, clipped
 
+    # Reads v, v_old (only with a clip), R and m once; writes 3 floats per program.
     @triton.jit
     def _ppo_value_loss_fwd_kernel(
         values_ptr, old_ptr, returns_ptr, mask_ptr, loss_partials_ptr, stats_ptr,
         stride_v0, stride_v1, stride_old0, stride_old1, stride_r0, stride_r1, stride_m0, stride_m1,
-        stride_stat,
+        stride_p0, stride_p1, stride_s0, stride_s1, stride_s2,
         T, tiles_per_program, clip_hi, clip_mid, clip_lo,
-        BLOCK_T: tl.constexpr, HAS_CLIP: tl.constexpr,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, HAS_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        compute_ty = stats_ptr.dtype.element_ty
-        clip = _scalar_arg(clip_hi, clip_mid, clip_lo, compute_ty)
-        acc_loss = tl.zeros((BLOCK_T,), compute_ty)
-        acc_mask = tl.zeros((BLOCK_T,), compute_ty)
-        acc_clip = tl.zeros((BLOCK_T,), compute_ty)
+        clip = scalar_arg(clip_hi, clip_mid, clip_lo, ACC)
+        acc_loss = tl.zeros((BLOCK_T,), ACC)
+        acc_mask = tl.zeros((BLOCK_T,), ACC)
+        acc_clip = tl.zeros((BLOCK_T,), ACC)
         for k in range(0, tiles_per_program):
-            cols = ((chunk * tiles_per_program + k) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            in_row = cols < T
-            m = tl.load(mask_ptr + row * stride_m0 + cols * stride_m1, mask=in_row, other=0).to(compute_ty)
-            v = tl.load(values_ptr + row * stride_v0 + cols * stride_v1, mask=in_row, other=0.0)
-            ret = tl.load(returns_ptr + row * stride_r0 + cols * stride_r1, mask=in_row, other=0.0)
-            if HAS_CLIP:
-                v_old = tl.load(old_ptr + row * stride_old0 + cols * stride_old1, mask=in_row, other=0.0)
-            else:
-                v_old = v
-            loss, _, clipped = _value_token_terms(
-                v.to(compute_ty), v_old.to(compute_ty), ret.to(compute_ty), clip, HAS_CLIP
+            _, _, v, v_old, ret, m = _load_tile(
+                values_ptr, old_ptr, returns_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
+                stride_v0, stride_v1, stride_old0, stride_old1, stride_r0, stride_r1, stride_m0, stride_m1,
+                BLOCK_T, ACC, HAS_CLIP,
             )
+            loss, _, clipped = _value_token_terms(v, v_old, ret, clip, HAS_CLIP)
             valid = m != 0
             acc_loss += tl.where(valid, loss * m, 0.0)
             acc_mask += m
             acc_clip += tl.where(valid & clipped, m, 0.0)
-        out = row * tl.num_programs(1) + chunk
-        tl.store(loss_partials_ptr + out, tl.sum(acc_loss, axis=0))
-        tl.store(stats_ptr + 0 * stride_stat + out, tl.sum(acc_mask, axis=0))
-        tl.store(stats_ptr + 1 * stride_stat + out, tl.sum(acc_clip, axis=0))
+        tl.store(loss_partials_ptr + row * stride_p0 + chunk * stride_p1, tl.sum(acc_loss, axis=0))
+        stats = stats_ptr + row * stride_s1 + chunk * stride_s2
+        tl.store(stats + 0 * stride_s0, tl.sum(acc_mask, axis=0))
+        tl.store(stats + 1 * stride_s0, tl.sum(acc_clip, axis=0))
 
+    # Reads v, v_old (only with a clip), R, m again and writes ∂/∂v.
     @triton.jit
     def _ppo_value_loss_bwd_kernel(
         grad_values_ptr, grad_partials_ptr, values_ptr, old_ptr, returns_ptr, mask_ptr,
         stride_v0, stride_v1, stride_old0, stride_old1, stride_r0, stride_r1, stride_m0, stride_m1,
-        stride_g0, stride_g1,
+        stride_gv0, stride_gv1, stride_g0, stride_g1,
         T, tiles_per_program, clip_hi, clip_mid, clip_lo,
-        BLOCK_T: tl.constexpr, HAS_CLIP: tl.constexpr,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, HAS_CLIP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
-        compute_ty = grad_partials_ptr.dtype.element_ty
-        clip = _scalar_arg(clip_hi, clip_mid, clip_lo, compute_ty)
-        g = tl.load(grad_partials_ptr + row * stride_g0 + chunk * stride_g1)
+        clip = scalar_arg(clip_hi, clip_mid, clip_lo, ACC)
+        g = tl.load(grad_partials_ptr + row * stride_g0 + chunk * stride_g1).to(ACC)
         for k in range(0, tiles_per_program):
-            cols = ((chunk * tiles_per_program + k) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            in_row = cols < T
-            m = tl.load(mask_ptr + row * stride_m0 + cols * stride_m1, mask=in_row, other=0).to(compute_ty)
-            v = tl.load(values_ptr + row * stride_v0 + cols * stride_v1, mask=in_row, other=0.0)
-            ret = tl.load(returns_ptr + row * stride_r0 + cols * stride_r1, mask=in_row, other=0.0)
-            if HAS_CLIP:
-                v_old = tl.load(old_ptr + row * stride_old0 + cols * stride_old1, mask=in_row, other=0.0)
-            else:
-                v_old = v
-            _, d_v, _ = _value_token_terms(
-                v.to(compute_ty), v_old.to(compute_ty), ret.to(compute_ty), clip, HAS_CLIP
+            cols, in_row, v, v_old, ret, m = _load_tile(
+                values_ptr, old_ptr, returns_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
+                stride_v0, stride_v1, stride_old0, stride_old1, stride_r0, stride_r1, stride_m0, stride_m1,
+                BLOCK_T, ACC, HAS_CLIP,
             )
+            _, d_v, _ = _value_token_terms(v, v_old, ret, clip, HAS_CLIP)
             grad = tl.where(m != 0, g * m * d_v, 0.0)
-            tl.store(grad_values_ptr + row * T + cols, grad.to(grad_values_ptr.dtype.element_ty), mask=in_row)
+            tl.store(grad_values_ptr + row * stride_gv0 + cols * stride_gv1,
+                     grad.to(grad_values_ptr.dtype.element_ty), mask=in_row)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Launch configuration.
+# ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _RowTiling:
     block_t: int  # columns per tile
@@ -288,351 +293,107 @@ class _RowTiling:
 _TARGET_PROGRAMS = 256
 
 
-def _pow2_between(n: int, low: int, high: int) -> int:
-    """The smallest power of two >= n, clamped to [low, high].  Comparisons only: a symbolic size under
-    torch.compile(dynamic=True) then costs a few guards instead of a specialisation."""
-    p = low
-    while p < high and p < n:
-        p *= 2
-    return p
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def _row_tiling(rows: int, cols: int) -> _RowTiling:
     """Tiles of up to 1024 columns (4 warps: 8 fp32 per thread per input, two 16-byte vectors); a row is
     split into several programs only when there are too few rows to reach ~_TARGET_PROGRAMS programs."""
-    block_t = _pow2_between(cols, 16, 1024)
-    tiles = _cdiv(cols, block_t)
-    chunks = min(tiles, max(1, _cdiv(_TARGET_PROGRAMS, rows)))
-    tiles_per_program = _cdiv(tiles, chunks)
-    chunks = _cdiv(tiles, tiles_per_program)
+    block_t = pow2_between(cols, 16, 1024)
+    tiles = cdiv(cols, block_t)
+    chunks = min(tiles, max(1, cdiv(_TARGET_PROGRAMS, rows)))
+    tiles_per_program = cdiv(tiles, chunks)
+    chunks = cdiv(tiles, tiles_per_program)
     num_warps = 4 if block_t >= 512 else (2 if block_t >= 128 else 1)
     return _RowTiling(block_t, tiles_per_program, chunks, num_warps)
 
 
-_FP32_MAX = 3.4028234663852886e38
-
-
-def _fp32(value: float) -> float:
-    """``value`` rounded to the nearest fp32, as a Python float."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def _scalar_parts(value: float, dtype: torch.dtype) -> tuple[float, float, float]:
-    """A scalar for a kernel computing in ``dtype``, as three Python floats that are exact in fp32 and
-    whose sum in ``dtype`` is ``value`` rounded to ``dtype``.
-
-    Triton passes a Python float to a kernel as fp32 (the interpreter, too), so an fp64 kernel given
-    ``value`` itself would compute with a 24-bit clip (a relative error of ~1e-8 in the loss, where
-    fp64 inputs promise fp64 math).  hi = fp32(value), mid = fp32(value − hi), lo = value − hi − mid
-    (24 + 24 + 24 ≥ 53 bits, each subtraction exact) add up to ``value`` exactly in fp64.  fp32 kernels
-    get ``(value, 0, 0)``: no arithmetic on the host, so a symbolic float under torch.compile stays
-    symbolic; the fp64 split reads the float (a guard on its value under torch.compile).
-    """
-    if dtype != torch.float64:
-        return value, 0.0, 0.0
-    value = float(value)
-    if not abs(value) < _FP32_MAX:  # beyond fp32's range no fp32 parts exist; validated clips are small
-        return value, 0.0, 0.0
-    hi = _fp32(value)
-    mid = _fp32(value - hi)
-    return hi, mid, _fp32(value - hi - mid)
-
-
-def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask reinterpreted as uint8 (same bytes, no copy): what Triton loads most portably."""
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-
-
 # ---------------------------------------------------------------------------------------------------
-# PyTorch path: the same math in row chunks (bounded fp32 temporaries), one partial per row.  Inputs at
-# masked positions are replaced by 0 once (ℓ = 0, r = 1, A = 0 there: every term is 0 and finite), so
-# that the sums are plain row dot products with the mask, without a where per statistic.
+# Launchers: one shape per kernel kind.  A forward writes loss partial sums [B, chunks] and statistics
+# [S, B, chunks]; a backward writes the gradient [B, T] of its first input.  Both take the loss's three
+# [B, T] inputs, the mask and its scalars, the last of which is optional (None: its constexpr flag is
+# off).  ``*_out`` write into outputs the caller allocated (any strides); the others allocate.
 # ---------------------------------------------------------------------------------------------------
-def _row_slices(rows: int, cols: int):
-    step = max(1, (1 << 20) // max(cols, 1))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+if triton is not None:
+    # loss -> (forward kernel, backward kernel, statistics rows, flag of the optional last scalar)
+    _KERNELS = {
+        "policy": (_ppo_policy_loss_fwd_kernel, _ppo_policy_loss_bwd_kernel, POLICY_STATS, "HAS_DUAL_CLIP"),
+        "value": (_ppo_value_loss_fwd_kernel, _ppo_value_loss_bwd_kernel, VALUE_STATS, "HAS_CLIP"),
+    }
 
 
-def _masked_chunk(mask: torch.Tensor, rs: slice, dtype: torch.dtype, *tensors: torch.Tensor):
-    """(valid, weights m, tensors in ``dtype`` with 0 at masked positions) for rows ``rs``."""
-    valid = mask[rs] != 0
-    weights = mask[rs].to(dtype)
-    return valid, weights, [torch.where(valid, t[rs].to(dtype), 0.0) for t in tensors]
+def _launch_args(
+    inputs: tuple[torch.Tensor, ...], mask: torch.Tensor, scalars: tuple[float | None, ...]
+) -> tuple[list[torch.Tensor], list[int], list[float], bool]:
+    """(inputs and mask, their strides, every scalar as scalar_parts, whether the optional one is set)."""
+    tensors = [*inputs, loadable_mask(mask)]
+    *required, optional = scalars
+    dtype = compute_dtype(*inputs)
+    parts = [p for v in (*required, 0.0 if optional is None else optional) for p in scalar_parts(v, dtype)]
+    return tensors, [st for t in tensors for st in t.stride()], parts, optional is not None
 
 
-def _row_dot(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_t x·m per row."""
-    return (x * weights).sum(-1)
-
-
-def _policy_terms_torch(lp, old, adv, clip_low, clip_high, dual_clip):
-    """(L, log-ratio ℓ, ratio r, clipped, dual-clipped, raw lp − old) per token; same math as the kernel."""
-    raw = lp - old
-    log_ratio = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # torch.clamp propagates NaN
-    ratio = log_ratio.exp()
-    neg_adv = -adv
-    loss1 = neg_adv * ratio
-    loss2 = neg_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    clipped = loss2 > loss1
-    loss = torch.maximum(loss1, loss2)  # = where(clipped, loss2, loss1); both are NaN or neither
-    lower = None
-    if dual_clip is not None:
-        bound = neg_adv * dual_clip
-        lower = (adv < 0) & (loss > bound)
-        loss = torch.where(lower, bound, loss)
-    return loss, log_ratio, ratio, clipped, lower, raw
-
-
-@torch.library.custom_op("rlhf_kernels::ppo_policy_loss_fwd_torch", mutates_args=())
-def _ppo_policy_loss_fwd_torch(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = logprobs.shape
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    loss_partials = torch.empty(rows, 1, dtype=dtype, device=logprobs.device)
-    stats = torch.zeros(_POLICY_STATS, rows, 1, dtype=dtype, device=logprobs.device)
-    for rs in _row_slices(rows, cols):
-        valid, m, (lp, old, adv) = _masked_chunk(mask, rs, dtype, logprobs, old_logprobs, advantages)
-        loss, log_ratio, ratio, clipped, lower, _ = _policy_terms_torch(
-            lp, old, adv, clip_low, clip_high, dual_clip
-        )
-        loss_partials[rs, 0] = _row_dot(loss, m)
-        stats[_P_MASK, rs, 0] = m.sum(-1)
-        stats[_P_CLIP, rs, 0] = _row_dot(clipped, m)
-        if lower is not None:
-            stats[_P_CLIP_LOWER, rs, 0] = _row_dot(lower, m)
-        stats[_P_NEG_LOG_RATIO, rs, 0] = -_row_dot(log_ratio, m)
-        stats[_P_RATIO, rs, 0] = _row_dot(ratio, m)
-        # NaN ratios are skipped here as in the kernel; the finishing step restores the NaN.
-        stats[_P_RATIO_MAX, rs, 0] = torch.where(valid & (ratio > 0), ratio, 0.0).amax(-1)
-    return loss_partials, stats
-
-
-@_ppo_policy_loss_fwd_torch.register_fake
-def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip):
-    rows = logprobs.shape[0]
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    return logprobs.new_empty(rows, 1, dtype=dtype), logprobs.new_empty(_POLICY_STATS, rows, 1, dtype=dtype)
-
-
-@torch.library.custom_op("rlhf_kernels::ppo_policy_loss_bwd_torch", mutates_args=())
-def _ppo_policy_loss_bwd_torch(
-    grad_partials: torch.Tensor,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-) -> torch.Tensor:
-    rows, cols = logprobs.shape
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    grad_logprobs = torch.empty(rows, cols, dtype=logprobs.dtype, device=logprobs.device)
-    # One partial per row on this path (a forward and its backward always share a backend).
-    g = grad_partials.sum(-1, keepdim=True).to(dtype)
-    for rs in _row_slices(rows, cols):
-        _, m, (lp, old, adv) = _masked_chunk(mask, rs, dtype, logprobs, old_logprobs, advantages)
-        _, _, ratio, clipped, lower, raw = _policy_terms_torch(lp, old, adv, clip_low, clip_high, dual_clip)
-        unclipped = ~clipped if lower is None else ~(clipped | lower)
-        in_clamp = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
-        # ∂L/∂lp = −A·r on unclipped tokens inside the log-ratio clamp; NaN stays NaN (comparisons
-        # with NaN are False, so a NaN token is "unclipped" and its NaN product survives).
-        d_lp = torch.where(unclipped & (in_clamp | raw.isnan()), -adv * ratio, 0.0)
-        grad_logprobs[rs] = g[rs] * m * d_lp
-    return grad_logprobs
-
-
-@_ppo_policy_loss_bwd_torch.register_fake
-def _(grad_partials, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip):
-    return logprobs.new_empty(logprobs.shape)
-
-
-def _value_terms_torch(v, v_old, ret, clip):
-    """(L, ∂L/∂v, clipped) per token; same math as the kernel."""
-    err = v - ret
-    loss = 0.5 * err * err
-    if clip is None:
-        return loss, err, None
-    v_clipped = torch.where(v < v_old - clip, v_old - clip, torch.where(v > v_old + clip, v_old + clip, v))
-    err_clipped = v_clipped - ret
-    loss_clipped = 0.5 * err_clipped * err_clipped
-    clipped = loss_clipped > loss
-    return torch.where(clipped, loss_clipped, loss), torch.where(clipped, 0.0, err), clipped
-
-
-@torch.library.custom_op("rlhf_kernels::ppo_value_loss_fwd_torch", mutates_args=())
-def _ppo_value_loss_fwd_torch(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = values.shape
-    dtype = compute_dtype(values, old_values, returns)
-    loss_partials = torch.empty(rows, 1, dtype=dtype, device=values.device)
-    stats = torch.zeros(_VALUE_STATS, rows, 1, dtype=dtype, device=values.device)
-    for rs in _row_slices(rows, cols):
-        _, m, (v, v_old, ret) = _masked_chunk(mask, rs, dtype, values, old_values, returns)
-        loss, _, clipped = _value_terms_torch(v, v_old, ret, clip)
-        loss_partials[rs, 0] = _row_dot(loss, m)
-        stats[_V_MASK, rs, 0] = m.sum(-1)
-        if clipped is not None:
-            stats[_V_CLIP, rs, 0] = _row_dot(clipped, m)
-    return loss_partials, stats
-
-
-@_ppo_value_loss_fwd_torch.register_fake
-def _(values, old_values, returns, mask, clip):
-    rows = values.shape[0]
-    dtype = compute_dtype(values, old_values, returns)
-    return values.new_empty(rows, 1, dtype=dtype), values.new_empty(_VALUE_STATS, rows, 1, dtype=dtype)
-
-
-@torch.library.custom_op("rlhf_kernels::ppo_value_loss_bwd_torch", mutates_args=())
-def _ppo_value_loss_bwd_torch(
-    grad_partials: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
-) -> torch.Tensor:
-    rows, cols = values.shape
-    dtype = compute_dtype(values, old_values, returns)
-    grad_values = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
-    g = grad_partials.sum(-1, keepdim=True).to(dtype)
-    for rs in _row_slices(rows, cols):
-        _, m, (v, v_old, ret) = _masked_chunk(mask, rs, dtype, values, old_values, returns)
-        _, d_v, _ = _value_terms_torch(v, v_old, ret, clip)
-        grad_values[rs] = g[rs] * m * d_v
-    return grad_values
-
-
-@_ppo_value_loss_bwd_torch.register_fake
-def _(grad_partials, values, old_values, returns, mask, clip):
-    return values.new_empty(values.shape)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Triton launchers.
-# ---------------------------------------------------------------------------------------------------
-def _launch_policy_fwd(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = logprobs.shape
+def _launch_fwd_out(
+    loss: str, loss_partials: torch.Tensor, stats: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    z: torch.Tensor, mask: torch.Tensor, *scalars: float | None,
+) -> None:
+    kernel, _, n_stats, option = _KERNELS[loss]
+    rows, cols = x.shape
     cfg = _row_tiling(rows, cols)
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    loss_partials = torch.empty(rows, cfg.chunks, dtype=dtype, device=logprobs.device)
-    stats = torch.empty(_POLICY_STATS, rows, cfg.chunks, dtype=dtype, device=logprobs.device)
-    mask = _kernel_mask(mask)
-    wrap_triton(_ppo_policy_loss_fwd_kernel)[(rows, cfg.chunks)](
-        logprobs, old_logprobs, advantages, mask, loss_partials, stats,
-        logprobs.stride(0), logprobs.stride(1), old_logprobs.stride(0), old_logprobs.stride(1),
-        advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
-        stats.stride(0),
-        cols, cfg.tiles_per_program,
-        *_scalar_parts(clip_low, dtype), *_scalar_parts(clip_high, dtype),
-        *_scalar_parts(0.0 if dual_clip is None else dual_clip, dtype),
-        BLOCK_T=cfg.block_t, HAS_DUAL_CLIP=dual_clip is not None, num_warps=cfg.num_warps,
+    assert tuple(loss_partials.shape) == (rows, cfg.chunks)
+    assert tuple(stats.shape) == (n_stats, rows, cfg.chunks)
+    assert loss_partials.dtype == stats.dtype == compute_dtype(x, y, z)
+    tensors, strides, parts, has_option = _launch_args((x, y, z), mask, scalars)
+    wrap_triton(kernel)[(rows, cfg.chunks)](
+        *tensors, loss_partials, stats,
+        *strides, *loss_partials.stride(), *stats.stride(),
+        cols, cfg.tiles_per_program, *parts,
+        BLOCK_T=cfg.block_t, ACC=acc_dtype(x, y, z), num_warps=cfg.num_warps, **{option: has_option},
     )
-    return loss_partials, stats
 
 
-def _launch_policy_bwd(
-    grad_partials: torch.Tensor,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-) -> torch.Tensor:
-    rows, cols = logprobs.shape
+def _launch_bwd_out(
+    loss: str, grad: torch.Tensor, grad_partials: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    z: torch.Tensor, mask: torch.Tensor, *scalars: float | None,
+) -> None:
+    _, kernel, _, option = _KERNELS[loss]
+    rows, cols = x.shape
     cfg = _row_tiling(rows, cols)
     assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    grad_logprobs = torch.empty(rows, cols, dtype=logprobs.dtype, device=logprobs.device)
-    mask = _kernel_mask(mask)
-    wrap_triton(_ppo_policy_loss_bwd_kernel)[(rows, cfg.chunks)](
-        grad_logprobs, grad_partials, logprobs, old_logprobs, advantages, mask,
-        logprobs.stride(0), logprobs.stride(1), old_logprobs.stride(0), old_logprobs.stride(1),
-        advantages.stride(0), advantages.stride(1), mask.stride(0), mask.stride(1),
-        grad_partials.stride(0), grad_partials.stride(1),
-        cols, cfg.tiles_per_program,
-        *_scalar_parts(clip_low, dtype), *_scalar_parts(clip_high, dtype),
-        *_scalar_parts(0.0 if dual_clip is None else dual_clip, dtype),
-        BLOCK_T=cfg.block_t, HAS_DUAL_CLIP=dual_clip is not None, num_warps=cfg.num_warps,
+    assert tuple(grad.shape) == (rows, cols)
+    tensors, strides, parts, has_option = _launch_args((x, y, z), mask, scalars)
+    wrap_triton(kernel)[(rows, cfg.chunks)](
+        grad, grad_partials, *tensors,
+        *strides, *grad.stride(), *grad_partials.stride(),
+        cols, cfg.tiles_per_program, *parts,
+        BLOCK_T=cfg.block_t, ACC=acc_dtype(x, y, z), num_warps=cfg.num_warps, **{option: has_option},
     )
-    return grad_logprobs
 
 
-def _launch_value_fwd(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
+def _launch_fwd(
+    loss: str, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, *scalars: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = values.shape
-    cfg = _row_tiling(rows, cols)
-    dtype = compute_dtype(values, old_values, returns)
-    loss_partials = torch.empty(rows, cfg.chunks, dtype=dtype, device=values.device)
-    stats = torch.empty(_VALUE_STATS, rows, cfg.chunks, dtype=dtype, device=values.device)
-    mask = _kernel_mask(mask)
-    wrap_triton(_ppo_value_loss_fwd_kernel)[(rows, cfg.chunks)](
-        values, old_values, returns, mask, loss_partials, stats,
-        values.stride(0), values.stride(1), old_values.stride(0), old_values.stride(1),
-        returns.stride(0), returns.stride(1), mask.stride(0), mask.stride(1),
-        stats.stride(0),
-        cols, cfg.tiles_per_program, *_scalar_parts(0.0 if clip is None else clip, dtype),
-        BLOCK_T=cfg.block_t, HAS_CLIP=clip is not None, num_warps=cfg.num_warps,
-    )
+    rows, cols = x.shape
+    chunks = _row_tiling(rows, cols).chunks
+    dtype = compute_dtype(x, y, z)
+    loss_partials = torch.empty(rows, chunks, dtype=dtype, device=x.device)
+    stats = torch.empty(_KERNELS[loss][2], rows, chunks, dtype=dtype, device=x.device)
+    _launch_fwd_out(loss, loss_partials, stats, x, y, z, mask, *scalars)
     return loss_partials, stats
 
 
-def _launch_value_bwd(
-    grad_partials: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
+def _launch_bwd(
+    loss: str, grad_partials: torch.Tensor, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+    mask: torch.Tensor, *scalars: float | None,
 ) -> torch.Tensor:
-    rows, cols = values.shape
-    cfg = _row_tiling(rows, cols)
-    assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
-    dtype = compute_dtype(values, old_values, returns)
-    grad_values = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
-    mask = _kernel_mask(mask)
-    wrap_triton(_ppo_value_loss_bwd_kernel)[(rows, cfg.chunks)](
-        grad_values, grad_partials, values, old_values, returns, mask,
-        values.stride(0), values.stride(1), old_values.stride(0), old_values.stride(1),
-        returns.stride(0), returns.stride(1), mask.stride(0), mask.stride(1),
-        grad_partials.stride(0), grad_partials.stride(1),
-        cols, cfg.tiles_per_program, *_scalar_parts(0.0 if clip is None else clip, dtype),
-        BLOCK_T=cfg.block_t, HAS_CLIP=clip is not None, num_warps=cfg.num_warps,
-    )
-    return grad_values
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch_bwd_out(loss, grad, grad_partials, x, y, z, mask, *scalars)
+    return grad
+
+
+# The routing ops' Triton implementations: (logprobs, old_logprobs, advantages, mask, clip_low,
+# clip_high, dual_clip) and (values, old_values, returns, mask, clip), gradients first in the backward.
+_launch_policy_fwd = functools.partial(_launch_fwd, "policy")
+_launch_policy_bwd = functools.partial(_launch_bwd, "policy")
+_launch_value_fwd = functools.partial(_launch_fwd, "value")
+_launch_value_bwd = functools.partial(_launch_bwd, "value")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -640,131 +401,72 @@ def _launch_value_bwd(
 # only the loss partial sums are differentiable.  The number of chunks depends on the backend (1 on the
 # PyTorch path), which is why the public functions always reduce over the last dimension.
 # ---------------------------------------------------------------------------------------------------
-@triton_op("rlhf_kernels::ppo_policy_loss_fwd", mutates_args=())
+@kernel_op("ppo_policy_loss_fwd")
 def ppo_policy_loss_fwd(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_low: float, clip_high: float, dual_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ L·m partial sums [B, chunks], statistics [6, B, chunks]: Σm, Σ clipped·m, Σ dual-clipped·m,
     Σ −ℓ·m, Σ r·m, max r), in fp32 (fp64 for fp64 inputs)."""
-    args = (logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
-    if _dispatch.backend_for(FAMILY, logprobs.device) == "triton":
-        return _launch_policy_fwd(*args)
-    return _dispatch.torch_path(_ppo_policy_loss_fwd_torch)(*args)
+    return _dispatch.route(
+        FAMILY, logprobs.device, triton=_launch_policy_fwd, torch=cpu.ppo_policy_loss_fwd_torch
+    )(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
 
 
-@triton_op("rlhf_kernels::ppo_policy_loss_bwd", mutates_args=())
+@kernel_op("ppo_policy_loss_bwd")
 def ppo_policy_loss_bwd(
-    grad_partials: torch.Tensor,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
+    grad_partials: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+    advantages: torch.Tensor, mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
 ) -> torch.Tensor:
     """∂/∂logprobs [B, T] (logprobs' dtype) given the gradient of the forward's loss partial sums."""
-    args = (grad_partials, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
-    if _dispatch.backend_for(FAMILY, logprobs.device) == "triton":
-        return _launch_policy_bwd(*args)
-    return _dispatch.torch_path(_ppo_policy_loss_bwd_torch)(*args)
+    return _dispatch.route(
+        FAMILY, logprobs.device, triton=_launch_policy_bwd, torch=cpu.ppo_policy_loss_bwd_torch
+    )(grad_partials, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
 
 
-def _policy_setup_context(ctx, inputs, output) -> None:
-    logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip = inputs
-    ctx.save_for_backward(logprobs, old_logprobs, advantages, mask)
-    ctx.clips = (clip_low, clip_high, dual_clip)
-
-
-def _policy_backward(ctx, grad_partials, grad_stats):
-    logprobs, old_logprobs, advantages, mask = ctx.saved_tensors
-    grad = ppo_policy_loss_bwd(
-        grad_partials, logprobs, old_logprobs, advantages, mask, *ctx.clips  # any strides: an expand is fine
-    )
-    return grad, None, None, None, None, None, None
-
-
-ppo_policy_loss_fwd.register_autograd(_policy_backward, setup_context=_policy_setup_context)
-
-
-@triton_op("rlhf_kernels::ppo_value_loss_fwd", mutates_args=())
+@kernel_op("ppo_value_loss_fwd")
 def ppo_value_loss_fwd(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
     clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ L·m partial sums [B, chunks], statistics [2, B, chunks]: Σm, Σ clipped·m)."""
-    if _dispatch.backend_for(FAMILY, values.device) == "triton":
-        return _launch_value_fwd(values, old_values, returns, mask, clip)
-    return _dispatch.torch_path(_ppo_value_loss_fwd_torch)(values, old_values, returns, mask, clip)
+    return _dispatch.route(
+        FAMILY, values.device, triton=_launch_value_fwd, torch=cpu.ppo_value_loss_fwd_torch
+    )(values, old_values, returns, mask, clip)
 
 
-@triton_op("rlhf_kernels::ppo_value_loss_bwd", mutates_args=())
+@kernel_op("ppo_value_loss_bwd")
 def ppo_value_loss_bwd(
-    grad_partials: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
+    grad_partials: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+    mask: torch.Tensor, clip: float | None,
 ) -> torch.Tensor:
     """∂/∂values [B, T] (values' dtype) given the gradient of the forward's loss partial sums."""
-    if _dispatch.backend_for(FAMILY, values.device) == "triton":
-        return _launch_value_bwd(grad_partials, values, old_values, returns, mask, clip)
-    body = _dispatch.torch_path(_ppo_value_loss_bwd_torch)
-    return body(grad_partials, values, old_values, returns, mask, clip)
+    return _dispatch.route(
+        FAMILY, values.device, triton=_launch_value_bwd, torch=cpu.ppo_value_loss_bwd_torch
+    )(grad_partials, values, old_values, returns, mask, clip)
 
 
-def _value_setup_context(ctx, inputs, output) -> None:
-    values, old_values, returns, mask, clip = inputs
-    ctx.save_for_backward(values, old_values, returns, mask)
-    ctx.clip = clip
+def _register_autograd(forward, backward_op) -> None:
+    """Both forwards take (x, y, z, mask, *scalars) and differentiate the loss partial sums in x only."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:4])
+        ctx.scalars = inputs[4:]
+
+    def backward(ctx, grad_partials, grad_stats):
+        grad = backward_op(grad_partials, *ctx.saved_tensors, *ctx.scalars)
+        return (grad,) + (None,) * (3 + len(ctx.scalars))
+
+    forward.register_autograd(backward, setup_context=setup_context)
 
 
-def _value_backward(ctx, grad_partials, grad_stats):
-    values, old_values, returns, mask = ctx.saved_tensors
-    grad = ppo_value_loss_bwd(grad_partials, values, old_values, returns, mask, ctx.clip)
-    return grad, None, None, None, None
-
-
-ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_value_setup_context)
+_register_autograd(ppo_policy_loss_fwd, ppo_policy_loss_bwd)
+_register_autograd(ppo_value_loss_fwd, ppo_value_loss_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public functions.
 # ---------------------------------------------------------------------------------------------------
-def _check_token_inputs(mask: object, **tensors: torch.Tensor) -> None:
-    """[B, T] floating tensors of one dtype and a [B, T] mask, on one device, B, T >= 1."""
-    (first_name, first), *others = tensors.items()
-    for name, tensor in tensors.items():
-        check_float_tensor(name, tensor, _LOSS_DTYPES)
-    check_ndim(first_name, first, 2, "[B, T]")
-    if first.numel() == 0:
-        raise ValueError(
-            f"{first_name} must be non-empty [B, T] with B, T >= 1; got shape {tuple(first.shape)}"
-        )
-    for name, tensor in others:
-        check_shape(name, tensor, first.shape, f"{first_name}.shape")
-        if tensor.dtype != first.dtype:
-            raise TypeError(f"{name} must have the dtype of {first_name} ({first.dtype}); got {tensor.dtype}")
-    check_mask_tensor("mask", mask)
-    check_shape("mask", mask, first.shape, f"{first_name}.shape")
-    check_same_device(**tensors, mask=mask)
-
-
-def _row_sums(partials: torch.Tensor) -> torch.Tensor:
-    """[B, chunks] partial sums -> [B]; no launch when a row is one chunk (the usual case)."""
-    return partials.sum(dim=-1) if partials.shape[-1] > 1 else partials.squeeze(-1)
-
-
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -776,6 +478,7 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     loss_agg: str = TOKEN_MEAN,
     normalizer: Normalizer = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped PPO policy loss (optionally dual-clipped) and its metrics, fused.
 
@@ -788,8 +491,12 @@ def ppo_policy_loss(
         clip_low: ε_low > 0; the ratio is clipped below at 1 − ε_low.
         clip_high: ε_high > 0 (default ``clip_low``); the ratio is clipped above at 1 + ε_high.
         dual_clip: c > 1 enables dual clip: where A < 0 the loss is min(C, −A·c).  None disables it.
-        loss_agg: one of :data:`rlhf_kernels.ops.aggregation.LOSS_AGG_MODES`.
-        normalizer: replaces the aggregation's denominator (see ``agg_loss``), for micro-batches.
+        loss_agg: one of :data:`rlhf_kernels.ops.aggregation.LOSS_AGG_MODES` (verl 0.9.1's meanings).
+        normalizer: replaces the aggregation's whole denominator, for micro-batches (docs/aggregation.md).
+        is_weights: optional [B, T] rollout importance weights w (no gradient; e.g. from
+            :func:`rlhf_kernels.rollout_correction`): the per-token loss becomes L·w (verl's
+            ``rollout_is_weights``); the metrics stay unweighted.  Runs the token-level core of
+            ``ops/policy_losses.py`` (variant "vanilla"), which reads w in the same single pass.
 
     Math, per token: ℓ = clamp(lp − old, −20, 20), r = e^ℓ, L1 = −A·r,
     L2 = −A·clamp(r, 1 − ε_low, 1 + ε_high), C = max(L1, L2); L = min(C, −A·c) where A < 0 with dual
@@ -803,9 +510,10 @@ def ppo_policy_loss(
         r over valid tokens; 0 when there are none) to 0-dim fp32 tensors.  Masked means divide by
         max(Σm, 1).  Nothing synchronises the device.
 
-    Masked positions contribute exactly 0 and receive exactly zero gradient, whatever they hold.
+    Masked positions contribute exactly 0 and receive exactly zero gradient, whatever they hold; a
+    fully masked batch gives a zero gradient in every mode.
     """
-    _check_token_inputs(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    check_token_inputs(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     clip_low = check_greater("clip_low", clip_low, 0.0)
     clip_high = clip_low if clip_high is None else check_greater("clip_high", clip_high, 0.0)
     if dual_clip is not None:
@@ -813,19 +521,26 @@ def ppo_policy_loss(
     check_loss_agg(loss_agg)
     normalizer = check_normalizer(normalizer)
 
-    loss_partials, stats = ppo_policy_loss_fwd(
-        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip
-    )
+    if is_weights is None:
+        loss_partials, stats = ppo_policy_loss_fwd(
+            logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip
+        )
+    else:
+        from .policy_losses import weighted_vanilla_fwd  # the token-level core imports this module
+
+        loss_partials, stats = weighted_vanilla_fwd(
+            logprobs, old_logprobs, advantages, mask, is_weights, clip_low, clip_high, dual_clip
+        )
     stats = stats.detach()  # metrics carry no gradient
     loss = agg_row_sums(
-        _row_sums(loss_partials), _row_sums(stats[_P_MASK]), loss_agg, logprobs.shape[1], normalizer
+        chunk_totals(loss_partials), chunk_totals(stats[P_MASK]), loss_agg, logprobs.shape[1], normalizer
     )
     # Few, small launches: on the GPU they cost about as much as the fused kernel itself.
-    totals = stats[:_P_RATIO_MAX].sum(dim=(1, 2))  # Σm, Σ clipped·m, Σ dual-clipped·m, Σ −ℓ·m, Σ r·m
+    totals = stats[:P_RATIO_MAX].sum(dim=(1, 2))  # Σm, Σ clipped·m, Σ dual-clipped·m, Σ −ℓ·m, Σ r·m
     means = (totals[1:] / totals[:1].clamp(min=1.0)).to(torch.float32)
     clipfrac, clipfrac_lower, approx_kl, ratio_mean = means.unbind()
     # A NaN ratio at a valid token makes the ratio mean NaN; the max (which skipped it) follows.
-    ratio_max = torch.where(ratio_mean.isnan(), ratio_mean, stats[_P_RATIO_MAX].amax().to(torch.float32))
+    ratio_max = torch.where(ratio_mean.isnan(), ratio_mean, stats[P_RATIO_MAX].amax().to(torch.float32))
     metrics = {
         "clipfrac": clipfrac,
         "clipfrac_lower": clipfrac_lower,
@@ -859,9 +574,10 @@ def ppo_value_loss(
     Returns:
         ``(loss, metrics)``: loss 0-dim fp32 (fp64 for fp64 inputs), differentiable with respect to
         ``values`` only; ``metrics["clipfrac"]`` = masked mean of (v_clipped − R)² > (v − R)², 0-dim fp32
-        (0 without clipping).  No device sync.  Masked positions contribute 0 and get zero gradient.
+        (0 without clipping).  No device sync.  Masked positions contribute 0 and get zero gradient; a
+        fully masked batch gives a zero gradient in every mode.
     """
-    _check_token_inputs(mask, values=values, old_values=old_values, returns=returns)
+    check_token_inputs(mask, values=values, old_values=old_values, returns=returns)
     if clip is not None:
         clip = check_greater("clip", clip, 0.0)
     check_loss_agg(loss_agg)
@@ -870,42 +586,11 @@ def ppo_value_loss(
     loss_partials, stats = ppo_value_loss_fwd(values, old_values, returns, mask, clip)
     stats = stats.detach()
     loss = agg_row_sums(
-        _row_sums(loss_partials), _row_sums(stats[_V_MASK]), loss_agg, values.shape[1], normalizer
+        chunk_totals(loss_partials), chunk_totals(stats[V_MASK]), loss_agg, values.shape[1], normalizer
     )
     totals = stats.sum(dim=(1, 2))  # Σm, Σ clipped·m
-    clipfrac = (totals[_V_CLIP] / totals[_V_MASK].clamp(min=1.0)).to(torch.float32)
+    clipfrac = (totals[V_CLIP] / totals[V_MASK].clamp(min=1.0)).to(torch.float32)
     return loss, {"clipfrac": clipfrac}
 
 
-def kl_loss(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    estimator: str = "k3",
-    loss_agg: str = TOKEN_MEAN,
-    normalizer: Normalizer = None,
-) -> torch.Tensor:
-    """agg(k(lp, ref), mask): the KL penalty as a loss, 0-dim fp32 (fp64 for fp64 inputs).
-
-    Args:
-        logprobs: [B, T] policy log-probabilities (float32, bfloat16, float16 or float64).
-        ref_logprobs: [B, T] reference log-probabilities (same dtype).
-        mask: [B, T] 0/1 mask.
-        estimator: ``"k1"``, ``"abs"``, ``"k2"``, ``"k3"`` / ``"low_var_kl"``, as defined by
-            :func:`rlhf_kernels.ops.kl.kl_penalty` (the one definition in the library).
-        loss_agg, normalizer: as for :func:`ppo_policy_loss`.
-
-    Differentiable with respect to ``logprobs`` (and ``ref_logprobs`` if it requires grad).  Masked
-    positions contribute 0 and receive zero gradient.  No device sync.
-    """
-    _check_token_inputs(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
-    estimator = check_estimator(estimator)
-    check_loss_agg(loss_agg)
-    normalizer = check_normalizer(normalizer)
-    # Padding may hold NaN/inf: zero it first, so that masked positions get an exact 0 gradient (the
-    # aggregation alone would multiply their zero upstream gradient by a NaN derivative).
-    valid = mask != 0
-    logprobs = torch.where(valid, logprobs, 0.0)
-    ref_logprobs = torch.where(valid, ref_logprobs, 0.0)
-    return agg_loss(kl_penalty(logprobs, ref_logprobs, estimator), mask, loss_agg, normalizer)
+__all__ = ["kl_loss", "ppo_policy_loss", "ppo_value_loss"]
