@@ -1,9 +1,7 @@
-"""Advantages: GAE, whitening and KL reward shaping; ours vs verl's / OpenRLHF's eager loops and
-torch.compile of verl's loop.
+"""GAE: ours vs verl's and OpenRLHF's eager loops and torch.compile of verl's loop.
 
-Minimal traffic of GAE (fp32 rewards and values, bool mask): read B·T·(4 + 4 + 1) bytes, write the fp32
-advantages and returns, 2·B·T·4 bytes.  Whitening reads x and the mask (twice: statistics, then
-output) and writes fp32; reward shaping reads two log-prob tensors and the mask and writes fp32.
+Minimal traffic (fp32 rewards and values, bool mask): read B·T·(4 + 4 + 1) bytes, write the fp32
+advantages and returns, 2·B·T·4 bytes.
 
 On CPU the C++ kernel (csrc/gae.cpp, the default there) and the PyTorch scan run; on CUDA the Triton
 scan (the default), the CUDA kernel (csrc/gae_cuda.cu) and the PyTorch scan.  torch.compile of the
@@ -18,24 +16,24 @@ import os
 
 import torch
 
-import rlhf_kernels.ops.advantages as ops
 from rlhf_kernels import _dispatch, _ext
+from rlhf_kernels.ops.gae import compute_gae
 
-from .baselines import advantages as peers
-from .baselines.masked import verl_masked_whiten
+from .baselines import gae as peers
 from .harness import Bench
 
-FAMILY = "advantages"
+FAMILY = "gae"
 GAMMA, LAM = 0.99, 0.95
 
 
-def _shapes(bench: Bench) -> list[tuple[int, int]]:
+def shapes(bench: Bench) -> list[tuple[int, int]]:
+    """[B, T] cases, shared with the whitening and token-reward benchmarks."""
     if bench.device.type == "cpu" and bench.quick:
         return [(8, 128), (64, 1024)]
     return [(8, 128), (64, 1024), (256, 4096), (1024, 8192)]
 
 
-def _inputs(B: int, T: int, device: torch.device):
+def inputs(B: int, T: int, device: torch.device):
     """fp32 rewards and values, a bool mask with right padding of random lengths (≥ 1 valid token)."""
     gen = torch.Generator().manual_seed(B * 100003 + T)
     rewards = torch.randn(B, T, generator=gen).to(device)
@@ -56,10 +54,10 @@ def _with_backend(backend: str, fn):
 def _our_backends(device: torch.device) -> list[str]:
     if device.type == "cuda":
         names = ["triton"]
-        if _ext.unavailable_reason("gae", "cuda") is None:
+        if _ext.unavailable_reason(FAMILY, "cuda") is None:
             names.append("cuda")
         return names + ["torch"]
-    names = ["cpp"] if _ext.unavailable_reason("gae", "cpp") is None else []
+    names = ["cpp"] if _ext.unavailable_reason(FAMILY, "cpp") is None else []
     return names + ["torch"]
 
 
@@ -69,7 +67,7 @@ def _compile_max_t(device: torch.device) -> int:
 
 
 def _bench_gae(bench: Bench, B: int, T: int) -> None:
-    rewards, values, mask = _inputs(B, T, bench.device)
+    rewards, values, mask = inputs(B, T, bench.device)
     case = f"gae B={B} T={T}"
     traffic = B * T * (4 + 4 + 1) + 2 * B * T * 4
     bench.measure(FAMILY, case, "verl_loop", "fwd", lambda: peers.verl_gae(rewards, values, mask, GAMMA, LAM),
@@ -83,39 +81,14 @@ def _bench_gae(bench: Bench, B: int, T: int) -> None:
         bench.measure(FAMILY, case, "torch.compile(verl_loop)", "fwd",
                       lambda: compiled(rewards, values, mask, GAMMA, LAM), bytes_moved=traffic,
                       baseline="verl_loop")
-    for backend in _our_backends(bench.device):
-        impl = "rlhf_kernels" if backend == _our_backends(bench.device)[0] else f"rlhf_kernels[{backend}]"
-        fn = _with_backend(backend, lambda: ops.compute_gae(rewards, values, mask, GAMMA, LAM))
+    backends = _our_backends(bench.device)
+    for backend in backends:
+        impl = "rlhf_kernels" if backend == backends[0] else f"rlhf_kernels[{backend}]"
+        fn = _with_backend(backend, lambda: compute_gae(rewards, values, mask, GAMMA, LAM))
         bench.measure(FAMILY, case, impl, "fwd", fn, bytes_moved=traffic, baseline="verl_loop",
                       note=f"backend {backend}")
 
 
-def _bench_whiten(bench: Bench, B: int, T: int) -> None:
-    _, values, mask = _inputs(B, T, bench.device)
-    case = f"whiten B={B} T={T}"
-    traffic = 2 * B * T * (4 + 1) + B * T * 4
-    bench.measure(FAMILY, case, "verl_masked_whiten", "fwd", lambda: verl_masked_whiten(values, mask),
-                  bytes_moved=traffic)
-    bench.measure(FAMILY, case, "rlhf_kernels", "fwd", lambda: ops.masked_whiten(values, mask),
-                  bytes_moved=traffic, baseline="verl_masked_whiten")
-
-
-def _bench_rewards(bench: Bench, B: int, T: int) -> None:
-    rewards, values, mask = _inputs(B, T, bench.device)
-    scores = rewards[:, 0].contiguous()
-    case = f"kl_rewards B={B} T={T}"
-    traffic = B * T * (4 + 4 + 1 + 4)
-    bench.measure(FAMILY, case, "verl_apply_kl_penalty", "fwd",
-                  lambda: peers.verl_token_level_rewards(scores, rewards, values, mask, 0.05),
-                  bytes_moved=traffic)
-    bench.measure(FAMILY, case, "rlhf_kernels", "fwd",
-                  lambda: ops.token_level_rewards(scores, rewards, values, mask, kl_coef=0.05),
-                  bytes_moved=traffic, baseline="verl_apply_kl_penalty")
-
-
 def run(bench: Bench) -> None:
-    for B, T in _shapes(bench):
+    for B, T in shapes(bench):
         _bench_gae(bench, B, T)
-    for B, T in _shapes(bench)[-2:]:
-        _bench_whiten(bench, B, T)
-        _bench_rewards(bench, B, T)

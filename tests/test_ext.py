@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import HAS_CUDA
 
-import rlhf_kernels.ops.advantages as adv
 from rlhf_kernels import _dispatch, _ext
-from rlhf_kernels.reference import advantages as ref
+from rlhf_kernels.ops.gae import compute_gae
+from rlhf_kernels.reference import gae as ref
 
 CSRC = Path(_ext.__file__).resolve().parent.parent / "csrc"
 
@@ -64,7 +64,7 @@ def test_cuda_extension_builds_and_matches_oracle():
     mask[1] = False
     for mode in ("carry", "zero"):
         with _dispatch.use_backend("cuda"):
-            got = adv.compute_gae(rewards, values, mask, 0.99, 0.95, mask_mode=mode)
+            got = compute_gae(rewards, values, mask, 0.99, 0.95, mask_mode=mode)
         expected = ref.compute_gae(rewards.cpu(), values.cpu(), mask.cpu(), 0.99, 0.95, mask_mode=mode)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g.cpu().double(), e, rtol=1e-4, atol=1e-4)
@@ -97,11 +97,11 @@ def test_build_failure_warns_once_and_falls_back(fresh_ext, tmp_path):
         assert _dispatch.backend_for("gae", "cpu") == "torch"
         rewards, values = torch.randn(3, 9), torch.randn(3, 9)
         mask = torch.rand(3, 9) < 0.7
-        got = adv.compute_gae(rewards, values, mask, 0.9, 0.9)
+        got = compute_gae(rewards, values, mask, 0.9, 0.9)
     expected = ref.compute_gae(rewards, values, mask, 0.9, 0.9)
     torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-5)
     with _dispatch.use_backend("cpp"), pytest.raises(RuntimeError, match="could not be built"):
-        adv.compute_gae(rewards, values, mask)
+        compute_gae(rewards, values, mask)
 
 
 def test_missing_sources_warn_once(fresh_ext, tmp_path):

@@ -1,107 +1,16 @@
-"""Eager advantage idioms of verl and OpenRLHF (versions in ``bench/baselines/__init__.py``).
-
-Both compute GAE with a reverse Python loop over the response length (T small kernels per call);
-verl whitens the advantages over the response mask with Bessel's correction, OpenRLHF normalises them
-over all valid tokens of the batch with the biased variance.
-"""
+"""The advantage idioms' old import path: GAE is ``gae.py``, whitening ``whiten.py``, KL reward shaping
+``token_rewards.py`` (tests and ``bench/bench_overhead.py`` import these names from here)."""
 
 from __future__ import annotations
 
-import torch
+from .gae import openrlhf_get_advantages_and_returns, verl_compute_gae_advantage_return, verl_gae
+from .token_rewards import verl_token_level_rewards
+from .whiten import openrlhf_normalize
 
-from .masked import verl_masked_mean, verl_masked_whiten
-
-
-def verl_gae(
-    token_level_rewards: torch.Tensor,
-    values: torch.Tensor,
-    response_mask: torch.Tensor,
-    gamma: float,
-    lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loop of verl's compute_gae_advantage_return, without its final whitening: (advantages,
-    returns).  The carried next value and last advantage skip masked positions (m·new + (1 − m)·old).
-
-    The mask is cast to the values' dtype first: verl's response_mask is an integer or float tensor (its
-    ``1 − m`` fails on bool); for those the numbers are the same."""
-    with torch.no_grad():
-        next_values = 0
-        last_gae = 0
-        reversed_advantages = []
-        mask = response_mask.to(values.dtype)
-        for t in reversed(range(token_level_rewards.shape[-1])):
-            delta = token_level_rewards[:, t] + gamma * next_values - values[:, t]
-            candidate = delta + gamma * lam * last_gae
-            next_values = values[:, t] * mask[:, t] + (1 - mask[:, t]) * next_values
-            last_gae = candidate * mask[:, t] + (1 - mask[:, t]) * last_gae
-            reversed_advantages.append(last_gae)
-        advantages = torch.stack(reversed_advantages[::-1], dim=1)
-        return advantages, advantages + values
-
-
-def verl_compute_gae_advantage_return(
-    token_level_rewards: torch.Tensor,
-    values: torch.Tensor,
-    response_mask: torch.Tensor,
-    gamma: float,
-    lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's compute_gae_advantage_return: the loop, then masked_whiten of the advantages over the
-    response mask (raises, a host sync, with fewer than two valid tokens); returns are not whitened."""
-    advantages, returns = verl_gae(token_level_rewards, values, response_mask, gamma, lam)
-    return verl_masked_whiten(advantages, response_mask), returns
-
-
-def verl_token_level_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    response_mask: torch.Tensor,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's apply_kl_penalty with the k1 estimator, on token-level scores that hold each sequence's
-    score at its last valid token (where verl's reward manager puts it for right-padded responses):
-    rewards = scores − β·KL·m, and the batch KL metric, the mean over rows of the masked row mean (as a
-    0-dim tensor: verl reads it with ``.item()``)."""
-    mask = response_mask.to(torch.float32)
-    last = (torch.arange(mask.shape[1], device=mask.device) * (mask > 0)).amax(-1)
-    token_scores = torch.zeros_like(logprobs, dtype=torch.float32)
-    token_scores[torch.arange(mask.shape[0], device=mask.device), last] = scores.float()
-    kld = (logprobs.float() - ref_logprobs.float()) * mask
-    rewards = token_scores - kl_coef * kld
-    return rewards, verl_masked_mean(kld, mask, axis=-1).mean()
-
-
-def openrlhf_get_advantages_and_returns(
-    values: torch.Tensor,
-    rewards: torch.Tensor,
-    action_mask: torch.Tensor | None,
-    gamma: float,
-    lambd: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """OpenRLHF's get_advantages_and_returns: zero the masked values and rewards, then the plain loop
-    with V_T = 0.  Note the (values, rewards) argument order."""
-    with torch.no_grad():
-        if action_mask is not None:
-            values = action_mask * values
-            rewards = action_mask * rewards
-        last_gae = 0
-        reversed_advantages = []
-        length = rewards.shape[1]
-        for t in reversed(range(length)):
-            next_values = values[:, t + 1] if t < length - 1 else 0.0
-            delta = rewards[:, t] + gamma * next_values - values[:, t]
-            last_gae = delta + gamma * lambd * last_gae
-            reversed_advantages.append(last_gae)
-        advantages = torch.stack(reversed_advantages[::-1], dim=1)
-        return advantages.detach(), advantages + values
-
-
-def openrlhf_normalize(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """OpenRLHF's batch advantage normalisation: mean and biased variance over all valid tokens,
-    (A − μ)·rsqrt(max(var, 1e-8))."""
-    mask = action_mask.to(advantages.dtype)
-    count = mask.sum()
-    mean = (advantages * mask).sum() / count
-    variance = ((advantages - mean).pow(2) * mask).sum() / count
-    return (advantages - mean) * variance.clamp(min=1e-8).rsqrt()
+__all__ = [
+    "openrlhf_get_advantages_and_returns",
+    "openrlhf_normalize",
+    "verl_compute_gae_advantage_return",
+    "verl_gae",
+    "verl_token_level_rewards",
+]
