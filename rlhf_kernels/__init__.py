@@ -36,6 +36,19 @@ _LAZY = {
     "agg_loss": ".ops.aggregation",
     "ppo_policy_loss": ".ops.ppo_losses",
     "ppo_value_loss": ".ops.ppo_losses",
+    "POLICY_LOSSES": ".ops.policy_losses",
+    "get_policy_loss": ".ops.policy_losses",
+    "vanilla_policy_loss": ".ops.policy_losses",
+    "gspo_policy_loss": ".ops.policy_losses",
+    "sapo_policy_loss": ".ops.policy_losses",
+    "gpg_policy_loss": ".ops.policy_losses",
+    "clip_cov_policy_loss": ".ops.policy_losses",
+    "kl_cov_policy_loss": ".ops.policy_losses",
+    "geo_mean_policy_loss": ".ops.policy_losses",
+    "dro_policy_loss": ".ops.policy_losses",
+    "cispo_policy_loss": ".ops.policy_losses",
+    "dppo_tv_policy_loss": ".ops.policy_losses",
+    "dppo_kl_policy_loss": ".ops.policy_losses",
     "pairwise_reward_loss": ".ops.reward_losses",
     "pointwise_reward_loss": ".ops.reward_losses",
     "ranking_hinge_loss": ".ops.reward_losses",
@@ -71,6 +84,21 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from .ops.kl import KL_ESTIMATORS, kl_loss, kl_penalty
     from .ops.linear_logprobs import linear_logprobs
     from .ops.logprobs import entropy_from_logits, logprobs_from_logits
+    from .ops.policy_losses import (
+        POLICY_LOSSES,
+        cispo_policy_loss,
+        clip_cov_policy_loss,
+        dppo_kl_policy_loss,
+        dppo_tv_policy_loss,
+        dro_policy_loss,
+        geo_mean_policy_loss,
+        get_policy_loss,
+        gpg_policy_loss,
+        gspo_policy_loss,
+        kl_cov_policy_loss,
+        sapo_policy_loss,
+        vanilla_policy_loss,
+    )
     from .ops.ppo_losses import ppo_policy_loss, ppo_value_loss
     from .ops.reward_losses import (
         pairwise_reward_loss,

@@ -21,28 +21,31 @@ import torch
 from conftest import HAS_CUDA
 
 import rlhf_kernels.ops
-from rlhf_kernels import _dispatch, _ext
-from rlhf_kernels.ops.advantages import (
+from rlhf_kernels import (
+    _dispatch,
+    _ext,
+    agg_loss,
     broadcast_to_tokens,
     compute_gae,
+    entropy_from_logits,
     group_advantages,
+    kl_loss,
+    kl_penalty,
+    linear_logprobs,
+    logprobs_from_logits,
     masked_whiten,
-    token_level_rewards,
-)
-from rlhf_kernels.ops.aggregation import agg_loss
-from rlhf_kernels.ops.kl import kl_penalty
-from rlhf_kernels.ops.linear_logprobs import linear_logprobs
-from rlhf_kernels.ops.logprobs import entropy_from_logits, logprobs_from_logits
-from rlhf_kernels.ops.ppo_losses import kl_loss, ppo_policy_loss, ppo_value_loss
-from rlhf_kernels.ops.reward_losses import (
     pairwise_reward_loss,
     pointwise_reward_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
     ranking_hinge_loss,
     ranking_reward_loss,
+    token_level_rewards,
 )
 
-for _module in pkgutil.iter_modules(rlhf_kernels.ops.__path__):
-    importlib.import_module(f"rlhf_kernels.ops.{_module.name}")
+# Every family's module registers its ops on import (rlhf_kernels itself imports them lazily).
+for _module in pkgutil.walk_packages(rlhf_kernels.ops.__path__, prefix="rlhf_kernels.ops."):
+    importlib.import_module(_module.name)
 
 NAMESPACE = "rlhf_kernels"
 OPS = torch.ops.rlhf_kernels
@@ -109,6 +112,37 @@ def _kl_samples(device: str) -> dict[str, list[tuple]]:
             (g, lp.detach(), ref.detach(), "k3", True),
             (g, lp.detach(), ref.detach(), "k1", False),
         ],
+    }
+
+
+def _policy_losses_samples(device: str) -> dict[str, list[tuple]]:
+    lp = _grad(-torch.rand(3, 9, device=device) * 3)
+    old = lp.detach() + torch.randn(3, 9, device=device) * 0.4
+    adv = torch.randn(3, 9, device=device)
+    mask = torch.rand(3, 9, device=device) < 0.7
+    mask[1] = False
+    w = torch.rand(3, 9, device=device) * 2
+    sel = (torch.rand(3, 9, device=device) < 0.3).float()
+    seq = torch.randn(3, 1, device=device).expand(3, 9)
+    fwd = [
+        (lp, old, adv, mask, None, None, "vanilla", [0.2, 0.28, 3.0]),
+        (lp, old, adv, mask.float(), None, w, "sapo", [1.0, 1.05]),
+        (lp, old, adv, mask, sel, w, "clip_cov", [0.2, 0.2]),
+        (lp, old, adv, mask, seq, None, "gspo", [0.2, 0.2]),
+        (lp, old, adv, mask, None, None, "dro", [0.3]),
+    ]
+    partials, _ = OPS.policy_loss_token_fwd_torch(lp.detach(), old, adv, mask, None, None, "cispo", [0.2, 0.2])
+    g = torch.randn_like(partials)
+    bwd = [
+        (g, lp.detach(), old, adv, mask, None, w, "cispo", [0.2, 0.28]),
+        (g, lp.detach(), old, adv, mask, sel, None, "kl_cov", [0.5]),
+        (g, lp.detach(), old, adv, mask, None, None, "geo_mean", [0.1, 0.1]),
+    ]
+    return {
+        "policy_loss_token_fwd": fwd,
+        "policy_loss_token_fwd_torch": [(a[0].detach(), *a[1:]) for a in fwd],
+        "policy_loss_token_bwd": bwd,
+        "policy_loss_token_bwd_torch": bwd,
     }
 
 
@@ -239,6 +273,7 @@ SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _kl_samples,
     _advantage_samples,
     _ppo_samples,
+    _policy_losses_samples,
     _reward_samples,
     _linear_logprobs_samples,
 )
@@ -260,6 +295,7 @@ AUTOGRAD_OPS = frozenset(
         "logprobs_fwd",
         "pairwise_reward_loss_fwd",
         "pointwise_reward_loss_fwd",
+        "policy_loss_token_fwd",
         "ppo_policy_loss_fwd",
         "ppo_value_loss_fwd",
         "ranking_loss_fwd",

@@ -1,0 +1,718 @@
+"""The policy losses of verl 0.9.1's registry (``POLICY_LOSSES``), fused: one token-level kernel core and
+one small device function of the per-token terms per variant, selected at compile time.  Each public
+function's docstring gives its math; docs/policy_losses.md has all of it, the defaults and the metrics.
+
+The kernel reads each input once and writes per (row, chunk of columns) Σ L·w·m and the statistics Σm,
+Σ clip·m, Σ clip_lower·m, Σ kl·m (and, for "vanilla", Σ r·m and max r: ``ppo_policy_loss``'s layout); the
+backward writes g·m·w·∂L/∂lp.  The loss of every token-level variant is agg(L·w, m) (``ops/aggregation.py``).
+GSPO reads its row log-ratio as an expanded [B, 1] auxiliary input, clip_cov / kl_cov their selected tokens
+(chosen on the device by ``ops/cpu/policy_losses.py``); geo_mean's kernel gives the row sums Σ ℓ*·m and its
+row-level exponential is plain torch.  Masked positions contribute exactly 0 and get exactly zero gradient.
+
+Layout: Triton kernels → launch config (``ppo_losses._row_tiling``) → launchers → registration/autograd →
+public functions; the PyTorch path is ``ops/cpu/policy_losses.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch
+from .._registration import kernel_op
+from .._validation import check_greater, check_real, compute_dtype
+from ._launch import acc_dtype, loadable_mask, scalar_parts
+from .aggregation import (
+    SEQ_MEAN_TOKEN_MEAN,
+    TOKEN_MEAN,
+    Normalizer,
+    agg_row_sums,
+    check_loss_agg,
+    check_normalizer,
+    check_token_inputs,
+    chunk_totals,
+)
+from .cpu import policy_losses as cpu
+from .cpu.ppo_losses import LOG_RATIO_CLAMP, P_CLIP, P_CLIP_LOWER, P_MASK, P_NEG_LOG_RATIO, POLICY_STATS
+from .ppo_losses import _row_tiling, ppo_policy_loss
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+
+    from ._launch import scalar_arg
+    from .ppo_losses import _policy_token_terms
+except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
+    triton = None
+
+FAMILY = "policy_losses"
+_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
+
+_VARIANT_CODE = {name: code for code, name in enumerate(cpu.TOKEN_VARIANTS)}
+Tensor = torch.Tensor
+PolicyLoss = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels.  Each variant is a device function (lp, old, A, aux, p0, p1, p2) ->
+# (L, ∂L/∂lp, kl, clip, clip_lower, r); ``_token_terms`` picks one by the constexpr VARIANT (its code is
+# the index in TOKEN_VARIANTS).  Clamps are comparisons, so that NaN passes through; ``lp != lp`` is an
+# all-False flag shaped like the tile (NaN aside) for the statistics a variant does not have.
+# ---------------------------------------------------------------------------------------------------
+if triton is not None:
+    _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
+    _GSPO_LOG_RATIO_MAX = tl.constexpr(cpu.GSPO_LOG_RATIO_MAX)
+    _BINARY_KL_EPS = tl.constexpr(cpu.BINARY_KL_EPS)
+    _SAPO_GATE_SCALE = tl.constexpr(cpu.SAPO_GATE_SCALE)
+
+    @triton.jit
+    def _clamp(x, low, high):
+        return tl.where(x < low, low, tl.where(x > high, high, x))
+
+    @triton.jit
+    def _nan_or(x, value):
+        return tl.where(x != x, x, value)
+
+    @triton.jit
+    def _sign(x):
+        return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0 * x))
+
+    @triton.jit
+    def _clamped_ratio(raw):
+        """(ℓ = clamp(raw, ±20), e^ℓ, raw inside the clamp or NaN)."""
+        log_ratio = _clamp(raw, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        inside = ((raw >= -_LOG_RATIO_CLAMP) & (raw <= _LOG_RATIO_CLAMP)) | (raw != raw)
+        return log_ratio, tl.exp(log_ratio), inside
+
+    @triton.jit
+    def _surrogate(adv, ratio, clip_low, clip_high):
+        """(max(−A·r, −A·clamp(r, 1 − ε_low, 1 + ε_high)), clipped); ties take the unclipped side."""
+        loss1 = -adv * ratio
+        loss2 = -adv * _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        clipped = loss2 > loss1
+        return tl.where(clipped, loss2, loss1), clipped
+
+    @triton.jit
+    def _vanilla(lp, old, adv, aux, clip_low, clip_high, dual_clip):
+        loss, d, log_ratio, ratio, clipped, lower = _policy_token_terms(
+            lp, old, adv, clip_low, clip_high, dual_clip, True
+        )
+        return loss, d, -log_ratio, clipped, lower, ratio
+
+    @triton.jit
+    def _gpg(lp, old, adv, aux, p0, p1, p2):
+        no = lp != lp
+        return -lp * adv, _nan_or(lp, -adv), old - lp, no, no, lp
+
+    @triton.jit
+    def _dro(lp, old, adv, aux, beta, p1, p2):
+        raw = lp - old
+        no = lp != lp
+        return -(lp * adv - 0.5 * beta * raw * raw), -adv + beta * raw, -raw, no, no, lp
+
+    @triton.jit
+    def _cispo(lp, old, adv, aux, clip_low, clip_high, p2):
+        log_ratio, ratio, _ = _clamped_ratio(lp - old)
+        weight = _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        return -weight * adv * lp, _nan_or(lp, -weight * adv), -log_ratio, ratio != weight, lp != lp, ratio
+
+    @triton.jit
+    def _sapo(lp, old, adv, aux, tau_pos, tau_neg, p2):
+        log_ratio, ratio, inside = _clamped_ratio(lp - old)
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        z = tau * (ratio - 1.0)
+        gate = tl.sigmoid(z)
+        d = tl.where(inside, -adv * _SAPO_GATE_SCALE * gate * tl.sigmoid(-z) * ratio, 0.0)  # σ' = σ(z)σ(−z)
+        no = lp != lp
+        return -gate * (_SAPO_GATE_SCALE / tau) * adv, d, -log_ratio, no, no, ratio
+
+    @triton.jit
+    def _dppo(lp, old, adv, clip_low, clip_high, truncation, BINARY_KL: tl.constexpr):
+        log_ratio, ratio, _ = _clamped_ratio(lp - old)
+        truncated = tl.where(ratio > truncation, truncation, ratio)
+        prob = tl.exp(lp)
+        old_prob = tl.exp(old)
+        if BINARY_KL:
+            kl = old_prob * (old - lp) + (1.0 - old_prob) * tl.log(
+                (1.0 - old_prob + _BINARY_KL_EPS) / (1.0 - prob + _BINARY_KL_EPS)
+            )
+            positive = (kl <= clip_high) | (prob <= old_prob)
+            negative = (kl <= clip_low) | (prob >= old_prob)
+        else:
+            positive = (prob - old_prob) <= clip_high
+            negative = (prob - old_prob) >= -clip_low
+        valid = tl.where(adv > 0, positive, negative)
+        coef = tl.where(valid, -adv * truncated, 0.0 * truncated)
+        return coef * lp, _nan_or(lp, coef), -log_ratio, ~valid, (ratio > truncation) & valid, ratio
+
+    @triton.jit
+    def _clip_cov(lp, old, adv, selected, clip_low, clip_high, p2):
+        raw = lp - old
+        ratio = tl.exp(raw)
+        loss, clipped = _surrogate(adv, ratio, clip_low, clip_high)
+        keep = 1.0 - selected
+        d = tl.where(clipped, 0.0, -adv * ratio) * keep
+        return loss * keep, d, -raw, selected != 0, lp != lp, ratio
+
+    @triton.jit
+    def _kl_cov(lp, old, adv, selected, coef, p1, p2):
+        raw = lp - old
+        ratio = tl.exp(raw)
+        no = lp != lp
+        loss = -adv * ratio + selected * coef * tl.abs(raw)
+        return loss, -adv * ratio + selected * coef * _sign(raw), tl.abs(raw), no, no, ratio
+
+    @triton.jit
+    def _gspo(lp, old, adv, seq_log_ratio, clip_low, clip_high, p2):
+        ratio = tl.exp(tl.where(seq_log_ratio > _GSPO_LOG_RATIO_MAX, _GSPO_LOG_RATIO_MAX, seq_log_ratio))
+        loss, clipped = _surrogate(adv, ratio, clip_low, clip_high)
+        passes = (seq_log_ratio <= _GSPO_LOG_RATIO_MAX) | (seq_log_ratio != seq_log_ratio)
+        d = tl.where(clipped | ~passes, 0.0, _nan_or(lp, -adv * ratio))
+        return loss, d, old - lp, clipped, lp != lp, ratio
+
+    @triton.jit
+    def _geo_mean(lp, old, adv, aux, clip_low, clip_high, p2):
+        raw = lp - old
+        sign = _sign(adv)
+        bounded = _clamp(raw, -clip_low, clip_high)
+        raw_side = sign * raw <= sign * bounded
+        chosen = sign * tl.where(raw_side | (raw != raw), sign * raw, sign * bounded)
+        clipped = raw != bounded
+        d = _nan_or(raw, tl.where(raw_side, sign * sign, 0.0))
+        return chosen, d, -raw, clipped & (adv > 0), clipped & (adv < 0), raw
+
+    @triton.jit
+    def _token_terms(lp, old, adv, aux, p0, p1, p2, VARIANT: tl.constexpr):
+        """The variant with code VARIANT (its index in TOKEN_VARIANTS)."""
+        if VARIANT == 0:
+            out = _vanilla(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 1:
+            out = _gpg(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 2:
+            out = _dro(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 3:
+            out = _cispo(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 4:
+            out = _sapo(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 5:
+            out = _dppo(lp, old, adv, p0, p1, p2, False)
+        elif VARIANT == 6:
+            out = _dppo(lp, old, adv, p0, p1, p2, True)
+        elif VARIANT == 7:
+            out = _clip_cov(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 8:
+            out = _kl_cov(lp, old, adv, aux, p0, p1, p2)
+        elif VARIANT == 9:
+            out = _gspo(lp, old, adv, aux, p0, p1, p2)
+        else:
+            out = _geo_mean(lp, old, adv, aux, p0, p1, p2)
+        return out
+
+    @triton.jit
+    def _load(ptr, row, cols, in_row, stride0, stride1, ACC: tl.constexpr, other):
+        return tl.load(ptr + row * stride0 + cols * stride1, mask=in_row, other=other).to(ACC)
+
+    @triton.jit
+    def _load_tokens(
+        lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, row, tile, T,
+        s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, HAS_AUX: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    ):
+        """(columns, in-row flags, lp, old, A, aux (0 without), w (1 without), m) of one tile of ``row``."""
+        cols = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        in_row = cols < T
+        m = _load(mask_ptr, row, cols, in_row, s_m0, s_m1, ACC, 0)
+        lp = _load(lp_ptr, row, cols, in_row, s_lp0, s_lp1, ACC, 0.0)
+        old = _load(old_ptr, row, cols, in_row, s_old0, s_old1, ACC, 0.0)
+        adv = _load(adv_ptr, row, cols, in_row, s_adv0, s_adv1, ACC, 0.0)
+        if HAS_AUX:
+            aux = _load(aux_ptr, row, cols, in_row, s_aux0, s_aux1, ACC, 0.0)
+        else:
+            aux = tl.zeros((BLOCK_T,), ACC)
+        if HAS_WEIGHTS:
+            w = _load(w_ptr, row, cols, in_row, s_w0, s_w1, ACC, 1.0)
+        else:
+            w = tl.full((BLOCK_T,), 1.0, ACC)
+        return cols, in_row, lp, old, adv, aux, w, m
+
+    # Reads lp, old, A (aux, w) and m once: 13 bytes per token in fp32 with a bool mask (+4 per optional
+    # input); writes 7 floats per program.
+    @triton.jit
+    def _policy_loss_token_fwd_kernel(
+        lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, partials_ptr, stats_ptr,
+        s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
+        s_p0, s_p1, s_s0, s_s1, s_s2,
+        T, tiles_per_program, p0_hi, p0_mid, p0_lo, p1_hi, p1_mid, p1_lo, p2_hi, p2_mid, p2_lo,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, VARIANT: tl.constexpr, HAS_AUX: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr, TRACK_RATIO: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        p0 = scalar_arg(p0_hi, p0_mid, p0_lo, ACC)
+        p1 = scalar_arg(p1_hi, p1_mid, p1_lo, ACC)
+        p2 = scalar_arg(p2_hi, p2_mid, p2_lo, ACC)
+        acc_loss = tl.zeros((BLOCK_T,), ACC)
+        acc_mask = tl.zeros((BLOCK_T,), ACC)
+        acc_kl = tl.zeros((BLOCK_T,), ACC)
+        acc_clip = tl.zeros((BLOCK_T,), ACC)
+        acc_lower = tl.zeros((BLOCK_T,), ACC)
+        acc_ratio = tl.zeros((BLOCK_T,), ACC)
+        ratio_max = tl.zeros((BLOCK_T,), ACC)  # ratios are > 0: 0 is "no valid token"
+        for k in range(0, tiles_per_program):
+            _, _, lp, old, adv, aux, w, m = _load_tokens(
+                lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
+                s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
+                BLOCK_T, ACC, HAS_AUX, HAS_WEIGHTS,
+            )
+            loss, _, kl, clip, lower, ratio = _token_terms(lp, old, adv, aux, p0, p1, p2, VARIANT)
+            valid = m != 0
+            acc_loss += tl.where(valid, loss * w * m, 0.0)
+            acc_mask += m
+            acc_kl += tl.where(valid, kl * m, 0.0)
+            acc_clip += tl.where(valid & clip, m, 0.0)
+            acc_lower += tl.where(valid & lower, m, 0.0)
+            if TRACK_RATIO:
+                acc_ratio += tl.where(valid, ratio * m, 0.0)
+                ratio_max = tl.where(valid & (ratio > ratio_max), ratio, ratio_max)
+        tl.store(partials_ptr + row * s_p0 + chunk * s_p1, tl.sum(acc_loss, axis=0))
+        stats = stats_ptr + row * s_s1 + chunk * s_s2
+        tl.store(stats + 0 * s_s0, tl.sum(acc_mask, axis=0))
+        tl.store(stats + 1 * s_s0, tl.sum(acc_clip, axis=0))
+        tl.store(stats + 2 * s_s0, tl.sum(acc_lower, axis=0))
+        tl.store(stats + 3 * s_s0, tl.sum(acc_kl, axis=0))
+        tl.store(stats + 4 * s_s0, tl.sum(acc_ratio, axis=0))
+        tl.store(stats + 5 * s_s0, tl.max(ratio_max, axis=0))
+
+    # Reads the same inputs again and writes ∂/∂lp (+4 bytes per token in fp32).
+    @triton.jit
+    def _policy_loss_token_bwd_kernel(
+        grad_ptr, grad_partials_ptr, lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr,
+        s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
+        s_g0, s_g1, s_gp0, s_gp1,
+        T, tiles_per_program, p0_hi, p0_mid, p0_lo, p1_hi, p1_mid, p1_lo, p2_hi, p2_mid, p2_lo,
+        BLOCK_T: tl.constexpr, ACC: tl.constexpr, VARIANT: tl.constexpr, HAS_AUX: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        p0 = scalar_arg(p0_hi, p0_mid, p0_lo, ACC)
+        p1 = scalar_arg(p1_hi, p1_mid, p1_lo, ACC)
+        p2 = scalar_arg(p2_hi, p2_mid, p2_lo, ACC)
+        g = tl.load(grad_partials_ptr + row * s_gp0 + chunk * s_gp1).to(ACC)
+        for k in range(0, tiles_per_program):
+            cols, in_row, lp, old, adv, aux, w, m = _load_tokens(
+                lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
+                s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
+                BLOCK_T, ACC, HAS_AUX, HAS_WEIGHTS,
+            )
+            _, d, _, _, _, _ = _token_terms(lp, old, adv, aux, p0, p1, p2, VARIANT)
+            grad = tl.where(m != 0, g * m * w * d, 0.0)
+            tl.store(grad_ptr + row * s_g0 + cols * s_g1, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers.  The launch configuration is the PPO losses' ``_row_tiling`` (same grid, same tiles).
+# ``*_out`` write into outputs the caller allocated (any strides); ``_launch_fwd`` / ``_launch_bwd``
+# allocate.  ``params`` holds up to three scalars (missing ones are 0), each passed as scalar_parts.
+# ---------------------------------------------------------------------------------------------------
+def _launch_args(
+    inputs: tuple[Tensor, Tensor, Tensor], mask: Tensor, aux: Tensor | None, is_weights: Tensor | None,
+    variant: str, params: list[float],
+) -> tuple[list[Tensor], list[int], list[float], dict]:
+    """(tensors, their strides, scalar parts, constexpr flags) shared by the forward and the backward;
+    a missing aux / weight tensor is replaced by logprobs, which the kernel then does not read."""
+    lp = inputs[0]
+    tensors = [*inputs, lp if aux is None else aux, lp if is_weights is None else is_weights]
+    tensors.append(loadable_mask(mask))
+    dtype = compute_dtype(*inputs)
+    parts = [p for v in (list(params) + [0.0] * 3)[:3] for p in scalar_parts(v, dtype)]
+    flags = {
+        "ACC": acc_dtype(*inputs), "VARIANT": _VARIANT_CODE[variant],
+        "HAS_AUX": aux is not None, "HAS_WEIGHTS": is_weights is not None,
+    }
+    return tensors, [s for t in tensors for s in t.stride()], parts, flags
+
+
+def _launch_fwd_out(
+    loss_partials: Tensor, stats: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+    mask: Tensor, aux: Tensor | None, is_weights: Tensor | None, variant: str, params: list[float],
+) -> None:
+    rows, cols = logprobs.shape
+    cfg = _row_tiling(rows, cols)
+    assert tuple(loss_partials.shape) == (rows, cfg.chunks)
+    assert tuple(stats.shape) == (POLICY_STATS, rows, cfg.chunks)
+    tensors, strides, parts, flags = _launch_args(
+        (logprobs, old_logprobs, advantages), mask, aux, is_weights, variant, params
+    )
+    wrap_triton(_policy_loss_token_fwd_kernel)[(rows, cfg.chunks)](
+        *tensors, loss_partials, stats, *strides, *loss_partials.stride(), *stats.stride(),
+        cols, cfg.tiles_per_program, *parts,
+        BLOCK_T=cfg.block_t, TRACK_RATIO=variant == "vanilla", num_warps=cfg.num_warps, **flags,
+    )
+
+
+def _launch_bwd_out(
+    grad: Tensor, grad_partials: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+    mask: Tensor, aux: Tensor | None, is_weights: Tensor | None, variant: str, params: list[float],
+) -> None:
+    rows, cols = logprobs.shape
+    cfg = _row_tiling(rows, cols)
+    assert tuple(grad_partials.shape) == (rows, cfg.chunks), "gradient of the forward's partial sums"
+    assert tuple(grad.shape) == (rows, cols)
+    tensors, strides, parts, flags = _launch_args(
+        (logprobs, old_logprobs, advantages), mask, aux, is_weights, variant, params
+    )
+    wrap_triton(_policy_loss_token_bwd_kernel)[(rows, cfg.chunks)](
+        grad, grad_partials, *tensors, *strides, *grad.stride(), *grad_partials.stride(),
+        cols, cfg.tiles_per_program, *parts,
+        BLOCK_T=cfg.block_t, num_warps=cfg.num_warps, **flags,
+    )
+
+
+def _launch_fwd(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, aux: Tensor | None,
+    is_weights: Tensor | None, variant: str, params: list[float],
+) -> tuple[Tensor, Tensor]:
+    rows, cols = logprobs.shape
+    chunks = _row_tiling(rows, cols).chunks
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
+    loss_partials = torch.empty(rows, chunks, dtype=dtype, device=logprobs.device)
+    stats = torch.empty(POLICY_STATS, rows, chunks, dtype=dtype, device=logprobs.device)
+    _launch_fwd_out(
+        loss_partials, stats, logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params
+    )
+    return loss_partials, stats
+
+
+def _launch_bwd(
+    grad_partials: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+    aux: Tensor | None, is_weights: Tensor | None, variant: str, params: list[float],
+) -> Tensor:
+    grad = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+    _launch_bwd_out(
+        grad, grad_partials, logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params
+    )
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration: (loss partial sums [B, chunks], statistics [6, B, chunks]); the partial sums are
+# differentiable in ``logprobs`` only.
+# ---------------------------------------------------------------------------------------------------
+@kernel_op("policy_loss_token_fwd")
+def policy_loss_token_fwd(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    aux: torch.Tensor | None, is_weights: torch.Tensor | None, variant: str, params: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ L·w·m [B, chunks], [Σm, Σ clip·m, Σ clip_lower·m, Σ kl·m, Σ r·m, max r] [6, B, chunks]) of the
+    token-level variant ``variant`` (a name in TOKEN_VARIANTS) with its scalars ``params``."""
+    return _dispatch.route(
+        FAMILY, logprobs.device, triton=_launch_fwd, torch=cpu.policy_loss_token_fwd_torch
+    )(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
+
+
+@kernel_op("policy_loss_token_bwd")
+def policy_loss_token_bwd(
+    grad_partials: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+    advantages: torch.Tensor, mask: torch.Tensor, aux: torch.Tensor | None, is_weights: torch.Tensor | None,
+    variant: str, params: list[float],
+) -> torch.Tensor:
+    """∂/∂logprobs [B, T] (logprobs' dtype) given the gradient of the forward's loss partial sums."""
+    return _dispatch.route(
+        FAMILY, logprobs.device, triton=_launch_bwd, torch=cpu.policy_loss_token_bwd_torch
+    )(grad_partials, logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:6])
+    ctx.variant, ctx.params = inputs[6:]
+
+
+def _backward(ctx, grad_partials, grad_stats):
+    grad = policy_loss_token_bwd(grad_partials, *ctx.saved_tensors, ctx.variant, ctx.params)
+    return (grad,) + (None,) * 7
+
+
+policy_loss_token_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared steps of the public functions.  ``args`` is (logprobs, old_logprobs, advantages, mask).
+# ---------------------------------------------------------------------------------------------------
+def _check(args: tuple, is_weights: Tensor | None, loss_agg: str | None, normalizer: Normalizer, **positive):
+    """Validates the common arguments and the named scalars (each must be > 0); returns (the weights,
+    detached, in the compute dtype, or None; the normalizer; the scalars as floats, in order)."""
+    logprobs, old_logprobs, advantages, mask = args
+    check_token_inputs(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    if is_weights is not None:
+        check_token_inputs(mask, is_weights=is_weights)
+        is_weights = is_weights.detach().to(compute_dtype(logprobs, old_logprobs, advantages))
+    if loss_agg is not None:
+        check_loss_agg(loss_agg)
+    normalizer = check_normalizer(normalizer)
+    return is_weights, normalizer, [check_greater(name, value, 0.0) for name, value in positive.items()]
+
+
+def _clip_range(clip_low: float, clip_high: float | None) -> tuple[float, float]:
+    clip_low = check_greater("clip_low", clip_low, 0.0)
+    return clip_low, clip_low if clip_high is None else check_greater("clip_high", clip_high, 0.0)
+
+
+def _forward(variant: str, args: tuple, aux: Tensor | None, is_weights: Tensor | None, params) -> tuple:
+    """(loss partial sums, detached statistics) of the token-level core; differentiable in logprobs only."""
+    logprobs, old_logprobs, advantages, mask = args
+    partials, stats = policy_loss_token_fwd(
+        logprobs, old_logprobs.detach(), advantages.detach(), mask, aux, is_weights, variant,
+        [float(p) for p in params],
+    )
+    return partials, stats.detach()
+
+
+def _token_loss(
+    variant: str, args: tuple, params, aux: Tensor | None, is_weights: Tensor | None, loss_agg: str,
+    normalizer: Normalizer, metrics: tuple[str, ...], zeros: tuple[str, ...] = (),
+) -> PolicyLoss:
+    """(agg(L·w, m), the ``metrics`` among clipfrac / clipfrac_lower / approx_kl, and ``zeros`` as 0)."""
+    partials, stats = _forward(variant, args, aux, is_weights, params)
+    seq_len = args[0].shape[1]
+    loss = agg_row_sums(chunk_totals(partials), chunk_totals(stats[P_MASK]), loss_agg, seq_len, normalizer)
+    return loss, _metric_means(stats, metrics, zeros)
+
+
+def _metric_means(stats: Tensor, names: tuple[str, ...], zeros: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """Σ x·m / max(Σm, 1) of the clip, clip_lower and kl statistics, 0-dim fp32, for ``names``; 0 for
+    ``zeros`` (metrics verl reports that a variant does not have)."""
+    totals = stats[: P_NEG_LOG_RATIO + 1].sum(dim=(1, 2))
+    means = (totals[1:] / totals[:1].clamp(min=1.0)).to(torch.float32)
+    rows = {"clipfrac": P_CLIP, "clipfrac_lower": P_CLIP_LOWER, "approx_kl": P_NEG_LOG_RATIO}
+    out = {name: means[rows[name] - 1] for name in names}
+    out.update({name: torch.zeros_like(means[0]) for name in zeros})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions.  Common arguments: logprobs [B, T] (float32, bfloat16, float16 or float64, any
+# strides; the only differentiable input), old_logprobs and advantages [B, T] of the same dtype, mask [B, T]
+# bool/integer/floating 0-1, is_weights [B, T] optional rollout importance weights (no gradient), loss_agg
+# one of LOSS_AGG_MODES and normalizer (docs/aggregation.md).  Returns (loss 0-dim fp32 (fp64 for fp64
+# inputs), metrics: 0-dim fp32 tensors named clipfrac / clipfrac_lower / approx_kl for verl's
+# pg_clipfrac / pg_clipfrac_lower / ppo_kl; masked means divide by max(Σm, 1)).  Masked positions
+# contribute 0 and get exactly zero gradient; a fully masked batch gives loss 0 and gradient 0.  No host
+# sync.  The math of each variant is in the module docstring and docs/policy_losses.md.
+# ---------------------------------------------------------------------------------------------------
+def vanilla_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, dual_clip: float | None = 3.0, is_weights: Tensor | None = None,
+    loss_agg: str = TOKEN_MEAN, normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """verl's "vanilla": :func:`rlhf_kernels.ppo_policy_loss` with verl's default dual clip c = 3."""
+    return ppo_policy_loss(
+        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        loss_agg=loss_agg, normalizer=normalizer, is_weights=is_weights,
+    )
+
+
+def weighted_vanilla_fwd(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, is_weights: Tensor,
+    clip_low: float, clip_high: float, dual_clip: float | None,
+) -> tuple[Tensor, Tensor]:
+    """``ppo_policy_loss``'s forward with rollout weights: (Σ L·w·m partials, its 6 statistics rows)."""
+    check_token_inputs(mask, is_weights=is_weights)
+    is_weights = is_weights.detach().to(compute_dtype(logprobs, old_logprobs, advantages))
+    params = [clip_low, clip_high, float("inf") if dual_clip is None else dual_clip]
+    return policy_loss_token_fwd(
+        logprobs, old_logprobs, advantages, mask, None, is_weights, "vanilla", params
+    )
+
+
+def gpg_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+    is_weights: Tensor | None = None, loss_agg: str = TOKEN_MEAN, normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """GPG: L = −A·lp (``old_logprobs`` unused but checked); no metrics (verl returns none)."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
+    return _token_loss("gpg", args, (), None, is_weights, loss_agg, normalizer, ())
+
+
+def dro_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, beta: float,
+    is_weights: Tensor | None = None, loss_agg: str = TOKEN_MEAN, normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """DRO: L = −(A·lp − ½β·(lp − old)²), β > 0 required; metric ``approx_kl`` = mean of old − lp."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, params = _check(args, is_weights, loss_agg, normalizer, beta=beta)
+    return _token_loss("dro", args, params, None, is_weights, loss_agg, normalizer, ("approx_kl",))
+
+
+def cispo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, is_weights: Tensor | None = None, loss_agg: str = TOKEN_MEAN,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """CISPO: L = −sg(clamp(r, 1 − ε_low, 1 + ε_high))·A·lp, r = e^{clamp(lp − old, ±20)}; metrics clipfrac
+    (r ≠ its clamp), clipfrac_lower (0), approx_kl."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
+    return _token_loss(
+        "cispo", args, _clip_range(clip_low, clip_high), None, is_weights, loss_agg, normalizer,
+        ("clipfrac", "approx_kl"), zeros=("clipfrac_lower",),
+    )
+
+
+def sapo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, tau_pos: float = 1.0,
+    tau_neg: float = 1.05, is_weights: Tensor | None = None, loss_agg: str = SEQ_MEAN_TOKEN_MEAN,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """SAPO: L = −σ(τ(r − 1))·(4/τ)·A with τ = τ_pos where A > 0 else τ_neg.  verl always aggregates SAPO
+    with "seq-mean-token-mean" (this function's default; another ``loss_agg`` is honoured).  Metrics
+    clipfrac and clipfrac_lower (0), approx_kl."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, params = _check(
+        args, is_weights, loss_agg, normalizer, tau_pos=tau_pos, tau_neg=tau_neg
+    )
+    return _token_loss(
+        "sapo", args, params, None, is_weights, loss_agg, normalizer, ("approx_kl",),
+        zeros=("clipfrac", "clipfrac_lower"),
+    )
+
+
+def _dppo(variant, args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer) -> PolicyLoss:
+    is_weights, normalizer, (truncation,) = _check(
+        args, is_weights, loss_agg, normalizer, truncation=truncation
+    )
+    params = (*_clip_range(clip_low, clip_high), truncation)
+    metrics = ("clipfrac", "approx_kl", "clipfrac_lower")
+    return _token_loss(variant, args, params, None, is_weights, loss_agg, normalizer, metrics)
+
+
+def dppo_tv_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, truncation: float = 20.0, is_weights: Tensor | None = None,
+    loss_agg: str = TOKEN_MEAN, normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """DPPO-Binary-TV: L = −A·sg(min(r, c))·lp·v with v = [e^lp − e^old ≤ ε_high] where A > 0, else
+    [e^lp − e^old ≥ −ε_low]; c = ``truncation`` (verl's clip_ratio_c: 20 in the function, 3 from an
+    ActorConfig).  Metrics clipfrac (mean of 1 − v), clipfrac_lower (mean of [r > c]·v), approx_kl."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    return _dppo("dppo_tv", args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer)
+
+
+def dppo_kl_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, truncation: float = 20.0, is_weights: Tensor | None = None,
+    loss_agg: str = TOKEN_MEAN, normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """DPPO-Binary-KL: as :func:`dppo_tv_policy_loss` with v = [KL_bin ≤ ε_high or p ≤ p_old] where A > 0,
+    else [KL_bin ≤ ε_low or p ≥ p_old], KL_bin = p_old·(old − lp) + (1 − p_old)·log((1 − p_old + 1e-8)/(1 − p
+    + 1e-8))."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    return _dppo("dppo_kl", args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer)
+
+
+def clip_cov_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, clip_cov_ratio: float = 0.0002, clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0, is_weights: Tensor | None = None, loss_agg: str = TOKEN_MEAN,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """Clip-Cov: the PPO clipped loss on r = e^{lp − old} (no log-ratio clamp), with the loss (and gradient)
+    of up to max(⌊ratio·N⌋, 1) selected tokens zeroed: valid, not clipped, lb < (A − Ā)(lp − l̄p) < ub (masked
+    means).  verl draws them at random among the eligible; here the first in row-major order (deterministic,
+    on the device).  Metrics clipfrac (fraction selected), approx_kl."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, (ratio,) = _check(
+        args, is_weights, loss_agg, normalizer, clip_cov_ratio=clip_cov_ratio
+    )
+    lower, upper = check_real("clip_cov_lb", clip_cov_lb), check_real("clip_cov_ub", clip_cov_ub)
+    if not lower < upper:
+        raise ValueError(f"clip_cov_lb must be < clip_cov_ub; got {lower} and {upper}")
+    params = _clip_range(clip_low, clip_high)
+    selected = cpu.clip_cov_selection(*args, *params, ratio, lower, upper)
+    metrics = ("clipfrac", "approx_kl")
+    return _token_loss("clip_cov", args, params, selected, is_weights, loss_agg, normalizer, metrics)
+
+
+def kl_cov_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, kl_cov_ratio: float = 0.0002,
+    ppo_kl_coef: float = 0.1, is_weights: Tensor | None = None, loss_agg: str = TOKEN_MEAN,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """KL-Cov: L = −A·e^{lp − old}, plus k·|lp − old| on the max(⌊ratio·N⌋, 1) valid tokens of largest
+    (A − Ā)(lp − l̄p) (means over valid tokens; top-k on the device).  Metric approx_kl = mean |lp − old|."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, (ratio,) = _check(
+        args, is_weights, loss_agg, normalizer, kl_cov_ratio=kl_cov_ratio
+    )
+    coef = check_real("ppo_kl_coef", ppo_kl_coef)
+    selected = cpu.kl_cov_selection(logprobs, advantages, mask, ratio)
+    return _token_loss("kl_cov", args, (coef,), selected, is_weights, loss_agg, normalizer, ("approx_kl",))
+
+
+def gspo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, is_weights: Tensor | None = None, loss_agg: str = SEQ_MEAN_TOKEN_MEAN,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """GSPO: the PPO clipped loss on the sequence ratio ρ_b = e^{min(ℓ̄_b, 10)}, ℓ̄_b = Σ_t (lp − old)·m /
+    max(n_b, 1), with ∂ρ_b/∂lp_t = ρ_b (token-level gradient).  Metrics clipfrac, clipfrac_lower (0),
+    approx_kl (token mean of old − lp)."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
+    params = _clip_range(clip_low, clip_high)
+    with torch.no_grad():
+        dtype = compute_dtype(logprobs, old_logprobs, advantages)
+        m = mask.to(dtype)
+        raw = torch.where(m != 0, (logprobs.detach().to(dtype) - old_logprobs.to(dtype)) * m, 0.0)
+        seq_log_ratio = (raw.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand(raw.shape)
+    return _token_loss(
+        "gspo", args, params, seq_log_ratio, is_weights, loss_agg, normalizer, ("clipfrac", "approx_kl"),
+        zeros=("clipfrac_lower",),
+    )
+
+
+def geo_mean_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: float | None = None, is_weights: Tensor | None = None, loss_agg: str | None = None,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """GMPO: mean over the B rows of −Ā_b·exp(Σ_t ℓ*·m / (n_b + 1e-8))·w̄_b (module docstring); ``loss_agg``
+    is ignored, as in verl, and ``normalizer`` replaces B.  w̄_b = exp(Σ_t log(w + 1e-10)·m / (n_b + 1e-8)).
+    Metrics clipfrac (raw ≠ clamp(raw) where A > 0), clipfrac_lower (where A < 0), approx_kl."""
+    args = (logprobs, old_logprobs, advantages, mask)
+    is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
+    partials, stats = _forward("geo_mean", args, None, None, _clip_range(clip_low, clip_high))
+    row_tokens = chunk_totals(stats[P_MASK]) + cpu.GEO_MEAN_EPS
+    m = mask.to(partials.dtype)
+    row_adv = torch.where(m != 0, advantages.detach().to(partials.dtype) * m, 0.0).sum(-1) / row_tokens
+    row_loss = -row_adv * torch.exp(chunk_totals(partials) / row_tokens)
+    if is_weights is not None:
+        log_w = torch.where(m != 0, torch.log(is_weights + cpu.IS_LOG_EPS) * m, 0.0)
+        row_loss = row_loss * torch.exp(log_w.sum(-1) / row_tokens)
+    loss = row_loss.sum() / (row_loss.shape[0] if normalizer is None else normalizer)
+    return loss, _metric_means(stats, ("clipfrac", "approx_kl", "clipfrac_lower"))
+
+
+#: Name (verl's registry name) → policy-loss function; every function takes (logprobs, old_logprobs,
+#: advantages, mask) and keyword arguments, and returns (loss, metrics).
+POLICY_LOSSES = {
+    "vanilla": vanilla_policy_loss,
+    "gspo": gspo_policy_loss,
+    "sapo": sapo_policy_loss,
+    "gpg": gpg_policy_loss,
+    "clip_cov": clip_cov_policy_loss,
+    "kl_cov": kl_cov_policy_loss,
+    "geo_mean": geo_mean_policy_loss,
+    "dro": dro_policy_loss,
+    "cispo": cispo_policy_loss,
+    "dppo_tv": dppo_tv_policy_loss,
+    "dppo_kl": dppo_kl_policy_loss,
+}
+
+
+def get_policy_loss(name: str):
+    """The function of ``POLICY_LOSSES[name]``; a ValueError listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss must be one of {sorted(POLICY_LOSSES)}; got {name!r}")
+    return POLICY_LOSSES[name]
