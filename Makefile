@@ -5,8 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
+# The frameworks whose functions rlhf_kernels.compat replaces, at the exact releases the peer-parity suite
+# (tests/peers) checks against.  --no-deps: their runtime stacks are GPU-cluster software; the light
+# packages their import chains need are the `peers` extra of pyproject.toml, installed with torch pinned.
+PEERS  := verl==0.9.1 trl==1.16.0 openrlhf==0.11.2
+PEERS_STAMP := $(VENV)/.peers-verl-0.9.1-trl-1.16.0-openrlhf-0.11.2
 
-.PHONY: demo test bench bench-cpu lint clean
+.PHONY: demo test peers bench bench-cpu lint clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,12 +20,20 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]" pybind11 ninja matplotlib tqdm
 	@touch $(STAMP)
 
+$(PEERS_STAMP): $(STAMP) pyproject.toml
+	@echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q --no-build-isolation -c $(VENV)/torch-constraint.txt -e ".[test,peers]"
+	$(PY) -m pip install -q --no-deps $(PEERS)
+	@touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
 # The main job: the end-to-end RLHF demo (SFT -> reward model -> PPO) on the embedded task.
 demo: $(STAMP)
 	$(PY) -m rlhf_kernels.trainer
 
 # The test suite.  Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors.
-test: $(STAMP)
+test: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

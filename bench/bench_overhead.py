@@ -120,7 +120,7 @@ def _kl(bench: Bench, device: torch.device) -> None:
         ("public+grad", lambda: kl_ops.kl_penalty(leaf, ref, "k3")),
         ("compiled", _compiled(lambda: kl_ops.kl_penalty(lp, ref, "k3"))),
         ("compat (verl)", lambda: compat_verl.kl_penalty(leaf, ref, "low_var_kl")),
-        ("compat (openrlhf)", lambda: compat_openrlhf.compute_approx_kl(leaf, ref, "k3")),
+        ("compat (openrlhf)", lambda: compat_openrlhf.compute_approx_kl(leaf, ref, kl_estimator="k3")),
     ]
     _measure_all(bench, "kl_penalty k3 64", layers)
 

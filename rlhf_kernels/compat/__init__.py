@@ -1,16 +1,17 @@
-"""Drop-in replacements for the functions verl, TRL and OpenRLHF users call in the RLHF hot path.
+"""Drop-in replacements for the functions verl, TRL and OpenRLHF run in the RLHF hot path.
 
-Each module keeps the framework's names, signatures, defaults and results, and runs rlhf-kernels' fused
-ops underneath; swapping one import changes speed and memory, not the numbers:
+Each module keeps one framework release's names, signatures, defaults and results, runs rlhf-kernels'
+fused ops underneath, and installs itself into that framework, version-checked and reversibly:
 
-    from rlhf_kernels.compat import verl as core_algos        # was: from verl.trainer.ppo import core_algos
-    from rlhf_kernels.compat.trl import selective_log_softmax  # was: from trl.trainer.utils import ...
-    from rlhf_kernels.compat.openrlhf import PolicyLoss        # was: from openrlhf.models.loss import ...
+    rlhf_kernels.compat.verl.install()      # verl 0.9.1: its registries and the functions its workers import
+    rlhf_kernels.compat.trl.patch()         # TRL 1.16.0: the fused LM head and log-softmax helpers
+    rlhf_kernels.compat.openrlhf.patch()    # OpenRLHF 0.11.2: losses, KL, rewards, advantages
 
-Where a framework's own behaviour is surprising (a NaN for an empty batch, logits divided in place, a
-metric on the unclamped ratio), the shim's docstring says what it does and why; ``docs/compat-*.md``
-list every difference.  The modules are imported on demand (``import rlhf_kernels.compat.verl``), so
-none of the three frameworks is needed, and none is imported.
+(``unpatch()`` restores each framework's own.)  The functions can also be imported and called directly.
+Where a framework's behaviour is surprising (a NaN for an empty batch, logits divided in place), the shim
+keeps it; ``docs/compat-*.md`` list every intended difference, and ``tests/peers`` checks each shim against
+the real release.  The modules are imported on demand, and import none of the three frameworks until
+``install()`` / ``patch()`` is called.
 """
 
 __all__ = ["openrlhf", "trl", "verl"]

@@ -1,28 +1,34 @@
-"""OpenRLHF's hot-path functions and losses with OpenRLHF's names, signatures, defaults and results,
-on rlhf-kernels' fused ops.
+"""OpenRLHF 0.11.2's hot-path functions and losses, with OpenRLHF's names, signatures and results, on
+rlhf-kernels' fused ops.
 
-Follows OpenRLHF/OpenRLHF main (July 2026): ``openrlhf.models.utils`` (``log_probs_from_logits``,
-``compute_approx_kl``, ``compute_entropy``), ``openrlhf.models.loss`` (``PolicyLoss``, ``ValueLoss``,
-``PairWiseLoss``, ``LogExpLoss``) and the experience maker's ``get_advantages_and_returns``.  Swap::
+Enable them in every process that builds OpenRLHF's losses (the driver and each Ray actor; see
+docs/compat-openrlhf.md)::
 
-    from rlhf_kernels.compat.openrlhf import PolicyLoss, ValueLoss, log_probs_from_logits
+    import rlhf_kernels.compat.openrlhf
+    rlhf_kernels.compat.openrlhf.patch()     # checks openrlhf == 0.11.2; unpatch() undoes it
 
-What differs from OpenRLHF, on purpose (each also said in the docstring concerned):
+``patch()`` replaces, in ``openrlhf.models.loss`` / ``openrlhf.models`` (and wherever a loaded OpenRLHF
+module imported them by name): ``PolicyLoss``, ``ValueLoss``, ``PairWiseLoss``, ``LogExpLoss``,
+``aggregate_loss``; in ``openrlhf.models.utils``: ``compute_approx_kl``, ``compute_reward``,
+``masked_mean``, ``masked_normalize``, ``log_probs_from_logits``, ``compute_entropy``; and the methods
+``RemoteExperienceMaker.get_advantages_and_returns`` / ``get_cumulative_returns``.  Everything can also
+be used directly, without ``patch()``.
+
+What differs from OpenRLHF, on purpose (docs/compat-openrlhf.md lists each with its measured size):
 
 * Losses are fp32 (fp64 for fp64 inputs), computed in fp32, where OpenRLHF returns the inputs' dtype.
-* ``PolicyLoss``'s ``ppo_kl`` metric uses the log-ratio clamped to ±20 (the one the loss uses);
-  OpenRLHF averages the unclamped one.  They differ only for tokens with |lp − old| > 20.
 * ``LogExpLoss`` is finite where OpenRLHF's literal log(1 + exp(r − c)) overflows (r − c > 88 in fp32).
-* ``PolicyLoss`` implements ``policy_loss_type="ppo"`` without vLLM importance-sampling correction;
-  the other modes raise ``NotImplementedError`` at construction.
-
-No function here synchronises the device, except the label range check of ``log_probs_from_logits`` on
-CUDA (``RLHF_KERNELS_CHECK_INDICES=0`` turns it off).
+* GSPO's sequence ratio is computed from a log-ratio clamped to ±20 (OpenRLHF: unclamped).
+* ``masked_normalize`` divides by sqrt(var + eps) (OpenRLHF: sqrt(max(var, eps))) and has no gradient.
+* ``compute_reward`` writes 0 at masked positions and gives an all-masked row no score (OpenRLHF keeps
+  −kl_coef·kl there, which its actor has already zeroed, and puts the score of an empty row in its last
+  column, which every consumer masks out again).
+* NaN or inf at masked positions never leaks into a masked mean (OpenRLHF multiplies by the mask).
 
 Reproduced on purpose because a drop-in must not change results: NaN for an all-masked batch (OpenRLHF's
-masked mean has no epsilon), ``log_probs_from_logits`` dividing the logits in place by the temperature
-(OpenRLHF then computes the entropy from those same, divided, logits), and the ±10 clamp of every KL
-estimator in ``compute_approx_kl``.
+masked mean has no epsilon), ``log_probs_from_logits`` dividing the logits in place by the temperature,
+and the ±10 clamp of every KL estimator.  No function here synchronises the device, except the label
+range check of ``log_probs_from_logits`` on CUDA (``RLHF_KERNELS_CHECK_INDICES=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -30,37 +36,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.advantages import compute_gae
-from ..ops.aggregation import SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN
-from ..ops.kl import kl_penalty as _kl_penalty
-from ..ops.logprobs import entropy_from_logits as _entropy
-from ..ops.logprobs import logprobs_from_logits as _logprobs
-from ..ops.ppo_losses import ppo_policy_loss, ppo_value_loss
-from ..ops.reward_losses import pairwise_reward_loss
+import rlhf_kernels as rk
+
+from ._patching import Patcher, import_modules
+from ._shared import common_dtype, in_dtype_of, nan_if_empty, no_double, weighted_aggregation
 
 __all__ = [
+    "SUPPORTED_VERSIONS",
     "LogExpLoss",
     "PairWiseLoss",
     "PolicyLoss",
     "ValueLoss",
+    "aggregate_loss",
     "compute_approx_kl",
     "compute_entropy",
+    "compute_reward",
     "get_advantages_and_returns",
+    "get_cumulative_returns",
     "log_probs_from_logits",
+    "masked_mean",
+    "masked_normalize",
+    "patch",
+    "unpatch",
 ]
 
+SUPPORTED_VERSIONS = ("0.11.2",)
+
 _KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def _in_dtype_of(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return result if result.dtype == like.dtype else result.to(like.dtype)
-
-
-def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's clamp of the importance weight of the unbiased KL gradient
 
 
 def _mask_or_ones(action_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -79,16 +82,11 @@ def _aggregation(
     """
     if token_level_loss:
         if batch_num_tokens is None:
-            return TOKEN_MEAN, mask.sum()
-        return TOKEN_MEAN, batch_num_tokens / dp_size
+            return "token-mean", mask.sum()
+        return "token-mean", batch_num_tokens / dp_size
     if global_batch_size is None:
-        return SEQ_MEAN_TOKEN_MEAN, (mask.sum(dim=-1) > 0).sum()
-    return SEQ_MEAN_TOKEN_MEAN, global_batch_size / dp_size
-
-
-def _nan_if_empty(metric: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """OpenRLHF's masked_mean is Σ/Σm: 0/0 = NaN for an all-masked batch (the library's metrics say 0)."""
-    return torch.where(tokens == 0, torch.full_like(metric, float("nan")), metric)
+        return "seq-mean-token-mean", (mask.sum(dim=-1) > 0).sum()
+    return "seq-mean-token-mean", global_batch_size / dp_size
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,47 +105,122 @@ def log_probs_from_logits(
     """
     if temperature != 1.0:
         logits.div_(temperature)
-    return _in_dtype_of(_logprobs(logits, labels, temperature=1.0, ignore_index=-100), logits)
+    return in_dtype_of(rk.logprobs_from_logits(logits, labels, temperature=1.0, ignore_index=-100), logits)
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp(x) − Σ softmax(x)·x over the last dimension, in the logits' dtype (fused, fp32 math)."""
+    return in_dtype_of(rk.entropy_from_logits(logits, temperature=1.0), logits)
 
 
 def compute_approx_kl(
     log_probs: torch.Tensor,
     log_probs_base: torch.Tensor,
+    log_probs_old: torch.Tensor | None = None,
     kl_estimator: str = "k1",
-    *,
-    action_mask: torch.Tensor | None = None,
+    unbiased_gradient: bool = False,
 ) -> torch.Tensor:
-    """Schulman's KL estimators between the policy and the base policy, clamped to [−10, 10] (all three,
-    as OpenRLHF), fp32:  k1 = δ,  k2 = δ²/2,  k3 = e^{−δ} − 1 + δ,  δ = log_probs − log_probs_base.
+    """Schulman's KL estimators of the fp32 log-probabilities, clamped to [−10, 10] (all three, as
+    OpenRLHF): k1 = δ, k2 = δ²/2, k3 = e^{−δ} − 1 + δ, δ = log_probs − log_probs_base.
 
-    ``action_mask`` (keyword, from older OpenRLHF versions) multiplies the result.  An unknown estimator
-    raises ``ValueError`` (OpenRLHF fails with an ``UnboundLocalError``).
+    ``unbiased_gradient=True`` keeps the value and takes the gradient of w·δ²/2 instead (straight
+    through), w = min(e^{log_probs − log_probs_old}, 10) detached (1 without ``log_probs_old``): the
+    importance-weighted reverse-KL gradient, as OpenRLHF.  An unknown estimator raises ``ValueError``.
     """
     if kl_estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}; got {kl_estimator!r}")
-    kl = _kl_penalty(log_probs, log_probs_base, kl_estimator).clamp(min=-10, max=10).float()
-    return kl if action_mask is None else kl * action_mask
+        raise ValueError(f"Unknown kl_estimator: {kl_estimator}")
+    log_probs, log_probs_base = log_probs.float(), log_probs_base.float()
+    value = rk.kl_penalty(log_probs, log_probs_base, kl_estimator).clamp(min=-10, max=10)
+    if not unbiased_gradient:
+        return value
+    surrogate = rk.kl_penalty(log_probs, log_probs_base, "k2")
+    if log_probs_old is not None:
+        weight = (log_probs.detach() - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP)
+        surrogate = weight * surrogate
+    return value.detach() + surrogate - surrogate.detach()
 
 
-def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp(x) − Σ softmax(x)·x over the last dimension, in the logits' dtype (fused, fp32 math)."""
-    return _in_dtype_of(_entropy(logits, temperature=1.0), logits)
+def compute_reward(
+    r: torch.Tensor | float,
+    kl_coef: float,
+    kl: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    reward_clip_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Token rewards −kl_coef·kl on the valid tokens plus the (clamped) score r on each row's last one.
+
+    One fused pass (:func:`rlhf_kernels.token_level_rewards` with ``kl`` as its k1 log-ratio).  A
+    non-positive ``kl_coef`` is 0 and ``reward_clip_range`` = (low, high) clamps ``r``, as OpenRLHF.
+    fp32 [B, T]; 0 at masked positions, and a row without valid tokens gets no score (see the module
+    docstring).  ``action_mask=None`` counts every token.
+    """
+    kl_coef = max(float(kl_coef), 0.0)
+    if not isinstance(r, torch.Tensor):
+        r = torch.full(kl.shape[:1], float(r), dtype=torch.float32, device=kl.device)
+    if reward_clip_range:
+        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
+    mask = _mask_or_ones(action_mask, kl)
+    kl = no_double(kl)
+    rewards, _ = rk.token_level_rewards(
+        no_double(r.to(kl.dtype)), kl, torch.zeros_like(kl), mask, kl_coef=kl_coef, estimator="k1"
+    )
+    return rewards
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int | None = None) -> torch.Tensor:
+    """Σ x·m / Σm over ``dim`` (all dimensions for None), without epsilon (0/0 = NaN), as OpenRLHF;
+    positions with m = 0 contribute 0 whatever they hold."""
+    if mask is None:
+        return tensor.mean(dim=dim)
+    return torch.where(mask != 0, tensor * mask, 0).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def masked_normalize(
+    tensor: torch.Tensor, mask: torch.Tensor, dim: int = 1, eps: float = 1e-8
+) -> torch.Tensor:
+    """Per-row whitening (x − μ)·m / sqrt(var + eps), biased var over ``mask``, along the last dimension
+    (OpenRLHF's default dim=1 of a [B, T] tensor); fused, fp32, no gradient.  Other ``dim`` values raise
+    ``NotImplementedError``."""
+    if dim not in (-1, tensor.dim() - 1):
+        raise NotImplementedError(
+            f"masked_normalize(dim={dim}) of a {tensor.dim()}-D tensor: only the last dimension is fused"
+        )
+    return rk.masked_whiten(no_double(tensor), mask, shift_mean=True, unbiased=False, eps=eps, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # openrlhf.models.loss
 # ---------------------------------------------------------------------------------------------------
+def aggregate_loss(
+    loss: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    token_level_loss: bool = True,
+    dp_size: int = 1,
+    batch_num_tokens: float | torch.Tensor | None = None,
+    global_batch_size: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """OpenRLHF's reduction of a [B, T] loss: per token (Σ L·m / Σm, or / batch_num_tokens · dp) or per
+    sample (mean over non-empty rows of their token means, or their sum / global_batch_size · dp).
+    0-dim fp32; NaN for an all-masked batch without global counts, as OpenRLHF."""
+    mask = _mask_or_ones(loss_mask, loss)
+    mode, normalizer = _aggregation(mask, token_level_loss, dp_size, batch_num_tokens, global_batch_size)
+    return rk.agg_loss(loss, mask, mode, normalizer)
+
+
 class PolicyLoss(nn.Module):
-    """PPO clipped surrogate (optionally dual-clipped), fused forward and backward.
+    """OpenRLHF 0.11.2's PPO policy loss, fused forward and backward.
 
     forward(log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
-    batch_num_tokens=None, global_batch_size=None) -> (loss, clip_ratio, ppo_kl, vllm_kl)
+    batch_num_tokens=None, global_batch_size=None) -> (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)
 
     ℓ = clamp(lp − old, −20, 20), r = e^ℓ, L = −min(r·A, clamp(r, 1 − ε_low, 1 + ε_high)·A), and with
-    ``dual_clip`` c: L = −max(min(...), c·A) where A < 0.  Aggregated per token (``token_level_loss``) or
-    per sequence (empty sequences excluded), with OpenRLHF's global-batch arguments.  ``vllm_kl`` is None
-    (no vLLM importance-sampling correction).  ``ppo_kl`` averages −ℓ with ℓ clamped (see the module
-    docstring).
+    ``dual_clip`` c: L = −max(min(...), c·A) where A < 0.  ``policy_loss_type="gspo"`` uses one ratio per
+    sequence, e^{mean_t(lp − old)}, and the per-sample aggregation.  The train/rollout correction
+    (``is_correction_level`` "token" or "seq", ``is_correction_mode`` "mask" or "clip",
+    ``is_correction_gating`` "ratio", "binary_kl" or "tv", ``is_correction_threshold`` (low, high)) weights
+    each token's loss by OpenRLHF's coefficient of old/rollout log-probabilities (no gradient); it then
+    returns ``vllm_kl`` and ``is_filter_ratio``, else None for both.  Aggregated per token
+    (``token_level_loss``) or per sample, with OpenRLHF's global-batch arguments.
     """
 
     def __init__(
@@ -157,34 +230,73 @@ class PolicyLoss(nn.Module):
         dual_clip: float | None = None,
         token_level_loss: bool = True,
         policy_loss_type: str = "ppo",
-        enable_vllm_is_correction: bool = False,
-        vllm_is_truncated_threshold: list | None = None,
-        vllm_is_correction_type: str = "tis",
+        is_correction_level: str = "off",
+        is_correction_mode: str = "mask",
+        is_correction_gating: str = "ratio",
+        is_correction_threshold: tuple[float, float] | list[float] = (0.5, 5.0),
     ) -> None:
         super().__init__()
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
         if policy_loss_type not in ("ppo", "gspo"):
             raise ValueError(f"Invalid policy loss type: {policy_loss_type}")
-        if vllm_is_correction_type not in ("tis", "icepop", "seq-mask-tis"):
+        if is_correction_level not in {"off", "token", "seq"}:
+            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level}")
+        if is_correction_mode not in {"mask", "clip"}:
+            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode}")
+        if is_correction_gating not in {"ratio", "binary_kl", "tv"}:
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating}")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
             raise ValueError(
-                f"Invalid vllm_is_correction_type: {vllm_is_correction_type}, "
-                "must be one of tis/icepop/seq-mask-tis"
+                "is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio"
             )
-        if policy_loss_type != "ppo" or enable_vllm_is_correction:
-            raise NotImplementedError(
-                "rlhf_kernels.compat.openrlhf.PolicyLoss fuses policy_loss_type='ppo' without vLLM "
-                f"importance-sampling correction; got policy_loss_type={policy_loss_type!r}, "
-                f"enable_vllm_is_correction={enable_vllm_is_correction} (use OpenRLHF's PolicyLoss for those)"
+        if (
+            is_correction_gating != "ratio"
+            and is_correction_level != "off"
+            and is_correction_threshold[0] > 0
+        ):
+            raise ValueError(
+                f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)"
             )
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
-        self.token_level_loss = token_level_loss
+        self.token_level_loss = token_level_loss if policy_loss_type == "ppo" else False  # GSPO: per sample
         self.policy_loss_type = policy_loss_type
-        self.enable_vllm_is_correction = enable_vllm_is_correction
-        self.vllm_is_truncated_threshold = vllm_is_truncated_threshold
-        self.vllm_is_correction_type = vllm_is_correction_type
+        self.is_correction_level = is_correction_level
+        self.is_correction_mode = is_correction_mode
+        self.is_correction_gating = is_correction_gating
+        self.is_correction_threshold = is_correction_threshold
+
+    def _correction(
+        self, old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token coefficient, vllm_kl, is_filter_ratio) of OpenRLHF's train/rollout correction."""
+        low, high = self.is_correction_threshold
+        seq_level = self.is_correction_level == "seq"
+        old, rollout = old_log_probs.detach(), rollout_log_probs.detach()
+        is_log_ratio = old - rollout  # log(π_train / π_rollout)
+        if self.is_correction_gating == "ratio":
+            stat = masked_mean(is_log_ratio, mask, dim=-1).unsqueeze(-1) if seq_level else is_log_ratio
+            stat = stat.exp()
+        else:
+            p = rollout.exp().clamp(1e-6, 1 - 1e-6)  # keeps the binary-KL logs finite, as OpenRLHF
+            q = old.exp().clamp(1e-6, 1 - 1e-6)
+            if self.is_correction_gating == "binary_kl":
+                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+            else:
+                stat = (p - q).abs()
+            if seq_level:
+                stat = masked_mean(stat, mask, dim=-1).unsqueeze(-1)
+        if self.is_correction_mode == "clip":
+            coefficient = stat.clamp(min=low, max=high)
+            filtered = (stat < low) | (stat > high)
+        else:
+            keep = (stat >= low) & (stat <= high)
+            coefficient = torch.where(keep, is_log_ratio.exp(), 0.0)
+            filtered = ~keep
+        filter_ratio = filtered.float().mean() if seq_level else masked_mean(filtered.float(), mask)
+        return coefficient.expand(mask.shape), masked_mean(rollout - old, mask), filter_ratio
 
     def forward(
         self,
@@ -196,21 +308,47 @@ class PolicyLoss(nn.Module):
         dp_size: int = 1,
         batch_num_tokens: float | torch.Tensor | None = None,
         global_batch_size: float | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         mask = _mask_or_ones(action_mask, log_probs)
+        log_probs, old_log_probs, advantages = common_dtype(log_probs, old_log_probs, advantages)
+        correcting = self.is_correction_level != "off"
+        if correcting and rollout_log_probs is None:
+            raise ValueError(f"is_correction_level={self.is_correction_level!r} needs rollout_log_probs")
+        # ppo_kl is OpenRLHF's masked mean of the unclamped −(lp − old); no gradient.
+        ppo_kl = -masked_mean((log_probs - old_log_probs).detach().float(), mask)
+        if self.policy_loss_type == "gspo":
+            # One ratio per sequence: the fused loss sees the sequence's mean log-ratio at each token.
+            reference = rollout_log_probs if correcting else old_log_probs
+            token_log_ratio = torch.where(mask != 0, log_probs - reference.to(log_probs.dtype), 0)
+            lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+            log_probs = (token_log_ratio.sum(dim=-1, keepdim=True) / lengths).expand(mask.shape)
+            old_log_probs = torch.zeros_like(log_probs)
         mode, normalizer = _aggregation(
             mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
         )
-        log_probs, old_log_probs, advantages = _common_dtype(log_probs, old_log_probs, advantages)
-        loss, metrics = ppo_policy_loss(
-            log_probs, old_log_probs, advantages, mask,
-            clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip,
-            loss_agg=mode, normalizer=normalizer,
-        )
-        tokens = normalizer if self.token_level_loss and batch_num_tokens is None else mask.sum()
-        clip_ratio = _nan_if_empty(metrics["clipfrac"], tokens)
-        ppo_kl = _nan_if_empty(metrics["approx_kl"], tokens)
-        return loss, clip_ratio, ppo_kl, None
+        clips = {"clip_low": self.clip_eps_low, "clip_high": self.clip_eps_high, "dual_clip": self.dual_clip}
+        vllm_kl = filter_ratio = None
+        if correcting and self.policy_loss_type == "ppo":
+            coefficient, vllm_kl, filter_ratio = self._correction(old_log_probs, rollout_log_probs, mask)
+            weighted_mode, weights, weighted_normalizer = weighted_aggregation(
+                mode, normalizer, mask, coefficient
+            )
+            loss, _ = rk.ppo_policy_loss(
+                log_probs,
+                old_log_probs,
+                advantages,
+                weights,
+                loss_agg=weighted_mode,
+                normalizer=weighted_normalizer,
+                **clips,
+            )
+            _, metrics = rk.ppo_policy_loss(log_probs.detach(), old_log_probs, advantages, mask, **clips)
+        else:
+            loss, metrics = rk.ppo_policy_loss(
+                log_probs, old_log_probs, advantages, mask, loss_agg=mode, normalizer=normalizer, **clips
+            )
+        clip_ratio = nan_if_empty(metrics["clipfrac"], mask)
+        return loss, clip_ratio, ppo_kl, vllm_kl, filter_ratio
 
 
 class ValueLoss(nn.Module):
@@ -240,29 +378,32 @@ class ValueLoss(nn.Module):
         mode, normalizer = _aggregation(
             mask, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
         )
-        values, old_values, returns = _common_dtype(values, old_values, returns)
-        loss, _ = ppo_value_loss(
+        values, old_values, returns = common_dtype(values, old_values, returns)
+        loss, _ = rk.ppo_value_loss(
             values, old_values, returns, mask, clip=self.clip_eps, loss_agg=mode, normalizer=normalizer
         )
         return loss
 
 
-def _margin_like(margin: torch.Tensor | float | None, chosen: torch.Tensor):
-    if isinstance(margin, torch.Tensor):
-        if margin.numel() != chosen.numel():
-            margin = margin.expand(chosen.shape)  # raises for shapes that do not broadcast to the rewards
-        return margin.reshape(chosen.shape)
-    return margin
+def _broadcast_pair(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None):
+    """OpenRLHF's elementwise broadcasting of c − r − margin (an [N, 1] reward against an [N] margin
+    pairs every reward with every margin: [N, N]), materialised for the fused loss."""
+    tensors = [chosen, rejected] + ([margin] if isinstance(margin, torch.Tensor) else [])
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    expanded = [t.expand(shape).contiguous() if t.shape != shape else t for t in tensors]
+    chosen, rejected = common_dtype(*expanded[:2])
+    return chosen, rejected, (expanded[2] if len(expanded) == 3 else margin)
 
 
 class PairWiseLoss(nn.Module):
-    """Bradley-Terry reward-model loss mean(−log σ(c − r − margin)), fused and stable for any gap."""
+    """Bradley-Terry reward-model loss mean(−log σ(c − r − margin)), fused and stable for any gap, with
+    OpenRLHF's broadcasting of the three operands."""
 
     def forward(
         self, chosen_reward: torch.Tensor, reject_reward: torch.Tensor, margin: torch.Tensor | None = None
     ) -> torch.Tensor:
-        margin = _margin_like(margin, chosen_reward)
-        loss, _ = pairwise_reward_loss(chosen_reward, reject_reward, margin=margin)
+        chosen, rejected, margin = _broadcast_pair(chosen_reward, reject_reward, margin)
+        loss, _ = rk.pairwise_reward_loss(chosen, rejected, margin=margin)
         return loss
 
 
@@ -274,12 +415,13 @@ class LogExpLoss(nn.Module):
     def forward(
         self, chosen_reward: torch.Tensor, reject_reward: torch.Tensor, margin: torch.Tensor | None = None
     ) -> torch.Tensor:
-        loss, _ = pairwise_reward_loss(chosen_reward, reject_reward)
+        chosen, rejected, _ = _broadcast_pair(chosen_reward, reject_reward, None)
+        loss, _ = rk.pairwise_reward_loss(chosen, rejected)
         return loss
 
 
 # ---------------------------------------------------------------------------------------------------
-# openrlhf.trainer.ppo_utils.experience_maker
+# openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def get_advantages_and_returns(
@@ -292,21 +434,88 @@ def get_advantages_and_returns(
     """GAE with OpenRLHF's masking: values and rewards are zeroed where ``action_mask`` is 0, then the
     plain recurrence with V_T = 0; returns = A + V·m.  One fused pass instead of a reverse Python loop.
 
-    A free function of the experience maker's method (no ``self``); to patch it in::
-
-        ExperienceMaker.get_advantages_and_returns = staticmethod(get_advantages_and_returns)
-
-    Lists (packed samples: one 1-D tensor per sample) are handled sample by sample, as OpenRLHF does;
+    The free function of ``RemoteExperienceMaker.get_advantages_and_returns`` (``patch()`` installs it as
+    the method).  Lists (packed samples: one 1-D tensor per sample) are handled sample by sample;
     ``action_mask`` must then be None.  Outputs are fp32 (fp64 inputs are computed in fp32).
     """
     if isinstance(values, list):
         if action_mask is not None:
             raise ValueError("action_mask must be None when values and rewards are lists of packed samples")
-        pairs = [get_advantages_and_returns(v.unsqueeze(0), r.unsqueeze(0), None, gamma, lambd)
-                 for v, r in zip(values, rewards)]
+        pairs = [
+            get_advantages_and_returns(v.unsqueeze(0), r.unsqueeze(0), None, gamma, lambd)
+            for v, r in zip(values, rewards)
+        ]
         return [a.squeeze(0) for a, _ in pairs], [r.squeeze(0) for _, r in pairs]
     mask = _mask_or_ones(action_mask, values)
-    # The advantage kernels compute in fp32; fp64 inputs (which OpenRLHF's loop accepts) are rounded once.
-    values = values.float() if values.dtype == torch.float64 else values
-    rewards = rewards.float() if rewards.dtype == torch.float64 else rewards
-    return compute_gae(rewards, values, mask, gamma, lambd, mask_mode="zero")
+    return rk.compute_gae(no_double(rewards), no_double(values), mask, gamma, lambd, mask_mode="zero")
+
+
+@torch.no_grad()
+def get_cumulative_returns(
+    rewards: torch.Tensor, action_mask: torch.Tensor | None, gamma: float
+) -> torch.Tensor:
+    """REINFORCE returns G_t = r_t·m_t + γ·G_{t+1} (rewards zeroed where ``action_mask`` is 0), fp32:
+    the fused GAE scan with zero values and λ = 1.  The free function of
+    ``RemoteExperienceMaker.get_cumulative_returns``."""
+    rewards = no_double(rewards)
+    advantages, _ = rk.compute_gae(
+        rewards, torch.zeros_like(rewards), _mask_or_ones(action_mask, rewards), gamma, 1.0, mask_mode="zero"
+    )
+    return advantages
+
+
+def _advantages_method(self, values, rewards, action_mask, gamma, lambd):
+    return get_advantages_and_returns(values, rewards, action_mask, gamma, lambd)
+
+
+def _cumulative_returns_method(self, rewards, action_mask, gamma):
+    return get_cumulative_returns(rewards, action_mask, gamma)
+
+
+_advantages_method.__name__ = _advantages_method.__qualname__ = "get_advantages_and_returns"
+_cumulative_returns_method.__name__ = _cumulative_returns_method.__qualname__ = "get_cumulative_returns"
+
+
+# ---------------------------------------------------------------------------------------------------
+# patch() / unpatch()
+# ---------------------------------------------------------------------------------------------------
+_LOSSES = (PolicyLoss, ValueLoss, PairWiseLoss, LogExpLoss, aggregate_loss)
+_UTILS = (
+    compute_approx_kl,
+    compute_reward,
+    masked_mean,
+    masked_normalize,
+    log_probs_from_logits,
+    compute_entropy,
+)
+
+
+def _plan():
+    loss, utils, models, experience_maker = import_modules(
+        "openrlhf.models.loss",
+        "openrlhf.models.utils",
+        "openrlhf.models",
+        "openrlhf.trainer.ppo_utils.experience_maker",
+    )
+    plan = [(loss, item.__name__, item) for item in _LOSSES]
+    plan += [(models, item.__name__, item) for item in _LOSSES]
+    plan += [(utils, item.__name__, item) for item in _UTILS]
+    maker = experience_maker.RemoteExperienceMaker
+    plan += [(maker, "get_advantages_and_returns", _advantages_method)]
+    plan += [(maker, "get_cumulative_returns", _cumulative_returns_method)]
+    return plan
+
+
+_PATCHER = Patcher("OpenRLHF", "openrlhf", SUPPORTED_VERSIONS, "openrlhf", _plan)
+
+
+def patch() -> list[str]:
+    """Installs the fused losses and functions into OpenRLHF 0.11.2 (see the module docstring); returns
+    what it replaced.  Raises ``UnsupportedVersionError`` for another version, before changing
+    anything; a second call does nothing."""
+    return _PATCHER.patch()
+
+
+def unpatch() -> None:
+    """Puts OpenRLHF's own classes and functions back."""
+    _PATCHER.unpatch()

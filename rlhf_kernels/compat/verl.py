@@ -1,56 +1,71 @@
-"""verl's hot-path functions with verl's names, signatures, defaults and results, on rlhf-kernels' fused ops.
+"""verl 0.9.1's hot-path functions, with verl's names, signatures and results, on rlhf-kernels' fused ops.
 
-Follows verl-project/verl main (2026): ``verl.trainer.ppo.core_algos`` (``compute_gae_advantage_return``,
-``compute_policy_loss``, ``compute_value_loss``, ``agg_loss``, ``kl_penalty``),
-``verl.utils.torch_functional`` (``logprobs_from_logits``, ``entropy_from_logits``,
-``entropy_from_logits_with_chunking``, ``masked_whiten``) and
-``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``.  Swap::
+Enable them for an unmodified verl config, in every process that computes losses (the driver and each
+Ray worker; see docs/compat-verl.md)::
 
-    from rlhf_kernels.compat import verl as core_algos   # core_algos.compute_policy_loss(...), ...
-    from rlhf_kernels.compat import verl as verl_F       # verl_F.logprobs_from_logits(...), ...
+    import rlhf_kernels.compat.verl
+    rlhf_kernels.compat.verl.install()      # checks verl == 0.9.1; unpatch() undoes it
 
-What differs from verl, on purpose (each also said in the function's docstring):
+``install()`` registers the fused functions in verl's own registries under verl's names
+(``get_policy_loss_fn("vanilla")``; ``get_adv_estimator_fn("gae" | "grpo" | "grpo_vectorized" | "rloo" |
+"rloo_vectorized")``) and replaces the functions verl's workers import by name: ``agg_loss``,
+``kl_penalty``, ``kl_penalty_forward``, ``compute_value_loss``, ``compute_entropy_loss``,
+``compute_policy_loss`` (deprecated) in ``verl.trainer.ppo.core_algos``, and ``logprobs_from_logits``,
+``entropy_from_logits``, ``entropy_from_logits_with_chunking`` in ``verl.utils.torch_functional``.
+verl's other registered policy losses and advantage estimators stay verl's own (they then aggregate with
+the fused ``agg_loss``).  Each function can also be called directly, without ``install()``.
 
-* Results are fp32 (fp64 for fp64 inputs) computed in fp32, where verl returns its inputs' dtype
-  (identical for fp32 inputs; more accurate for bf16 ones).  ``entropy_from_logits`` keeps verl's dtype.
-* ``masked_whiten`` / ``compute_gae_advantage_return``: positions outside the mask hold 0 (verl leaves
-  (x − μ)/σ there, a value no verl loss reads), and an all-masked or single-token mask gives zeros
-  instead of verl's ``ValueError``: raising would need a device-to-host copy every call.
-* Float masks whose row sums lie strictly between 0 and 1 divide by 1 where verl divides by the sum.
+What differs from verl, on purpose (docs/compat-verl.md lists each with its measured size):
 
-Everything else, including verl's NaN for an all-masked ``token-mean`` batch (0/0), is reproduced.
-No function here synchronises the device, except the label range check of ``logprobs_from_logits`` and
-``linear_cross_entropy`` on CUDA (``RLHF_KERNELS_CHECK_INDICES=0`` turns it off; unchecked out-of-range
-labels give NaN, never a wild read) and ``compute_gae_advantage_return`` when ``gamma`` or ``lam`` is
-passed as a tensor (it is read once on the host, as a Python float).
+* Losses, advantages and log-probabilities are fp32 (fp64 for fp64 loss inputs), computed in fp32, where
+  verl returns its inputs' dtype: identical for fp32 inputs, more accurate for bf16 ones.
+* The policy loss's metrics are 0-dim tensors (verl calls ``.item()`` three times: three host syncs);
+  verl's ``Metric`` reads either.
+* Whitened GAE advantages are 0 at positions outside the mask (verl leaves (x − μ)/σ there, a value no
+  verl loss reads), and a batch with fewer than two valid tokens gives zeros instead of a ``ValueError``.
+* Float masks whose sums lie strictly between 0 and 1 divide by 1 where verl divides by the sum.
+
+No function here synchronises the device, except the label range check of ``logprobs_from_logits`` on
+CUDA (``RLHF_KERNELS_CHECK_INDICES=0`` turns it off) and ``compute_gae_advantage_return`` when ``gamma``
+or ``lam`` is passed as a tensor (read once on the host).  The group estimators read ``index`` (a host
+numpy array of prompt ids), never device data.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..ops.advantages import compute_gae
-from ..ops.advantages import masked_whiten as _masked_whiten
-from ..ops.aggregation import SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, TOKEN_MEAN
-from ..ops.aggregation import agg_loss as _agg_loss
-from ..ops.kl import kl_penalty as _kl_penalty
-from ..ops.linear_logprobs import linear_logprobs
-from ..ops.logprobs import entropy_from_logits as _entropy
-from ..ops.logprobs import logprobs_from_logits as _logprobs
-from ..ops.ppo_losses import ppo_policy_loss, ppo_value_loss
+import rlhf_kernels as rk
+
+from ._patching import Patcher, import_modules
+from ._shared import common_dtype, no_double, weighted_aggregation
 
 __all__ = [
+    "SUPPORTED_VERSIONS",
     "agg_loss",
+    "compute_entropy_loss",
     "compute_gae_advantage_return",
+    "compute_grpo_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage",
     "compute_policy_loss",
+    "compute_policy_loss_vanilla",
+    "compute_rloo_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage",
     "compute_value_loss",
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
+    "install",
     "kl_penalty",
+    "kl_penalty_forward",
     "linear_cross_entropy",
     "logprobs_from_logits",
     "masked_whiten",
+    "unpatch",
 ]
+
+SUPPORTED_VERSIONS = ("0.9.1",)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -72,33 +87,15 @@ def _as_float(name: str, value: float | torch.Tensor) -> float:
     return value
 
 
-def _no_double(tensor: torch.Tensor) -> torch.Tensor:
-    """The advantage kernels compute in fp32; fp64 inputs (which verl's loop accepts) are rounded once."""
-    return tensor.float() if tensor.dtype == torch.float64 else tensor
-
-
-def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The fused losses take one floating dtype; verl mixes them freely (promotion)."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
-def _row_count(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Rows with at least one valid token, a 0-dim tensor (read by no one on the host)."""
-    return (loss_mask.sum(dim=-1) > 0).sum()
-
-
 def _aggregation(
     loss_mask: torch.Tensor,
     loss_agg_mode: str,
-    dp_size: int,
-    batch_num_tokens,
-    global_batch_size,
-    loss_scale_factor,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
 ) -> tuple[str, float | torch.Tensor]:
-    """verl's agg_loss as (library mode, normalizer): every mode divides a masked sum by one number.
+    """verl 0.9.1's agg_loss as (library mode, normalizer): every mode divides a masked sum by one number.
 
     token-mean                Σ L·m / N · dp,  N = batch_num_tokens or Σm (0/0 = NaN for an empty mask)
     token-sum                 Σ L·m · dp
@@ -110,25 +107,70 @@ def _aggregation(
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
-            return TOKEN_MEAN, loss_mask.sum()
-        return TOKEN_MEAN, batch_num_tokens / dp_size
+            return "token-mean", loss_mask.sum()
+        return "token-mean", batch_num_tokens / dp_size
     if loss_agg_mode == "token-sum":
-        return SEQ_MEAN_TOKEN_SUM, 1.0 / dp_size
+        return "seq-mean-token-sum", 1.0 / dp_size
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         if global_batch_size is None:
             if dp_size > 1:
                 raise ValueError("global_batch_size is required when dp_size > 1")
-            rows = _row_count(loss_mask)
-        else:
-            rows = global_batch_size
-        normalizer = rows / dp_size
+            global_batch_size = (loss_mask.sum(dim=-1) > 0).sum()  # a 0-dim tensor, never read on the host
+        normalizer = global_batch_size / dp_size
         if loss_agg_mode == "seq-mean-token-mean":
-            return SEQ_MEAN_TOKEN_MEAN, normalizer
+            return "seq-mean-token-mean", normalizer
         if loss_agg_mode == "seq-mean-token-sum-norm":
             scale = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
             normalizer = normalizer * scale
-        return SEQ_MEAN_TOKEN_SUM, normalizer
+        return "seq-mean-token-sum", normalizer
     raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+
+
+@torch.no_grad()
+def _outcome_advantages(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    *,
+    norm: str,
+    eps: float,
+    leave_one_out: bool,
+    singleton: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, advantages) [B, T] fp32: :func:`rlhf_kernels.group_advantages` of the scores
+    Σ_t rewards over the groups of equal ``index`` (any order, any sizes), on every valid token.
+
+    The groups of each size are gathered next to each other and passed to the fused op together; a group
+    of one sample has no baseline: its advantage is its score (``singleton="score"``; divided by 1 + eps
+    with ``norm="std"``, as verl's mean 0 and std 1) or 0 (``singleton="zero"``).
+    """
+    scores = token_level_rewards.sum(dim=-1)
+    ids: dict[Any, int] = {}
+    group_of = [ids.setdefault(key, len(ids)) for key in index]  # host-side numpy ids: no device read
+    if len(group_of) != scores.shape[0]:
+        raise ValueError(f"index must have one entry per sample ({scores.shape[0]}); got {len(group_of)}")
+    members: list[list[int]] = [[] for _ in ids]
+    for sample, group in enumerate(group_of):
+        members[group].append(sample)
+    by_size: dict[int, list[int]] = {}
+    for group in members:
+        by_size.setdefault(len(group), []).extend(group)
+    advantages = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+    for size, samples in by_size.items():
+        order = torch.tensor(samples, dtype=torch.long, device=scores.device)
+        if size == 1:
+            alone = scores[order].float()
+            if singleton == "zero":
+                alone = torch.zeros_like(alone)
+            elif norm == "std":
+                alone = alone / (1.0 + eps)
+            advantages[order] = alone
+        else:
+            advantages[order] = rk.group_advantages(
+                scores[order], size, norm=norm, eps=eps, leave_one_out=leave_one_out
+            )
+    advantages = rk.broadcast_to_tokens(advantages, response_mask)
+    return advantages, advantages
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,26 +188,24 @@ def logprobs_from_logits(
     for those the gradient goes to a new buffer, with the same result.
     """
     inplace = bool(inplace_backward) and logits.is_contiguous()
-    return _logprobs(logits, labels, temperature=1.0, ignore_index=-100, inplace_backward=inplace)
+    return rk.logprobs_from_logits(
+        logits, labels, temperature=1.0, ignore_index=-100, inplace_backward=inplace
+    )
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(x) − Σ softmax(x)·x over the last dimension, in the logits' dtype (as verl),
     computed in fp32 with the fused kernel (one read of the logits)."""
-    entropy = _entropy(logits, temperature=1.0)
+    entropy = rk.entropy_from_logits(logits, temperature=1.0)
     return entropy.to(logits.dtype) if logits.dtype in _HALF else entropy
 
 
 def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """verl's chunked entropy: fp32 on CPU; on CUDA verl routes to its kernel and returns the logits'
-    dtype for fp16/bf16, which is kept.  ``chunk_size`` is accepted and unused: the fused kernel never
-    holds more than one block of a row."""
+    """verl's chunked entropy of [N, V] logits: fp32 [N] whatever the logits' dtype.  ``chunk_size`` is
+    accepted and unused: the fused kernel never holds more than one block of a row."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    entropy = _entropy(logits, temperature=1.0)
-    if logits.is_cuda and logits.dtype in _HALF:
-        return entropy.to(logits.dtype)
-    return entropy.float()
+    return rk.entropy_from_logits(logits, temperature=1.0).float()
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -173,13 +213,14 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
     Differs from verl where nothing reads the result: positions outside ``mask`` hold 0 (μ when
     ``shift_mean=False``) instead of (x − μ)/σ, and fewer than two valid elements give zeros instead of
-    verl's ``ValueError`` (which costs a device sync per call).
+    verl's ``ValueError`` (which costs a device sync per call).  Not installed into verl (verl's other
+    estimators call its own); used by :func:`compute_gae_advantage_return`.
     """
-    return _masked_whiten(_no_double(values), mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
+    return rk.masked_whiten(no_double(values), mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------------
-# verl.trainer.ppo.core_algos
+# verl.trainer.ppo.core_algos: advantage estimators
 # ---------------------------------------------------------------------------------------------------
 def compute_gae_advantage_return(
     token_level_rewards: torch.Tensor,
@@ -195,14 +236,88 @@ def compute_gae_advantage_return(
     gradient; fp64 inputs are computed in fp32.  Whitened advantages at masked positions are 0 (see
     :func:`masked_whiten`); returns match verl everywhere.
     """
-    gamma = _as_float("gamma", gamma)
-    lam = _as_float("lam", lam)
-    advantages, returns = compute_gae(
-        _no_double(token_level_rewards), _no_double(values), response_mask, gamma, lam, mask_mode="carry"
+    advantages, returns = rk.compute_gae(
+        no_double(token_level_rewards),
+        no_double(values),
+        response_mask,
+        _as_float("gamma", gamma),
+        _as_float("lam", lam),
+        mask_mode="carry",
     )
     return masked_whiten(advantages, response_mask), returns
 
 
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: each response's score (Σ_t rewards) minus its group's mean, divided by the group's unbiased
+    std + ``epsilon`` (not divided with ``norm_adv_by_std_in_grpo=False``: Dr. GRPO), on every valid
+    token.  Groups are the equal entries of ``index`` (verl's prompt uids, any order, any sizes); a group
+    of one has mean 0 and std 1, as verl.  Returns (advantages, advantages), fp32 [B, T], no gradient."""
+    norm = "std" if norm_adv_by_std_in_grpo else "none"
+    return _outcome_advantages(
+        token_level_rewards,
+        response_mask,
+        index,
+        norm=norm,
+        eps=epsilon,
+        leave_one_out=False,
+        singleton="score",
+    )
+
+
+def compute_grpo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's vectorised GRPO: the same advantages as :func:`compute_grpo_outcome_advantage`."""
+    return compute_grpo_outcome_advantage(
+        token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config
+    )
+
+
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO: each response's score minus the mean score of the other responses of its group, on every
+    valid token; a response alone in its group keeps its score (verl's loop).  fp32 [B, T] twice."""
+    return _outcome_advantages(
+        token_level_rewards, response_mask, index, norm="none", eps=0.0, leave_one_out=True, singleton="score"
+    )
+
+
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's vectorised RLOO: as :func:`compute_rloo_outcome_advantage`, except that a response alone in
+    its group gets 0 (verl's vectorised form multiplies by count > 1)."""
+    return _outcome_advantages(
+        token_level_rewards, response_mask, index, norm="none", eps=0.0, leave_one_out=True, singleton="zero"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# verl.trainer.ppo.core_algos: losses
+# ---------------------------------------------------------------------------------------------------
 def agg_loss(
     loss_mat: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -212,7 +327,7 @@ def agg_loss(
     global_batch_size: int | torch.Tensor | None = None,
     loss_scale_factor: int | None = None,
 ) -> torch.Tensor:
-    """verl's aggregation of a [B, T] loss (modes token-mean, token-sum, seq-mean-token-sum,
+    """verl 0.9.1's aggregation of a [B, T] loss (token-mean, token-sum, seq-mean-token-sum,
     seq-mean-token-mean, seq-mean-token-sum-norm, with verl's global-batch arguments), 0-dim fp32.
 
     Fully masked rows are left out of the sequence means, as verl does; an all-masked token-mean is NaN
@@ -221,7 +336,87 @@ def agg_loss(
     mode, normalizer = _aggregation(
         loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
-    return _agg_loss(loss_mat, loss_mask, mode, normalizer)
+    return rk.agg_loss(loss_mat, loss_mask, mode, normalizer)
+
+
+def _policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clips: tuple[float, float, float],
+    loss_agg_mode: str,
+    rollout_is_weights: torch.Tensor | None,
+    global_batch_info: dict,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    low, high, clip_ratio_c = clips
+    if not clip_ratio_c > 1.0:
+        raise ValueError(
+            "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, "
+            f"but get the value: {clip_ratio_c}."
+        )
+    log_prob, old_log_prob, advantages = common_dtype(log_prob, old_log_prob, advantages)
+    clip = {"clip_low": low, "clip_high": high, "dual_clip": clip_ratio_c}
+    if rollout_is_weights is None:
+        mode, normalizer = _aggregation(response_mask, loss_agg_mode, **global_batch_info)
+        return rk.ppo_policy_loss(
+            log_prob, old_log_prob, advantages, response_mask, loss_agg=mode, normalizer=normalizer, **clip
+        )
+    # The weights multiply the per-token loss: one fused pass with the weighted mask gives the loss, and
+    # one with the plain mask (no gradient) gives verl's unweighted metrics.
+    mode, normalizer = _aggregation(response_mask, loss_agg_mode, **global_batch_info)
+    mode, token_weights, normalizer = weighted_aggregation(
+        mode, normalizer, response_mask, rollout_is_weights
+    )
+    loss, _ = rk.ppo_policy_loss(
+        log_prob, old_log_prob, advantages, token_weights, loss_agg=mode, normalizer=normalizer, **clip
+    )
+    _, metrics = rk.ppo_policy_loss(
+        log_prob.detach(), old_log_prob, advantages, response_mask, loss_agg="token-mean", **clip
+    )
+    return loss, metrics
+
+
+def compute_policy_loss_vanilla(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's registered ``"vanilla"`` policy loss: (pg_loss, {actor/pg_clipfrac, actor/ppo_kl,
+    actor/pg_clipfrac_lower}).
+
+    ℓ = clamp(lp − old, −20, 20), r = e^ℓ, C = max(−A·r, −A·clamp(r, 1 − ε_low, 1 + ε_high)); where
+    A < 0 the dual clip min(C, −A·c) applies (c = ``config.clip_ratio_c``, 3 by default).  The per-token
+    loss is multiplied by ``rollout_is_weights`` when given, then aggregated with ``loss_agg_mode`` and
+    ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+    ``loss_scale_factor``).  ε from ``config.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``.
+    One fused forward and backward; the metrics are 0-dim tensors (no host sync).
+    """
+    if config is None:
+        raise ValueError("compute_policy_loss_vanilla needs config (verl's ActorConfig); got None")
+    clip_ratio = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    clips = (low, high, config.get("clip_ratio_c", 3.0))
+    loss, metrics = _policy_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        clips,
+        loss_agg_mode,
+        rollout_is_weights,
+        dict(config.global_batch_info),
+    )
+    return loss, {
+        "actor/pg_clipfrac": metrics["clipfrac"],
+        "actor/ppo_kl": metrics["approx_kl"],
+        "actor/pg_clipfrac_lower": metrics["clipfrac_lower"],
+    }
 
 
 def compute_policy_loss(
@@ -235,26 +430,14 @@ def compute_policy_loss(
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """verl's vanilla PPO policy loss: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), all 0-dim.
-
-    ℓ = clamp(lp − old, −20, 20), r = e^ℓ, C = max(−A·r, −A·clamp(r, 1 − ε_low, 1 + ε_high)); where
-    A < 0 the dual clip min(C, −A·c) applies (always on, c = ``clip_ratio_c`` = 3 by default).  One
-    fused forward and backward; metrics carry no gradient and need no host sync.
-    """
+    """verl's deprecated functional policy loss: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), the
+    same math as :func:`compute_policy_loss_vanilla` without weights or global-batch arguments."""
     low = cliprange if cliprange_low is None else cliprange_low
     high = cliprange if cliprange_high is None else cliprange_high
     if low is None or high is None:
         raise TypeError("compute_policy_loss needs cliprange (or both cliprange_low and cliprange_high)")
-    if not clip_ratio_c > 1.0:
-        raise ValueError(
-            "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, "
-            f"but get the value: {clip_ratio_c}."
-        )
-    mode, normalizer = _aggregation(response_mask, loss_agg_mode, 1, None, None, None)
-    log_prob, old_log_prob, advantages = _common_dtype(log_prob, old_log_prob, advantages)
-    loss, metrics = ppo_policy_loss(
-        log_prob, old_log_prob, advantages, response_mask,
-        clip_low=low, clip_high=high, dual_clip=clip_ratio_c, loss_agg=mode, normalizer=normalizer,
+    loss, metrics = _policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, (low, high, clip_ratio_c), loss_agg_mode, None, {}
     )
     return loss, metrics["clipfrac"], metrics["approx_kl"], metrics["clipfrac_lower"]
 
@@ -279,35 +462,44 @@ def compute_value_loss(
     mode, normalizer = _aggregation(
         response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
-    vpreds, values, returns = _common_dtype(vpreds, values, returns)
-    loss, metrics = ppo_value_loss(
+    vpreds, values, returns = common_dtype(vpreds, values, returns)
+    loss, metrics = rk.ppo_value_loss(
         vpreds, values, returns, response_mask, clip=cliprange_value, loss_agg=mode, normalizer=normalizer
     )
     return loss, metrics["clipfrac"]
 
 
-def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
-    """Per-token KL estimate: "kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3" (k3 clamped as verl).
+def compute_entropy_loss(
+    logits: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str = "token-mean"
+) -> torch.Tensor:
+    """agg(entropy(logits)) over ``response_mask``: the fused entropy (one read of the logits) then
+    :func:`agg_loss`.  0-dim fp32."""
+    return agg_loss(rk.entropy_from_logits(logits, temperature=1.0), response_mask, loss_agg_mode)
 
-    A "+" suffix (e.g. "k3+") keeps the estimator's value and takes the gradient of k2 (verl's
-    straight-through trick, for an unbiased KL gradient).  "full" and unknown names raise
-    ``NotImplementedError``, as in verl.  fp32 output.
-    """
-    if not isinstance(kl_penalty, str):
+
+def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """Per-token KL estimate "kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3" (k3 clamped to ±10 of a
+    log-ratio clamped to ±20, as verl); "full" and unknown names raise ``NotImplementedError``, as verl."""
+    estimator = _KL_NAMES.get(kl_penalty) if isinstance(kl_penalty, str) else None
+    if estimator is None:
         raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented")
-    straight_through = kl_penalty.endswith("+")
+    return rk.kl_penalty(logprob, ref_logprob, estimator)
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """:func:`kl_penalty_forward`; a "+" suffix (e.g. "k3+") keeps the estimator's value and takes the
+    gradient of k2 (verl's straight-through trick, for an unbiased KL gradient).  fp32 output."""
+    straight_through = isinstance(kl_penalty, str) and kl_penalty.endswith("+")
     base = kl_penalty[:-1] if straight_through else kl_penalty
-    if base not in _KL_NAMES:
-        raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented")
-    forward = _kl_penalty(logprob, ref_logprob, _KL_NAMES[base])
+    forward = kl_penalty_forward(logprob, ref_logprob, base)
     if not straight_through or _KL_NAMES[base] == "k2":
         return forward
-    backward = _kl_penalty(logprob, ref_logprob, "k2")
+    backward = rk.kl_penalty(logprob, ref_logprob, "k2")
     return backward - backward.detach() + forward.detach()
 
 
 # ---------------------------------------------------------------------------------------------------
-# verl.utils.kernel.linear_cross_entropy
+# verl.utils.kernel.linear_cross_entropy (for direct use; verl's own is a CUDA kernel, not replaced)
 # ---------------------------------------------------------------------------------------------------
 def linear_cross_entropy(
     hidden: torch.Tensor,
@@ -330,8 +522,12 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of ('none', 'sum', 'mean'); got {reduction!r}")
     hidden2d = hidden.reshape(-1, hidden.shape[-1]) if hidden.dim() != 2 else hidden
     labels1d = labels.reshape(-1) if labels.dim() != 1 else labels
-    logprobs, entropy = linear_logprobs(
-        hidden2d, weight, labels1d, temperature=temperature, return_entropy=True,
+    logprobs, entropy = rk.linear_logprobs(
+        hidden2d,
+        weight,
+        labels1d,
+        temperature=temperature,
+        return_entropy=True,
         process_group=dist_process_group,
     )
     if reduction == "sum":
@@ -339,3 +535,57 @@ def linear_cross_entropy(
     elif reduction == "mean":
         logprobs = logprobs.mean()
     return logprobs, entropy
+
+
+# ---------------------------------------------------------------------------------------------------
+# install() / unpatch()
+# ---------------------------------------------------------------------------------------------------
+POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla}
+ADVANTAGE_ESTIMATORS = {
+    "gae": compute_gae_advantage_return,
+    "grpo": compute_grpo_outcome_advantage,
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "rloo": compute_rloo_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+}
+_CORE_ALGOS = (
+    compute_policy_loss_vanilla,
+    compute_gae_advantage_return,
+    compute_grpo_outcome_advantage,
+    compute_grpo_vectorized_outcome_advantage,
+    compute_rloo_outcome_advantage,
+    compute_rloo_vectorized_outcome_advantage,
+    agg_loss,
+    compute_policy_loss,
+    compute_value_loss,
+    compute_entropy_loss,
+    kl_penalty,
+    kl_penalty_forward,
+)
+_TORCH_FUNCTIONAL = (logprobs_from_logits, entropy_from_logits, entropy_from_logits_with_chunking)
+
+
+def _plan():
+    core_algos, torch_functional = import_modules(
+        "verl.trainer.ppo.core_algos", "verl.utils.torch_functional"
+    )
+    plan = [(core_algos.POLICY_LOSS_REGISTRY, name, fn) for name, fn in POLICY_LOSSES.items()]
+    plan += [(core_algos.ADV_ESTIMATOR_REGISTRY, name, fn) for name, fn in ADVANTAGE_ESTIMATORS.items()]
+    plan += [(core_algos, fn.__name__, fn) for fn in _CORE_ALGOS]
+    plan += [(torch_functional, fn.__name__, fn) for fn in _TORCH_FUNCTIONAL]
+    return plan
+
+
+_PATCHER = Patcher("verl", "verl", SUPPORTED_VERSIONS, "verl", _plan)
+
+
+def install() -> list[str]:
+    """Registers and installs the fused functions into verl 0.9.1 (see the module docstring); returns
+    what it replaced.  Raises ``UnsupportedVersionError`` for another verl version, before changing
+    anything; a second call does nothing."""
+    return _PATCHER.patch()
+
+
+def unpatch() -> None:
+    """Puts verl's own functions back."""
+    _PATCHER.unpatch()
