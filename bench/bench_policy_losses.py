@@ -42,15 +42,9 @@ def _verl():
 
 
 def _config(actor):
-    policy_loss = actor.PolicyLossConfig(dro_beta=0.3)
     return actor.ActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=1,
-        loss_agg_mode="token-mean",
-        global_batch_info={},
-        clip_ratio=0.2,
-        policy_loss=policy_loss,
+        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, loss_agg_mode="token-mean",
+        global_batch_info={}, clip_ratio=0.2, policy_loss=actor.PolicyLossConfig(dro_beta=0.3),
     )
 
 
@@ -60,47 +54,53 @@ def _shapes(bench: Bench) -> list[tuple[int, int]]:
     return [(64, 512)] if bench.quick else [(512, 2048)]
 
 
+def _inputs(rows: int, cols: int, device: torch.device):
+    lp = -torch.rand(rows, cols, device=device) * 3
+    old = lp + torch.randn(rows, cols, device=device) * 0.3
+    adv = torch.randn(rows, cols, device=device)
+    weights = torch.rand(rows, cols, device=device) * 2
+    lengths = torch.randint(cols // 4, cols + 1, (rows, 1), device=device)
+    mask = torch.arange(cols, device=device) < lengths  # right-padded responses
+    return lp, old, adv, weights, mask
+
+
+def _pair(core, config, name: str, old, adv, weights, mask):
+    """(ours, verl): the loss of variant ``name`` as a function of the log-probs, with rollout weights."""
+    mode = "seq-mean-token-mean" if name in ("gspo", "sapo") else "token-mean"
+    extra = dict(KWARGS.get(name, {}), **({} if name == "geo_mean" else {"loss_agg": mode}))
+    ours_fn, verl_fn, mask_f = POLICY_LOSSES[name], core.POLICY_LOSS_REGISTRY[name], mask.float()
+
+    def ours(x):
+        return ours_fn(x, old, adv, mask, is_weights=weights, **extra)[0]
+
+    def verl(x):
+        return verl_fn(old, x, adv, mask_f, mode, config, weights)[0]
+
+    return ours, verl
+
+
+def _fwd_bwd(fn, x: torch.Tensor):
+    def step():
+        x.grad = None
+        fn(x).backward()
+
+    return step
+
+
 def run(bench: Bench) -> None:
     core, actor = _verl()
     config = _config(actor)
     for rows, cols in _shapes(bench):
-        device = bench.device
-        lp = -torch.rand(rows, cols, device=device) * 3
-        old = lp + torch.randn(rows, cols, device=device) * 0.3
-        adv = torch.randn(rows, cols, device=device)
-        weights = torch.rand(rows, cols, device=device) * 2
-        mask = torch.arange(cols, device=device) < torch.randint(
-            cols // 4, cols + 1, (rows, 1), device=device
-        )
-        mask_f = mask.float()
-        for name, ours_fn in POLICY_LOSSES.items():
-            mode = "seq-mean-token-mean" if name in ("gspo", "sapo") else "token-mean"
-            extra = {} if name == "geo_mean" else {"loss_agg": mode}
-
-            def ours(x, ours_fn=ours_fn, extra=extra, name=name):
-                return ours_fn(x, old, adv, mask, is_weights=weights, **extra, **KWARGS.get(name, {}))[0]
-
-            def verl(x, name=name, mode=mode):
-                return core.POLICY_LOSS_REGISTRY[name](old, x, adv, mask_f, mode, config, weights)[0]
-
-            if name not in ("clip_cov",):  # verl draws clip_cov's tokens at random
+        lp, old, adv, weights, mask = _inputs(rows, cols, bench.device)
+        for name in POLICY_LOSSES:
+            ours, verl = _pair(core, config, name, old, adv, weights, mask)
+            if name != "clip_cov":  # verl draws clip_cov's tokens at random
                 _check(ours, verl, lp, name)
             case = f"{name} B={rows} T={cols} fp32"
             for impl, fn, baseline in (("verl", verl, None), ("rlhf_kernels", ours, "verl")):
-                x = lp.detach().clone().requires_grad_()
-
-                def fwd_bwd(fn=fn, x=x):
-                    x.grad = None
-                    fn(x).backward()
-
+                step = _fwd_bwd(fn, lp.detach().clone().requires_grad_())
                 bench.measure(
-                    FAMILY,
-                    case,
-                    impl,
-                    "fwd+bwd",
-                    fwd_bwd,
-                    bytes_moved=38 * x.numel(),
-                    memory=False,
+                    FAMILY, case, impl, "fwd+bwd", step, bytes_moved=38 * lp.numel(), memory=False,
                     baseline=baseline,
                 )
 

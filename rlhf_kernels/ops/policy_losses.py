@@ -578,7 +578,10 @@ def sapo_policy_loss(
     )
 
 
-def _dppo(variant, args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer) -> PolicyLoss:
+def _dppo_loss(
+    variant: str, args: tuple, clip_low: float, clip_high: float | None, truncation: float,
+    is_weights: Tensor | None, loss_agg: str, normalizer: Normalizer,
+) -> PolicyLoss:
     is_weights, normalizer, (truncation,) = _check(
         args, is_weights, loss_agg, normalizer, truncation=truncation
     )
@@ -596,7 +599,7 @@ def dppo_tv_policy_loss(
     [e^lp − e^old ≥ −ε_low]; c = ``truncation`` (verl's clip_ratio_c: 20 in the function, 3 from an
     ActorConfig).  Metrics clipfrac (mean of 1 − v), clipfrac_lower (mean of [r > c]·v), approx_kl."""
     args = (logprobs, old_logprobs, advantages, mask)
-    return _dppo("dppo_tv", args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer)
+    return _dppo_loss("dppo_tv", args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer)
 
 
 def dppo_kl_policy_loss(
@@ -608,7 +611,7 @@ def dppo_kl_policy_loss(
     else [KL_bin ≤ ε_low or p ≥ p_old], KL_bin = p_old·(old − lp) + (1 − p_old)·log((1 − p_old + 1e-8)/(1 − p
     + 1e-8))."""
     args = (logprobs, old_logprobs, advantages, mask)
-    return _dppo("dppo_kl", args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer)
+    return _dppo_loss("dppo_kl", args, clip_low, clip_high, truncation, is_weights, loss_agg, normalizer)
 
 
 def clip_cov_policy_loss(

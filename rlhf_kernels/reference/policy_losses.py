@@ -26,7 +26,7 @@ def _zeros_at_padding(x, valid):
     return torch.where(valid, x, torch.zeros_like(x))
 
 
-def _clip(lp, old, clip_low, clip_high):
+def _clip(clip_low, clip_high):
     return clip_low, clip_low if clip_high is None else clip_high
 
 
@@ -36,30 +36,14 @@ def _metrics(mask, **values):
 
 
 def vanilla_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    dual_clip=3.0,
-    is_weights=None,
-    loss_agg="token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=3.0, is_weights=None,
+    loss_agg="token-mean", normalizer=None,
 ):
     """The PPO oracle, with the per-token loss multiplied by w."""
     if is_weights is None:
         return _ppo_policy_loss(
-            logprobs,
-            old_logprobs,
-            advantages,
-            mask,
-            clip_low=clip_low,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
-            loss_agg=loss_agg,
-            normalizer=normalizer,
+            logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, loss_agg=loss_agg, normalizer=normalizer,
         )
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
     _, metrics = _ppo_policy_loss(
@@ -84,25 +68,16 @@ def dro_policy_loss(
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
     L = -(adv * lp - 0.5 * beta * (lp - old) ** 2)
-    return agg_loss(_zeros_at_padding(L * w, valid), mask, loss_agg, normalizer), _metrics(
-        mask, approx_kl=old - lp
-    )
+    metrics = _metrics(mask, approx_kl=old - lp)
+    return agg_loss(_zeros_at_padding(L * w, valid), mask, loss_agg, normalizer), metrics
 
 
 def cispo_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    is_weights=None,
-    loss_agg="token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, is_weights=None,
+    loss_agg="token-mean", normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
-    low, high = _clip(lp, old, clip_low, clip_high)
+    low, high = _clip(clip_low, clip_high)
     log_ratio = torch.clamp(lp.detach() - old, -20.0, 20.0)
     r = torch.exp(log_ratio)
     weight = torch.clamp(r, 1 - low, 1 + high)
@@ -113,16 +88,8 @@ def cispo_policy_loss(
 
 
 def sapo_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    tau_pos=1.0,
-    tau_neg=1.05,
-    is_weights=None,
-    loss_agg="seq-mean-token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, tau_pos=1.0, tau_neg=1.05, is_weights=None,
+    loss_agg="seq-mean-token-mean", normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
     log_ratio = torch.clamp(lp - old, -20.0, 20.0)
@@ -134,20 +101,11 @@ def sapo_policy_loss(
 
 
 def _dppo(
-    binary_kl,
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    clip_low,
-    clip_high,
-    truncation,
-    is_weights,
-    loss_agg,
-    normalizer,
+    binary_kl, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, truncation, is_weights,
+    loss_agg, normalizer,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
-    low, high = _clip(lp, old, clip_low, clip_high)
+    low, high = _clip(clip_low, clip_high)
     with torch.no_grad():
         log_ratio = torch.clamp(lp - old, -20.0, 20.0)
         r = torch.exp(log_ratio)
@@ -163,58 +121,22 @@ def _dppo(
 
 
 def dppo_tv_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    truncation=20.0,
-    is_weights=None,
-    loss_agg="token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, truncation=20.0,
+    is_weights=None, loss_agg="token-mean", normalizer=None,
 ):
     return _dppo(
-        False,
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        clip_low,
-        clip_high,
-        truncation,
-        is_weights,
-        loss_agg,
-        normalizer,
+        False, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, truncation, is_weights,
+        loss_agg, normalizer,
     )
 
 
 def dppo_kl_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    truncation=20.0,
-    is_weights=None,
-    loss_agg="token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, truncation=20.0,
+    is_weights=None, loss_agg="token-mean", normalizer=None,
 ):
     return _dppo(
-        True,
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        clip_low,
-        clip_high,
-        truncation,
-        is_weights,
-        loss_agg,
-        normalizer,
+        True, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, truncation, is_weights,
+        loss_agg, normalizer,
     )
 
 
@@ -225,22 +147,11 @@ def _covariance(lp, adv, weights):
 
 
 def clip_cov_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    clip_cov_ratio=0.0002,
-    clip_cov_lb=1.0,
-    clip_cov_ub=5.0,
-    is_weights=None,
-    loss_agg="token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_cov_ratio=0.0002,
+    clip_cov_lb=1.0, clip_cov_ub=5.0, is_weights=None, loss_agg="token-mean", normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
-    low, high = _clip(lp, old, clip_low, clip_high)
+    low, high = _clip(clip_low, clip_high)
     m = torch.where(valid, mask.double(), torch.zeros_like(old))
     r = torch.exp(lp - old)
     L1, L2 = -adv * r, -adv * torch.clamp(r, 1 - low, 1 + high)
@@ -258,16 +169,8 @@ def clip_cov_policy_loss(
 
 
 def kl_cov_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    kl_cov_ratio=0.0002,
-    ppo_kl_coef=0.1,
-    is_weights=None,
-    loss_agg="token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, kl_cov_ratio=0.0002, ppo_kl_coef=0.1, is_weights=None,
+    loss_agg="token-mean", normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
     raw = lp - old
@@ -285,23 +188,14 @@ def kl_cov_policy_loss(
 
 
 def gspo_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    is_weights=None,
-    loss_agg="seq-mean-token-mean",
-    normalizer=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, is_weights=None,
+    loss_agg="seq-mean-token-mean", normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
-    low, high = _clip(lp, old, clip_low, clip_high)
+    low, high = _clip(clip_low, clip_high)
     m = torch.where(valid, mask.double(), torch.zeros_like(old))
-    seq = (_zeros_at_padding(lp.detach() - old, valid) * m).sum(-1, keepdim=True) / m.sum(
-        -1, keepdim=True
-    ).clamp(min=1)
+    seq = (_zeros_at_padding(lp.detach() - old, valid) * m).sum(-1, keepdim=True)
+    seq = seq / m.sum(-1, keepdim=True).clamp(min=1)
     rho = torch.exp(torch.clamp(lp - lp.detach() + seq, max=10.0))
     L1, L2 = -adv * rho, -adv * torch.clamp(rho, 1 - low, 1 + high)
     metrics = _metrics(mask, clipfrac=L2 > L1, approx_kl=old - lp.detach())
@@ -310,19 +204,11 @@ def gspo_policy_loss(
 
 
 def geo_mean_policy_loss(
-    logprobs,
-    old_logprobs,
-    advantages,
-    mask,
-    *,
-    clip_low=0.2,
-    clip_high=None,
-    is_weights=None,
-    loss_agg=None,
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, is_weights=None, loss_agg=None,
     normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
-    low, high = _clip(lp, old, clip_low, clip_high)
+    low, high = _clip(clip_low, clip_high)
     m = torch.where(valid, mask.double(), torch.zeros_like(old))
     raw = _zeros_at_padding(lp - old, valid)
     s = torch.sign(adv)
@@ -332,26 +218,18 @@ def geo_mean_policy_loss(
     row_loss = -((_zeros_at_padding(adv, valid) * m).sum(-1) / n) * torch.exp((chosen * m).sum(-1) / n)
     if is_weights is not None:
         row_loss = row_loss * torch.exp((_zeros_at_padding(torch.log(w + 1e-10), valid) * m).sum(-1) / n)
-    loss = row_loss.sum() / (
-        row_loss.shape[0] if normalizer is None else torch.as_tensor(normalizer).double()
-    )
+    count = row_loss.shape[0] if normalizer is None else torch.as_tensor(normalizer).double()
+    loss = row_loss.sum() / count
     clipped = (raw != bounded).detach()
-    metrics = _metrics(
-        mask, clipfrac=clipped & (adv > 0), approx_kl=-raw.detach(), clipfrac_lower=clipped & (adv < 0)
-    )
-    return loss, metrics
+    adv_sign = {"clipfrac": clipped & (adv > 0), "clipfrac_lower": clipped & (adv < 0)}
+    return loss, _metrics(mask, approx_kl=-raw.detach(), **adv_sign)
 
 
+#: verl's registry name -> oracle (the ``<name>_policy_loss`` functions above).
 POLICY_LOSSES = {
-    "vanilla": vanilla_policy_loss,
-    "gspo": gspo_policy_loss,
-    "sapo": sapo_policy_loss,
-    "gpg": gpg_policy_loss,
-    "clip_cov": clip_cov_policy_loss,
-    "kl_cov": kl_cov_policy_loss,
-    "geo_mean": geo_mean_policy_loss,
-    "dro": dro_policy_loss,
-    "cispo": cispo_policy_loss,
-    "dppo_tv": dppo_tv_policy_loss,
-    "dppo_kl": dppo_kl_policy_loss,
+    name: globals()[f"{name}_policy_loss"]
+    for name in (
+        "vanilla", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro", "cispo", "dppo_tv",
+        "dppo_kl",
+    )
 }
