@@ -726,3 +726,24 @@ def test_vocab_parallel_two_processes(monkeypatch):
         for process in context.processes:
             if process.is_alive():
                 os.kill(process.pid, 9)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_autocast_region_does_not_lower_the_precision(backend_name):
+    """Inside torch.autocast(bf16) the op still computes in fp32 (its products are not autocast to
+    bf16), values and gradients equal to the call outside the region; the entropy backward used to
+    overflow bf16 there."""
+    torch.manual_seed(3)
+    hidden = torch.randn(6, 16, dtype=torch.float32)
+    weight = torch.randn(37, 16, dtype=torch.float32) * 0.5
+    labels = torch.randint(0, 37, (6,))
+    results = []
+    for autocast in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with rk.use_backend(backend_name), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp, ent = rk.linear_logprobs(h, w, labels, return_entropy=True)
+            (lp.sum() + ent.sum()).backward()
+        results.append((lp.detach(), ent.detach(), h.grad, w.grad))
+    for plain, autocast in zip(*results):
+        assert plain.dtype == autocast.dtype == torch.float32
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)

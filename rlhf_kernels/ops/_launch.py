@@ -14,6 +14,7 @@ whitening): a few rows per program, T walked in chunks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 from dataclasses import dataclass
@@ -54,6 +55,22 @@ def sm_count(device: torch.device) -> int:
 def acc_dtype(*tensors: torch.Tensor | None):
     """The Triton arithmetic dtype of an op: tl.float64 if any input is fp64, else tl.float32."""
     return tl.float64 if compute_dtype(*tensors) == torch.float64 else tl.float32
+
+
+def without_autocast(fn):
+    """Runs ``fn`` with autocast off on every device where it is on: an op's precision is its own
+    (inputs in their dtype, fp32 accumulation), never lowered by an enclosing ``torch.autocast``
+    region (which would turn its fp32 matrix products into bf16 ones)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def loadable_mask(mask: torch.Tensor) -> torch.Tensor:

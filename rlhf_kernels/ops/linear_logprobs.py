@@ -52,7 +52,7 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import acc_dtype, cdiv, pow2_between, scalar_parts, sm_count
+from ._launch import acc_dtype, cdiv, pow2_between, scalar_parts, sm_count, without_autocast
 from .cpu import linear_logprobs as cpu
 
 try:
@@ -317,6 +317,7 @@ def _launch_config(
 # ---------------------------------------------------------------------------------------------------
 # Launchers: each writes into outputs the caller allocated; a thin allocating wrapper sits on top.
 # ---------------------------------------------------------------------------------------------------
+@without_autocast
 def _launch_stats_out(
     partials: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     inv_temperature: float, vocab_start: int, with_entropy: bool,
@@ -367,6 +368,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+@without_autocast
 def _launch_bwd_out(
     d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
     grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,

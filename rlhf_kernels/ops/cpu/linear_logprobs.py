@@ -13,6 +13,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
+from .._launch import without_autocast
 
 # Bytes per temporary in the compute dtype (weight chunk, hidden chunk, logits chunk).
 CHUNK_BYTES = 8 << 20
@@ -78,6 +79,7 @@ def _logits_chunk(hidden_rows, weight_rows, bias_rows, inv_temperature, acc_dtyp
     return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
 
 
+@without_autocast
 def _stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -135,6 +137,7 @@ def _stats_fake(hidden, weight, bias, labels, inv_temperature, vocab_start, with
     return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
 
 
+@without_autocast
 def _bwd(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor,
