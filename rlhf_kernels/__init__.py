@@ -49,6 +49,12 @@ _LAZY = {
     "cispo_policy_loss": ".ops.policy_losses",
     "dppo_tv_policy_loss": ".ops.policy_losses",
     "dppo_kl_policy_loss": ".ops.policy_losses",
+    "dpo_loss": ".ops.preference_losses",
+    "simpo_loss": ".ops.preference_losses",
+    "cpo_loss": ".ops.preference_losses",
+    "orpo_loss": ".ops.preference_losses",
+    "kto_loss": ".ops.preference_losses",
+    "DPO_LOSS_TYPES": ".ops.preference_losses",
     "pairwise_reward_loss": ".ops.reward_losses",
     "pointwise_reward_loss": ".ops.reward_losses",
     "ranking_hinge_loss": ".ops.reward_losses",
@@ -100,6 +106,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
         vanilla_policy_loss,
     )
     from .ops.ppo_losses import ppo_policy_loss, ppo_value_loss
+    from .ops.preference_losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
     from .ops.reward_losses import (
         pairwise_reward_loss,
         pointwise_reward_loss,
