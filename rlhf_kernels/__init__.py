@@ -27,6 +27,9 @@ _LAZY = {
     "compute_gae": ".ops.gae",
     "masked_whiten": ".ops.whiten",
     "token_level_rewards": ".ops.token_rewards",
+    "ADVANTAGE_ESTIMATORS": ".ops.advantages",
+    "compute_advantages": ".ops.advantages",
+    "uid_index": ".ops.advantages",
     "group_advantages": ".ops.advantages",
     "broadcast_to_tokens": ".ops.advantages",
     "KL_ESTIMATORS": ".ops.kl",
@@ -84,7 +87,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from .kl_control import AdaptiveKLController, FixedKLController
     from .modules import LinearLogprobs
-    from .ops.advantages import broadcast_to_tokens, group_advantages
+    from .ops.advantages import (
+        ADVANTAGE_ESTIMATORS,
+        broadcast_to_tokens,
+        compute_advantages,
+        group_advantages,
+        uid_index,
+    )
     from .ops.aggregation import LOSS_AGG_MODES, agg_loss
     from .ops.gae import compute_gae
     from .ops.kl import KL_ESTIMATORS, kl_loss, kl_penalty

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_close
 from test_gae import gae_inputs
 
 import rlhf_kernels.ops.advantages as adv
@@ -158,3 +158,177 @@ def test_old_import_paths_reexport_the_families():
     assert old_peers.openrlhf_get_advantages_and_returns is gae.openrlhf_get_advantages_and_returns
     assert old_peers.openrlhf_normalize is whiten.openrlhf_normalize
     assert old_peers.verl_token_level_rewards is token_rewards.verl_token_level_rewards
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantage estimators over arbitrary groups, against the float64 oracles
+# --------------------------------------------------------------------------------------------------
+WHITENED = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gdpo")  # whitening runs in fp32
+
+
+def _estimator_batch(dtype=torch.float32, mask_dtype=torch.float32, seed=0, sizes=(3, 1, 5, 2, 4, 1)):
+    """Groups of several sizes (singletons too) under scattered, non-consecutive ids, a mask with right
+    padding, a hole and an empty row, and the per-token inputs of the optimal-token-baseline family."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([1000 * k - 7 for k, size in enumerate(sizes) for _ in range(size)])
+    index = ids[torch.randperm(ids.shape[0], generator=g)]
+    B, T = index.shape[0], 9
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T) < lengths[:, None]
+    mask[1, 2:4] = False
+    mask[2] = False
+    extra = {
+        "old_log_probs": -torch.rand(B, T, generator=g, dtype=torch.float64) * 3,
+        "sum_pi_squared": torch.rand(B, T, generator=g, dtype=torch.float64) * 0.5,
+        "rollout_is_weights": torch.rand(B, T, generator=g, dtype=torch.float64) * 2,
+        "reward_baselines": torch.randn(B, generator=g, dtype=torch.float64),
+        "reward_scores": torch.randn(B, 3, generator=g, dtype=torch.float64),
+    }
+    extra = {key: value.to(dtype) for key, value in extra.items()}
+    return rewards.to(dtype), mask.to(mask_dtype), index, extra
+
+
+def _run_estimator(name, impl, rewards, mask, index, extra):
+    """(advantages, returns or None) of ``impl`` (ours: the table; the oracle: reference functions)."""
+    ours = impl is adv.ADVANTAGE_ESTIMATORS
+    fn = impl[name] if ours else getattr(ref, f"{name}_advantages")
+    result = _call_estimator(name, fn, rewards, mask, index, extra)
+    if name in ("remax", "reinforce_plus_plus", "optimal_token_baseline", "tir_optimal_token_baseline"):
+        return result
+    return (result[0] if ours else result), None
+
+
+def _call_estimator(name, fn, rewards, mask, index, extra):
+    if name == "remax":
+        return fn(rewards, extra["reward_baselines"], mask)
+    if name == "reinforce_plus_plus":
+        return fn(rewards, mask, 0.9)
+    if name == "flash_reinforce":
+        return fn(rewards, mask)
+    if name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
+        return fn(rewards, mask, index, extra["old_log_probs"], extra["sum_pi_squared"],
+                  extra["rollout_is_weights"], True, 1e-8)
+    if name == "gdpo":
+        return fn(rewards, mask, index, 1e-6, True, extra["reward_scores"], [0.5, 1.0, -2.0])
+    if name == "gpg":
+        return fn(rewards, mask, index, 0.7)
+    return fn(rewards, mask, index)
+
+
+ORACLE_NAMES = sorted(set(adv.ADVANTAGE_ESTIMATORS) - {"gae", "grpo_vectorized", "rloo_vectorized"})
+
+
+@pytest.mark.parametrize("name", ORACLE_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_estimators_match_oracle(name, dtype):
+    mask_dtype = torch.bool if dtype == torch.float64 else torch.float32
+    rewards, mask, index, extra = _estimator_batch(dtype, mask_dtype)
+    got, got_returns = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)
+    want, want_returns = _run_estimator(name, ref, rewards, mask, index, extra)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == expected_dtype and got.shape == rewards.shape
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    if name in WHITENED or name == "reinforce_plus_plus":
+        tol = 2e-5
+    assert_close(got, want, tol, name)
+    if got_returns is not None:  # the reinforce_plus_plus scan is compute_gae's: fp32 for every input
+        fp32_scan = dtype != torch.float64 or name == "reinforce_plus_plus"
+        assert_close(got_returns, want_returns, 2e-5 if fp32_scan else 1e-12, f"{name} returns")
+    assert bool((got[mask == 0] == 0).all())
+
+
+def test_rloo_variants_and_grpo_alias():
+    rewards, mask, index, _ = _estimator_batch()
+    table = adv.ADVANTAGE_ESTIMATORS
+    assert_close(table["rloo"](rewards, mask, index)[0], ref.rloo_advantages(rewards, mask, index), 2e-5, "rloo")
+    assert_close(table["rloo_vectorized"](rewards, mask, index)[0],
+                 ref.rloo_advantages(rewards, mask, index, singleton="zero"), 2e-5, "rloo_vectorized")
+    assert table["grpo_vectorized"] is table["grpo"]
+
+
+def test_estimators_follow_the_samples_not_their_order():
+    """Permuting the batch (and relabelling the groups) permutes the advantages."""
+    rewards, mask, index, extra = _estimator_batch(seed=3)
+    perm = torch.randperm(index.shape[0])
+    moved = {key: value[perm] for key, value in extra.items()}
+    for name in ORACLE_NAMES:
+        base = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)[0]
+        shuffled = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards[perm], mask[perm], index[perm] * 3 + 11,
+                                  moved)[0]
+        torch.testing.assert_close(shuffled, base[perm], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_group_advantages_fast_path_agrees_with_grpo():
+    scores = torch.randn(24)
+    mask = torch.ones(24, 5)
+    rewards = torch.zeros(24, 5)
+    rewards[:, -1] = scores
+    index = torch.arange(24) // 8
+    for norm in (True, False):
+        grpo, _ = adv.compute_advantages("grpo", rewards, mask, index, 1e-6, norm)
+        fast = adv.group_advantages(scores, 8, norm="std" if norm else "none")
+        torch.testing.assert_close(grpo[:, 0], fast, rtol=1e-5, atol=1e-6)
+
+
+def test_estimator_singletons_and_degenerate_batches():
+    rewards = torch.tensor([[1.0, 2.0], [4.0, 0.0], [5.0, 1.0]])
+    mask = torch.ones(3, 2)
+    index = torch.tensor([0, 1, 1])
+    passk, _ = adv.compute_advantages("grpo_passk", rewards, mask, index, 1e-6, False)
+    assert passk[:, 0].tolist() == [0.0, 0.0, 2.0]  # alone: 0 (verl raises); best of (4, 6): 6 − 4
+    grpo, _ = adv.compute_advantages("grpo", rewards, mask, index)
+    torch.testing.assert_close(grpo[0], torch.full((2,), 3.0 / (1 + 1e-6)))  # alone: μ = 0, σ = 1
+    # all-masked batch: every estimator defined, zero advantages, no warning, no error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for B in (0, 3):
+            r, _, _, extra = _estimator_batch()
+            r, extra = r[:B], {k: v[:B] for k, v in extra.items()}
+            m = torch.zeros(B, 9)
+            idx = torch.arange(B) // 2
+            for name in ORACLE_NAMES:
+                got = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, r, m, idx, extra)[0]
+                assert got.shape == (B, 9) and bool((got == 0).all()), name
+
+
+def test_estimator_errors():
+    rewards, mask, index = torch.randn(4, 3), torch.ones(4, 3), torch.arange(4)
+    with pytest.raises(ValueError, match=r"estimator must be one of \(.*'grpo'.*\); got 'ppo'"):
+        adv.compute_advantages("ppo", rewards, mask, index)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        adv.ADVANTAGE_ESTIMATORS["GRPO"]
+    with pytest.raises(TypeError, match="index must be an integer tensor"):
+        adv.compute_advantages("grpo", rewards, mask, index.float())
+    with pytest.raises(ValueError, match=r"index must have shape token_level_rewards.shape\[:1\]"):
+        adv.compute_advantages("grpo", rewards, mask, index[:3])
+    with pytest.raises(ValueError, match=r"response_mask must have shape"):
+        adv.compute_advantages("rloo", rewards, mask[:, :2], index)
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        adv.compute_advantages("grpo", rewards, mask, index, -1.0)
+    with pytest.raises(ValueError, match="reward_weights must have shape"):
+        adv.compute_advantages("gdpo", rewards, mask, index, reward_scores=torch.randn(4, 2), reward_weights=[1.0])
+    with pytest.raises(TypeError, match="estimator must be a str"):
+        adv.compute_advantages(3, rewards, mask, index)
+
+
+def test_estimators_do_not_modify_inputs():
+    rewards, mask, index, extra = _estimator_batch()
+    copies = [t.clone() for t in (rewards, mask, index, *extra.values())]
+    for name in ORACLE_NAMES:
+        _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)
+    for before, after in zip(copies, (rewards, mask, index, *extra.values())):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="host-sync detection needs CUDA")
+def test_estimators_no_host_sync_on_cuda():
+    rewards, mask, index, extra = _estimator_batch()
+    rewards, mask, index = rewards.cuda(), mask.cuda(), index.cuda()
+    extra = {key: value.cuda() for key, value in extra.items()}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name in ORACLE_NAMES:
+            _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

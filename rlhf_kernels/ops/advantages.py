@@ -1,5 +1,12 @@
-"""Sequence-level advantages: group-relative advantages (GRPO, RLOO, Dr. GRPO) and their broadcast to
-tokens.  Plain PyTorch over [B] (nothing to fuse), differentiable, no kernels and no dispatch family.
+"""Advantages: group-relative advantages of consecutive equal-size groups (``group_advantages``, the fast
+path), their broadcast to tokens, and the advantage estimators of verl 0.9.1's registry (same names and
+semantics, plus TRL's batch-std GRPO and OpenRLHF's FlashREINFORCE) over groups given by an arbitrary
+index tensor: ``ADVANTAGE_ESTIMATORS`` / ``compute_advantages``.
+
+Plain PyTorch (O(B·T) memory-bound work, nothing worth a kernel): the groups are segment reductions
+(``index_add_`` / ``scatter_reduce_``) into buffers of B slots, so no size depends on the data and nothing
+synchronises the host; no Python loop over groups or samples.  docs/advantages.md states every estimator's
+math, its singleton rule and the results defined where verl raises or divides by zero.
 
 This module also re-exports the token-level families it used to hold, so that
 ``from rlhf_kernels.ops.advantages import compute_gae`` keeps working: GAE is ``ops/gae.py``, masked
@@ -10,19 +17,27 @@ use (PEP 562), so ``rlhf_kernels.group_advantages`` does not import the Triton k
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 
 from .._validation import (
+    FLOAT_DTYPES,
     check_at_least,
     check_choice,
     check_float_tensor,
+    check_in_range,
+    check_index_tensor,
     check_int,
     check_mask_tensor,
     check_ndim,
+    check_real,
     check_same_device,
     check_shape,
+    compute_dtype,
 )
 
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on first use
@@ -30,7 +45,16 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on 
     from .token_rewards import token_level_rewards
     from .whiten import masked_whiten
 
-__all__ = ["broadcast_to_tokens", "compute_gae", "group_advantages", "masked_whiten", "token_level_rewards"]
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "broadcast_to_tokens",
+    "compute_advantages",
+    "compute_gae",
+    "group_advantages",
+    "masked_whiten",
+    "token_level_rewards",
+    "uid_index",
+]
 
 # Names that moved to their family's module: name -> module (relative to rlhf_kernels.ops).
 _MOVED = {"compute_gae": ".gae", "masked_whiten": ".whiten", "token_level_rewards": ".token_rewards"}
@@ -105,6 +129,452 @@ def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.T
     check_same_device(advantages=advantages, mask=mask)
     m = mask.to(torch.float32)
     return torch.where(m != 0, advantages.to(torch.float32).unsqueeze(-1) * m, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantage estimators with verl 0.9.1's names and semantics, over groups given by an index tensor.
+# --------------------------------------------------------------------------------------------------
+ESTIMATOR_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def uid_index(uids: Sequence[object] | np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """verl's ``index`` (a host array of prompt uids: strings, ints, any hashable) as the int64 [B]
+    group-id tensor the estimators take: equal uids get equal ids (``np.unique``'s inverse).  Host-side
+    (the uids live on the host); call it once per batch, before the tensors reach the device."""
+    uids = np.asarray(uids, dtype=object if not isinstance(uids, np.ndarray) else None).reshape(-1)
+    if uids.size == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    try:
+        _, inverse = np.unique(uids, return_inverse=True)
+    except TypeError:  # mixed, unorderable uids: group by their text
+        _, inverse = np.unique(np.array([str(u) for u in uids]), return_inverse=True)
+    return torch.from_numpy(inverse.astype(np.int64).reshape(-1)).to(device)
+
+
+class _Groups(NamedTuple):
+    """Dense group ids of the samples and per-sample group sizes, all [B] (at most B groups, so every
+    per-group buffer has B slots: no size depends on the data, no host sync)."""
+
+    ids: torch.Tensor  # int64 [B] in [0, B)
+    size: torch.Tensor  # n_g of each sample's group, in the compute dtype
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ over each group of ``values`` [B, ...], per group slot [B, ...]."""
+        return values.new_zeros(values.shape).index_add_(0, self.ids, values)
+
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group ``values`` [B, ...] (one per slot) back to the samples."""
+        return values.index_select(0, self.ids)
+
+    def amax(self, values: torch.Tensor) -> torch.Tensor:
+        """max over each group of ``values`` [B] (NaN if any is NaN), back to the samples."""
+        top = values.new_full(values.shape, -math.inf).scatter_reduce_(0, self.ids, values, "amax")
+        return self.spread(top)
+
+    def mean_std(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample group mean and unbiased std (two passes, as torch.std); a group of one sample has
+        mean 0 and std 1 (verl).  ``scores`` [B] or [B, K]."""
+        size = self.size.view(-1, *([1] * (scores.dim() - 1)))
+        mean = self.spread(self.total(scores)) / size
+        centred = scores - mean
+        std = (self.spread(self.total(centred * centred)) / (size - 1).clamp_min(1)).sqrt()
+        alone = size == 1
+        return torch.where(alone, 0.0, mean), torch.where(alone, 1.0, std)
+
+
+def _groups(index: torch.Tensor, dtype: torch.dtype) -> _Groups:
+    """Samples with equal ``index`` values form a group (any values, any order): sort, mark where the
+    sorted value changes, number the runs, and scatter the numbers back."""
+    ordered, order = torch.sort(index, stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.int64)
+    starts[1:] = (ordered[1:] != ordered[:-1]).to(torch.int64)
+    ids = torch.empty_like(starts).scatter_(0, order, starts.cumsum(0) - 1)
+    size = torch.zeros(index.shape[0], dtype=dtype, device=index.device)
+    size = size.index_add_(0, ids, torch.ones_like(size)).index_select(0, ids)
+    return _Groups(ids, size)
+
+
+def _check_estimator_inputs(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor | None = None,
+    **others: torch.Tensor | None,
+) -> torch.dtype:
+    """Validates the common arguments (and ``others``: [B, T] floating tensors or None); returns the
+    compute dtype."""
+    check_float_tensor("token_level_rewards", token_level_rewards, ESTIMATOR_DTYPES)
+    check_ndim("token_level_rewards", token_level_rewards, 2, "[B, T]")
+    check_mask_tensor("response_mask", response_mask)
+    check_shape("response_mask", response_mask, token_level_rewards.shape, "token_level_rewards.shape")
+    if index is not None:
+        check_index_tensor("index", index)
+        check_shape("index", index, token_level_rewards.shape[:1], "token_level_rewards.shape[:1]")
+    for name, tensor in others.items():
+        if tensor is not None:
+            check_float_tensor(name, tensor, ESTIMATOR_DTYPES)
+            check_shape(name, tensor, token_level_rewards.shape, "token_level_rewards.shape")
+    check_same_device(token_level_rewards=token_level_rewards, response_mask=response_mask, index=index,
+                      **others)
+    return compute_dtype(token_level_rewards, *others.values())
+
+
+def _on_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """values·m (verl's product: 0 at masked positions for finite values, NaN·0 = NaN stays NaN), in one
+    pass; ``values`` [B] (one per sequence) or [B, T]."""
+    if values.dim() == 1:
+        values = values.unsqueeze(-1)
+    if response_mask.dtype == torch.bool:
+        return torch.where(response_mask, values, 0.0).to(values.dtype)
+    return values * response_mask.to(values.dtype)
+
+
+def _whiten_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_whiten(values, mask) * mask`` (statistics in fp32, see docs/whiten.md)."""
+    from .whiten import masked_whiten
+
+    whitened = masked_whiten(values.to(torch.float32), response_mask)
+    return _on_tokens(whitened.to(values.dtype), response_mask)
+
+
+def _reverse_cumsum(values: torch.Tensor) -> torch.Tensor:
+    return values.flip(-1).cumsum(-1).flip(-1)
+
+
+def _scores(token_level_rewards: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return token_level_rewards.sum(-1, dtype=dtype)
+
+
+def _pair(values: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    advantages = _on_tokens(values, response_mask)
+    return advantages, advantages
+
+
+@torch.no_grad()
+def grpo_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+    epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"grpo"``: A = (s − μ_g)/(σ_g + ε) (Dr. GRPO without the division), s = Σ_t r; a group of one
+    has μ = 0, σ = 1."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    epsilon = check_at_least("epsilon", epsilon, 0.0)
+    scores = _scores(token_level_rewards, dtype)
+    mean, std = _groups(index, dtype).mean_std(scores)
+    advantages = scores - mean
+    if norm_adv_by_std_in_grpo:
+        advantages = advantages / (std + epsilon)
+    return _pair(advantages, response_mask)
+
+
+@torch.no_grad()
+def grpo_passk_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+    epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"grpo_passk"``: only the best sample of each group (the first of equal best) gets
+    s_max − s_second (over σ_g + ε); a group of one gets 0 (verl raises)."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    epsilon = check_at_least("epsilon", epsilon, 0.0)
+    scores = _scores(token_level_rewards, dtype)
+    groups = _groups(index, dtype)
+    best = groups.amax(scores)
+    position = torch.arange(scores.shape[0], device=scores.device)
+    candidate = torch.where((scores == best) | scores.isnan(), position, scores.shape[0])
+    first = torch.full_like(position, scores.shape[0]).scatter_reduce_(0, groups.ids, candidate, "amin")
+    winner = position == groups.spread(first)
+    second = groups.amax(torch.where(winner, -math.inf, scores))
+    advantages = best - second
+    if norm_adv_by_std_in_grpo:
+        advantages = advantages / (groups.mean_std(scores)[1] + epsilon)
+    return _pair(torch.where(winner & (groups.size > 1), advantages, 0.0), response_mask)
+
+
+@torch.no_grad()
+def rloo_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"rloo"``: A = n/(n−1)·(s − μ_g) = s − mean of the others; a group of one keeps A = s."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    scores = _scores(token_level_rewards, dtype)
+    groups = _groups(index, dtype)
+    n = groups.size
+    loo = n / (n - 1).clamp_min(1) * (scores - groups.spread(groups.total(scores)) / n)
+    return _pair(torch.where(n > 1, loo, scores), response_mask)
+
+
+@torch.no_grad()
+def rloo_vectorized_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"rloo_vectorized"``: as ``"rloo"`` except that a group of one gets A = 0."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    scores = _scores(token_level_rewards, dtype)
+    groups = _groups(index, dtype)
+    n = groups.size
+    loo = (n * scores - groups.spread(groups.total(scores))) / (n - 1).clamp_min(1)
+    return _pair(torch.where(n > 1, loo, 0.0), response_mask)
+
+
+@torch.no_grad()
+def opo_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"opo"``: A = s − Σ_g ℓ·s / Σ_g ℓ with ℓ = Σ_t m (length-weighted baseline); a group of one, or
+    of empty responses only (verl: 0/0), has baseline 0."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    scores = _scores(token_level_rewards, dtype)
+    lengths = response_mask.sum(-1, dtype=dtype)
+    groups = _groups(index, dtype)
+    weight = groups.spread(groups.total(lengths))
+    baseline = groups.spread(groups.total(lengths * scores)) / torch.where(weight != 0, weight, 1.0)
+    return _pair(scores - torch.where((groups.size > 1) & (weight != 0), baseline, 0.0), response_mask)
+
+
+@torch.no_grad()
+def gpg_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor, f_norm: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"gpg"``: A = α·(s − μ_g)/f_norm with α = B / max(1, #{s ≠ 0}); a group of one has μ = 0."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    f_norm = check_real("f_norm", f_norm)
+    scores = _scores(token_level_rewards, dtype)
+    mean, _ = _groups(index, dtype).mean_std(scores)
+    alpha = scores.shape[0] / torch.count_nonzero(scores).clamp_min(1).to(dtype)
+    return _pair(alpha * (scores - mean) / f_norm, response_mask)
+
+
+@torch.no_grad()
+def reinforce_plus_plus_baseline_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"reinforce_plus_plus_baseline"``: s − μ_g on every token, whitened over the response tokens."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    scores = _scores(token_level_rewards, dtype)
+    mean, _ = _groups(index, dtype).mean_std(scores)
+    advantages = _whiten_tokens(_on_tokens(scores - mean, response_mask), response_mask)
+    return advantages, advantages
+
+
+@torch.no_grad()
+def gdpo_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+    epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+    reward_scores: torch.Tensor | None = None, reward_weights: Sequence[float] | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"gdpo"``: each reward component k of ``reward_scores`` [B, K] normalised as GRPO within the
+    groups, Σ_k w_k·A_k, then whitened over the response tokens; without ``reward_scores`` the one
+    component is Σ_t r (verl's fallback)."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    epsilon = check_at_least("epsilon", epsilon, 0.0)
+    if reward_scores is None:
+        scores = _scores(token_level_rewards, dtype).unsqueeze(-1)
+    else:
+        check_float_tensor("reward_scores", reward_scores, ESTIMATOR_DTYPES)
+        check_ndim("reward_scores", reward_scores, 2, "[B, K]")
+        check_shape("reward_scores", reward_scores[:, 0], index.shape, "index.shape")
+        check_same_device(reward_scores=reward_scores, index=index)
+        dtype = compute_dtype(token_level_rewards, reward_scores)
+        scores = reward_scores.to(dtype)
+    weights = torch.ones(scores.shape[1], dtype=dtype, device=scores.device)
+    if reward_weights is not None:
+        weights = torch.as_tensor(reward_weights, device=scores.device).to(dtype)
+        check_shape("reward_weights", weights, scores.shape[1:], "(K,) of reward_scores [B, K]")
+    mean, std = _groups(index, dtype).mean_std(scores)
+    normalised = scores - mean
+    if norm_adv_by_std_in_grpo:
+        normalised = normalised / (std + epsilon)
+    combined = (normalised * weights).sum(-1)
+    advantages = _whiten_tokens(_on_tokens(combined, response_mask), response_mask)
+    return advantages, advantages
+
+
+@torch.no_grad()
+def reinforce_plus_plus_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"reinforce_plus_plus"``: G_t = r_t + γ·G_{t'} over the valid tokens (masked positions carry
+    G and get 0), whitened over the response tokens.  Returns (advantages, G)."""
+    from .gae import compute_gae
+
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask)
+    gamma = check_in_range("gamma", gamma, 0.0, 1.0)
+    rewards = token_level_rewards.to(torch.float32) if dtype == torch.float64 else token_level_rewards
+    carried, _ = compute_gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0, mask_mode="carry")
+    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    returns = torch.where(valid, carried.to(dtype), 0.0)
+    return _whiten_tokens(returns, response_mask), returns
+
+
+@torch.no_grad()
+def remax_advantages(
+    token_level_rewards: torch.Tensor, reward_baselines: torch.Tensor, response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"remax"``: G = reverse cumsum of r·m, A = G − b (the greedy sample's score) on valid tokens."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask)
+    check_float_tensor("reward_baselines", reward_baselines, ESTIMATOR_DTYPES)
+    check_shape("reward_baselines", reward_baselines, token_level_rewards.shape[:1], "token_level_rewards.shape[:1]")
+    check_same_device(token_level_rewards=token_level_rewards, reward_baselines=reward_baselines)
+    dtype = compute_dtype(token_level_rewards, reward_baselines)
+    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
+    baselines = _on_tokens(reward_baselines.to(dtype), response_mask)  # b·m
+    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    return torch.where(valid, returns - baselines, 0.0), returns
+
+
+def _path_weights(
+    response_mask: torch.Tensor, old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor | None, dtype: torch.dtype,
+) -> torch.Tensor:
+    """W_t = Σ_{j ≤ t} m_j·w_j, w_j = (1 − 2π_j + Σπ²_j)·ρ_j² (the cumulative path-variance proxy)."""
+    w = 1 - 2 * old_log_probs.to(dtype).exp() + sum_pi_squared.to(dtype)
+    if rollout_is_weights is not None:
+        w = w * rollout_is_weights.to(dtype).square()
+    return _on_tokens(w, response_mask).cumsum(-1)
+
+
+def _token_baseline(groups: _Groups, members: torch.Tensor, returns: torch.Tensor, weights: torch.Tensor,
+                    lengths: torch.Tensor, epsilon: float, handle_zero_tail: bool) -> torch.Tensor:
+    """B_t = Σ_g G_t·W_t / (Σ_g W_t + ε) per group and position, back to the samples [B, T]: 0 for a
+    group of one member (``members`` counts the members of each sample's group) and where the divisor
+    is 0; with ``handle_zero_tail``, 0 from the second-longest length on for a unique longest member."""
+    numerator = groups.spread(groups.total(returns * weights))
+    divisor = groups.spread(groups.total(weights)) + epsilon
+    baseline = torch.where(divisor != 0, numerator / torch.where(divisor != 0, divisor, 1.0), 0.0)
+    baseline = torch.where((members > 1).unsqueeze(-1), baseline, 0.0)
+    if handle_zero_tail:
+        longest = groups.amax(lengths)
+        at_longest = lengths == longest
+        unique = groups.spread(groups.total(at_longest.to(lengths.dtype))) == 1
+        second = groups.amax(torch.where(at_longest, -math.inf, lengths)).floor()
+        position = torch.arange(returns.shape[-1], device=returns.device, dtype=lengths.dtype)
+        cut = (at_longest & unique & (members > 1)).unsqueeze(-1) & (position >= second.unsqueeze(-1))
+        baseline = torch.where(cut, 0.0, baseline)
+    return baseline
+
+
+@torch.no_grad()
+def optimal_token_baseline_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+    old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor, rollout_is_weights: torch.Tensor | None = None,
+    handle_zero_tail: bool = True, epsilon: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"optimal_token_baseline"``: A_t = G_t − B_t with G the reward-to-go of r·m and
+    B_t = Σ_g G_t·W_t·m_t / (Σ_g W_t·m_t + ε) per position t of the group.  Returns (A, G)."""
+    dtype = _check_estimator_inputs(
+        token_level_rewards, response_mask, index, old_log_probs=old_log_probs,
+        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
+    epsilon = check_at_least("epsilon", epsilon, 0.0)
+    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
+    weights = _on_tokens(_path_weights(response_mask, old_log_probs, sum_pi_squared, rollout_is_weights, dtype),
+                         response_mask)
+    groups = _groups(index, dtype)
+    lengths = response_mask.sum(-1, dtype=dtype)
+    baseline = _token_baseline(groups, groups.size, returns, weights, lengths, epsilon, handle_zero_tail)
+    return _on_tokens(returns - baseline, response_mask), returns
+
+
+@torch.no_grad()
+def tir_optimal_token_baseline_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor,
+    old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor, rollout_is_weights: torch.Tensor | None = None,
+    handle_zero_tail: bool = True, epsilon: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"tir_optimal_token_baseline"`` (multi-turn): as ``"optimal_token_baseline"``, with the
+    baseline taken over the k-th *valid* token of each member (tool outputs between turns skipped)
+    and empty responses left out of their group.  Returns (A, G)."""
+    dtype = _check_estimator_inputs(
+        token_level_rewards, response_mask, index, old_log_probs=old_log_probs,
+        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
+    epsilon = check_at_least("epsilon", epsilon, 0.0)
+    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
+    weights = _path_weights(response_mask, old_log_probs, sum_pi_squared, rollout_is_weights, dtype)
+    valid = response_mask != 0
+    lengths = valid.sum(-1, dtype=dtype)
+    # The k-th valid token of row b goes to column k; masked positions to a spare column T, dropped.
+    T = valid.shape[-1]
+    slot = torch.where(valid, valid.cumsum(-1) - 1, T)
+    packed_returns, packed_weights = (
+        x.new_zeros(x.shape[0], T + 1).scatter_(1, slot, torch.where(valid, x, 0.0))[:, :T]
+        for x in (returns, weights)
+    )
+    groups = _groups(index, dtype)
+    members = groups.spread(groups.total((lengths > 0).to(dtype)))
+    baseline = _token_baseline(groups, members, packed_returns, packed_weights, lengths, epsilon,
+                               handle_zero_tail)
+    baseline = torch.nn.functional.pad(baseline, (0, 1)).gather(1, slot)
+    return _on_tokens(returns - baseline, response_mask), returns
+
+
+@torch.no_grad()
+def gae_advantages(
+    token_level_rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+    gamma: float = 1.0, lam: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"gae"``: :func:`rlhf_kernels.compute_gae` (verl's carry rule), advantages whitened over the
+    response tokens (0 at masked positions; verl leaves (x − μ)/σ there).  Returns (A, returns)."""
+    from .gae import compute_gae
+    from .whiten import masked_whiten
+
+    advantages, returns = compute_gae(token_level_rewards, values, response_mask, gamma, lam, mask_mode="carry")
+    return masked_whiten(advantages, response_mask), returns
+
+
+@torch.no_grad()
+def grpo_batch_std_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor, epsilon: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"grpo_batch_std"`` (TRL ``scale_rewards="batch"``): A = (s − mean_g)/(σ_batch + ε) with
+    σ_batch the unbiased std of all scores (0 for fewer than two); a group of one gets A = 0."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
+    epsilon = check_at_least("epsilon", epsilon, 0.0)
+    scores = _scores(token_level_rewards, dtype)
+    groups = _groups(index, dtype)
+    centred = scores - scores.mean() if scores.shape[0] else scores
+    spread = (centred.square().sum() / max(scores.shape[0] - 1, 1)).sqrt()
+    advantages = (scores - groups.spread(groups.total(scores)) / groups.size) / (spread + epsilon)
+    return _pair(advantages, response_mask)
+
+
+@torch.no_grad()
+def flash_reinforce_advantages(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"flash_reinforce"`` (OpenRLHF): A = s − mean of the batch's scores, unscaled."""
+    dtype = _check_estimator_inputs(token_level_rewards, response_mask)
+    scores = _scores(token_level_rewards, dtype)
+    return _pair(scores - scores.mean() if scores.shape[0] else scores, response_mask)
+
+
+class _EstimatorTable(dict):
+    """name → estimator; an unknown name raises a ValueError listing the valid ones."""
+
+    def __missing__(self, name: object):
+        raise ValueError(f"estimator must be one of {tuple(sorted(self))}; got {name!r}")
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = _EstimatorTable(
+    gae=gae_advantages,
+    grpo=grpo_advantages,
+    grpo_vectorized=grpo_advantages,
+    grpo_passk=grpo_passk_advantages,
+    grpo_batch_std=grpo_batch_std_advantages,
+    rloo=rloo_advantages,
+    rloo_vectorized=rloo_vectorized_advantages,
+    opo=opo_advantages,
+    gpg=gpg_advantages,
+    gdpo=gdpo_advantages,
+    reinforce_plus_plus=reinforce_plus_plus_advantages,
+    reinforce_plus_plus_baseline=reinforce_plus_plus_baseline_advantages,
+    remax=remax_advantages,
+    optimal_token_baseline=optimal_token_baseline_advantages,
+    tir_optimal_token_baseline=tir_optimal_token_baseline_advantages,
+    flash_reinforce=flash_reinforce_advantages,
+)
+
+
+def compute_advantages(estimator: str, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ADVANTAGE_ESTIMATORS[estimator](*args, **kwargs)``: (advantages, returns), both [B, T]."""
+    if not isinstance(estimator, str):
+        raise TypeError(f"estimator must be a str; got {type(estimator).__name__}")
+    return ADVANTAGE_ESTIMATORS[estimator](*args, **kwargs)
 
 
 def __getattr__(name: str):
