@@ -7,20 +7,24 @@ Ray worker; see docs/compat-verl.md)::
     rlhf_kernels.compat.verl.install()      # checks verl == 0.9.1; unpatch() undoes it
 
 ``install()`` registers the fused functions in verl's own registries under verl's names
-(``get_policy_loss_fn("vanilla")``; ``get_adv_estimator_fn("gae" | "grpo" | "grpo_vectorized" | "rloo" |
-"rloo_vectorized")``) and replaces the functions verl's workers import by name: ``agg_loss``,
+(``get_policy_loss_fn(name)`` for every name of ``POLICY_LOSSES``: "vanilla", "gspo", "sapo", "gpg",
+"clip_cov", "kl_cov", "geo_mean", "dro", "cispo", "dppo_tv", "dppo_kl"; ``get_adv_estimator_fn("gae" |
+"grpo" | "grpo_vectorized" | "rloo" | "rloo_vectorized")``), replaces verl's module attributes of those
+functions (``compute_policy_loss_gspo``, ...) and the functions verl's workers import by name: ``agg_loss``,
 ``kl_penalty``, ``kl_penalty_forward``, ``compute_value_loss``, ``compute_entropy_loss``,
 ``compute_policy_loss`` (deprecated) in ``verl.trainer.ppo.core_algos``, and ``logprobs_from_logits``,
 ``entropy_from_logits``, ``entropy_from_logits_with_chunking`` in ``verl.utils.torch_functional``.
-verl's other registered policy losses and advantage estimators stay verl's own (they then aggregate with
-the fused ``agg_loss``).  Each function can also be called directly, without ``install()``.
+verl's "bypass_mode" policy loss and its other advantage estimators stay verl's own (they then aggregate
+with the fused ``agg_loss``).  Each function can also be called directly, without ``install()``.
 
 What differs from verl, on purpose (docs/compat-verl.md lists each with its measured size):
 
 * Losses, advantages and log-probabilities are fp32 (fp64 for fp64 loss inputs), computed in fp32, where
   verl returns its inputs' dtype: identical for fp32 inputs, more accurate for bf16 ones.
-* The policy loss's metrics are 0-dim tensors (verl calls ``.item()`` three times: three host syncs);
+* The policy losses' metrics are 0-dim tensors (verl calls ``.item()`` on each: a host sync each);
   verl's ``Metric`` reads either.
+* "clip_cov" detaches the first eligible tokens in row-major order where verl draws them at random;
+  "kl_cov" takes its top-k on the device where verl copies the valid tokens to the host.
 * Whitened GAE advantages are 0 at positions outside the mask (verl leaves (x − μ)/σ there, a value no
   verl loss reads), and a batch with fewer than two valid tokens gives zeros instead of a ``ValueError``.
 * Float masks whose sums lie strictly between 0 and 1 divide by 1 where verl divides by the sum.
@@ -50,6 +54,16 @@ __all__ = [
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
     "compute_policy_loss",
+    "compute_policy_loss_cispo",
+    "compute_policy_loss_clip_cov",
+    "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_dro",
+    "compute_policy_loss_geo_mean",
+    "compute_policy_loss_gpg",
+    "compute_policy_loss_gspo",
+    "compute_policy_loss_kl_cov",
+    "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
     "compute_rloo_outcome_advantage",
     "compute_rloo_vectorized_outcome_advantage",
@@ -339,6 +353,41 @@ def agg_loss(
     return rk.agg_loss(loss_mat, loss_mask, mode, normalizer)
 
 
+# verl's metric keys of the library's policy-loss metrics, and the three most of verl's losses report.
+_VERL_METRICS = {
+    "clipfrac": "actor/pg_clipfrac",
+    "approx_kl": "actor/ppo_kl",
+    "clipfrac_lower": "actor/pg_clipfrac_lower",
+}
+_PG_METRICS = ("clipfrac", "approx_kl", "clipfrac_lower")
+
+
+def _verl_metrics(metrics: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {_VERL_METRICS[name]: metrics[name] for name in names}
+
+
+def _clip_ratios(config: Any, function: str) -> tuple[float, float]:
+    """(ε_low, ε_high) of an ActorConfig: ``clip_ratio_low`` / ``clip_ratio_high``, else ``clip_ratio``."""
+    if config is None:
+        raise ValueError(f"{function} needs config (verl's ActorConfig); got None")
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return low, high
+
+
+def _policy_loss_config(config: Any, function: str) -> Any:
+    """``config.policy_loss`` (verl's PolicyLossConfig), which clip_cov / kl_cov / dro read."""
+    if config is None or config.get("policy_loss") is None:
+        raise ValueError(
+            f"{function} needs config with a policy_loss section (verl's ActorConfig); got {config!r}"
+        )
+    return config.policy_loss
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -396,11 +445,7 @@ def compute_policy_loss_vanilla(
     ``loss_scale_factor``).  ε from ``config.clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``.
     One fused forward and backward; the metrics are 0-dim tensors (no host sync).
     """
-    if config is None:
-        raise ValueError("compute_policy_loss_vanilla needs config (verl's ActorConfig); got None")
-    clip_ratio = config.clip_ratio
-    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
-    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    low, high = _clip_ratios(config, "compute_policy_loss_vanilla")
     clips = (low, high, config.get("clip_ratio_c", 3.0))
     loss, metrics = _policy_loss(
         old_log_prob,
@@ -412,11 +457,262 @@ def compute_policy_loss_vanilla(
         rollout_is_weights,
         dict(config.global_batch_info),
     )
-    return loss, {
-        "actor/pg_clipfrac": metrics["clipfrac"],
-        "actor/ppo_kl": metrics["approx_kl"],
-        "actor/pg_clipfrac_lower": metrics["clipfrac_lower"],
-    }
+    return loss, _verl_metrics(metrics, _PG_METRICS)
+
+
+def _fused_policy_loss(
+    name: str,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    loss_agg_mode: str | None,
+    config: Any,
+    rollout_is_weights: torch.Tensor | None,
+    metrics: tuple[str, ...],
+    **hyperparameters: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``rk.POLICY_LOSSES[name]`` with verl's arguments: verl's denominators for ``loss_agg_mode`` and
+    ``config.global_batch_info`` (none for ``loss_agg_mode=None``: geo_mean's mean over rows), the rollout
+    weights multiplying each token's loss, and the ``metrics`` under verl's keys."""
+    old_log_prob, log_prob, advantages, response_mask = inputs
+    log_prob, old_log_prob, advantages = common_dtype(log_prob, old_log_prob, advantages)
+    aggregation = {}
+    if loss_agg_mode is not None:
+        mode, normalizer = _aggregation(response_mask, loss_agg_mode, **dict(config.global_batch_info))
+        aggregation = {"loss_agg": mode, "normalizer": normalizer}
+    loss, ours = rk.POLICY_LOSSES[name](
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        is_weights=rollout_is_weights,
+        **aggregation,
+        **hyperparameters,
+    )
+    return loss, _verl_metrics(ours, metrics)
+
+
+# verl 0.9.1's other registered policy losses.  Each has verl's signature and defaults; the per-token
+# math, metrics and decisions are in docs/policy_losses.md, what each reads from ``config`` in its docstring.
+def compute_policy_loss_gspo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"gspo"``: :func:`rlhf_kernels.gspo_policy_loss` with ε from ``config.clip_ratio`` /
+    ``clip_ratio_low`` / ``clip_ratio_high``; metrics pg_clipfrac, ppo_kl, pg_clipfrac_lower (0)."""
+    low, high = _clip_ratios(config, "compute_policy_loss_gspo")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "gspo", inputs, loss_agg_mode, config, rollout_is_weights, _PG_METRICS, clip_low=low, clip_high=high
+    )
+
+
+def compute_policy_loss_sapo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"sapo"``: :func:`rlhf_kernels.sapo_policy_loss` with ``config.tau_pos`` / ``tau_neg``,
+    always aggregated with "seq-mean-token-mean" (``loss_agg_mode`` is ignored, as in verl); metrics
+    pg_clipfrac (0), ppo_kl, pg_clipfrac_lower (0)."""
+    if config is None:
+        raise ValueError("compute_policy_loss_sapo needs config (verl's ActorConfig); got None")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "sapo",
+        inputs,
+        "seq-mean-token-mean",
+        config,
+        rollout_is_weights,
+        _PG_METRICS,
+        tau_pos=config.tau_pos,
+        tau_neg=config.tau_neg,
+    )
+
+
+def compute_policy_loss_gpg(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"gpg"``: :func:`rlhf_kernels.gpg_policy_loss` (L = −A·lp); no metrics, as verl."""
+    if config is None:
+        raise ValueError("compute_policy_loss_gpg needs config (verl's ActorConfig); got None")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss("gpg", inputs, loss_agg_mode, config, rollout_is_weights, ())
+
+
+def compute_policy_loss_clip_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"clip_cov"``: :func:`rlhf_kernels.clip_cov_policy_loss` with ε from the clip ratios and
+    ``config.policy_loss.clip_cov_ratio`` / ``clip_cov_lb`` / ``clip_cov_ub`` (verl's 0.0002 / 1 / 5 when
+    None).  The detached tokens are the first eligible ones in row-major order where verl draws them at
+    random (docs/compat-verl.md).  Metrics pg_clipfrac (fraction detached) and ppo_kl, as verl."""
+    low, high = _clip_ratios(config, "compute_policy_loss_clip_cov")
+    section = _policy_loss_config(config, "compute_policy_loss_clip_cov")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "clip_cov",
+        inputs,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        ("clipfrac", "approx_kl"),
+        clip_low=low,
+        clip_high=high,
+        clip_cov_ratio=_or(section.clip_cov_ratio, 0.0002),
+        clip_cov_lb=_or(section.clip_cov_lb, 1.0),
+        clip_cov_ub=_or(section.clip_cov_ub, 5.0),
+    )
+
+
+def compute_policy_loss_kl_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"kl_cov"``: :func:`rlhf_kernels.kl_cov_policy_loss` with ``config.policy_loss.kl_cov_ratio``
+    and ``ppo_kl_coef`` (verl's 0.0002 and 1.0 when None; PolicyLossConfig's default coefficient is 0.1).
+    The top-k runs on the device (verl copies the valid tokens to the host).  Metric ppo_kl (mean |ℓ|)."""
+    section = _policy_loss_config(config, "compute_policy_loss_kl_cov")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "kl_cov",
+        inputs,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        ("approx_kl",),
+        kl_cov_ratio=_or(section.kl_cov_ratio, 0.0002),
+        ppo_kl_coef=_or(section.ppo_kl_coef, 1.0),
+    )
+
+
+def compute_policy_loss_geo_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"geo_mean"`` (GMPO): :func:`rlhf_kernels.geo_mean_policy_loss`, the mean over the rows of
+    the micro-batch; ``loss_agg_mode`` and ``config.global_batch_info`` are ignored, as in verl.  ε from
+    the clip ratios; metrics pg_clipfrac, ppo_kl, pg_clipfrac_lower."""
+    low, high = _clip_ratios(config, "compute_policy_loss_geo_mean")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "geo_mean", inputs, None, config, rollout_is_weights, _PG_METRICS, clip_low=low, clip_high=high
+    )
+
+
+def compute_policy_loss_dro(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"dro"``: :func:`rlhf_kernels.dro_policy_loss` with β = ``config.policy_loss.dro_beta``
+    (required, > 0: verl's ValueError otherwise); metric ppo_kl."""
+    beta = _policy_loss_config(config, "compute_policy_loss_dro").dro_beta
+    if beta is None or not beta > 0:
+        raise ValueError(f"policy_loss.dro_beta must be a positive value when using DRO; got {beta!r}")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "dro", inputs, loss_agg_mode, config, rollout_is_weights, ("approx_kl",), beta=beta
+    )
+
+
+def compute_policy_loss_cispo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"cispo"``: :func:`rlhf_kernels.cispo_policy_loss` with ε from the clip ratios; metrics
+    pg_clipfrac, ppo_kl, pg_clipfrac_lower (0)."""
+    low, high = _clip_ratios(config, "compute_policy_loss_cispo")
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _fused_policy_loss(
+        "cispo", inputs, loss_agg_mode, config, rollout_is_weights, _PG_METRICS, clip_low=low, clip_high=high
+    )
+
+
+def _dppo_policy_loss(name: str, inputs: tuple, loss_agg_mode: str, config: Any, rollout_is_weights):
+    """DPPO: ε_low / ε_high are the divergence thresholds (verl reads them from the clip ratios) and the
+    truncation is ``config.clip_ratio_c`` (20 where the config has none; ActorConfig's default is 3)."""
+    low, high = _clip_ratios(config, f"compute_policy_loss_{name}")
+    truncation = config.get("clip_ratio_c", 20.0)
+    return _fused_policy_loss(
+        name,
+        inputs,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        _PG_METRICS,
+        clip_low=low,
+        clip_high=high,
+        truncation=truncation,
+    )
+
+
+def compute_policy_loss_dppo_tv(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"dppo_tv"``: :func:`rlhf_kernels.dppo_tv_policy_loss` (see :func:`_dppo_policy_loss` for the
+    config fields); metrics pg_clipfrac, ppo_kl, pg_clipfrac_lower."""
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _dppo_policy_loss("dppo_tv", inputs, loss_agg_mode, config, rollout_is_weights)
+
+
+def compute_policy_loss_dppo_kl(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """verl's ``"dppo_kl"``: :func:`rlhf_kernels.dppo_kl_policy_loss` (see :func:`_dppo_policy_loss` for the
+    config fields); metrics pg_clipfrac, ppo_kl, pg_clipfrac_lower."""
+    inputs = (old_log_prob, log_prob, advantages, response_mask)
+    return _dppo_policy_loss("dppo_kl", inputs, loss_agg_mode, config, rollout_is_weights)
 
 
 def compute_policy_loss(
@@ -540,7 +836,19 @@ def linear_cross_entropy(
 # ---------------------------------------------------------------------------------------------------
 # install() / unpatch()
 # ---------------------------------------------------------------------------------------------------
-POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla}
+POLICY_LOSSES = {
+    "vanilla": compute_policy_loss_vanilla,
+    "gspo": compute_policy_loss_gspo,
+    "sapo": compute_policy_loss_sapo,
+    "gpg": compute_policy_loss_gpg,
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
+    "geo_mean": compute_policy_loss_geo_mean,
+    "dro": compute_policy_loss_dro,
+    "cispo": compute_policy_loss_cispo,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
+}
 ADVANTAGE_ESTIMATORS = {
     "gae": compute_gae_advantage_return,
     "grpo": compute_grpo_outcome_advantage,
@@ -549,7 +857,7 @@ ADVANTAGE_ESTIMATORS = {
     "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
 }
 _CORE_ALGOS = (
-    compute_policy_loss_vanilla,
+    *POLICY_LOSSES.values(),
     compute_gae_advantage_return,
     compute_grpo_outcome_advantage,
     compute_grpo_vectorized_outcome_advantage,

@@ -406,8 +406,10 @@ def test_install_registers_under_verl_names(verl_peer, installed, backend):
     assert core.get_policy_loss_fn("vanilla") is cv.compute_policy_loss_vanilla
     for name, fn in cv.ADVANTAGE_ESTIMATORS.items():
         assert core.get_adv_estimator_fn(name) is fn
-    for name in ("gspo", "clip_cov", "cispo"):  # not implemented here: verl's own stay registered
-        assert core.get_policy_loss_fn(name) is verl_peer.policy_losses[name]
+    for name, fn in cv.POLICY_LOSSES.items():  # every loss rlhf_kernels implements
+        assert core.get_policy_loss_fn(name) is fn
+    # not implemented here: verl's own stays registered
+    assert core.get_policy_loss_fn("bypass_mode") is verl_peer.policy_losses["bypass_mode"]
     assert core.get_adv_estimator_fn("reinforce_plus_plus") is verl_peer.estimators["reinforce_plus_plus"]
     # the names verl's workers imported before install() see the fused functions too
     assert verl_peer.losses.agg_loss is cv.agg_loss and verl_peer.losses.kl_penalty is cv.kl_penalty
