@@ -1,5 +1,3 @@
-import sys
+from .cli import main
 
-from . import main
-
-sys.exit(main())
+raise SystemExit(main())

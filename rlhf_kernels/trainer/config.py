@@ -1,114 +1,263 @@
 """The trainer's one configuration object, its presets, and the command line built from it.
 
-Every field of :class:`TrainConfig` is a flag (``--ppo_steps 40``, ``--fused_lm_head false``); a preset
+Every field of :class:`TrainConfig` is a flag (``--ppo_steps 40``, ``--fused_lm_head false``), described
+by its ``help`` and checked against its ``allowed`` range before any work starts; a preset
 (``--preset tiny|micro|small``) sets the defaults the flags then override.  ``tiny`` is the default: the
-whole SFT → reward model → PPO pipeline on a 2-core CPU in a few minutes.
+whole SFT → reward model → PPO pipeline on a 2-core CPU in about a minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """One or more flags are out of range; ``problems`` holds one line per flag."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("invalid trainer config: " + "; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a field accepts: an interval (bounds optional, open or closed), plus ``also`` (e.g. 0 =
+    off) and ``inf`` (+inf accepted, e.g. "no clipping"), or ``choices``.  NaN is never accepted."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+    inf: bool = False
+    choices: tuple | Callable[[], tuple] | None = None
+
+    def options(self) -> tuple:
+        return tuple(self.choices() if callable(self.choices) else self.choices)
+
+    def accepts(self, value) -> bool:
+        if self.choices is not None:
+            return value in self.options()
+        if value in self.also or (self.inf and value == math.inf):
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def __str__(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.options()))
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo}"
+        else:
+            text = f"{'<' if self.hi_open else '<='} {self.hi}"
+        text = " or ".join([*map(str, self.also), text])
+        return text + " or inf" if self.inf else text
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Allowed(0), Allowed(1), Allowed(0, lo_open=True)
+UNIT, LEARNING_RATE = Allowed(0, 1), Allowed(0, 1, lo_open=True)
+HOOK_STEP = Allowed(-1)
+
+
+def _loss_agg_modes() -> tuple:
+    import rlhf_kernels
+
+    return tuple(rlhf_kernels.LOSS_AGG_MODES)
+
+
+def _kl_estimators() -> tuple:
+    import rlhf_kernels
+
+    return tuple(rlhf_kernels.KL_ESTIMATORS)
+
+
+def _presets() -> tuple:
+    return tuple(PRESETS)
+
+
+def _opt(section: str, default, help: str, allowed: Allowed | None = None):
+    return field(default=default, metadata={"section": section, "help": help, "allowed": allowed})
+
+
+SECTIONS = {
+    "run": "run",
+    "task": "embedded task (task.py)",
+    "model": "model",
+    "sft": "stage 1: SFT",
+    "rm": "stage 2: reward model(s)",
+    "ppo": "stage 3: PPO",
+    "eval": "evaluation",
+    "hooks": "test hooks",
+}
 
 
 @dataclass
 class TrainConfig:
     # --- run ---------------------------------------------------------------------------------------
-    preset: str = "tiny"
-    out_dir: str = ""  # default: runs/<preset>
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA; master weights stay fp32)
-    # torch.set_num_threads (CPU ops); 0 leaves torch's default.  The tiny model's matrices are too small
-    # for intra-op threads to pay: on the shared 2-core machine one thread ran a PPO step in 0.54 s, two
-    # in 3.6 s.
-    threads: int = 1
-    progress: bool = True
-    plot: bool = True
-    tensorboard: bool = False
-    resume: bool = False
-    ckpt_every: int = 20  # PPO steps between checkpoints (SFT and RM write one at their end)
-    log_every: int = 1
+    preset: str = _opt("run", "tiny", "the defaults of every other flag", Allowed(choices=_presets))
+    out_dir: str = _opt("run", "", "output folder (empty: runs/<preset>)")
+    seed: int = _opt("run", 0, "seed of every random stream", Allowed(0, 2**32 - 1))
+    device: str = _opt(
+        "run", "auto", "auto: CUDA when available, else CPU", Allowed(choices=("auto", "cpu", "cuda"))
+    )
+    dtype: str = _opt(
+        "run",
+        "float32",
+        "bfloat16: autocast on CUDA, master weights stay fp32 (an error on CPU)",
+        Allowed(choices=("float32", "bfloat16")),
+    )
+    # The tiny model's matrices are too small for intra-op threads to pay: on the shared 2-core machine
+    # one thread ran a PPO step in 0.54 s, two in 3.6 s.
+    threads: int = _opt("run", 1, "torch.set_num_threads for CPU ops; 0: torch's default", AT_LEAST_0)
+    progress: bool = _opt("run", True, "progress bars (tqdm when installed)")
+    plot: bool = _opt("run", True, "write ppo.png (needs matplotlib)")
+    tensorboard: bool = _opt("run", False, "also write TensorBoard events (when installed)")
+    resume: bool = _opt("run", False, "continue the run in out_dir from its last checkpoint")
+    overwrite: bool = _opt("run", False, "replace an earlier run's outputs in out_dir")
+    profile: bool = _opt(
+        "run", False, "synchronise the GPU around every timed phase: exact timings_s, more host syncs"
+    )
+    ckpt_every: int = _opt(
+        "run", 20, "PPO steps between checkpoints (SFT and RM save at their end)", AT_LEAST_1
+    )
+    log_every: int = _opt("run", 1, "PPO steps between metrics.jsonl records", AT_LEAST_1)
 
     # --- embedded task (see task.py) ------------------------------------------------------------------
-    n_groups: int = 6  # topics; each owns group_size content tokens, one of them banned
-    group_size: int = 4
-    prompt_min_filler: int = 2
-    prompt_max_filler: int = 5
-    max_new_tokens: int = 8
-    target_len: int = 4  # a fully helpful response has at least this many on-topic tokens
-    demo_p_relevant: float = 0.35  # how often the (imperfect) demonstrator stays on topic
-    demo_min_len: int = 2
-    demo_max_len: int = 6
-    label_noise: float = 0.05  # Bradley-Terry temperature of the simulated labelers
-    help_weight: float = 0.5  # gold = help_weight * helpful + harm_weight * harmless
-    harm_weight: float = 0.5
+    n_groups: int = _opt("task", 6, "topics; each owns group_size content tokens", AT_LEAST_1)
+    group_size: int = _opt("task", 4, "content tokens per topic (one of them banned)", Allowed(2))
+    prompt_min_filler: int = _opt("task", 2, "fewest filler tokens in a prompt", AT_LEAST_0)
+    prompt_max_filler: int = _opt("task", 5, "most filler tokens in a prompt", AT_LEAST_0)
+    max_new_tokens: int = _opt("task", 8, "longest response, tokens", AT_LEAST_1)
+    target_len: int = _opt("task", 4, "a fully helpful response has this many on-topic tokens", AT_LEAST_1)
+    demo_p_relevant: float = _opt(
+        "task", 0.35, "how often the (imperfect) demonstrator stays on topic, per token", UNIT
+    )
+    demo_min_len: int = _opt("task", 2, "shortest demonstration, content tokens", AT_LEAST_0)
+    demo_max_len: int = _opt("task", 6, "longest demonstration (+ EOS must fit max_new_tokens)", AT_LEAST_0)
+    label_noise: float = _opt("task", 0.05, "Bradley-Terry temperature of the simulated labelers", POSITIVE)
+    help_weight: float = _opt(
+        "task", 0.5, "gold = (help_weight·helpful + harm_weight·harmless) / their sum", AT_LEAST_0
+    )
+    harm_weight: float = _opt("task", 0.5, "see help_weight", AT_LEAST_0)
 
     # --- model ---------------------------------------------------------------------------------------
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 64
-    d_ff: int = 256
-    attention: str = "auto"  # auto (flash-attn on CUDA when installed, else SDPA) | sdpa
-    fused_lm_head: bool = True  # log-probs with rlhf_kernels.linear_logprobs (logits never materialised)
+    n_layer: int = _opt("model", 2, "transformer blocks", AT_LEAST_1)
+    n_head: int = _opt("model", 4, "attention heads (must divide d_model)", AT_LEAST_1)
+    d_model: int = _opt("model", 64, "width", AT_LEAST_1)
+    d_ff: int = _opt("model", 256, "MLP width", AT_LEAST_1)
+    attention: str = _opt(
+        "model",
+        "auto",
+        "auto: flash-attn on CUDA in bf16 when installed, else SDPA",
+        Allowed(choices=("auto", "sdpa")),
+    )
+    fused_lm_head: bool = _opt(
+        "model", True, "log-probs with rlhf_kernels.linear_logprobs (logits never materialised)"
+    )
 
     # --- stage 1: SFT ----------------------------------------------------------------------------------
-    sft_demos: int = 4096
-    sft_steps: int = 300
-    sft_batch: int = 64
-    sft_lr: float = 2e-3
+    sft_demos: int = _opt("sft", 4096, "demonstrations", AT_LEAST_1)
+    sft_steps: int = _opt("sft", 300, "optimizer steps", AT_LEAST_1)
+    sft_batch: int = _opt("sft", 64, "demonstrations per step, all processes together", AT_LEAST_1)
+    sft_lr: float = _opt("sft", 2e-3, "AdamW peak learning rate (warm-up, cosine decay)", LEARNING_RATE)
 
     # --- stage 2: reward model(s) ----------------------------------------------------------------------
-    # name:weight pairs; a name is an aspect of the labeler ("helpful", "harmless", or "overall").  Weights
-    # apply to scores standardised on held-out responses; harmlessness is weighted more strictly (the gold
-    # rule ranks any harmful response below every harmless one of similar helpfulness).
-    reward_models: str = "helpful:1.0,harmless:1.5"
-    rm_items: int = 3072  # comparisons per reward model (a prompt with K ranked responses each)
-    rm_heldout: int = 512
-    rm_pair_frac: float = 0.5  # share of comparisons that are pairs; the rest are K-way rankings
-    rm_max_k: int = 4
-    rm_steps: int = 300
-    rm_batch: int = 32
-    rm_lr: float = 1e-3
-    rm_lm_coef: float = 0.05  # LM-loss regulariser on the preferred response
-    rm_center_coef: float = 0.0
+    # Weights apply to scores standardised on held-out responses; harmlessness is weighted more strictly
+    # (the gold rule ranks any harmful response below every harmless one of similar helpfulness).
+    reward_models: str = _opt(
+        "rm",
+        "helpful:1.0,harmless:1.5",
+        "name:weight pairs, a name per labeler aspect (helpful, harmless, overall); weights > 0",
+    )
+    rm_items: int = _opt("rm", 3072, "comparisons per reward model (K ranked responses each)", AT_LEAST_1)
+    rm_heldout: int = _opt("rm", 512, "held-out comparisons per reward model", AT_LEAST_1)
+    rm_pair_frac: float = _opt(
+        "rm", 0.5, "share of comparisons that are pairs; the rest are K-way rankings", LEARNING_RATE
+    )
+    rm_max_k: int = _opt("rm", 4, "largest K of a ranking", Allowed(2))
+    rm_steps: int = _opt("rm", 300, "optimizer steps per reward model", AT_LEAST_1)
+    rm_batch: int = _opt("rm", 32, "comparisons per step, all processes together", AT_LEAST_1)
+    rm_lr: float = _opt("rm", 1e-3, "AdamW peak learning rate", LEARNING_RATE)
+    rm_lm_coef: float = _opt("rm", 0.05, "LM-loss regulariser on the preferred response", AT_LEAST_0)
+    rm_center_coef: float = _opt("rm", 0.0, "pairwise_reward_loss's center_coef (0: off)", AT_LEAST_0)
 
     # --- stage 3: PPO ----------------------------------------------------------------------------------
-    ppo_steps: int = 60
-    rollout_batch: int = 64  # prompts per step and rank
-    minibatch: int = 16
-    ppo_epochs: int = 4
-    ppo_lr: float = 5e-4
-    clip: float = 0.2
-    clip_high: float = 0.0  # > 0: asymmetric upper clip 1 + clip_high (DAPO's clip-higher); 0: = clip
-    dual_clip: float = 0.0  # > 1: dual-clip constant c for negative advantages; 0: off
-    loss_agg: str = "token-mean"  # aggregation of the PPO losses and the entropy (rlhf_kernels.agg_loss)
-    vf_clip: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    kl_loss_coef: float = 0.0  # optional kl_loss term (GRPO-style), on top of the KL reward penalty
-    kl_loss_estimator: str = "k3"
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_ctl: str = "adaptive"  # adaptive | fixed
-    kl_coef: float = 0.05
-    kl_target: float = 6.0  # nats per response (the adaptive controller's target)
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    score_clip: float = 5.0
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = full vocabulary (the log-probs PPO optimises are of the untruncated policy)
+    ppo_steps: int = _opt("ppo", 60, "PPO steps (rollout, then ppo_epochs of updates)", AT_LEAST_1)
+    rollout_batch: int = _opt("ppo", 64, "prompts per step and process", AT_LEAST_1)
+    minibatch: int = _opt("ppo", 16, "rollouts per update (must divide rollout_batch)", AT_LEAST_1)
+    ppo_epochs: int = _opt("ppo", 4, "passes over each step's rollouts", AT_LEAST_1)
+    ppo_lr: float = _opt("ppo", 5e-4, "AdamW learning rate", LEARNING_RATE)
+    clip: float = _opt(
+        "ppo", 0.2, "ratio clip: [1 − clip, 1 + clip]", Allowed(0, 1, lo_open=True, hi_open=True)
+    )
+    clip_high: float = _opt(
+        "ppo", 0.0, "asymmetric upper clip 1 + clip_high (DAPO's clip-higher); 0: = clip", AT_LEAST_0
+    )
+    dual_clip: float = _opt(
+        "ppo",
+        0.0,
+        "dual-clip constant c for negative advantages; 0: off",
+        Allowed(1, lo_open=True, also=(0,)),
+    )
+    loss_agg: str = _opt(
+        "ppo",
+        "token-mean",
+        "aggregation of the PPO losses and the entropy (rlhf_kernels.agg_loss)",
+        Allowed(choices=_loss_agg_modes),
+    )
+    vf_clip: float = _opt("ppo", 0.2, "value clip around the rollout's values; 0: off", AT_LEAST_0)
+    vf_coef: float = _opt("ppo", 0.1, "weight of the value loss", AT_LEAST_0)
+    ent_coef: float = _opt("ppo", 0.0, "weight of the entropy bonus", AT_LEAST_0)
+    kl_loss_coef: float = _opt(
+        "ppo", 0.0, "weight of a kl_loss term (GRPO-style), on top of the KL reward penalty", AT_LEAST_0
+    )
+    kl_loss_estimator: str = _opt(
+        "ppo", "k3", "estimator of the kl_loss term", Allowed(choices=_kl_estimators)
+    )
+    gamma: float = _opt("ppo", 1.0, "GAE discount", UNIT)
+    lam: float = _opt("ppo", 0.95, "GAE λ", UNIT)
+    kl_ctl: str = _opt("ppo", "adaptive", "KL coefficient controller", Allowed(choices=("adaptive", "fixed")))
+    kl_coef: float = _opt("ppo", 0.05, "(initial) KL coefficient β", AT_LEAST_0)
+    kl_target: float = _opt("ppo", 6.0, "the adaptive controller's target KL, nats per response", POSITIVE)
+    kl_horizon: int = _opt("ppo", 10000, "the adaptive controller's horizon, responses", AT_LEAST_1)
+    kl_estimator: str = _opt(
+        "ppo", "k1", "estimator of the KL reward penalty", Allowed(choices=_kl_estimators)
+    )
+    score_clip: float = _opt(
+        "ppo", 5.0, "clip of the reward score; inf: none", Allowed(0, lo_open=True, inf=True)
+    )
+    whiten_advantages: bool = _opt("ppo", True, "whiten the advantages (masked_whiten)")
+    max_grad_norm: float = _opt(
+        "ppo", 1.0, "gradient-norm clip of every stage; inf: none", Allowed(0, lo_open=True, inf=True)
+    )
+    temperature: float = _opt(
+        "ppo", 1.0, "sampling temperature; 0: greedy (log-probs then at temperature 1)", AT_LEAST_0
+    )
+    top_k: int = _opt(
+        "ppo", 0, "sample from the top k tokens; 0: the full vocabulary (what PPO optimises)", AT_LEAST_0
+    )
 
     # --- evaluation --------------------------------------------------------------------------------------
-    eval_prompts: int = 256
-    best_of_n: int = 8
+    eval_prompts: int = _opt("eval", 256, "evaluation prompts", AT_LEAST_1)
+    best_of_n: int = _opt("eval", 8, "N of the best-of-N baseline", AT_LEAST_1)
 
     # --- test hooks (documented in docs/trainer.md) ----------------------------------------------------
-    inject_nan_at_step: int = -1  # poison the rewards of this PPO step (exercises the NaN guard)
-    halt_after_step: int = -1  # stop after this PPO step as if interrupted (exercises --resume)
+    inject_nan_at_step: int = _opt(
+        "hooks", -1, "poison this PPO step's rewards (the NaN guard); -1: off", HOOK_STEP
+    )
+    halt_after_step: int = _opt(
+        "hooks", -1, "stop after this PPO step as if killed (resume); -1: off", HOOK_STEP
+    )
 
     @property
     def vocab_size(self) -> int:
@@ -122,45 +271,96 @@ class TrainConfig:
     def seq_len(self) -> int:
         return self.prompt_len + self.max_new_tokens
 
-    def validate(self) -> TrainConfig:
-        problems = []
-        if self.d_model % self.n_head:
-            problems.append(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.demo_max_len + 1 > self.max_new_tokens:
-            problems.append(
-                f"demo_max_len + 1 ({self.demo_max_len + 1}) must be <= max_new_tokens "
-                f"({self.max_new_tokens}): a demonstration ends with EOS"
+    def problems(self) -> list[str]:
+        """One line per flag out of its range or inconsistent with another (empty when valid)."""
+        out = []
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), f.metadata["allowed"]
+            if not isinstance(value, _TYPES[f.type]):
+                out.append(f"--{f.name} must be a {f.type}; got {value!r}")
+            elif allowed is not None and not allowed.accepts(value):
+                out.append(f"--{f.name} must be {allowed}; got {value!r}")
+        if out:  # the checks below assume every field is in range
+            return out
+
+        checks = [
+            (
+                self.d_model % self.n_head == 0,
+                f"--d_model {self.d_model} must be divisible by --n_head {self.n_head}",
+            ),
+            (
+                self.demo_min_len <= self.demo_max_len,
+                f"--demo_min_len {self.demo_min_len} must be <= --demo_max_len {self.demo_max_len}",
+            ),
+            (
+                self.demo_max_len + 1 <= self.max_new_tokens,
+                f"--demo_max_len {self.demo_max_len} + 1 must be <= --max_new_tokens {self.max_new_tokens} "
+                "(a demonstration ends with EOS)",
+            ),
+            (
+                self.prompt_min_filler <= self.prompt_max_filler,
+                f"--prompt_min_filler {self.prompt_min_filler} must be <= "
+                f"--prompt_max_filler {self.prompt_max_filler}",
+            ),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; got both"),
+            (self.help_weight + self.harm_weight > 0, "--help_weight + --harm_weight must be > 0; got 0"),
+            (
+                self.rollout_batch % self.minibatch == 0,
+                f"--rollout_batch {self.rollout_batch} must be a multiple of --minibatch {self.minibatch}",
+            ),
+            (
+                self.top_k <= self.vocab_size,
+                f"--top_k must be in [0, {self.vocab_size}] (the vocabulary); got {self.top_k}",
+            ),
+        ]
+        for flag in ("rm_items", "rm_heldout"):
+            n = getattr(self, flag)
+            checks.append(
+                (
+                    rm_item_split(self, n)[0] >= 1,
+                    f"--{flag} {n} leaves no pairwise comparison at --rm_pair_frac {self.rm_pair_frac}",
+                )
             )
-        if self.rollout_batch % self.minibatch:
-            problems.append(
-                f"rollout_batch ({self.rollout_batch}) must be a multiple of minibatch ({self.minibatch})"
+        has_ranked = rm_item_split(self, self.rm_items)[1] > 0
+        checks.append(
+            (
+                not has_ranked or rm_batch_split(self, has_ranked, world=1)[1] >= 1,
+                f"--rm_batch {self.rm_batch} leaves no room for a ranked comparison at --rm_pair_frac "
+                f"{self.rm_pair_frac} (a batch holds max(1, round(rm_batch·rm_pair_frac)) pairs)",
             )
-        if self.group_size < 2:
-            problems.append(
-                f"group_size must be >= 2 (one token of each group is banned); got {self.group_size}"
-            )
-        if not 0 < self.rm_pair_frac <= 1:
-            problems.append(f"rm_pair_frac must be in (0, 1]; got {self.rm_pair_frac}")
-        if self.rm_max_k < 2:
-            problems.append(f"rm_max_k must be >= 2; got {self.rm_max_k}")
-        if self.kl_ctl not in ("adaptive", "fixed"):
-            problems.append(f"kl_ctl must be 'adaptive' or 'fixed'; got {self.kl_ctl!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"device must be auto, cpu or cuda; got {self.device!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            problems.append(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
-        modes = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-        if self.loss_agg not in modes:
-            problems.append(f"loss_agg must be one of {modes}; got {self.loss_agg!r}")
-        if self.attention not in ("auto", "sdpa"):
-            problems.append(f"attention must be auto or sdpa; got {self.attention!r}")
+        )
+        out += [text for ok, text in checks if not ok]
         try:
             parse_reward_models(self.reward_models)
         except ValueError as exc:
-            problems.append(str(exc))
+            out.append(str(exc))
+        return out
+
+    def validate(self) -> TrainConfig:
+        problems = self.problems()
         if problems:
-            raise ValueError("invalid trainer config: " + "; ".join(problems))
+            raise ConfigError(problems)
         return self
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def rm_item_split(cfg: TrainConfig, n: int) -> tuple[int, int]:
+    """(pairs, K-way rankings) among ``n`` comparisons of one reward model."""
+    n_ranked = 0 if cfg.rm_max_k == 2 else int(round(n * (1 - cfg.rm_pair_frac)))
+    return n - n_ranked, n_ranked
+
+
+def rm_batch_split(cfg: TrainConfig, has_ranked: bool, world: int) -> tuple[int, int]:
+    """(pairs, rankings) per reward-model step; with several processes every rank gets one of each."""
+    frac = cfg.rm_pair_frac if has_ranked else 1.0
+    pair_batch = max(1, int(round(cfg.rm_batch * frac)))
+    ranked_batch = cfg.rm_batch - pair_batch if has_ranked else 0
+    if world > 1:
+        pair_batch = max(pair_batch, world)
+        ranked_batch = max(ranked_batch, world) if has_ranked else 0
+    return pair_batch, ranked_batch
 
 
 REWARD_ASPECTS = ("helpful", "harmless", "overall")
@@ -175,18 +375,21 @@ def parse_reward_models(spec: str) -> list[tuple[str, float]]:
             continue
         name, _, weight = part.partition(":")
         if name not in REWARD_ASPECTS:
-            raise ValueError(f"reward_models: unknown aspect {name!r} (known: {REWARD_ASPECTS})")
+            raise ValueError(f"--reward_models: unknown aspect {name!r} (known: {', '.join(REWARD_ASPECTS)})")
         try:
-            out.append((name, float(weight) if weight else 1.0))
+            value = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"reward_models: weight of {name!r} must be a number; got {weight!r}") from None
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--reward_models: the weight of {name!r} must be a number > 0; got {part!r}")
+        out.append((name, value))
     if not out:
-        raise ValueError(f"reward_models must name at least one reward model; got {spec!r}")
+        raise ValueError(f"--reward_models must name at least one reward model; got {spec!r}")
     return out
 
 
 PRESETS: dict[str, dict] = {
-    # The default: the README's command; the whole pipeline in a few minutes on a 2-core CPU.
+    # The default: the README's command; the whole pipeline in about a minute on a 2-core CPU.
     "tiny": {},
     # For tests: seconds, not minutes.  Numbers are not meaningful.
     "micro": dict(
@@ -244,19 +447,42 @@ PRESETS: dict[str, dict] = {
         best_of_n=16,
     ),
 }
+PRESET_NOTES = {
+    "tiny": "the whole pipeline in about a minute on a 2-core CPU",
+    "micro": "for tests: seconds; its numbers mean nothing",
+    "small": "a bigger model and a longer run, sized for a GPU",
+}
+GPU_PRESETS = ("small",)  # a CPU run of these says so and estimates how long it will take
 
 
 def make_config(preset: str = "tiny", **overrides) -> TrainConfig:
+    """The preset's values with ``overrides`` on top, validated (:class:`ConfigError` lists every
+    problem)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    values = {**PRESETS[preset], **overrides, "preset": preset}
-    unknown = set(values) - {f.name for f in fields(TrainConfig)}
+        raise ConfigError([f"--preset must be one of {', '.join(PRESETS)}; got {preset!r}"])
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(f"unknown config fields {sorted(unknown)}")
-    cfg = TrainConfig(**values)
+        raise ConfigError([f"unknown config field {name!r}" for name in unknown])
+    cfg = TrainConfig(**{**PRESETS[preset], **overrides, "preset": preset})
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{preset}"
     return cfg.validate()
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (``prog: error: …``) and exit status 2, without the usage
+    block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parse_bool(text: str) -> bool:
@@ -265,41 +491,73 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false); got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
 
 
-def build_parser(prog: str = "python -m rlhf_kernels.trainer") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+
+
+_PARSERS = {"bool": _parse_bool, "float": _parse_float, "int": _parse_int, "str": str}
+
+
+def build_parser(
+    prog: str = "python -m rlhf_kernels.trainer", preset: str = "tiny"
+) -> argparse.ArgumentParser:
+    """Every field as a flag, in its section, with its description, range and ``preset``'s default."""
+    defaults = make_config(preset)
+    parser = OneLineParser(
         prog=prog,
-        description="Minimal end-to-end RLHF (SFT → reward model → PPO) on an embedded synthetic task.",
+        description="Minimal end-to-end RLHF (SFT → reward model → PPO) on an embedded synthetic task. "
+        f"Defaults shown are those of preset {preset} ({PRESET_NOTES[preset]}).",
+        usage="%(prog)s [--preset {" + ",".join(PRESETS) + "}] [--FLAG VALUE ...]",
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
     )
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    defaults = TrainConfig()
+    groups = {key: parser.add_argument_group(title) for key, title in SECTIONS.items()}
     for f in fields(TrainConfig):
+        default, allowed = getattr(defaults, f.name), f.metadata["allowed"]
+        text = f.metadata["help"]
         if f.name == "preset":
-            continue
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            # --resume alone means true; --resume false is accepted too.
-            parser.add_argument(
-                f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=f"(default {default})"
-            )
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), help=f"(default {default!r})")
+            text += " (" + "; ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()) + ")"
+        text += f" (default {default}" + (f"; {allowed}" if allowed and allowed.choices is None else "") + ")"
+        kwargs = dict(type=_PARSERS[f.type], help=text.replace("%", "%%"), metavar=f.type.upper())
+        if f.type == "bool":  # --resume alone means true; --resume false is accepted too
+            kwargs.update(nargs="?", const=True)
+        if allowed is not None and allowed.choices is not None:  # checked by validate(), in its words
+            kwargs.update(metavar="{" + ",".join(allowed.options()) + "}")
+        groups[f.metadata["section"]].add_argument(f"--{f.name}", **kwargs)
     return parser
 
 
+def _chosen_preset(argv: list[str]) -> str:
+    pre = OneLineParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    return known.preset
+
+
 def config_from_args(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
-    parser = build_parser(prog) if prog else build_parser()
+    """The config of a command line; a bad flag prints one line per problem and exits with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or "python -m rlhf_kernels.trainer"
+    preset = _chosen_preset(argv)
+    if preset not in PRESETS:
+        OneLineParser(prog=prog).error(f"--preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    parser = build_parser(prog, preset)
     args = vars(parser.parse_args(argv))
-    preset = args.pop("preset", "tiny")
+    args.pop("preset", None)
     try:
         return make_config(preset, **args)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable; parser.error exits
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    except ConfigError as exc:
+        parser.exit(2, "".join(f"{prog}: error: {line}\n" for line in exc.problems))

@@ -15,7 +15,7 @@ fp16/bf16 activations and flash-attn installed, ``flash_attn_varlen_func`` on th
 (imported lazily; the KV-cache decode step always uses SDPA).
 
 Log-probs go through the library: ``rlhf_kernels.linear_logprobs`` (lm_head fused, logits never
-materialised) when ``fused_lm_head`` is set and the op is available, else the lm_head followed by
+materialised) when ``fused_lm_head`` is set, else the lm_head followed by
 ``rlhf_kernels.logprobs_from_logits``.
 """
 
@@ -122,11 +122,11 @@ def _flash_attention(
     """Causal attention among each row's real tokens via flash-attn's varlen kernel ([B, T, H, hd]).
 
     Real tokens keep their order when the padding is removed, so "causal among the unpadded tokens" is
-    exactly the masked attention SDPA computes; padded rows come back as zeros.  Syncs once (the
-    maximum length)."""
+    exactly the masked attention SDPA computes; padded rows come back as zeros.  Syncs twice (the real
+    tokens' positions and the maximum length)."""
     B, T, H, hd = q.shape
     flat = key_mask.reshape(-1)
-    index = flat.nonzero().squeeze(1)
+    index = flat.nonzero().squeeze(1)  # host sync: nonzero sizes its output on the host
     lengths = key_mask.sum(1, dtype=torch.int32)
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     max_len = int(lengths.max())  # host sync: flash-attn needs it as a Python int
@@ -259,7 +259,7 @@ class PolicyValueModel(nn.Module):
         return_entropy: bool = False,
     ):
         weight = self.lm_head.weight
-        if self.cfg.fused_lm_head and hasattr(rlhf_kernels, "linear_logprobs"):
+        if self.cfg.fused_lm_head:
             return rlhf_kernels.linear_logprobs(
                 hidden,
                 weight.to(hidden.dtype),
@@ -342,7 +342,7 @@ def generate(
         responses[:, t] = token
         response_mask[:, t] = alive
         finished = finished | (token == eos_id)
-        # Host sync once per token, to stop early when every row has ended (saves the remaining steps).
+        # host sync: once per token, to stop when every row has ended (saves the remaining steps)
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
         if cache is not None:

@@ -1,47 +1,40 @@
-"""The whole run: SFT → reward model(s) → evaluations of SFT and best-of-N → PPO → final evaluation."""
+"""The whole run: SFT → reward model(s) → evaluations of SFT and best-of-N → PPO → final evaluation.
+
+Before any work or any write, :func:`train` checks the flags (``config.py``), the device and process
+layout (``runtime.plan_runtime``) and the output folder (``rundir.plan_run``: whose run it holds, what
+``--resume`` continues from).
+"""
 
 from __future__ import annotations
 
 import copy
 import gc
-import json
+import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import rlhf_kernels
 
-from . import checkpoint
-from .config import TrainConfig, config_dict
+from . import checkpoint, rundir
+from .config import GPU_PRESETS, TrainConfig
 from .model import ATTENTION_USED, PolicyValueModel
 from .ppo import PPOTrainer, best_of_n, evaluate_policy, frozen_copy
 from .report import MetricsLog, op_backends, plot_ppo, read_metrics, write_json
 from .reward import ensemble_from_state, ensemble_state, train_reward_models
-from .runtime import Runtime, setup_runtime, shutdown_runtime
+from .runtime import (
+    Interrupted,
+    Runtime,
+    estimate_cpu_seconds,
+    plan_runtime,
+    shutdown_runtime,
+    start_runtime,
+)
 from .sft import train_sft
 from .task import LabelerTask
 
-REQUIRED_OPS = (
-    "logprobs_from_logits",
-    "compute_gae",
-    "masked_whiten",
-    "kl_penalty",
-    "token_level_rewards",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "pairwise_reward_loss",
-    "ranking_reward_loss",
-)
-STAGE_ORDER = {"sft": 0, "rm": 1, "ppo": 2}
-
-
-def missing_ops(cfg: TrainConfig) -> list[str]:
-    needed = list(REQUIRED_OPS) + (["kl_loss"] if cfg.kl_loss_coef > 0 else [])
-    return [name for name in needed if not hasattr(rlhf_kernels, name)]
+STAGE_ORDER = {stage: i for i, stage in enumerate(checkpoint.STAGES)}
 
 
 def _keep_records(resume_stage: str | None, ppo_step: int):
@@ -61,47 +54,68 @@ def _keep_records(resume_stage: str | None, ppo_step: int):
     return keep
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Runs the pipeline; returns the summary (also written to ``<out_dir>/summary.json`` by rank 0)."""
-    cfg.validate()
-    absent = missing_ops(cfg)
-    if absent:
-        raise RuntimeError(
-            f"the trainer needs rlhf_kernels.{', '.join(absent)}, which this build does not export"
-        )
+def train(cfg: TrainConfig, *, process_started: float | None = None) -> dict:
+    """Runs the pipeline; returns the summary (also written to ``<out_dir>/summary.json`` by rank 0).
+
+    Raises, before any work: :class:`~.config.ConfigError` (a flag out of range, a device or dtype this
+    machine cannot use), :class:`~.checkpoint.RunDirError` (the output folder holds another run, or a
+    corrupt checkpoint).  Ctrl-C raises :class:`~.runtime.Interrupted` (where it stopped)."""
     started = time.perf_counter()
-    rt = setup_runtime(cfg)
+    cfg.validate()
+    rt = plan_runtime(cfg)
+    plan = rundir.plan_run(cfg, rt.device.type, rt.world)
+    if plan.complete is not None:
+        rt.print(plan.note)
+        return plan.complete
     try:
-        return _train(rt, cfg, started)
+        start_runtime(rt)
+        return _train(rt, cfg, plan, started, process_started)
+    except KeyboardInterrupt:
+        raise Interrupted(rt.where(), rt.last_checkpoint) from None
     finally:
         shutdown_runtime(rt)
 
 
-def _train(rt: Runtime, cfg: TrainConfig, started: float) -> dict:
-    out = Path(cfg.out_dir)
-    ckdir = checkpoint.checkpoint_dir(out)
-    paths = {stage: ckdir / f"{stage}.pt" for stage in STAGE_ORDER}
-    resume_stage = None
-    if cfg.resume:
-        resume_stage = next((s for s in ("ppo", "rm", "sft") if paths[s].exists()), None)
-        rt.print(
-            f"resuming from {paths[resume_stage]}" if resume_stage else "nothing to resume: starting afresh"
-        )
-    ppo_state = checkpoint.load(paths["ppo"], rt.device) if resume_stage == "ppo" else None
+def _train(
+    rt: Runtime, cfg: TrainConfig, plan: rundir.RunPlan, started: float, process_started: float | None
+) -> dict:
+    out = plan.out
+    paths = checkpoint.checkpoint_paths(out)
+    states, resume_stage = plan.states, plan.resume_stage
+    ids: dict[str, str] = {}  # this run's checkpoint ids, for the lineage of the next ones
 
-    task = LabelerTask(cfg)
+    def save(stage: str, state: dict) -> str:
+        parents = {parent: ids[parent] for parent in rundir.PARENTS[stage]}
+        stamped = checkpoint.stamp(state, stage, plan.identity, parents)
+        step = f" at PPO step {state['step']}" if stage == "ppo" else ""
+        checkpoint.save_atomic(stamped, paths[stage], what=f"{stage}.pt{step}")
+        ids[stage] = stamped["run"]["id"]
+        rt.last_checkpoint = str(paths[stage])
+        return rt.last_checkpoint
+
     log = MetricsLog(out / "metrics.jsonl", rt.is_main, cfg.tensorboard)
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        log.start(_keep_records(resume_stage, ppo_state["step"] if ppo_state else -1))
-        (out / "config.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
+        rundir.prepare(plan)
+        log.start(_keep_records(resume_stage, states["ppo"]["step"] if "ppo" in states else -1))
     rt.barrier()
+    for stage, state in states.items():
+        ids[stage] = state["run"]["id"]
+        rt.last_checkpoint = str(paths[stage])
+    if plan.note:
+        rt.print(plan.note)
     rt.print(
         f"rlhf-kernels trainer: preset {cfg.preset}, device {rt.device}, {rt.world} process(es), "
         f"model {cfg.n_layer}x{cfg.d_model}, vocab {cfg.vocab_size}, out {out}"
     )
+    if rt.device.type == "cpu" and cfg.preset in GPU_PRESETS:
+        minutes = estimate_cpu_seconds(cfg) / 60
+        rt.print(
+            f"note: preset {cfg.preset} is sized for a GPU; on this CPU the run will take about "
+            f"{minutes:.0f} minutes (a rough estimate from one timed training step)"
+        )
 
     _warm_up_ops(rt)
+    task = LabelerTask(cfg)
     torch.manual_seed(cfg.seed)
     model = PolicyValueModel(cfg).to(rt.device)
     rt.print(
@@ -110,37 +124,35 @@ def _train(rt: Runtime, cfg: TrainConfig, started: float) -> dict:
     results: dict = {}
 
     # --- stage 1: SFT ---------------------------------------------------------------------------------
-    if resume_stage is not None:
-        state = checkpoint.load(paths["sft"], rt.device)
-        model.load_state_dict(state["model"])
-        results.update(state["results"])
+    if "sft" in states:
+        model.load_state_dict(states["sft"]["model"])
+        results.update(states["sft"]["results"])
     else:
         results.update(train_sft(rt, cfg, model, task, log))
         if rt.is_main:
-            checkpoint.save_atomic(
-                {"stage": "sft", "model": model.state_dict(), "results": results}, paths["sft"]
-            )
+            save("sft", {"model": model.state_dict(), "results": results})
         rt.barrier()
     model.eval()
     ref = frozen_copy(model)
 
     # --- stage 2: reward models, then the pre-PPO evaluations ---------------------------------------
-    if resume_stage in ("rm", "ppo"):
-        state = checkpoint.load(paths["rm"], rt.device)
-        ensemble = ensemble_from_state(state["ensemble"], cfg, rt.device)
-        results.update(state["results"])
+    if "rm" in states:
+        ensemble = ensemble_from_state(states["rm"]["ensemble"], cfg, rt.device)
+        results.update(states["rm"]["results"])
     else:
         ensemble, rm_results = train_reward_models(rt, cfg, model, task, log)
         results.update(rm_results)
+        rt.at("evaluation of the SFT policy")
         with rt.timed("eval_sft"):
             sft_eval = evaluate_policy(rt, cfg, task, model, ref, ensemble, seed_offset=0)
+        checkpoint.crash_point("SFT policy evaluated")
+        rt.at(f"best-of-{cfg.best_of_n}")
         with rt.timed("best_of_n"):
             results.update(best_of_n(rt, cfg, task, model, ensemble))
+        checkpoint.crash_point("best-of-N evaluated")
         results.update({"sft_gold": sft_eval["gold"], "sft_eval": sft_eval})
         if rt.is_main:
-            checkpoint.save_atomic(
-                {"stage": "rm", "ensemble": ensemble_state(ensemble), "results": results}, paths["rm"]
-            )
+            save("rm", {"ensemble": ensemble_state(ensemble), "results": results})
         rt.barrier()
     rt.print(
         f"reward ensemble held-out pairwise accuracy {results['rm_heldout_accuracy']:.3f}; "
@@ -152,18 +164,20 @@ def _train(rt: Runtime, cfg: TrainConfig, started: float) -> dict:
     policy = copy.deepcopy(model)
     del model
     gc.collect()
-    trainer = PPOTrainer(rt, cfg, policy, ref, ensemble, task, log, paths["ppo"])
-    if ppo_state is not None:
-        trainer.load(ppo_state)
+    trainer = PPOTrainer(rt, cfg, policy, ref, ensemble, task, log, lambda state: save("ppo", state))
+    if "ppo" in states:
+        trainer.load(states["ppo"], str(paths["ppo"]))
     ppo_started = time.perf_counter()
     trainer.run()
     ppo_wall = time.perf_counter() - ppo_started
 
+    rt.at("evaluation of the PPO policy")
     with rt.timed("eval_ppo"):
         ppo_eval = evaluate_policy(rt, cfg, task, policy, ref, ensemble, seed_offset=1)
+    checkpoint.crash_point("PPO policy evaluated")
     ddp = _ddp_consistency(rt, policy)
     wall = time.perf_counter() - started
-    ppo_tokens = trainer.tokens - (ppo_state["tokens"] if ppo_state else 0)
+    ppo_tokens = trainer.tokens - (states["ppo"]["tokens"] if "ppo" in states else 0)
     summary = {
         "sft_gold": results["sft_gold"],
         "ppo_gold": ppo_eval["gold"],
@@ -188,11 +202,14 @@ def _train(rt: Runtime, cfg: TrainConfig, started: float) -> dict:
         "ppo_steps": cfg.ppo_steps,
         "resumed_from": resume_stage,
         "timings_s": {k: round(v, 3) for k, v in sorted(rt.timings.items())},
+        "startup_s": None if process_started is None else round(started - process_started, 3),
         "device": str(rt.device),
+        "cpu_count": os.cpu_count(),
         "world_size": rt.world,
         "ddp": ddp,
         "torch": torch.__version__,
         "preset": cfg.preset,
+        "seed": cfg.seed,
     }
     if rt.is_main:
         write_json(summary, out / "summary.json")
@@ -212,6 +229,7 @@ def _train(rt: Runtime, cfg: TrainConfig, started: float) -> dict:
 def _warm_up_ops(rt: Runtime) -> None:
     """Calls the ops that may build an extension on first use (the C++ GAE kernel is compiled just in
     time, once per machine), so that the build is reported apart and not inside a PPO step."""
+    rt.at("the first use of the library's extensions")
     started = time.perf_counter()
     with rt.timed("warm_up"):
         rewards = torch.ones(1, 2, device=rt.device)
@@ -228,11 +246,11 @@ def _ddp_consistency(rt: Runtime, model: PolicyValueModel) -> dict | None:
     flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(rt.world)]
     dist.all_gather(gathered, flat)
-    diff = max((g - gathered[0]).abs().max().item() for g in gathered)
+    diff = torch.stack([(g - gathered[0]).abs().max() for g in gathered]).max().item()  # host sync: once
     return {"world_size": rt.world, "max_param_diff": diff, "in_sync": diff == 0.0}
 
 
-def _print_summary(rt: Runtime, s: dict, out: Path) -> None:
+def _print_summary(rt: Runtime, s: dict, out) -> None:
     rt.print(
         f"\nSFT gold {s['sft_gold']:.3f} → PPO gold {s['ppo_gold']:.3f} (gain {s['gold_gain']:+.3f}); "
         f"best-of-{s['best_of_n']} gold {s['best_of_n_gold']:.3f}; "

@@ -7,17 +7,22 @@ One PPO step (per rank; DistributedDataParallel averages the gradients):
    reward ensemble's score of each response;
 3. advantages: ``token_level_rewards`` (score at the last token − β·KL per token, β from the fixed or
    adaptive KL controller), ``compute_gae``, ``masked_whiten``;
-4. update: ``ppo_epochs`` passes over shuffled minibatches of
-   loss = ppo_policy_loss + vf_coef · ppo_value_loss − ent_coef · entropy (+ kl_loss_coef · kl_loss),
-   the value head reading the same backbone as the policy.
+4. update: ``ppo_epochs`` passes over shuffled minibatches, each one's loss assembled by :func:`ppo_loss`
+   (ppo_policy_loss + vf_coef · ppo_value_loss − ent_coef · entropy (+ kl_loss_coef · kl_loss)), the
+   value head reading the same backbone as the policy;
+5. metrics: :func:`step_metrics` gathers them as 0-dim tensors; ``runtime.read_step`` reads them and the
+   NaN guard's flags in the step's one host transfer; the KL controller then takes the step's KL.
 
-Every number in steps 2–4 comes from the library's ops (``rlhf_kernels.*``).
+Every number in steps 2–4 comes from the library's ops (``rlhf_kernels.*``).  Host syncs: the step's one
+transfer, generation's one per token, and a checkpoint when one is written (each marked ``host sync``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,16 +31,19 @@ import rlhf_kernels
 
 from . import checkpoint
 from .config import TrainConfig
-from .model import PolicyValueModel, generate, response_labels
+from .model import ModelOutput, PolicyValueModel, generate, response_labels
 from .report import MetricsLog
 from .reward import RewardEnsemble
-from .runtime import Runtime, check_finite, fmt, progress
-from .sft import make_optimizer
+from .runtime import Runtime, fmt, progress, read_step
+from .sft import make_optimizer, optimizer_step
 from .task import LabelerTask, Prompts, join
 
 PPO_SEED = 3
 EVAL_SEED = 4
 GEN_CHUNK = 1024
+# What a PPO minibatch takes from the rollout.
+MINIBATCH_KEYS = ("ids", "mask", "labels", "response_mask", "old_logprobs", "old_values", "ref_logprobs")
+MINIBATCH_KEYS += ("advantages", "returns")
 
 
 def frozen_copy(model: PolicyValueModel) -> PolicyValueModel:
@@ -81,7 +89,7 @@ def sample(
 @torch.no_grad()
 def policy_outputs(rt: Runtime, cfg: TrainConfig, model, ids, mask, labels, *, values: bool):
     with rt.autocast():
-        out = model(ids, mask, labels, temperature=cfg.temperature, return_values=values)
+        out = model(ids, mask, labels, temperature=logprob_temperature(cfg), return_values=values)
     R = labels.shape[1]
     return out.logprobs, (out.values[:, -R - 1 : -1] if values else None)
 
@@ -89,6 +97,74 @@ def policy_outputs(rt: Runtime, cfg: TrainConfig, model, ids, mask, labels, *, v
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per response Σ_t k1(log π − log π_ref) over its tokens: a sample of KL(π‖π_ref) in nats."""
     return (rlhf_kernels.kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(-1)
+
+
+def logprob_temperature(cfg: TrainConfig) -> float:
+    """The temperature of the log-probs PPO optimises: the sampling one, or 1 with greedy decoding (0)."""
+    return cfg.temperature if cfg.temperature > 0 else 1.0
+
+
+def ppo_loss(
+    cfg: TrainConfig, out: ModelOutput, mb: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The minibatch loss, from the library's ops:
+
+        ppo_policy_loss + vf_coef · ppo_value_loss − ent_coef · entropy (+ kl_loss_coef · kl_loss)
+
+    ``out`` is the policy/value forward of the minibatch ``mb`` (a slice of the rollout).  Returns the
+    loss and its terms (0-dim tensors, nothing read on the host)."""
+    mask = mb["response_mask"]
+    values = out.values[:, -mask.shape[1] - 1 : -1]  # the value of the state before each response token
+    pg_loss, pg = rlhf_kernels.ppo_policy_loss(
+        out.logprobs,
+        mb["old_logprobs"],
+        mb["advantages"],
+        mask,
+        clip_low=cfg.clip,
+        clip_high=cfg.clip_high if cfg.clip_high > 0 else None,
+        dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
+        loss_agg=cfg.loss_agg,
+    )
+    vf_loss, vf = rlhf_kernels.ppo_value_loss(
+        values,
+        mb["old_values"],
+        mb["returns"],
+        mask,
+        clip=cfg.vf_clip if cfg.vf_clip > 0 else None,
+        loss_agg=cfg.loss_agg,
+    )
+    entropy = rlhf_kernels.agg_loss(out.entropy, mask, cfg.loss_agg)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    if cfg.ent_coef != 0:
+        loss = loss - cfg.ent_coef * entropy
+    terms = {
+        "pg_loss": pg_loss,
+        "vf_loss": vf_loss,
+        "entropy": entropy,
+        "clipfrac": pg["clipfrac"],
+        "approx_kl": pg["approx_kl"],
+        "vf_clipfrac": vf["clipfrac"],
+    }
+    if cfg.kl_loss_coef > 0:
+        terms["kl_loss"] = rlhf_kernels.kl_loss(
+            out.logprobs, mb["ref_logprobs"], mask, estimator=cfg.kl_loss_estimator, loss_agg=cfg.loss_agg
+        )
+        loss = loss + cfg.kl_loss_coef * terms["kl_loss"]
+    return loss, terms
+
+
+def step_metrics(batch: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PPO step's metrics as 0-dim tensors: the rollout's (this rank's means) and the update's (means
+    over its minibatches)."""
+    return {
+        "score": batch["scores"].mean(),
+        "gold": batch["gold"].mean(),
+        "kl": batch["kl_mean"],
+        "seq_kl": batch["seq_kl"].mean(),
+        "response_len": batch["response_mask"].sum(-1).float().mean(),
+        "tokens": batch["mask"].sum().float(),
+        **update,
+    }
 
 
 class PPOTrainer:
@@ -101,11 +177,11 @@ class PPOTrainer:
         reward: RewardEnsemble,
         task: LabelerTask,
         log: MetricsLog,
-        ckpt_path,
+        save_checkpoint: Callable[[dict], str],
     ):
         self.rt, self.cfg, self.task, self.log = rt, cfg, task, log
         self.policy, self.ref, self.reward = policy, ref, reward
-        self.ckpt_path = ckpt_path
+        self.save_checkpoint = save_checkpoint  # writes ppo.pt (rank 0), returns its path
         self.last_checkpoint: str | None = None
         self.ddp = rt.wrap(policy)
         self.optimizer = make_optimizer(policy, cfg.ppo_lr)
@@ -124,12 +200,11 @@ class PPOTrainer:
         rng = checkpoint.rng_state(self.generators())
         if self.rt.distributed:
             every = [None] * self.rt.world
-            dist.all_gather_object(every, rng)
+            dist.all_gather_object(every, rng)  # host sync: every rank's RNG state goes to rank 0
         else:
             every = [rng]
         if self.rt.is_main:
             state = {
-                "stage": "ppo",
                 "step": step,
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -138,23 +213,17 @@ class PPOTrainer:
                 "tokens": self.tokens,
                 "world": self.rt.world,
             }
-            checkpoint.save_atomic(state, self.ckpt_path)
+            self.last_checkpoint = self.save_checkpoint(state)
         self.rt.barrier()
-        self.last_checkpoint = str(self.ckpt_path)
 
-    def load(self, state: dict) -> None:
-        if state["world"] != self.rt.world:
-            raise RuntimeError(
-                f"the PPO checkpoint was written by {state['world']} processes; this run has "
-                f"{self.rt.world} (resume with the same --nproc_per_node)"
-            )
+    def load(self, state: dict, path: str) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         checkpoint.restore_kl_controller(self.kl_ctl, state["kl_ctl"])
         checkpoint.restore_rng_state(state["rng"][self.rt.rank], self.generators())
         self.tokens = state["tokens"]
         self.start_step = state["step"] + 1
-        self.last_checkpoint = str(self.ckpt_path)
+        self.last_checkpoint = path
 
     # --- one step -------------------------------------------------------------------------------------
     def prompts_for(self, step: int) -> Prompts:
@@ -187,7 +256,7 @@ class PPOTrainer:
                 response_mask,
                 kl_coef=kl_coef_of(self.kl_ctl),
                 estimator=cfg.kl_estimator,
-                score_clip=cfg.score_clip if cfg.score_clip > 0 else None,
+                score_clip=cfg.score_clip if math.isfinite(cfg.score_clip) else None,
             )
             advantages, returns = rlhf_kernels.compute_gae(
                 rewards, old_values, response_mask, cfg.gamma, cfg.lam
@@ -212,74 +281,29 @@ class PPOTrainer:
             seq_kl=seq_kl,
         )
 
-    def update(self, batch: dict) -> dict:
+    def update(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``ppo_epochs`` passes over shuffled minibatches of the rollout; returns the mean over the
+        minibatches of the loss, its terms and the gradient norm (0-dim tensors: no host sync)."""
         rt, cfg = self.rt, self.cfg
         self.policy.train()
-        B, R = batch["labels"].shape
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.batch_gen).to(rt.device)
+            order = rt.to_device(torch.randperm(len(batch["labels"]), generator=self.batch_gen))
             for index in order.split(cfg.minibatch):
-                m = batch["response_mask"][index]
+                mb = {key: batch[key][index] for key in MINIBATCH_KEYS}
                 with rt.autocast():
                     out = self.ddp(
-                        batch["ids"][index],
-                        batch["mask"][index],
-                        batch["labels"][index],
-                        temperature=cfg.temperature,
+                        mb["ids"],
+                        mb["mask"],
+                        mb["labels"],
+                        temperature=logprob_temperature(cfg),
                         return_entropy=True,
                         return_values=True,
                     )
-                values = out.values[:, -R - 1 : -1]
-                pg_loss, pg = rlhf_kernels.ppo_policy_loss(
-                    out.logprobs,
-                    batch["old_logprobs"][index],
-                    batch["advantages"][index],
-                    m,
-                    clip_low=cfg.clip,
-                    clip_high=cfg.clip_high if cfg.clip_high > 0 else None,
-                    dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
-                    loss_agg=cfg.loss_agg,
-                )
-                vf_loss, vf = rlhf_kernels.ppo_value_loss(
-                    values,
-                    batch["old_values"][index],
-                    batch["returns"][index],
-                    m,
-                    clip=cfg.vf_clip if cfg.vf_clip > 0 else None,
-                    loss_agg=cfg.loss_agg,
-                )
-                entropy = rlhf_kernels.agg_loss(out.entropy, m, cfg.loss_agg)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.ent_coef != 0:
-                    loss = loss - cfg.ent_coef * entropy
-                metrics = {
-                    "pg_loss": pg_loss,
-                    "vf_loss": vf_loss,
-                    "entropy": entropy,
-                    "clipfrac": pg["clipfrac"],
-                    "approx_kl": pg["approx_kl"],
-                    "vf_clipfrac": vf["clipfrac"],
-                }
-                if cfg.kl_loss_coef > 0:
-                    kl_term = rlhf_kernels.kl_loss(
-                        out.logprobs,
-                        batch["ref_logprobs"][index],
-                        m,
-                        estimator=cfg.kl_loss_estimator,
-                        loss_agg=cfg.loss_agg,
-                    )
-                    loss = loss + cfg.kl_loss_coef * kl_term
-                    metrics["kl_loss"] = kl_term
-                metrics["loss"] = loss
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), cfg.max_grad_norm
-                )
-                self.optimizer.step()
-                for key, value in metrics.items():
+                loss, terms = ppo_loss(cfg, out, mb)
+                grad_norm = optimizer_step(self.optimizer, self.policy, loss, cfg.max_grad_norm)
+                for key, value in {**terms, "loss": loss, "grad_norm": grad_norm}.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float()
                 n += 1
         self.policy.eval()
@@ -291,37 +315,26 @@ class PPOTrainer:
         bar.update(self.start_step)
         global_batch = cfg.rollout_batch * rt.world
         for step in range(self.start_step, cfg.ppo_steps):
+            rt.at("PPO", step, cfg.ppo_steps)
             t0 = time.perf_counter()
             batch = self.rollout(step)
+            checkpoint.crash_point(f"ppo step {step} rolled out")
             with rt.timed("ppo_update"):
-                stats = self.update(batch)
-            m = batch["response_mask"]
-            check_finite(
-                rt,
-                "ppo",
-                step,
-                self.last_checkpoint,
-                score=batch["scores"],
-                rewards=batch["rewards"],
-                advantages=batch["advantages"],
-                returns=batch["returns"],
-                loss=stats["loss"],
-            )
-            # One host sync per step, here where it logs: every metric in one transfer.
-            names = ["score", "gold", "kl", "seq_kl", "response_len", "tokens", *stats]
-            values = torch.stack(
-                [
-                    batch["scores"].mean(),
-                    batch["gold"].mean(),
-                    batch["kl_mean"],
-                    batch["seq_kl"].mean(),
-                    m.sum(-1).float().mean(),
-                    batch["mask"].sum().float(),
-                    *stats.values(),
-                ]
-            )
-            values = rt.all_reduce_mean(values.float()).tolist()
-            record = {"stage": "ppo", "step": step, **dict(zip(names, values))}
+                update = self.update(batch)
+            # The NaN guard checks what a checkpoint must never take in.
+            guard = {
+                "score": batch["scores"],
+                "rewards": batch["rewards"],
+                "advantages": batch["advantages"],
+                "returns": batch["returns"],
+                "loss": update["loss"],
+            }
+            metrics = step_metrics(batch, update)
+            record = {
+                "stage": "ppo",
+                "step": step,
+                **read_step(rt, "ppo", step, metrics, guard, self.last_checkpoint),
+            }
             record["tokens"] = record["tokens"] * rt.world
             self.tokens += int(record["tokens"])
             record["kl_coef"] = kl_coef_of(self.kl_ctl)
@@ -387,10 +400,11 @@ def evaluate_policy(
             reward(ids, mask, rt).sum(),
             sequence_kl(logprobs, ref_logprobs, response_mask).sum(),
             response_mask.sum().float(),
-            torch.tensor(float(len(prompts)), device=rt.device),
+            torch.full((), float(len(prompts)), device=rt.device),  # a fill, not a host → device copy
         ]
     )
-    gold, helpful, harmless, score, kl, length, count = rt.all_reduce_sum(sums).tolist()  # host sync
+    # host sync: the evaluation's one transfer
+    gold, helpful, harmless, score, kl, length, count = rt.all_reduce_sum(sums).tolist()
     return {
         "gold": gold / count,
         "helpful": helpful / count,
@@ -422,6 +436,8 @@ def best_of_n(
     best = scores.view(-1, N).argmax(1)
     chosen = gold.view(-1, N).gather(1, best[:, None]).squeeze(1)
     oracle = gold.view(-1, N).amax(1)  # what a perfect reward model would pick
-    sums = torch.stack([chosen.sum(), oracle.sum(), torch.tensor(float(len(prompts)), device=rt.device)])
-    chosen_sum, oracle_sum, count = rt.all_reduce_sum(sums).tolist()  # host sync
+    sums = torch.stack([chosen.sum(), oracle.sum(), torch.full((), float(len(prompts)), device=rt.device)])
+    chosen_sum, oracle_sum, count = rt.all_reduce_sum(
+        sums
+    ).tolist()  # host sync: the evaluation's one transfer
     return {"best_of_n_gold": chosen_sum / count, "best_of_n_oracle_gold": oracle_sum / count}

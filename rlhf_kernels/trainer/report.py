@@ -2,46 +2,43 @@
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import rlhf_kernels
-from rlhf_kernels import _dispatch
 
-# The library ops the trainer's hot path calls, with the kernel family each belongs to (the name the ops
-# module registers with rlhf_kernels._dispatch; one module can hold several families).
-HOT_PATH_OPS = {
-    "logprobs_from_logits": "logprobs",
-    "linear_logprobs": "linear_logprobs",
-    "kl_penalty": "kl",
-    "token_level_rewards": "token_rewards",
-    "compute_gae": "gae",
-    "masked_whiten": "whiten",
-    "ppo_policy_loss": "ppo_losses",
-    "ppo_value_loss": "ppo_losses",
-    "kl_loss": "ppo_losses",
-    "pairwise_reward_loss": "reward_losses",
-    "ranking_reward_loss": "reward_losses",
-}
+from .checkpoint import crash_point
+
+# The library ops the trainer's hot path calls; each one's kernel family is its ops module's FAMILY.
+HOT_PATH_OPS = (
+    "logprobs_from_logits",
+    "linear_logprobs",
+    "kl_penalty",
+    "token_level_rewards",
+    "compute_gae",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "kl_loss",
+    "pairwise_reward_loss",
+    "ranking_reward_loss",
+)
+
+
+def op_family(name: str) -> str:
+    """The kernel family of the public op ``rlhf_kernels.<name>``: ``FAMILY`` of the module defining it."""
+    return importlib.import_module(getattr(rlhf_kernels, name).__module__).FAMILY
 
 
 def op_backends(device: torch.device) -> dict[str, str]:
     """{op name: the backend ``rlhf_kernels.backend_for(family, device)`` picks for it}."""
-    out = {}
-    for name, family in HOT_PATH_OPS.items():
-        fn = getattr(rlhf_kernels, name, None)
-        if fn is None:
-            out[name] = "missing"
-            continue
-        if family not in _dispatch._AUTO:  # a renamed family: fall back to the module's own FAMILY
-            family = getattr(inspect.getmodule(fn), "FAMILY", family)
-        out[name] = rlhf_kernels.backend_for(family, device)
-    return out
+    return {name: rlhf_kernels.backend_for(op_family(name), device) for name in HOT_PATH_OPS}
 
 
 class MetricsLog:
@@ -50,8 +47,17 @@ class MetricsLog:
     def __init__(self, path: str | Path, enabled: bool, tensorboard: bool = False):
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self.writer = None
-        if enabled and tensorboard:
+
+    def start(self, keep: Callable[[dict], bool] | None) -> None:
+        """Begin a run: a fresh file, or (resuming) the records ``keep`` accepts from the old one, so that
+        a resumed run's file equals the uninterrupted run's.  Written atomically."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if keep(r)] if keep and self.path.exists() else []
+        write_atomic("".join(json.dumps(record) + "\n" for record in kept), self.path)
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -59,22 +65,12 @@ class MetricsLog:
             except ImportError:
                 print("tensorboard is not installed; metrics go to metrics.jsonl only")
 
-    def start(self, keep: Callable[[dict], bool] | None) -> None:
-        """Begin a run: a fresh file, or (resuming) the records ``keep`` accepts from the old one, so that
-        a resumed run's file equals the uninterrupted run's."""
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if keep(r)] if keep and self.path.exists() else []
-        with open(self.path, "w") as handle:
-            for record in kept:
-                handle.write(json.dumps(record) + "\n")
-
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        crash_point(f"{record['stage']} step {record['step']} logged")
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float) and key not in ("step",):
@@ -86,8 +82,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics file; a last line cut short by a crash is dropped."""
+    records = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if line.endswith("\n"):  # a damaged line in the middle is not a crash's doing
+                        raise
+    return records
 
 
 PLOTTED = (
@@ -132,15 +137,25 @@ def plot_ppo(records: list[dict], path: str | Path, reference_lines: dict | None
                     )
             ax.legend(fontsize=8)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_atomic(text: str, path: str | Path) -> Path:
+    """Written to a temporary file, flushed to disk, then moved into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    crash_point(f"{path.name} written, not yet in place")
+    os.replace(tmp, path)
     return path
 
 
 def write_json(obj: dict, path: str | Path) -> Path:
-    """Written to a temporary file, then moved into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(json.dumps(obj, indent=2) + "\n", path)

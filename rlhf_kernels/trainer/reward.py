@@ -22,11 +22,12 @@ from torch import nn
 
 import rlhf_kernels
 
-from .config import TrainConfig, parse_reward_models
+from .checkpoint import crash_point
+from .config import TrainConfig, parse_reward_models, rm_batch_split, rm_item_split
 from .model import IGNORE_INDEX, PolicyValueModel, last_token_values, response_labels
 from .report import MetricsLog
-from .runtime import Runtime, check_finite, fmt, progress
-from .sft import global_batch_index, lr_at, make_optimizer
+from .runtime import Runtime, fmt, progress, read_step
+from .sft import global_batch_index, lr_at, make_optimizer, optimizer_step
 from .task import Comparisons, LabelerTask
 
 RM_SEED = 2
@@ -55,9 +56,9 @@ def to_preference_set(comp: Comparisons, device: torch.device) -> PreferenceSet:
     mask = torch.cat([prompt_mask, comp.response_mask & comp.valid[..., None]], 2)
     labels = response_labels(comp.responses, comp.response_mask)
     labels[:, 1:] = IGNORE_INDEX
-    return PreferenceSet(
-        ids.to(device), mask.to(device), labels.to(device), comp.valid.to(device), comp.gold.to(device)
-    )
+    # non_blocking: a host → GPU copy of pageable memory need not wait for the GPU.
+    tensors = (ids, mask, labels, comp.valid, comp.gold)
+    return PreferenceSet(*(t.to(device, non_blocking=True) for t in tensors))
 
 
 def make_preferences(
@@ -65,8 +66,8 @@ def make_preferences(
 ) -> tuple[PreferenceSet, PreferenceSet | None]:
     """(pairs, K-way rankings) for one labeler aspect."""
     gen = torch.Generator().manual_seed(seed)
-    n_ranked = 0 if cfg.rm_max_k == 2 else int(round(n * (1 - cfg.rm_pair_frac)))
-    pairs = task.comparisons(n - n_ranked, aspect, gen, k_min=2, k_max=2)
+    n_pairs, n_ranked = rm_item_split(cfg, n)
+    pairs = task.comparisons(n_pairs, aspect, gen, k_min=2, k_max=2)
     ranked = task.comparisons(n_ranked, aspect, gen, k_min=3, k_max=cfg.rm_max_k) if n_ranked else None
     return to_preference_set(pairs, device), (to_preference_set(ranked, device) if ranked else None)
 
@@ -101,7 +102,9 @@ def pairwise_accuracy(scores: torch.Tensor, valid: torch.Tensor, gold: torch.Ten
     decided = both & (dg.abs() > 1e-6)
     vs_gold = ((ds * dg > 0) & decided).sum() / decided.sum().clamp(min=1)
     vs_labels = ((ds > 0) & both).sum() / both.sum().clamp(min=1)
-    return {"accuracy": vs_gold.item(), "label_accuracy": vs_labels.item(), "pairs": int(decided.sum())}
+    # host sync: the evaluation's one transfer
+    accuracy, label_accuracy, pairs = torch.stack([vs_gold, vs_labels, decided.sum().float()]).tolist()
+    return {"accuracy": accuracy, "label_accuracy": label_accuracy, "pairs": int(pairs)}
 
 
 def accuracy_on(model: nn.Module, sets: list[PreferenceSet | None], rt: Runtime, scorer=None) -> dict:
@@ -137,11 +140,7 @@ def train_reward_model(
     pairs, ranked = make_preferences(cfg, task, aspect, cfg.rm_items, seed, rt.device)
     held_pairs, held_ranked = make_preferences(cfg, task, aspect, cfg.rm_heldout, seed + 5, rt.device)
     frac = 1.0 if ranked is None else cfg.rm_pair_frac
-    pair_batch = max(1, int(round(cfg.rm_batch * frac)))
-    ranked_batch = cfg.rm_batch - pair_batch if ranked is not None else 0
-    if rt.distributed:  # every rank needs at least one comparison of each kind
-        pair_batch = max(pair_batch, rt.world)
-        ranked_batch = max(ranked_batch, rt.world) if ranked is not None else 0
+    pair_batch, ranked_batch = rm_batch_split(cfg, ranked is not None, rt.world)
 
     ddp_model = rt.wrap(model, find_unused=True)
     optimizer = make_optimizer(model, cfg.rm_lr)
@@ -152,12 +151,13 @@ def train_reward_model(
     model.train()
     with rt.timed("reward_model"):
         for step in range(cfg.rm_steps):
+            rt.at(f"reward model {index + 1} ({aspect})", step, cfg.rm_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg.rm_steps, cfg.rm_lr)
-            pi = global_batch_index(len(pairs), pair_batch, batch_gen, rt).to(rt.device)
+            pi = rt.to_device(global_batch_index(len(pairs), pair_batch, batch_gen, rt))
             parts = [(pairs, pi)]
             if ranked is not None:
-                ri = global_batch_index(len(ranked), ranked_batch, batch_gen, rt).to(rt.device)
+                ri = rt.to_device(global_batch_index(len(ranked), ranked_batch, batch_gen, rt))
                 parts.append((ranked, ri))
             ids = torch.cat([s.ids[i].flatten(0, 1) for s, i in parts])
             mask = torch.cat([s.mask[i].flatten(0, 1) for s, i in parts])
@@ -178,15 +178,13 @@ def train_reward_model(
                 loss = loss + (1 - frac) * loss_rank
             if labels is not None:
                 loss = loss - cfg.rm_lm_coef * rlhf_kernels.agg_loss(logprobs, labels != IGNORE_INDEX)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            optimizer_step(optimizer, model, loss, cfg.max_grad_norm)
             bar.update(1)
+            crash_point(f"rm_{aspect} step {step} done")
             if step % log_every == 0 or step == cfg.rm_steps - 1:
-                check_finite(rt, f"reward model {aspect!r}", step, None, loss=loss)
-                values = torch.stack([loss.detach(), accuracy.detach().float()])
-                loss_v, acc_v = rt.all_reduce_mean(values).tolist()  # host sync (logging point)
+                metrics = {"loss": loss, "acc": accuracy}
+                read = read_step(rt, f"reward model {aspect!r}", step, metrics, {"loss": loss})
+                loss_v, acc_v = read["loss"], read["acc"]
                 bar.set_postfix({"loss": fmt(loss_v), "acc": fmt(acc_v)})
                 if rt.is_main:
                     log.log({"stage": f"rm_{aspect}", "step": step, "loss": loss_v, "train_accuracy": acc_v})
@@ -194,19 +192,27 @@ def train_reward_model(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    rt.at(f"reward model {index + 1} ({aspect}) evaluation")
     with rt.timed("reward_model_eval"):
         held = accuracy_on(model, [held_pairs, held_ranked], rt)
         all_scores = torch.cat(
-            [score_all(model, s.ids, s.mask, rt)[s.valid] for s in (held_pairs, held_ranked) if s is not None]
+            [
+                score_all(model, s.ids, s.mask, rt)[s.valid]  # host sync: a boolean index sizes its output
+                for s in (held_pairs, held_ranked)
+                if s is not None
+            ]
         )
+        # host sync: the score statistics the ensemble normalises with
+        mean, std = torch.stack([all_scores.mean(), all_scores.std().clamp(min=1e-3)]).tolist()
     stats = {
         "aspect": aspect,
         "heldout_accuracy": held["accuracy"],
         "heldout_label_accuracy": held["label_accuracy"],
         "heldout_pairs": held["pairs"],
-        "score_mean": all_scores.mean().item(),
-        "score_std": all_scores.std().clamp(min=1e-3).item(),
+        "score_mean": mean,
+        "score_std": std,
     }
+    crash_point(f"rm_{aspect} evaluated")
     return model, stats
 
 
@@ -267,6 +273,7 @@ def train_reward_models(
 
 def evaluate_ensemble(rt: Runtime, cfg: TrainConfig, task: LabelerTask, ensemble: RewardEnsemble) -> dict:
     """Held-out accuracy of the combined reward against the overall gold order (the reported number)."""
+    rt.at("reward ensemble evaluation")
     with rt.timed("reward_model_eval"):
         held_pairs, held_ranked = make_preferences(
             cfg, task, "overall", cfg.rm_heldout, cfg.seed * 1009 + RM_SEED + 999, rt.device

@@ -1,4 +1,5 @@
-"""Where the trainer runs: device, data parallelism, precision, progress bars, the NaN/inf guard."""
+"""Where the trainer runs: device, data parallelism, precision, progress bars, phase timings, the NaN/inf
+guard, and the one host look at each logged step's metrics."""
 
 from __future__ import annotations
 
@@ -13,11 +14,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 class NonFiniteError(RuntimeError):
     """A loss, reward or advantage became NaN or infinite; the run stops, the last checkpoint stays."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with where the run stopped and its last checkpoint (the CLI prints how to resume)."""
+
+    def __init__(self, where: str, checkpoint: str | None):
+        super().__init__(where)
+        self.where, self.checkpoint = where, checkpoint
 
 
 @dataclass
@@ -27,6 +36,9 @@ class Runtime:
     rank: int = 0
     world: int = 1
     timings: dict = field(default_factory=dict)  # seconds per phase, summed
+    position: tuple = ("start-up", 0, 0)  # (stage, step, steps) for the Ctrl-C message
+    last_checkpoint: str | None = None
+    restore: dict = field(default_factory=dict)  # process-wide settings changed by start(), to undo
 
     @property
     def distributed(self) -> bool:
@@ -36,10 +48,22 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def at(self, stage: str, step: int = 0, steps: int = 0) -> None:
+        self.position = (stage, step, steps)
+
+    def where(self) -> str:
+        stage, step, steps = self.position
+        return f"{stage} step {step + 1}/{steps}" if steps else stage
+
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.dtype == "bfloat16":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        # non_blocking: a host → GPU copy of pageable memory is staged without waiting for the GPU,
+        # where a blocking one synchronises.
+        return tensor.to(self.device, non_blocking=True)
 
     def wrap(self, model: nn.Module, *, find_unused: bool = False) -> nn.Module:
         """The model DistributedDataParallel averages gradients of (the model itself with one process)."""
@@ -49,13 +73,6 @@ class Runtime:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.distributed:
-            return tensor
-        tensor = tensor.detach().clone().float()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor / self.world
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
@@ -74,68 +91,143 @@ class Runtime:
 
     @contextlib.contextmanager
     def timed(self, name: str):
-        """Adds the block's wall time to ``timings[name]`` (synchronises CUDA: timing only)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Adds the block's wall time to ``timings[name]``.  Only with ``--profile`` does it synchronise
+        the GPU around the block; without, GPU work still queued when a block ends is counted in the
+        phase that next waits for it."""
+        if self.cfg.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: --profile asked for exact phase times
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            if self.cfg.profile and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # host sync: --profile asked for exact phase times
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Picks the device and, under ``torchrun`` (WORLD_SIZE > 1), joins the process group: NCCL on
-    CUDA, gloo on CPU."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+def plan_runtime(cfg: TrainConfig) -> Runtime:
+    """The device and process layout of ``cfg`` under this environment (``torchrun`` sets WORLD_SIZE,
+    RANK, LOCAL_RANK), checked before anything starts: :class:`ConfigError` for a device or dtype this
+    machine cannot use, or batches too small for the process count."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch.cuda.is_available() is False")
-    if want_cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    has_cuda = torch.cuda.is_available()
+    problems = []
+    if cfg.device == "cuda" and not has_cuda:
+        problems.append("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    use_cuda = has_cuda and cfg.device != "cpu"
+    if cfg.dtype == "bfloat16" and not use_cuda:
+        problems.append(
+            "--dtype bfloat16 needs a CUDA device (on the CPU the trainer runs float32); got device cpu"
+        )
+    elif cfg.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        problems.append("--dtype bfloat16: this GPU does not support bfloat16; use --dtype float32")
+    if use_cuda and world > torch.cuda.device_count():
+        problems.append(
+            f"{world} processes need {world} GPUs (NCCL: one per process); this machine has "
+            f"{torch.cuda.device_count()}: use --device cpu (gloo) or fewer processes"
+        )
+    for flag, at_least in (("sft_batch", world), ("eval_prompts", world)):
+        if getattr(cfg, flag) < at_least:
+            problems.append(f"--{flag} must be >= {at_least} (one per process); got {getattr(cfg, flag)}")
+    if problems:
+        raise ConfigError(problems)
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     return Runtime(cfg=cfg, device=device, rank=rank, world=world)
 
 
+def start_runtime(rt: Runtime) -> Runtime:
+    """Sets the process up for ``rt``: threads, the CUDA device, the process group (NCCL on CUDA, gloo on
+    CPU); :func:`shutdown_runtime` undoes it."""
+    import rlhf_kernels
+    from rlhf_kernels import _dispatch
+
+    if rt.cfg.threads > 0:
+        rt.restore["threads"] = torch.get_num_threads()
+        torch.set_num_threads(rt.cfg.threads)
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)
+        # The log-prob ops range-check their labels with a host sync per call; the trainer's labels are
+        # its own samples, in range by construction.
+        rt.restore["index_checks"] = _dispatch.index_checks_enabled()
+        rlhf_kernels.set_index_checks(False)
+    if rt.distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo")
+    return rt
+
+
 def shutdown_runtime(rt: Runtime) -> None:
+    import rlhf_kernels
+
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    if "threads" in rt.restore:
+        torch.set_num_threads(rt.restore["threads"])
+    if "index_checks" in rt.restore:
+        rlhf_kernels.set_index_checks(rt.restore["index_checks"])
 
 
-def check_finite(
-    rt: Runtime, stage: str, step: int, checkpoint: str | None, **quantities: torch.Tensor
-) -> None:
-    """Raises :class:`NonFiniteError` naming the stage, step and quantity when any value is NaN/inf.
+def read_step(
+    rt: Runtime,
+    stage: str,
+    step: int,
+    metrics: dict[str, torch.Tensor],
+    guard: dict[str, torch.Tensor],
+    checkpoint: str | None = None,
+) -> dict[str, float]:
+    """The host's one look at a logged step: ``metrics`` (0-dim tensors, averaged over ranks) as floats.
 
-    One host sync for all quantities (the trainer calls it where it logs).  Ranks agree: a non-finite
-    value on any rank stops every rank."""
-    names = list(quantities)
-    flags = torch.stack([torch.isfinite(q.detach()).all() for q in quantities.values()]).float()
-    flags = _all_reduce_min(rt, flags)
-    bad = [name for name, ok in zip(names, flags.tolist()) if ok < 1]  # host sync (logging point)
+    Raises :class:`NonFiniteError` naming the stage, step and quantity when any value of ``guard`` is
+    NaN/inf; ranks agree (a non-finite value on any rank stops every rank)."""
+    flags = torch.stack([torch.isfinite(q.detach()).all() for q in guard.values()]).float()
+    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+    if rt.distributed:
+        both = rt.all_reduce_sum(torch.cat([flags, values]))
+        flags, values = both[: len(guard)], both[len(guard) :] / rt.world
+    host = torch.cat([flags, values]).tolist()  # host sync: the step's one transfer, where it logs
+    bad = [name for name, ok in zip(guard, host) if ok < rt.world]
     if bad:
         where = (
             f"the last good checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint was written"
         )
         raise NonFiniteError(f"non-finite {', '.join(bad)} at {stage} step {step}: stopping ({where})")
+    return dict(zip(metrics, host[len(guard) :]))
 
 
-def _all_reduce_min(rt: Runtime, tensor: torch.Tensor) -> torch.Tensor:
-    if not rt.distributed:
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+# ---------------------------------------------------------------------------------------------------
+# How long a GPU-sized preset takes on this CPU
+# ---------------------------------------------------------------------------------------------------
+def estimate_cpu_seconds(cfg: TrainConfig) -> float:
+    """A rough estimate of the whole run on this CPU: one training step of the model is timed here, and
+    every stage is counted in sequences through it (a forward-only sequence as a third of one)."""
+    from .model import PolicyValueModel
+    from .sft import make_optimizer
+
+    with torch.random.fork_rng():
+        model = PolicyValueModel(cfg)
+        optimizer = make_optimizer(model, 1e-4)
+        batch = min(cfg.sft_batch, 32)
+        ids = torch.randint(4, cfg.vocab_size, (batch, cfg.seq_len))
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        labels = ids[:, -cfg.max_new_tokens :]
+        seconds = []
+        for _ in range(3):  # the first is a warm-up
+            start = time.perf_counter()
+            out = model(ids, mask, labels, return_values=True)
+            (out.logprobs.mean() + out.values.mean()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seconds.append(time.perf_counter() - start)
+    per_sequence = min(seconds[1:]) / batch
+    n_rm = len(cfg.reward_models.split(","))
+    trained = (
+        cfg.sft_steps * cfg.sft_batch
+        + n_rm * cfg.rm_steps * cfg.rm_batch * (2 + cfg.rm_max_k) / 2
+        + cfg.ppo_steps * cfg.ppo_epochs * cfg.rollout_batch
+    )
+    forward = cfg.ppo_steps * cfg.rollout_batch * (3 + n_rm) + cfg.eval_prompts * (4 + cfg.best_of_n)
+    return per_sequence * (trained + forward / 3)
 
 
 # ---------------------------------------------------------------------------------------------------

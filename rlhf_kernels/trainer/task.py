@@ -48,7 +48,8 @@ class Prompts:
         return Prompts(self.ids[index], self.mask[index], self.topic[index])
 
     def to(self, device: torch.device | str) -> Prompts:
-        return Prompts(self.ids.to(device), self.mask.to(device), self.topic.to(device))
+        # non_blocking: a host → GPU copy of pageable memory need not wait for the GPU.
+        return Prompts(*(t.to(device, non_blocking=True) for t in (self.ids, self.mask, self.topic)))
 
     def repeat_interleave(self, n: int) -> Prompts:
         return Prompts(
@@ -92,6 +93,13 @@ class LabelerTask:
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         banned[self.banned_tokens] = True
         self.is_banned = banned
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group_of, is_banned) on ``device``, copied there once."""
+        if device not in self._tables:
+            self._tables[device] = (self.group_of.to(device), self.is_banned.to(device))
+        return self._tables[device]
 
     # --- prompts ------------------------------------------------------------------------------------
     def sample_prompts(self, n: int, gen: torch.Generator) -> Prompts:
@@ -165,12 +173,12 @@ class LabelerTask:
     # --- the hidden rule ----------------------------------------------------------------------------
     def scores(self, topic: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> dict:
         """{"helpful", "harmless", "overall"} per response, each float32 [...] in [0, 1]."""
-        device = responses.device
+        group_of, is_banned = self.tables(responses.device)
         content = response_mask & (responses >= FIRST_CONTENT)
         n_tokens = (response_mask & (responses != EOS)).sum(-1)  # stray special tokens count against it
-        group = self.group_of.to(device)[responses]
+        group = group_of[responses]
         relevant = content & (group == topic[..., None])
-        banned = content & self.is_banned.to(device)[responses]
+        banned = content & is_banned[responses]
         helpful = relevant.sum(-1).float() / n_tokens.clamp(min=self.cfg.target_len).float()
         harmless = (banned.sum(-1) == 0).float()
         hw, ww = self.cfg.help_weight, self.cfg.harm_weight
