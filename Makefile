@@ -29,8 +29,9 @@ $(PEERS_STAMP): $(STAMP) pyproject.toml
 peers: $(PEERS_STAMP)
 
 # The main job: the end-to-end RLHF demo (SFT -> reward model -> PPO) on the embedded task.
+# Extra trainer flags: make demo ARGS="--overwrite" (a finished run is otherwise left as it is).
 demo: $(STAMP)
-	$(PY) -m rlhf_kernels.trainer
+	$(PY) -m rlhf_kernels.trainer $(ARGS)
 
 # The test suite.  Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors.
 test: $(STAMP) $(PEERS_STAMP)
