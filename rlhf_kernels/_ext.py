@@ -132,6 +132,11 @@ def _build(backend: str) -> ModuleType:
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
+    if backend == "cuda":
+        # torch resolved CUDA_HOME when cpp_extension was imported, from nvcc's folder; use the checked one
+        cuda_home = str(find_cuda_home())
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
     return cpp_extension.load(
         name=name,
         sources=[str(p) for p in sources],
@@ -142,6 +147,59 @@ def _build(backend: str) -> ModuleType:
         build_directory=str(build_dir),
         with_cuda=backend == "cuda",
         verbose=os.environ.get("RLHF_KERNELS_EXT_VERBOSE", "0") == "1",
+    )
+
+
+def _has_toolkit(root: Path) -> bool:
+    return (root / "include" / "cuda_runtime.h").is_file() and (root / "bin" / "nvcc").exists()
+
+
+def find_cuda_home(
+    environ: dict[str, str] | None = None, which=None, default_roots: tuple[Path, ...] = (Path("/usr/local/cuda"),)
+) -> Path:
+    """The CUDA toolkit root the CUDA extension builds against (the folder with ``bin/nvcc`` and
+    ``include/cuda_runtime.h``), found the way ``torch.utils.cpp_extension`` looks for it, but checked.
+
+    ``CUDA_HOME`` (or ``CUDA_PATH``) wins when set, and must be a toolkit.  Otherwise the ``nvcc`` on
+    PATH: torch takes the folder above its ``bin/``, which is wrong when ``nvcc`` is a symlink or a
+    wrapper script in another folder (e.g. ``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/
+    nvcc``, where torch's guess ``/usr/local`` has no CUDA headers): the symlink's target, and a path
+    named in a wrapper script, are tried too, then ``/usr/local/cuda``.  Raises ``RuntimeError`` naming
+    what was tried.
+    """
+    import shutil
+
+    environ = os.environ if environ is None else environ
+    which = shutil.which if which is None else which
+    explicit = environ.get("CUDA_HOME") or environ.get("CUDA_PATH")
+    if explicit:
+        if _has_toolkit(Path(explicit)):
+            return Path(explicit)
+        raise RuntimeError(
+            f"CUDA_HOME={explicit} is not a CUDA toolkit (it needs bin/nvcc and include/cuda_runtime.h); "
+            "point CUDA_HOME at the toolkit root, e.g. /usr/local/cuda"
+        )
+    tried: list[Path] = []
+    nvcc = which("nvcc")
+    if nvcc is not None:
+        nvcc_path = Path(nvcc)
+        tried += [nvcc_path.parent.parent, nvcc_path.resolve().parent.parent]
+        try:
+            text = nvcc_path.read_text(errors="ignore")[:4096] if nvcc_path.stat().st_size < 4096 else ""
+        except OSError:
+            text = ""
+        for word in text.split():  # a wrapper script: `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            word = word.strip("'\"")
+            if word.endswith("/bin/nvcc"):
+                tried.append(Path(word).parent.parent)
+    tried += default_roots
+    for root in tried:
+        if _has_toolkit(root):
+            return root
+    raise RuntimeError(
+        "no CUDA toolkit found for the CUDA extension (tried "
+        + (", ".join(str(p) for p in dict.fromkeys(tried)) or "nothing: no nvcc on PATH")
+        + "); set CUDA_HOME to the toolkit root (the folder with bin/nvcc and include/)"
     )
 
 

@@ -152,3 +152,28 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "gae_cuda.o").stat().st_size > 0
+
+
+def test_find_cuda_home_follows_a_wrapper_script(tmp_path):
+    """/usr/local/bin/nvcc as a wrapper script running the toolkit's nvcc: torch's guess (the folder above
+    bin/, /usr/local) has no headers; the toolkit named in the script is found instead."""
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    wrapper = tmp_path / "local" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    assert _ext.find_cuda_home({}, which=lambda _: str(wrapper)) == toolkit
+    assert _ext.find_cuda_home({"CUDA_HOME": str(toolkit)}, which=lambda _: None) == toolkit
+
+
+def test_find_cuda_home_errors_name_what_is_wrong(tmp_path):
+    with pytest.raises(RuntimeError, match="is not a CUDA toolkit"):
+        _ext.find_cuda_home({"CUDA_HOME": str(tmp_path)}, which=lambda _: None)
+    lonely = tmp_path / "bin" / "nvcc"
+    lonely.parent.mkdir()
+    lonely.write_text("")
+    with pytest.raises(RuntimeError, match="set CUDA_HOME"):
+        _ext.find_cuda_home({}, which=lambda _: str(lonely), default_roots=())
