@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "logprobs_from_logits": ".ops.logprobs",
     "entropy_from_logits": ".ops.logprobs",
+    "token_stats_from_logits": ".ops.token_stats",
+    "TokenStats": ".ops.token_stats",
     "linear_logprobs": ".ops.linear_logprobs",
     "LinearLogprobs": ".modules",
     "compute_gae": ".ops.gae",
@@ -123,4 +125,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
         ranking_reward_loss,
     )
     from .ops.token_rewards import token_level_rewards
+    from .ops.token_stats import TokenStats, token_stats_from_logits
     from .ops.whiten import masked_whiten

@@ -97,6 +97,36 @@ def _logprobs_samples(device: str) -> dict[str, list[tuple]]:
     }
 
 
+def _token_stats_samples(device: str) -> dict[str, list[tuple]]:
+    logits = _grad(torch.randn(5, 11, device=device) * 2)
+    strided = _grad(torch.randn(2, 4, 11, device=device))
+    labels = torch.randint(0, 11, (5,), device=device)
+    labels[1] = -100
+    labels8 = torch.randint(0, 11, (8,), device=device)
+    x = logits.detach()
+    _, ent, sq, _, _, _, idx, lse = OPS.token_stats_fwd_torch(
+        x, labels, 1.5, 3.0, 1 / 0.7, -100, True, True, True, True, 4
+    )
+    *_, lse2 = OPS.token_stats_fwd_torch(x, labels, 1.0, 0.0, 1.0, -100, False, False, False, False, 0)
+    g, e = torch.randn(5, device=device), x.new_empty(0)
+    bwd = [
+        (g, torch.randn(5, device=device), torch.randn(5, device=device), torch.randn(5, device=device),
+         torch.randn(5, 4, device=device), x, labels, lse, ent, sq, idx, 1.5, 3.0, 1 / 0.7, -100),
+        (g, e, e, e, e, x, labels, lse2, e, e, e, 1.0, 0.0, 1.0, -100),
+    ]
+    fwd = [
+        (logits, labels, 1.5, 3.0, 1 / 0.7, -100, True, True, True, True, 4),
+        (logits, labels, 1.0, 0.0, 1.0, -100, False, False, False, False, 0),
+        (strided[:, :-1], labels8[:6], 1.0, 0.0, 2.0, -100, True, False, True, False, 3),
+    ]
+    return {
+        "token_stats_fwd": fwd,
+        "token_stats_fwd_torch": [(a.detach(), *rest) for a, *rest in fwd],
+        "token_stats_bwd": bwd,
+        "token_stats_bwd_torch": bwd,
+    }
+
+
 def _kl_samples(device: str) -> dict[str, list[tuple]]:
     lp = _grad(-torch.rand(13, device=device) * 3)
     ref = _grad(lp.detach() + torch.randn(13, device=device))
@@ -270,6 +300,7 @@ def _linear_logprobs_samples(device: str) -> dict[str, list[tuple]]:
 
 SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _logprobs_samples,
+    _token_stats_samples,
     _kl_samples,
     _advantage_samples,
     _ppo_samples,
@@ -298,6 +329,7 @@ AUTOGRAD_OPS = frozenset(
         "policy_loss_token_fwd",
         "ppo_policy_loss_fwd",
         "ppo_value_loss_fwd",
+        "token_stats_fwd",
         "ranking_loss_fwd",
     }
 )
