@@ -9,6 +9,7 @@ imported the first time one of its names is used (``rk.compute_gae`` or ``from r
 compute_gae``).  ``bench/bench_import.py`` measures it.
 """
 
+# ruff: noqa: F401  (every import here is a re-export listed in __all__, which is built from _LAZY)
 from __future__ import annotations
 
 import importlib

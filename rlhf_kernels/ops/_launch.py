@@ -23,11 +23,14 @@ import torch
 
 from .._validation import compute_dtype
 
+# Every ops module takes triton, tl and wrap_triton from here: one place that copes with a platform
+# without Triton (then they are None and only the PyTorch paths run).
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
+    triton = tl = wrap_triton = None
 
 
 def cdiv(a: int, b: int) -> int:
@@ -113,6 +116,7 @@ def scalar_parts(value: float, dtype: torch.dtype) -> tuple[float, float, float]
     return hi, mid, _fp32(value - hi - mid)
 
 
+scalar_arg = None
 if triton is not None:
 
     @triton.jit

@@ -50,17 +50,18 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import RowTiles, acc_dtype, loadable_mask, row_tiles, scalar_parts
+from ._launch import (
+    RowTiles,
+    acc_dtype,
+    loadable_mask,
+    row_tiles,
+    scalar_arg,
+    scalar_parts,
+    tl,
+    triton,
+    wrap_triton,
+)
 from .cpu import gae as cpu
-
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-
-    from ._launch import scalar_arg
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "gae"
 # On CUDA the Triton scan comes first; the CUDA extension is selectable (RLHF_KERNELS_BACKEND=cuda or

@@ -30,7 +30,7 @@ import torch
 from .. import _dispatch
 from .._registration import kernel_op
 from .._validation import FLOAT_DTYPES, check_float_tensor, check_same_device, check_shape, compute_dtype
-from ._launch import cdiv, pow2_between
+from ._launch import cdiv, pow2_between, tl, triton, wrap_triton
 from .aggregation import (
     TOKEN_MEAN,
     Normalizer,
@@ -41,13 +41,6 @@ from .aggregation import (
 )
 from .cpu import kl as cpu
 from .cpu.kl import K3_LOG_RATIO_CLAMP, K3_VALUE_CLAMP, kl_value_torch
-
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "kl"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
@@ -308,8 +301,8 @@ def kl_penalty(
             float16 (or float64).
         ref_logprobs: same shape, under the reference policy; any of the same dtypes.
         estimator: ``"k1"`` (lp − ref), ``"abs"`` (|lp − ref|), ``"k2"`` (½(lp − ref)²) or ``"k3"``
-            / ``"low_var_kl"`` (clamp(e^d − d − 1, −10, 10) with d = clamp(ref − lp, −20, 20)); with a trailing
-            ``+`` (``"k3+"``, verl's straight-through names): the value of the named estimator, the gradient
+            / ``"low_var_kl"`` (clamp(e^d − d − 1, −10, 10) with d = clamp(ref − lp, −20, 20));
+            with a trailing ``+`` (``"k3+"``, verl's straight-through names): the value of the named estimator, the gradient
             of k2 (∂/∂lp = lp − ref).
         old_logprobs: optional, same shape: the log-probabilities of the policy that sampled the tokens.
             When given, the importance-weighted unbiased KL gradient (OpenRLHF's ``unbiased_gradient``):
@@ -335,7 +328,8 @@ def kl_penalty(
         check_same_device(logprobs=logprobs, old_logprobs=old_logprobs)
         estimator = value_estimator(estimator) + "+"
     shape = logprobs.shape
-    kl = kl_penalty_op(logprobs.contiguous().view(-1), ref_logprobs.contiguous().view(-1), estimator).view(shape)
+    flat = (logprobs.contiguous().view(-1), ref_logprobs.contiguous().view(-1))
+    kl = kl_penalty_op(*flat, estimator).view(shape)
     if old_logprobs is None:
         return kl
     # Straight-through: value kl, gradient w·∂kl(k2) = w·δ (the "+" op already differentiates k2).

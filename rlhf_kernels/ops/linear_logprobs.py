@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _dispatch
 from .._registration import kernel_op
@@ -52,14 +51,18 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import acc_dtype, cdiv, pow2_between, scalar_parts, sm_count, without_autocast
+from ._launch import (
+    acc_dtype,
+    cdiv,
+    pow2_between,
+    scalar_parts,
+    sm_count,
+    tl,
+    triton,
+    without_autocast,
+    wrap_triton,
+)
 from .cpu import linear_logprobs as cpu
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "linear_logprobs"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))

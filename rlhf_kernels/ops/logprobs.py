@@ -38,15 +38,17 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import acc_dtype, merged_row_dims, pow2_between, row_layout, scalar_parts
+from ._launch import (
+    acc_dtype,
+    merged_row_dims,
+    pow2_between,
+    row_layout,
+    scalar_parts,
+    tl,
+    triton,
+    wrap_triton,
+)
 from .cpu import logprobs as cpu
-
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "logprobs"
 # fp64 is accepted too (computed in fp64, fp64 outputs): for gradcheck and debugging.

@@ -40,7 +40,17 @@ import torch
 from .. import _dispatch
 from .._registration import kernel_op
 from .._validation import check_greater, compute_dtype
-from ._launch import acc_dtype, cdiv, loadable_mask, pow2_between, scalar_parts
+from ._launch import (
+    acc_dtype,
+    cdiv,
+    loadable_mask,
+    pow2_between,
+    scalar_arg,
+    scalar_parts,
+    tl,
+    triton,
+    wrap_triton,
+)
 from .aggregation import (
     TOKEN_MEAN,
     Normalizer,
@@ -53,15 +63,6 @@ from .aggregation import (
 from .cpu import ppo_losses as cpu
 from .cpu.ppo_losses import LOG_RATIO_CLAMP, P_MASK, P_RATIO_MAX, POLICY_STATS, V_CLIP, V_MASK, VALUE_STATS
 from .kl import kl_loss  # noqa: F401  (re-export: kl_loss lives in ops/kl.py)
-
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-
-    from ._launch import scalar_arg
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "ppo_losses"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))

@@ -28,19 +28,22 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import RowTiles, acc_dtype, loadable_mask, row_tiles, scalar_parts
+from ._launch import (
+    RowTiles,
+    acc_dtype,
+    loadable_mask,
+    row_tiles,
+    scalar_arg,
+    scalar_parts,
+    tl,
+    triton,
+    wrap_triton,
+)
 from .cpu import token_rewards as cpu
 from .kl import check_estimator, estimator_code
 
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-
-    from ._launch import scalar_arg
+if triton is not None:
     from .kl import _kl_value
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "token_rewards"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))

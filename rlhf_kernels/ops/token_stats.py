@@ -46,16 +46,9 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import acc_dtype, pow2_between, row_layout, scalar_parts
+from ._launch import acc_dtype, pow2_between, row_layout, scalar_parts, tl, triton, wrap_triton
 from .cpu import token_stats as cpu
 from .logprobs import _check_logits
-
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "token_stats"
 TOP_K_MAX = cpu.TOP_K_MAX
@@ -166,7 +159,8 @@ if triton is not None:
             alpha = tl.exp(shift)
             e = tl.exp(x - m_ref)
             if HAS_ENTROPY:
-                t = alpha * (t + s * shift) + tl.sum(tl.where(x == float("-inf"), 0.0, e * (x - m_ref)), axis=0)
+                masked_zero = tl.where(x == float("-inf"), 0.0, e * (x - m_ref))
+                t = alpha * (t + s * shift) + tl.sum(masked_zero, axis=0)
             if HAS_SUM_SQ:
                 q = q * (alpha * alpha) + tl.sum(e * e, axis=0)
             if HAS_MEAN:

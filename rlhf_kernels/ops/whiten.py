@@ -31,7 +31,7 @@ from .._validation import (
     check_same_device,
     check_shape,
 )
-from ._launch import RowTiles, cdiv, loadable_mask, row_tiles
+from ._launch import RowTiles, cdiv, loadable_mask, row_tiles, tl, triton, wrap_triton
 from .cpu import whiten as cpu
 from .cpu.whiten import (
     EXPONENT_BIAS,
@@ -41,13 +41,6 @@ from .cpu.whiten import (
     EXPONENT_SHIFT,
     WhitenStats,
 )
-
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - platforms without Triton run the PyTorch path
-    triton = None
 
 FAMILY = "whiten"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
