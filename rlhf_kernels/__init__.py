@@ -61,6 +61,9 @@ _LAZY = {
     "orpo_loss": ".ops.preference_losses",
     "kto_loss": ".ops.preference_losses",
     "DPO_LOSS_TYPES": ".ops.preference_losses",
+    "bypass_mode_policy_loss": ".ops.policy_losses",
+    "rollout_correction": ".ops.rollout_correction",
+    "REJECTION_OPTIONS": ".ops.rollout_correction",
     "pairwise_reward_loss": ".ops.reward_losses",
     "pointwise_reward_loss": ".ops.reward_losses",
     "ranking_hinge_loss": ".ops.reward_losses",
@@ -125,6 +128,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
         ranking_hinge_loss,
         ranking_reward_loss,
     )
+    from .ops.policy_losses import bypass_mode_policy_loss
+    from .ops.rollout_correction import REJECTION_OPTIONS, rollout_correction
     from .ops.token_rewards import token_level_rewards
     from .ops.token_stats import TokenStats, token_stats_from_logits
     from .ops.whiten import masked_whiten

@@ -697,6 +697,48 @@ def geo_mean_policy_loss(
     return loss, _metric_means(stats, ("clipfrac", "approx_kl", "clipfrac_lower"))
 
 
+def bypass_mode_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, loss_type: str = "ppo_clip",
+    level: str | None = None, threshold: float | tuple[float, float] = 2.0, rejection: dict | None = None,
+    batch_normalize: bool = False, clip_low: float = 0.2, clip_high: float | None = None,
+    dual_clip: float | None = 3.0, is_weights: Tensor | None = None, loss_agg: str = TOKEN_MEAN,
+    normalizer: Normalizer = None,
+) -> PolicyLoss:
+    """verl's "bypass_mode" (``old_logprobs`` are the rollout engine's): ``rollout_correction(logprobs,
+    old_logprobs, mask, level=, threshold=, rejection=, batch_normalize=)`` gives (w, keep_mask, metrics);
+    then ``loss_type="ppo_clip"``: :func:`vanilla_policy_loss` on keep_mask without weights (the ratio is
+    already π/π_rollout), or ``"reinforce"``: L = −A·lp·w (:func:`gpg_policy_loss` with ``is_weights=w``;
+    plain REINFORCE when ``level`` is None) on keep_mask, with approx_kl = mean of old − lp over keep_mask.
+    The weights are computed here: passing ``is_weights`` is an error (verl silently ignores it).  Metrics:
+    the loss's, plus rollout_correction's (as fp32)."""
+    from .rollout_correction import rollout_correction  # rollout_correction is its own family
+
+    if loss_type not in ("ppo_clip", "reinforce"):
+        raise ValueError(f"loss_type must be one of ('ppo_clip', 'reinforce'); got {loss_type!r}")
+    if is_weights is not None:
+        raise ValueError("bypass_mode computes its importance weights from old_logprobs; got is_weights")
+    weights, keep, corr_metrics = rollout_correction(
+        logprobs, old_logprobs, mask, level=level, threshold=threshold, rejection=rejection,
+        batch_normalize=batch_normalize,
+    )
+    if loss_type == "ppo_clip":
+        loss, metrics = vanilla_policy_loss(
+            logprobs, old_logprobs, advantages, keep, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, loss_agg=loss_agg, normalizer=normalizer,
+        )
+    else:
+        loss, metrics = gpg_policy_loss(
+            logprobs, old_logprobs, advantages, keep, is_weights=weights, loss_agg=loss_agg,
+            normalizer=normalizer,
+        )
+        with torch.no_grad():
+            dtype = compute_dtype(logprobs, old_logprobs)
+            m = keep.to(dtype)
+            diff = torch.where(m != 0, (old_logprobs.to(dtype) - logprobs.detach().to(dtype)) * m, 0.0)
+            metrics = dict(metrics, approx_kl=(diff.sum() / m.sum().clamp(min=1.0)).float())
+    return loss, {**metrics, **{key: value.float() for key, value in corr_metrics.items()}}
+
+
 #: Name (verl's registry name) → policy-loss function; every function takes (logprobs, old_logprobs,
 #: advantages, mask) and keyword arguments, and returns (loss, metrics).
 POLICY_LOSSES = {
