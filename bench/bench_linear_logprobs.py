@@ -118,8 +118,9 @@ def run(bench: Bench) -> None:
                 eager = "eager linear+log_softmax"
                 eager_row = _modes(bench, case, eager, _eager(with_entropy), *inputs, None)
                 if on_cuda and not with_entropy:
-                    compiled = torch.compile(_eager(with_entropy))
-                    _modes(bench, case, "torch.compile(eager)", compiled, *inputs, eager)
+                    if bench.compile_baselines:  # off with --compile-baselines none
+                        compiled = torch.compile(_eager(with_entropy))
+                        _modes(bench, case, "torch.compile(eager)", compiled, *inputs, eager)
                     liger = peers.liger_fused_linear_cross_entropy()
                     if liger is not None:
                         _modes(bench, case, "liger fused linear CE", liger, *inputs, eager, fwd=False)

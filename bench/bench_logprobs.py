@@ -122,7 +122,8 @@ def run(bench: Bench) -> None:
             case = f"N={n} V={vocab} {dtype_name}"
             impls = {"eager log_softmax+gather": peers.eager_logprobs}
             if bench.device.type == "cuda":
-                impls["torch.compile(eager)"] = torch.compile(peers.eager_logprobs)
+                if bench.compile_baselines:  # off with --compile-baselines none (bench/gpu_validate.sh)
+                    impls["torch.compile(eager)"] = torch.compile(peers.eager_logprobs)
                 liger = _liger_logprobs()
                 if liger is not None:
                     impls["liger cross_entropy"] = liger

@@ -15,6 +15,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 import rlhf_kernels  # noqa: E402,F401  (imported after TRITON_INTERPRET is decided)
+from gpu_smoke import mark_smoke  # noqa: E402
 from rlhf_kernels import _dispatch  # noqa: E402
 
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -62,3 +63,8 @@ def device(backend):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``pytest -m gpu_smoke``: the GPU smoke selection of tests/gpu_smoke.py (docs/gpu.md)."""
+    mark_smoke(items)

@@ -144,6 +144,8 @@ if triton is not None:
 # Launch configuration: row tiles (``_launch.row_tiles``) with chunks of at most GAE_MAX_BLOCK_T
 # positions (the scan keeps five live tensors: at most 16 fp32 values per thread each).
 # ---------------------------------------------------------------------------------------------------
+# Register budget 168/thread (bench/static/budgets.py, checked by tests/test_static.py): 3 CTAs of 4
+# warps per SM, so B = 1024 (512 programs) runs in 1.3 waves.
 def _launch_config(B: int, T: int) -> RowTiles:
     return row_tiles(B, T, GAE_MAX_BLOCK_T)
 

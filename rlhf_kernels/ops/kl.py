@@ -165,6 +165,8 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # Launch configuration.
 # ---------------------------------------------------------------------------------------------------
+# Register budget 128/thread (bench/static/budgets.py, checked by tests/test_static.py): >= 16 resident
+# warps per SM keep ~25 KiB of 16-byte loads in flight.
 @dataclass(frozen=True)
 class _LaunchConfig:
     block: int

@@ -296,8 +296,12 @@ def _launch_config(
     dot_mode = 2 if dtype == torch.bfloat16 and _dispatch.triton_interpreted() else int(full_precision)
     tile = 128 if element <= 4 else 64
     block_n = pow2_between(n_rows, 16, tile)
-    block_v = pow2_between(vocab_size, 16, tile)
-    block_k = pow2_between(hidden_size, 16, 128 // element)
+    # Register budget 255/thread, no spills (bench/static/budgets.py, python -m bench.static): one CTA
+    # of 8 warps per SM by design.  At 128x128 tiles the entropy epilogue spilled (bf16, K = 64: 4 B;
+    # fp32 without TF32, whose products keep fp32 operands: 8 B on triton 3.9, 572 B on 3.6), hence
+    # K = 32 for 16-bit inputs and half-width vocabulary tiles for full-precision fp32.
+    block_v = pow2_between(vocab_size, 16, tile // 2 if dot_mode == 1 and element == 4 else tile)
+    block_k = pow2_between(hidden_size, 16, 32 if element == 2 else 128 // element)
     vocab_tiles = cdiv(vocab_size, block_v)
     row_blocks = cdiv(max(n_rows, 1), block_n)
     if device.type == "cuda":

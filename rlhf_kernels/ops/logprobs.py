@@ -156,6 +156,8 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # Launch configuration.
 # ---------------------------------------------------------------------------------------------------
+# Register budget 64/thread at 8 warps (bench/static/budgets.py, checked by tests/test_static.py): one
+# row per CTA streams 8 KiB blocks; >= 4 CTAs (32 warps) per SM keep ~25 KiB of loads in flight.
 @dataclass(frozen=True)
 class _LaunchConfig:
     block_v: int

@@ -294,6 +294,8 @@ class _RowTiling:
 _TARGET_PROGRAMS = 256
 
 
+# Register budget 128/thread (bench/static/budgets.py, checked by tests/test_static.py): >= 16 resident
+# warps per SM keep ~25 KiB of 16-byte loads in flight.
 def _row_tiling(rows: int, cols: int) -> _RowTiling:
     """Tiles of up to 1024 columns (4 warps: 8 fp32 per thread per input, two 16-byte vectors); a row is
     split into several programs only when there are too few rows to reach ~_TARGET_PROGRAMS programs."""

@@ -253,6 +253,8 @@ if triton is not None:
 # Launch configuration.
 # ---------------------------------------------------------------------------------------------------
 FLAT_BLOCK = 1024  # elements per program of the pairwise and pointwise kernels
+# Register budget 128/thread for the ranking kernels, 128 for the flat ones (bench/static/budgets.py,
+# checked by tests/test_static.py): 8 warps at K = 64, 2 CTAs per SM.
 PAIR_TILE = 64  # the ranking kernels' pair tiles are at most PAIR_TILE × PAIR_TILE
 # Issue 13 measured the ranking forward kernel at 255 registers per thread on sm_90 (the architectural
 # maximum: it may spill, and it caps occupancy) with 64 × 64 tiles over 4 warps, i.e. 32 pairs per
@@ -518,8 +520,6 @@ def _check_pair(first_name: str, first: object, second_name: str, second: object
         raise TypeError(
             f"{second_name} must have the dtype of {first_name} ({first.dtype}); got {second.dtype}"
         )
-    if first.numel() == 0:
-        raise ValueError(f"{first_name} must have at least one element; got shape {tuple(first.shape)}")
     check_same_device(**{first_name: first, second_name: second})
 
 
@@ -548,8 +548,9 @@ def pairwise_reward_loss(
         ``(loss, metrics)``: loss = mean(−log σ(c − r − margin)) (+ center term), 0-dim fp32 (fp64
         for fp64 inputs), differentiable with respect to ``chosen`` and ``rejected``; metrics
         ``accuracy`` = mean(c > r) (strict: ties count as wrong) and ``margin_mean`` = mean(c − r),
-        0-dim fp32.  There is no mask: every pair counts, and a NaN anywhere makes the loss,
-        ``margin_mean`` and that pair's gradient NaN.  Exact for |c − r| up to the fp32 range; no
+        0-dim fp32; no pair at all (N = 0) gives 0 for all three (docs/robustness.md).  There is no
+        mask: every pair counts, and a NaN anywhere makes the loss, ``margin_mean`` and that pair's
+        gradient NaN.  Exact for |c − r| up to the fp32 range; no
         device sync.
 
     Example: c = [1, 2], r = [0, 2], margin 0: loss = (sp(1) + sp(0)) / 2 = (0.3133 + 0.6931) / 2,
@@ -567,7 +568,7 @@ def pairwise_reward_loss(
     if center_coef is not None:
         center_coef = check_real("center_coef", center_coef)
 
-    n = chosen.numel()
+    n = max(chosen.numel(), 1)  # the empty rule (docs/robustness.md): a mean over no pair is 0
     partials, stats = pairwise_reward_loss_fwd(_flat(chosen), _flat(rejected), margin_tensor, margin_value)
     sums = partials.sum(dim=-1)
     loss = sums[0] / n
@@ -588,8 +589,6 @@ def _ranking_inputs(name: str, scores: object, mask: object) -> tuple[torch.Tens
         if isinstance(mask, torch.Tensor):
             mask = mask.unsqueeze(0)
     check_ndim(name, scores, 2, "[B, K] (or [K] for one prompt), ordered best to worst")
-    if scores.numel() == 0:
-        raise ValueError(f"{name} must be non-empty [B, K]; got shape {tuple(scores.shape)}")
     if mask is not None:
         check_mask_tensor("mask", mask)
         check_shape("mask", mask, scores.shape, f"{name}.shape")
@@ -604,7 +603,8 @@ def ranking_reward_loss(
 
     Args:
         scores: [B, K] rewards of K responses per prompt, ordered best to worst ([K] is one prompt);
-            float32, bfloat16, float16 (or float64), any strides.  Any K >= 1.
+            float32, bfloat16, float16 (or float64), any strides.  Any B, K >= 0
+            (no prompt or no pair: loss 0, docs/robustness.md).
         mask: [B, K] 0/1 mask of the valid responses (when K varies by prompt), or None (all valid).
             Valid responses need not be contiguous; their order is the order in ``scores``.
 
@@ -639,12 +639,12 @@ def ranking_hinge_loss(seq_scores: torch.Tensor, *, mask: torch.Tensor | None = 
     Returns:
         0-dim fp32 loss (fp64 for fp64), differentiable with respect to ``seq_scores`` (derivative
         1[s_j > s_i] per pair: 0 at ties).  A prompt with no valid pair contributes 0 to the mean
-        (which is over all B prompts).  Masked responses add nothing and get exactly zero gradient,
+        (which is over all B prompts; 0 when B = 0).  Masked responses add nothing and get exactly zero gradient,
         whatever they hold; a NaN score in a valid pair makes the loss NaN.
     """
     seq_scores, mask = _ranking_inputs("seq_scores", seq_scores, mask)
     pair_sums, _ = ranking_loss_fwd(seq_scores, mask, True)
-    return pair_sums.sum() / seq_scores.shape[0]
+    return pair_sums.sum() / max(seq_scores.shape[0], 1)
 
 
 def pointwise_reward_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -656,7 +656,7 @@ def pointwise_reward_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
     Returns:
         0-dim fp32 loss (fp64 for fp64), differentiable with respect to ``pred`` (and ``target``
-        if it requires grad).  No mask: a NaN anywhere makes the loss NaN.
+        if it requires grad).  Empty inputs give 0.  No mask: a NaN anywhere makes the loss NaN.
     """
     _check_pair("pred", pred, "target", target)
-    return pointwise_reward_loss_fwd(_flat(pred), _flat(target)).sum() / pred.numel()
+    return pointwise_reward_loss_fwd(_flat(pred), _flat(target)).sum() / max(pred.numel(), 1)

@@ -101,6 +101,8 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # Launch configuration: row tiles (``_launch.row_tiles``), chunks of at most 1024 positions.
 # ---------------------------------------------------------------------------------------------------
+# Register budget 128/thread (bench/static/budgets.py, checked by tests/test_static.py): >= 16 resident
+# warps per SM keep ~25 KiB of 16-byte loads in flight.
 def _launch_config(B: int, T: int) -> RowTiles:
     return row_tiles(B, T)
 

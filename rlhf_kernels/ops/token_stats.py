@@ -296,6 +296,8 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # Launch configuration.
 # ---------------------------------------------------------------------------------------------------
+# Register budget 64/thread, 96 with top-k (bench/static/budgets.py, checked by tests/test_static.py):
+# as logprobs; top-k keeps the k best pairs in registers (5 CTAs of 4 warps per SM).
 @dataclass(frozen=True)
 class _LaunchConfig:
     block_v: int

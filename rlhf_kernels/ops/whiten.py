@@ -160,6 +160,8 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # Launch configuration: row tiles (``_launch.row_tiles``); the output pass also tiles the columns.
 # ---------------------------------------------------------------------------------------------------
+# Register budget 128/thread (bench/static/budgets.py, checked by tests/test_static.py): >= 16 resident
+# warps per SM keep ~25 KiB of 16-byte loads in flight.
 def _launch_config(R: int, C: int) -> RowTiles:
     return row_tiles(R, C)
 
