@@ -35,7 +35,7 @@ demo: $(STAMP)
 
 # The test suite.  Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors.
 test: $(STAMP) $(PEERS_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m bench
