@@ -8,13 +8,15 @@ Ray worker; see docs/compat-verl.md)::
 
 ``install()`` registers the fused functions in verl's own registries under verl's names
 (``get_policy_loss_fn(name)`` for every name of ``POLICY_LOSSES``: "vanilla", "gspo", "sapo", "gpg",
-"clip_cov", "kl_cov", "geo_mean", "dro", "cispo", "dppo_tv", "dppo_kl"; ``get_adv_estimator_fn("gae" |
-"grpo" | "grpo_vectorized" | "rloo" | "rloo_vectorized")``), replaces verl's module attributes of those
-functions (``compute_policy_loss_gspo``, ...) and the functions verl's workers import by name: ``agg_loss``,
-``kl_penalty``, ``kl_penalty_forward``, ``compute_value_loss``, ``compute_entropy_loss``,
-``compute_policy_loss`` (deprecated) in ``verl.trainer.ppo.core_algos``, and ``logprobs_from_logits``,
-``entropy_from_logits``, ``entropy_from_logits_with_chunking`` in ``verl.utils.torch_functional``.
-verl's "bypass_mode" policy loss and its other advantage estimators stay verl's own (they then aggregate
+"clip_cov", "kl_cov", "geo_mean", "dro", "cispo", "dppo_tv", "dppo_kl"; ``get_adv_estimator_fn(name)`` for
+every estimator of verl 0.9.1, ``ADVANTAGE_ESTIMATORS``: "gae", "grpo", "grpo_vectorized", "grpo_passk",
+"rloo", "rloo_vectorized", "opo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "gpg",
+"gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"), replaces verl's module attributes of those
+functions (``compute_policy_loss_gspo``, ``compute_grpo_outcome_advantage``, ...) and the functions verl's
+workers import by name: ``agg_loss``, ``kl_penalty``, ``kl_penalty_forward``, ``compute_value_loss``,
+``compute_entropy_loss``, ``compute_policy_loss`` (deprecated) in ``verl.trainer.ppo.core_algos``, and
+``logprobs_from_logits``, ``entropy_from_logits``, ``entropy_from_logits_with_chunking`` in
+``verl.utils.torch_functional``.  verl's "bypass_mode" policy loss stays verl's own (it then aggregates
 with the fused ``agg_loss``).  Each function can also be called directly, without ``install()``.
 
 What differs from verl, on purpose (docs/compat-verl.md lists each with its measured size):
@@ -25,20 +27,27 @@ What differs from verl, on purpose (docs/compat-verl.md lists each with its meas
   verl's ``Metric`` reads either.
 * "clip_cov" detaches the first eligible tokens in row-major order where verl draws them at random;
   "kl_cov" takes its top-k on the device where verl copies the valid tokens to the host.
-* Whitened GAE advantages are 0 at positions outside the mask (verl leaves (x − μ)/σ there, a value no
-  verl loss reads), and a batch with fewer than two valid tokens gives zeros instead of a ``ValueError``.
+* The advantage estimators define results where verl raises or divides by zero: GAE's whitened
+  advantages are 0 outside the mask (verl leaves (x − μ)/σ there, a value no verl loss reads); whitening
+  ("gae", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gdpo") over fewer than two valid tokens
+  gives zeros (verl: ``ValueError``); "grpo_passk" gives a group of one 0 (verl: ``ValueError``); "opo"
+  gives a group of empty responses 0 (verl: NaN); "remax" is 0 at masked positions (verl: G before the
+  last valid token); "optimal_token_baseline" with a zero divisor has baseline 0 (verl: NaN).
 * Float masks whose sums lie strictly between 0 and 1 divide by 1 where verl divides by the sum.
 
 No function here synchronises the device, except the label range check of ``logprobs_from_logits`` on
 CUDA (``RLHF_KERNELS_CHECK_INDICES=0`` turns it off) and ``compute_gae_advantage_return`` when ``gamma``
-or ``lam`` is passed as a tensor (read once on the host).  The group estimators read ``index`` (a host
-numpy array of prompt ids), never device data.
+or ``lam`` is passed as a tensor (read once on the host).  The group estimators turn ``index`` (a host
+numpy array of prompt uids) into dense group ids on the host (``np.unique``, work verl's own grouping does
+too) and copy those B ids to the device once; every group statistic is then a segment reduction on the
+device, with no loop over groups and no read of device data.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 import rlhf_kernels as rk
@@ -51,8 +60,14 @@ __all__ = [
     "agg_loss",
     "compute_entropy_loss",
     "compute_gae_advantage_return",
+    "compute_gdpo_outcome_advantage",
+    "compute_gpg_outcome_advantage",
     "compute_grpo_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
+    "compute_opo_outcome_advantage",
+    "compute_optimal_token_baseline_advantage",
     "compute_policy_loss",
     "compute_policy_loss_cispo",
     "compute_policy_loss_clip_cov",
@@ -65,6 +80,9 @@ __all__ = [
     "compute_policy_loss_kl_cov",
     "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_remax_outcome_advantage",
     "compute_rloo_outcome_advantage",
     "compute_rloo_vectorized_outcome_advantage",
     "compute_value_loss",
@@ -140,53 +158,6 @@ def _aggregation(
     raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
 
 
-@torch.no_grad()
-def _outcome_advantages(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: Any,
-    *,
-    norm: str,
-    eps: float,
-    leave_one_out: bool,
-    singleton: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, advantages) [B, T] fp32: :func:`rlhf_kernels.group_advantages` of the scores
-    Σ_t rewards over the groups of equal ``index`` (any order, any sizes), on every valid token.
-
-    The groups of each size are gathered next to each other and passed to the fused op together; a group
-    of one sample has no baseline: its advantage is its score (``singleton="score"``; divided by 1 + eps
-    with ``norm="std"``, as verl's mean 0 and std 1) or 0 (``singleton="zero"``).
-    """
-    scores = token_level_rewards.sum(dim=-1)
-    ids: dict[Any, int] = {}
-    group_of = [ids.setdefault(key, len(ids)) for key in index]  # host-side numpy ids: no device read
-    if len(group_of) != scores.shape[0]:
-        raise ValueError(f"index must have one entry per sample ({scores.shape[0]}); got {len(group_of)}")
-    members: list[list[int]] = [[] for _ in ids]
-    for sample, group in enumerate(group_of):
-        members[group].append(sample)
-    by_size: dict[int, list[int]] = {}
-    for group in members:
-        by_size.setdefault(len(group), []).extend(group)
-    advantages = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-    for size, samples in by_size.items():
-        order = torch.tensor(samples, dtype=torch.long, device=scores.device)
-        if size == 1:
-            alone = scores[order].float()
-            if singleton == "zero":
-                alone = torch.zeros_like(alone)
-            elif norm == "std":
-                alone = alone / (1.0 + eps)
-            advantages[order] = alone
-        else:
-            advantages[order] = rk.group_advantages(
-                scores[order], size, norm=norm, eps=eps, leave_one_out=leave_one_out
-            )
-    advantages = rk.broadcast_to_tokens(advantages, response_mask)
-    return advantages, advantages
-
-
 # ---------------------------------------------------------------------------------------------------
 # verl.utils.torch_functional
 # ---------------------------------------------------------------------------------------------------
@@ -235,7 +206,38 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 # ---------------------------------------------------------------------------------------------------
 # verl.trainer.ppo.core_algos: advantage estimators
+#
+# Each has verl 0.9.1's registered signature and defaults and runs rlhf_kernels.ADVANTAGE_ESTIMATORS[name]
+# (segment reductions over the uid groups: no loop over groups or samples, no host sync).  verl's
+# ``index`` is a host numpy array of uids: it becomes dense int64 group ids once per call
+# (:func:`_grouped`, host work verl does as well); config values are passed explicitly.
 # ---------------------------------------------------------------------------------------------------
+def _grouped(
+    name: str,
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rlhf_kernels.ADVANTAGE_ESTIMATORS[name]`` with verl's ``index`` (uids: strings, ints, any hashable)
+    as int64 group ids [B] on the rewards' device: :func:`rlhf_kernels.uid_index` (``np.unique`` on the
+    host, as verl's own grouping, then one copy of B ids to the device).  An integer tensor ``index`` is
+    taken as group ids as it is."""
+    if index is None:
+        raise ValueError("index (verl's uid of each sample, non_tensor_batch['uid']) is required; got None")
+    device = token_level_rewards.device
+    ids = index.to(device) if isinstance(index, torch.Tensor) else rk.uid_index(index, device)
+    return rk.compute_advantages(name, token_level_rewards, response_mask, ids, *args, **kwargs)
+
+
+def _algo_config(config: Any, function: str) -> Any:
+    """verl's AlgoConfig (or a dict), which grpo_passk and reinforce_plus_plus require (verl asserts)."""
+    if config is None:
+        raise ValueError(f"{function} needs config (verl's AlgoConfig); got None")
+    return config
+
+
 def compute_gae_advantage_return(
     token_level_rewards: torch.Tensor,
     values: torch.Tensor,
@@ -243,22 +245,21 @@ def compute_gae_advantage_return(
     gamma: float | torch.Tensor,
     lam: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE with verl's carried next value and last advantage across masked positions, then the
+    """``"gae"``: GAE with verl's carried next value and last advantage across masked positions, the
     advantages whitened over ``response_mask``; returns are computed before whitening.
 
     One fused pass instead of verl's reverse Python loop (T launches).  Both outputs fp32 [B, T]; no
-    gradient; fp64 inputs are computed in fp32.  Whitened advantages at masked positions are 0 (see
-    :func:`masked_whiten`); returns match verl everywhere.
+    gradient; fp64 inputs are computed in fp32.  Whitened advantages at masked positions are 0, and
+    fewer than two valid tokens give zeros (verl: ``ValueError``); returns match verl everywhere.
     """
-    advantages, returns = rk.compute_gae(
+    return rk.compute_advantages(
+        "gae",
         no_double(token_level_rewards),
         no_double(values),
         response_mask,
         _as_float("gamma", gamma),
         _as_float("lam", lam),
-        mask_mode="carry",
     )
-    return masked_whiten(advantages, response_mask), returns
 
 
 def compute_grpo_outcome_advantage(
@@ -269,20 +270,11 @@ def compute_grpo_outcome_advantage(
     norm_adv_by_std_in_grpo: bool = True,
     config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO: each response's score (Σ_t rewards) minus its group's mean, divided by the group's unbiased
-    std + ``epsilon`` (not divided with ``norm_adv_by_std_in_grpo=False``: Dr. GRPO), on every valid
-    token.  Groups are the equal entries of ``index`` (verl's prompt uids, any order, any sizes); a group
-    of one has mean 0 and std 1, as verl.  Returns (advantages, advantages), fp32 [B, T], no gradient."""
-    norm = "std" if norm_adv_by_std_in_grpo else "none"
-    return _outcome_advantages(
-        token_level_rewards,
-        response_mask,
-        index,
-        norm=norm,
-        eps=epsilon,
-        leave_one_out=False,
-        singleton="score",
-    )
+    """``"grpo"``: each response's score (Σ_t rewards) minus its group's mean, divided by the group's
+    unbiased std + ``epsilon`` (not divided with ``norm_adv_by_std_in_grpo=False``: Dr. GRPO), on every
+    valid token.  Groups are the equal entries of ``index`` (any order, any sizes); a group of one has
+    mean 0 and std 1, as verl.  ``config`` is unused (as verl).  (advantages, advantages) [B, T]."""
+    return _grouped("grpo", token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo)
 
 
 def compute_grpo_vectorized_outcome_advantage(
@@ -293,10 +285,28 @@ def compute_grpo_vectorized_outcome_advantage(
     norm_adv_by_std_in_grpo: bool = True,
     config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's vectorised GRPO: the same advantages as :func:`compute_grpo_outcome_advantage`."""
+    """``"grpo_vectorized"``: the same advantages as :func:`compute_grpo_outcome_advantage` (the flag is
+    the argument, as verl: ``config.norm_adv_by_std_in_grpo`` is not read)."""
     return compute_grpo_outcome_advantage(
         token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config
     )
+
+
+def compute_grpo_passk_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"grpo_passk"``: the best response of each group gets s_max − s_second (over σ_g + ε when
+    ``config.norm_adv_by_std_in_grpo``, default True: verl reads the flag from ``config``, not the
+    argument), the others 0.  ``config`` is required (verl asserts).  A group of one gets 0 where verl
+    raises ``ValueError``."""
+    norm = _algo_config(config, "compute_grpo_passk_outcome_advantage").get("norm_adv_by_std_in_grpo", True)
+    return _grouped("grpo_passk", token_level_rewards, response_mask, index, epsilon, norm)
 
 
 def compute_rloo_outcome_advantage(
@@ -307,11 +317,9 @@ def compute_rloo_outcome_advantage(
     config: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RLOO: each response's score minus the mean score of the other responses of its group, on every
-    valid token; a response alone in its group keeps its score (verl's loop).  fp32 [B, T] twice."""
-    return _outcome_advantages(
-        token_level_rewards, response_mask, index, norm="none", eps=0.0, leave_one_out=True, singleton="score"
-    )
+    """``"rloo"``: each response's score minus the mean score of the other responses of its group, on
+    every valid token; a response alone in its group keeps its score (verl's loop)."""
+    return _grouped("rloo", token_level_rewards, response_mask, index)
 
 
 def compute_rloo_vectorized_outcome_advantage(
@@ -322,11 +330,155 @@ def compute_rloo_vectorized_outcome_advantage(
     config: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's vectorised RLOO: as :func:`compute_rloo_outcome_advantage`, except that a response alone in
+    """``"rloo_vectorized"``: as :func:`compute_rloo_outcome_advantage`, except that a response alone in
     its group gets 0 (verl's vectorised form multiplies by count > 1)."""
-    return _outcome_advantages(
-        token_level_rewards, response_mask, index, norm="none", eps=0.0, leave_one_out=True, singleton="zero"
+    return _grouped("rloo_vectorized", token_level_rewards, response_mask, index)
+
+
+def compute_opo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"opo"``: s − Σ_g ℓ·s / Σ_g ℓ with ℓ the response lengths; a group of one, or of empty responses
+    only (verl: 0/0 = NaN on those rows), has baseline 0."""
+    return _grouped("opo", token_level_rewards, response_mask, index)
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"reinforce_plus_plus_baseline"``: s − μ_g on every valid token, whitened over the response
+    tokens (fewer than two: zeros, where verl raises ``ValueError``)."""
+    return _grouped("reinforce_plus_plus_baseline", token_level_rewards, response_mask, index)
+
+
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Any = None, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"reinforce_plus_plus"``: G_t = r_t + γ·G over the valid tokens (masked positions carry G and hold
+    0), γ = ``config.gamma`` (required, as verl), whitened over the response tokens (fewer than two:
+    zeros, where verl raises).  Returns (advantages, G)."""
+    gamma = _algo_config(config, "compute_reinforce_plus_plus_outcome_advantage").gamma
+    return rk.compute_advantages(
+        "reinforce_plus_plus", token_level_rewards, response_mask, gamma=_as_float("gamma", gamma)
     )
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    reward_baselines: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"remax"``: G = reverse cumsum of r·m, A = G − b (``reward_baselines`` [B], the greedy response's
+    score) on valid tokens, 0 at masked positions (verl leaves G at masked positions before a valid
+    one).  Returns (A, G) as verl."""
+    return rk.compute_advantages("remax", token_level_rewards, reward_baselines, response_mask)
+
+
+def compute_gpg_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    f_norm: float = 1.0,
+    alpha: float = 1.0,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"gpg"``: α·(s − μ_g)/``f_norm`` with α = B / max(1, #{s ≠ 0}) computed from the batch (the
+    ``alpha`` argument is unused, as in verl); a group of one has μ = 0."""
+    return _grouped("gpg", token_level_rewards, response_mask, index, f_norm=f_norm)
+
+
+def compute_gdpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    non_tensor_batch: dict | None = None,
+    batch: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"gdpo"``: each reward component GRPO-normalised within the groups, Σ_k w_k·A_k, whitened over
+    the response tokens.  With ``config``, ``non_tensor_batch`` and ``batch`` (verl's trainer passes all
+    three) the components are ``non_tensor_batch[key]`` for ``config.gdpo_reward_keys`` (required then),
+    as ``reward_scores`` [B, K] (fp32, one host-to-device copy, as verl's), weighted by
+    ``config.gdpo_reward_weights`` (equal when None); otherwise the one component is Σ_t rewards."""
+    reward_scores = reward_weights = None
+    if config is not None and non_tensor_batch is not None and batch is not None:
+        keys = config.get("gdpo_reward_keys", None)
+        if not keys:
+            raise ValueError(
+                "compute_gdpo_outcome_advantage needs config.gdpo_reward_keys (the reward component keys "
+                f"compute_score returns) when non_tensor_batch and batch are given; got {keys!r}"
+            )
+        missing = [key for key in keys if key not in non_tensor_batch]
+        if missing:
+            raise ValueError(
+                f"gdpo_reward_keys {missing} are not in non_tensor_batch (keys {list(non_tensor_batch)})"
+            )
+        components = np.stack([np.asarray(non_tensor_batch[key], dtype=np.float32) for key in keys], -1)
+        reward_scores = torch.from_numpy(components).to(token_level_rewards.device)
+        reward_weights = config.get("gdpo_reward_weights", None)
+    return _grouped(
+        "gdpo",
+        token_level_rewards,
+        response_mask,
+        index,
+        epsilon,
+        norm_adv_by_std_in_grpo,
+        reward_scores=reward_scores,
+        reward_weights=reward_weights,
+    )
+
+
+def compute_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor | None = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"optimal_token_baseline"``: A_t = G_t − B_t, B_t = Σ_g G_t·W_t·m_t / (Σ_g W_t·m_t + ε) per
+    position of the group, W the cumulative path-variance proxy of ``old_log_probs``, ``sum_pi_squared``
+    and ``rollout_is_weights``.  Returns (A, G).  A zero divisor (ε = 0) gives B = 0 where verl has NaN."""
+    args = (old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, epsilon)
+    return _grouped("optimal_token_baseline", token_level_rewards, response_mask, index, *args)
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor | None = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"tir_optimal_token_baseline"``: as :func:`compute_optimal_token_baseline_advantage` over the k-th
+    valid token of each response (tool outputs between turns skipped); empty responses leave their
+    group.  verl reads every row's length on the host; this reads nothing."""
+    args = (old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, epsilon)
+    return _grouped("tir_optimal_token_baseline", token_level_rewards, response_mask, index, *args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -853,16 +1005,21 @@ ADVANTAGE_ESTIMATORS = {
     "gae": compute_gae_advantage_return,
     "grpo": compute_grpo_outcome_advantage,
     "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "grpo_passk": compute_grpo_passk_outcome_advantage,
     "rloo": compute_rloo_outcome_advantage,
     "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "opo": compute_opo_outcome_advantage,
+    "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "remax": compute_remax_outcome_advantage,
+    "gpg": compute_gpg_outcome_advantage,
+    "gdpo": compute_gdpo_outcome_advantage,
+    "optimal_token_baseline": compute_optimal_token_baseline_advantage,
+    "tir_optimal_token_baseline": compute_multi_turn_optimal_token_baseline_advantage,
 }
 _CORE_ALGOS = (
     *POLICY_LOSSES.values(),
-    compute_gae_advantage_return,
-    compute_grpo_outcome_advantage,
-    compute_grpo_vectorized_outcome_advantage,
-    compute_rloo_outcome_advantage,
-    compute_rloo_vectorized_outcome_advantage,
+    *ADVANTAGE_ESTIMATORS.values(),
     agg_loss,
     compute_policy_loss,
     compute_value_loss,
