@@ -425,14 +425,24 @@ def test_a_gpu_sized_preset_on_the_cpu_says_how_long_it_will_take(tmp_path, monk
     def stop(rt):
         raise Stop
 
+    # The estimate times one training step; a fake clock that advances one second per reading makes
+    # every timed step take exactly 1 s, so the printed figure is deterministic (no timed test).
+    from rlhf_kernels.trainer import runtime as runtime_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(runtime_module.time, "perf_counter", lambda: float(next(ticks)))
     monkeypatch.setattr(pipeline, "_warm_up_ops", stop)  # the first work after the start-up lines
+    small = make_config("small", out_dir=str(tmp_path), device="cpu", progress=False)
     with pytest.raises(Stop):
-        train(make_config("small", out_dir=str(tmp_path), device="cpu", progress=False))
+        train(small)
     out = capsys.readouterr().out
     minutes = re.search(
         r"preset small is sized for a GPU; on this CPU the run will take about (\d+) minutes", out
     )
-    assert minutes and int(minutes[1]) > 50 * estimate_cpu_seconds(make_config("tiny")) / 60, out
+    assert minutes, out
+    assert int(minutes[1]) == round(estimate_cpu_seconds(small) / 60), out
+    # the same clock: small counts more sequences through the model than the default preset
+    assert estimate_cpu_seconds(small) > 5 * estimate_cpu_seconds(make_config("tiny"))
 
 
 def test_phase_timings_synchronise_only_when_profiling(monkeypatch):

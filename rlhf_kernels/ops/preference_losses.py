@@ -1,31 +1,13 @@
 """Sequence-level preference losses: DPO and its variants (every ``loss_type`` of TRL 1.16's
-``DPOTrainer``), SimPO, CPO, ORPO and KTO, on per-sequence log-probabilities.
+``DPOTrainer``), SimPO, CPO, ORPO and KTO, on per-sequence (summed) response log-probabilities.
 
-Inputs are *summed* response log-probabilities, one per sequence: c = log π(y_w|x), r = log π(y_l|x)
-([B] each; chosen and rejected of pair b at index b) and, where a loss needs them, the reference model's
-c_ref, r_ref, and the response lengths n_c, n_r (token counts, clamped to ≥ 1 as TRL does).  With the
-log-ratios ρ_c = c − c_ref, ρ_r = r − r_ref, Δ = ρ_c − ρ_r and sp(x) = −log σ(x):
-
-    sigmoid  sp(βΔ)                       hinge  max(0, 1 − βΔ)        ipo  (Δ̄ − 1/(2β))²,  Δ̄ = ρ_c/n_c − ρ_r/n_r
-
-and the others as listed in :data:`DPO_LOSS_TYPES` (docs/preference_losses.md has them all).  Each loss
-is the mean over the batch of a per-pair term; a combination of loss types is Σ_k w_k · mean_b ℓ_k.
-
-Why plain PyTorch and no kernel: these are O(B) elementwise terms on B sequence log-probs (B ≤ a few
-thousand), computed once per step after the O(B·T·V) log-prob kernels.  A fused kernel would save a
-few microsecond-scale launches (the benchmark measures them) at the cost of a kernel per loss type;
-torch's ``logsigmoid``/``sigmoid`` are already stable, autograd gives exact gradients, and
-``torch.compile`` fuses the whole loss into one or two kernels (``bench/bench_preference_losses.py``).
-
-Precision: arithmetic in fp32 (fp64 when any input is fp64); hyperparameters enter it as Python floats,
-unrounded.  Losses are 0-dim fp32 (fp64), differentiable with respect to the policy log-probs (and the
-reference ones if they require grad, except the KTO reference point, which is detached as in TRL);
-gradients come back in the input dtype.  Metrics are 0-dim fp32 tensors without gradient, named as TRL
-logs them; a mean over an empty set is 0.  Nothing reads tensor data on the host: no device sync, and
-``torch.compile(fullgraph=True)`` traces every function.  An empty batch gives loss 0 and empty
-gradients.  NaN in gives NaN out (TRL's KTO ``nanmean`` would skip a NaN term; here it propagates).
-
-The float64 oracle is ``reference/preference_losses.py``.
+Notation: c = log π(y_w|x), r = log π(y_l|x) ([B] each, pair b at index b), c_ref, r_ref the reference
+model's, n_c, n_r response lengths (clamped to ≥ 1 as TRL does), ρ_c = c − c_ref, ρ_r = r − r_ref,
+Δ = ρ_c − ρ_r, sp(x) = −log σ(x); e.g. sigmoid sp(βΔ), hinge max(0, 1 − βΔ).  Each loss is the batch mean
+of a per-pair term (a list of loss types: Σ_k w_k · mean_b ℓ_k).  Plain PyTorch, no kernel: O(B) terms
+that ``torch.compile`` fuses.  Arithmetic in fp32 (fp64 when any input is fp64), hyperparameters
+unrounded; no host sync; NaN propagates; an empty batch gives loss 0.  The formulas, metrics, precision and
+why there is no kernel: docs/preference_losses.md.  The float64 oracle: ``reference/preference_losses.py``.
 """
 
 from __future__ import annotations
@@ -106,15 +88,18 @@ def _check_like(name: str, value: object, like: Tensor, like_name: str) -> Tenso
     return value
 
 
-def _check_lengths(name: str, value: object, like: Tensor, like_name: str) -> Tensor | None:
-    """Response lengths [B] (token counts, integer or floating), or None."""
-    if value is None:
-        return None
-    if not isinstance(value, Tensor) or value.dtype == torch.bool or value.dtype.is_complex:
-        kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
-        raise TypeError(f"{name} must be an integer or floating tensor of token counts; got {kind}")
-    check_shape(name, value, like.shape, f"{like_name}.shape")
-    return value
+def _check_lengths_and_device(like: Tensor, **tensors: Tensor | None) -> None:
+    """Checks ``chosen_lengths`` / ``rejected_lengths`` among ``tensors`` (None, or token counts [B] like
+    ``like``, the chosen log-probs, integer or floating), then that every tensor given is on one device."""
+    for name in ("chosen_lengths", "rejected_lengths"):
+        value = tensors.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or value.dtype == torch.bool or value.dtype.is_complex:
+            kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"{name} must be an integer or floating tensor of token counts; got {kind}")
+        check_shape(name, value, like.shape, "chosen_logps.shape")
+    check_same_device(**tensors)
 
 
 def _lengths(name: str, value: Tensor | None, needed_by: str, dtype: torch.dtype) -> Tensor:
@@ -311,9 +296,13 @@ def _needs_lengths(loss_type: str, convention: str) -> tuple[bool, bool]:
 def _check_label_smoothing(value: object, loss_types: Sequence[str]) -> float:
     eps = check_in_range("label_smoothing", value, 0.0, 1.0)
     if "exo_pair" in loss_types and not 0.0 < eps < 1.0:
-        raise ValueError(f"label_smoothing must be in (0, 1) for loss_type 'exo_pair' (EXO's ε, e.g. 1e-3); got {eps}")
+        raise ValueError(
+            f"label_smoothing must be in (0, 1) for loss_type 'exo_pair' (EXO's ε, e.g. 1e-3); got {eps}"
+        )
     if "robust" in loss_types and not eps < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type 'robust' (a flip probability); got {eps}")
+        raise ValueError(
+            f"label_smoothing must be in [0, 0.5) for loss_type 'robust' (a flip probability); got {eps}"
+        )
     return eps
 
 
@@ -322,58 +311,40 @@ def _loss_types_and_weights(
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
     loss_types = (loss_type,) if isinstance(loss_type, str) else loss_type
     if not isinstance(loss_types, Sequence) or len(loss_types) == 0:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES} or a non-empty list of them; got {loss_type!r}")
+        raise ValueError(
+            f"loss_type must be one of {DPO_LOSS_TYPES} or a non-empty list of them; got {loss_type!r}"
+        )
     for name in loss_types:
         check_choice("loss_type", name, DPO_LOSS_TYPES)
     if loss_weights is None:
         return tuple(loss_types), (1.0,) * len(loss_types)
     if not isinstance(loss_weights, Sequence) or len(loss_weights) != len(loss_types):
         raise ValueError(
-            f"loss_weights must be a list of one weight per loss type ({len(loss_types)}: {list(loss_types)}); "
-            f"got {loss_weights!r}"
+            f"loss_weights must be a list of one weight per loss type ({len(loss_types)}: "
+            f"{list(loss_types)}); got {loss_weights!r}"
         )
     return tuple(loss_types), tuple(check_real("loss_weights", w) for w in loss_weights)
 
 
 def dpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None = None,
-    ref_rejected_logps: Tensor | None = None,
-    *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    convention: str = "trl",
+    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None, *, beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid", loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0, discopop_tau: float = 0.05, chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None, convention: str = "trl",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Direct Preference Optimization and its variants, as TRL 1.16's ``DPOTrainer`` computes them.
+    """Direct Preference Optimization and its variants, as TRL 1.16's ``DPOTrainer`` computes them:
+    loss = Σ_k w_k · mean_b ℓ_k(pair b), one per-pair term ℓ per ``loss_type`` (:data:`DPO_LOSS_TYPES`, or a
+    list of them with ``loss_weights``, default 1 each); the table of terms is in docs/preference_losses.md.
 
-    Args:
-        chosen_logps, rejected_logps: [B] summed response log-probs of the policy, pair b at index b;
-            float32, bfloat16, float16 or float64.
-        ref_chosen_logps, ref_rejected_logps: [B] the reference model's, or None for loss types that
-            need none (only "sft").
-        beta: β > 0 (IPO's τ for "ipo").
-        loss_type: one of :data:`DPO_LOSS_TYPES`, or a list of them (TRL's MPO-style combinations).
-        loss_weights: one weight per loss type (default 1 each): loss = Σ_k w_k · mean_b ℓ_k.
-        label_smoothing: ε of "robust" (flip probability, [0, 0.5)), "exo_pair" ((0, 1), required > 0),
-            "aot", "aot_unpaired", and, with ``convention="openrlhf"``, of "sigmoid" (cDPO).  As in TRL,
-            other loss types ignore it.
-        discopop_tau: τ > 0 of "discopop".
-        chosen_lengths, rejected_lengths: [B] response token counts (integer or float; clamped to ≥ 1):
-            required by "sigmoid_norm", "ipo" (with ``convention="trl"``, both) and "sft" (chosen only).
-        convention: "trl" (default) or "openrlhf": OpenRLHF 0.11.2's ``DPOLoss`` smooths "sigmoid"
-            with ``label_smoothing`` and does not length-normalise "ipo".
-
-    Returns:
-        ``(loss, metrics)``: 0-dim fp32 loss (fp64 for fp64 inputs); metrics, 0-dim fp32 without
-        gradient: "rewards/chosen" = mean β·ρ_c, "rewards/rejected" = mean β·ρ_r,
-        "rewards/accuracies" = mean 1[β·ρ_c > β·ρ_r], "rewards/margins" = mean β·(ρ_c − ρ_r),
-        "logps/chosen", "logps/rejected" (means of c, r).  Without references the rewards are β·c, β·r.
+    Shapes: chosen_logps, rejected_logps [B] summed response log-probs of the policy (float32, bfloat16,
+    float16 or float64); ref_chosen_logps, ref_rejected_logps [B], or None for "sft"; chosen_lengths,
+    rejected_lengths [B] token counts (needed by "sigmoid_norm", TRL's "ipo", chosen by "sft").  β > 0 (IPO's
+    τ); ``label_smoothing`` ε is read by "robust" ([0, 0.5)), "exo_pair" ((0, 1)), "aot", "aot_unpaired" and
+    OpenRLHF's "sigmoid"; ``discopop_tau`` τ > 0; ``convention`` one of :data:`CONVENTIONS`.  No token mask:
+    every entry is one sequence.  Returns (0-dim fp32 loss (fp64 for fp64), TRL's metrics: rewards/chosen,
+    rewards/rejected = means of β·ρ (β·c, β·r without references), rewards/accuracies, rewards/margins,
+    logps/chosen, logps/rejected).
 
     Example: c = [−5], r = [−7], c_ref = r_ref = [−6], β = 0.1: Δ = 2, sigmoid loss sp(0.2) = 0.5981,
     rewards/chosen 0.1, rewards/rejected −0.1, accuracy 1, margin 0.2.
@@ -393,19 +364,19 @@ def dpo_loss(
     if has_reference:
         _check_like("ref_chosen_logps", ref_chosen_logps, chosen_logps, "chosen_logps")
         _check_like("ref_rejected_logps", ref_rejected_logps, chosen_logps, "chosen_logps")
-    _check_lengths("chosen_lengths", chosen_lengths, chosen_logps, "chosen_logps")
-    _check_lengths("rejected_lengths", rejected_lengths, chosen_logps, "chosen_logps")
-    check_same_device(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+    _check_lengths_and_device(
+        chosen_logps, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
     )
 
     dtype = compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     lengths = []
-    for side, (name, value) in enumerate((("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths))):
+    for side, name in enumerate(("chosen_lengths", "rejected_lengths")):
+        value = (chosen_lengths, rejected_lengths)[side]
         needed_by = [t for t in loss_types if _needs_lengths(t, convention)[side]]
-        needed = value is not None or needed_by
-        lengths.append(_lengths(name, value, f"loss_type {needed_by[0]!r}" if needed_by else "", dtype) if needed else None)
+        why = f"loss_type {needed_by[0]!r}" if needed_by else ""
+        lengths.append(_lengths(name, value, why, dtype) if value is not None or needed_by else None)
 
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
     ref_chosen = ref_chosen_logps.to(dtype) if has_reference else None
@@ -426,39 +397,17 @@ _AVERAGED_CPO_LOSS_TYPES = ("ipo", "simpo")  # TRL's CPO averages the log-probs 
 
 
 def cpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    cpo_alpha: float = 1.0,
-    simpo_gamma: float = 0.5,
-    alpha: float = 0.0,
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None, *, beta: float = 0.1, loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0, cpo_alpha: float = 1.0, simpo_gamma: float = 0.5, alpha: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Contrastive Preference Optimization (arXiv 2401.08417), as TRL 1.16's ``CPOTrainer``.
-
-    With s_c, s_r the sequence scores (summed log-probs c, r; the averages c/n_c, r/n_r for "ipo" and
-    "simpo"), turned into AlphaPO rewards (1 − e^{−α·s})/α when α ≠ 0, and x = s_c − s_r:
-
-        sigmoid  (1 − ε)·sp(βx) + ε·sp(−βx)            hinge  max(0, 1 − βx)
-        ipo      (x − 1/(2β))²                           simpo  sigmoid's term at x − γ/β
-
-    loss = mean_b ℓ + cpo_alpha · NLL, NLL = −Σ c / Σ n_c (the chosen responses' token-mean NLL).
-
-    Args:
-        chosen_logps, rejected_logps: [B] summed response log-probs of the policy (no reference).
-        chosen_lengths, rejected_lengths: [B] response token counts (clamped to ≥ 1): both required by
-            "ipo" and "simpo", ``chosen_lengths`` by cpo_alpha ≠ 0.
-        beta: β > 0.  loss_type: one of :data:`CPO_LOSS_TYPES`.  label_smoothing: ε ∈ [0, 1]
-            ("sigmoid", "simpo"; ignored by "hinge" and "ipo", as in TRL).  cpo_alpha: weight of the
-            NLL term.  simpo_gamma: SimPO's margin γ.  alpha: AlphaPO's α (0: plain scores).
-
-    Returns:
-        ``(loss, metrics)``: 0-dim fp32 loss (fp64 for fp64); metrics as :func:`dpo_loss`'s with
-        rewards β·s (the transformed scores), "logps/*" the means of s before AlphaPO, and "nll_loss".
+    """Contrastive Preference Optimization (arXiv 2401.08417), as TRL 1.16's ``CPOTrainer``: with scores
+    s = c, r (c/n_c, r/n_r for "ipo", "simpo"), AlphaPO rewards (1 − e^{−α·s})/α when α ≠ 0 and x = s_c − s_r,
+    loss = mean_b ℓ(x) + cpo_alpha · NLL, ℓ of :data:`CPO_LOSS_TYPES` (sigmoid (1 − ε)·sp(βx) + ε·sp(−βx),
+    hinge, ipo; simpo: sigmoid at x − γ/β), NLL = −Σ c / Σ n_c.  Shapes: chosen_logps, rejected_logps [B]
+    policy log-probs (no reference); chosen_lengths, rejected_lengths [B] token counts (both needed by "ipo"
+    and "simpo", chosen by cpo_alpha ≠ 0).  Returns (loss, :func:`dpo_loss`'s metrics with rewards β·s and
+    "logps/*" the means of s before AlphaPO, plus "nll_loss").  Details: docs/preference_losses.md.
     """
     _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
     beta = check_positive("beta", beta)
@@ -467,11 +416,9 @@ def cpo_loss(
     cpo_alpha = check_real("cpo_alpha", cpo_alpha)
     simpo_gamma = check_real("simpo_gamma", simpo_gamma)
     alpha = check_real("alpha", alpha)
-    _check_lengths("chosen_lengths", chosen_lengths, chosen_logps, "chosen_logps")
-    _check_lengths("rejected_lengths", rejected_lengths, chosen_logps, "chosen_logps")
-    check_same_device(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+    _check_lengths_and_device(
+        chosen_logps, chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
     )
     dtype = compute_dtype(chosen_logps, rejected_logps)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
@@ -507,29 +454,12 @@ def cpo_loss(
 
 
 def simpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    *,
-    beta: float = 2.0,
-    gamma: float = 0.5,
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *,
+    beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, sft_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """SimPO (arXiv 2405.14734): mean_b sp(β·c/n_c − β·r/n_r − γ) (+ ``sft_weight`` · NLL), i.e.
-    :func:`cpo_loss` with ``loss_type="simpo"``, ``simpo_gamma=gamma`` and ``cpo_alpha=sft_weight``
-    (TRL runs SimPO as that CPO configuration).
-
-    Args:
-        chosen_logps, rejected_logps: [B] summed response log-probs of the policy.
-        chosen_lengths, rejected_lengths: [B] response token counts (the length normalisation).
-        beta: β > 0 (the paper tunes 2.0–2.5).  gamma: the target reward margin γ (TRL's default 0.5;
-            the paper tunes γ/β in 0.3–0.8).  label_smoothing: ε ∈ [0, 1].  sft_weight: weight of
-            the chosen responses' token-mean NLL (0 in the paper).
-
-    Returns:
-        ``(loss, metrics)`` as :func:`cpo_loss` (rewards β·c/n_c, β·r/n_r).
+    """SimPO (arXiv 2405.14734): mean_b sp(β·c/n_c − β·r/n_r − γ) (+ ``sft_weight`` · NLL) on [B] policy
+    log-probs and [B] token counts; :func:`cpo_loss` with ``loss_type="simpo"``, ``simpo_gamma=gamma``,
+    ``cpo_alpha=sft_weight``, which is how TRL runs SimPO (returns and docs as there).
     """
     return cpo_loss(
         chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=beta, loss_type="simpo",
@@ -538,42 +468,23 @@ def simpo_loss(
 
 
 def orpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-    *,
-    beta: float = 0.1,
-    nll_loss: Tensor | None = None,
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *,
+    beta: float = 0.1, nll_loss: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Odds Ratio Preference Optimization (arXiv 2403.07691), as TRL 1.16's ``ORPOTrainer``.
-
-    With the average log-probs a_c = c/n_c, a_r = r/n_r and log odds(p) = a − log(1 − e^a):
-
-        L_OR = mean_b −log σ(log odds_c − log odds_r),   loss = NLL + β · L_OR
-
-    Args:
-        chosen_logps, rejected_logps: [B] summed response log-probs of the policy (every a < 0).
-        chosen_lengths, rejected_lengths: [B] response token counts (clamped to ≥ 1).
-        beta: λ of the paper (TRL's β) > 0.
-        nll_loss: the SFT term, a 0-dim tensor; None computes the chosen responses' token-mean NLL
-            −Σ c / Σ n_c.  TRL's NLL also counts the prompt tokens (it is a cross-entropy over the
-            whole chosen sequence): pass it here to reproduce TRL exactly.
-
-    Returns:
-        ``(loss, metrics)``: 0-dim fp32 loss (fp64 for fp64); metrics as :func:`dpo_loss`'s with
-        rewards β·a, plus "log_odds_ratio" = mean log σ(log odds_c − log odds_r), "log_odds_chosen" =
-        mean (log odds_c − log odds_r), "nll_loss".
+    """Odds Ratio Preference Optimization (arXiv 2403.07691), as TRL 1.16's ``ORPOTrainer``: with a = c/n_c,
+    r/n_r and log odds = a − log(1 − eᵃ), loss = NLL − β · mean_b log σ(log odds_c − log odds_r).  Shapes:
+    chosen_logps, rejected_logps [B] policy log-probs (every a < 0), chosen_lengths, rejected_lengths [B]
+    token counts; ``nll_loss`` a 0-dim SFT term, or None for −Σ c / Σ n_c (TRL's also counts the prompt:
+    pass it to match TRL exactly).  Returns (loss, :func:`dpo_loss`'s metrics with rewards β·a, plus
+    "log_odds_ratio", "log_odds_chosen", "nll_loss").  Details: docs/preference_losses.md.
     """
     _check_pair("chosen_logps", chosen_logps, "rejected_logps", rejected_logps)
     beta = check_positive("beta", beta)
     if nll_loss is not None:
         check_float_tensor("nll_loss", nll_loss, LOGP_DTYPES)
         check_ndim("nll_loss", nll_loss, 0, "(a 0-dim loss)")
-    _check_lengths("chosen_lengths", chosen_lengths, chosen_logps, "chosen_logps")
-    _check_lengths("rejected_lengths", rejected_lengths, chosen_logps, "chosen_logps")
-    check_same_device(
-        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
+    _check_lengths_and_device(
+        chosen_logps, chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths, nll_loss=nll_loss,
     )
     dtype = compute_dtype(chosen_logps, rejected_logps, nll_loss)
@@ -600,41 +511,18 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def kto_loss(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    desirable: Tensor,
-    kl_logps: Tensor | None = None,
-    ref_kl_logps: Tensor | None = None,
-    *,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-    loss_type: str = "kto",
+    policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl_logps: Tensor | None = None,
+    ref_kl_logps: Tensor | None = None, *, beta: float = 0.1, desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0, loss_type: str = "kto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Kahneman-Tversky Optimization (arXiv 2402.01306), as TRL 1.16's ``KTOTrainer``.
-
-    With ρ = log π − log π_ref per response and the reference point z = max(0, mean(kl − kl_ref)) over
-    the KL completions (TRL pairs each prompt with another example's response), detached:
-
-        kto                desirable  w_d·(1 − σ(β(ρ − z)))     undesirable  w_u·(1 − σ(β(z − ρ)))
-        apo_zero_unpaired  desirable  w_d·(1 − σ(βρ))           undesirable  w_u·σ(βρ)
-
-    and loss = the mean of these N terms.
-
-    Args:
-        policy_logps, ref_logps: [N] summed response log-probs of the policy and the reference model.
-        desirable: [N] bool (or 0/1) label of each response.
-        kl_logps, ref_kl_logps: [M] summed log-probs of the mismatched KL completions under the policy
-            and the reference; required by "kto" (never differentiated: TRL computes them without
-            gradient).  Under data parallelism, TRL averages z over every rank.
-        beta: β > 0.  desirable_weight, undesirable_weight: w_d, w_u ≥ 0.  loss_type: one of
-            :data:`KTO_LOSS_TYPES`.
-
-    Returns:
-        ``(loss, metrics)``: 0-dim fp32 loss (fp64 for fp64); metrics, 0-dim fp32: "kl" = z (0 for
-        "apo_zero_unpaired"), "rewards/chosen" / "rewards/rejected" = mean β·ρ over the desirable /
-        undesirable responses, "rewards/margins" their difference, "logps/chosen", "logps/rejected"
-        (a mean over an empty group is 0).
+    """Kahneman-Tversky Optimization (arXiv 2402.01306), as TRL 1.16's ``KTOTrainer``: with ρ = log π −
+    log π_ref and the detached reference point z = max(0, mean(kl_logps − ref_kl_logps)), loss = mean over
+    the N responses of w_d·(1 − σ(β(ρ − z))) (desirable) or w_u·(1 − σ(β(z − ρ))) (undesirable);
+    "apo_zero_unpaired": w_d·(1 − σ(βρ)), w_u·σ(βρ), no z.  Shapes: policy_logps, ref_logps [N], desirable
+    [N] bool or 0/1, kl_logps, ref_kl_logps [M] (the mismatched KL completions, required by "kto", never
+    differentiated).  Returns (loss, metrics "kl" = z, "rewards/chosen" / "rewards/rejected" (mean β·ρ per
+    group, 0 for an empty group), "rewards/margins", "logps/chosen", "logps/rejected").  Details:
+    docs/preference_losses.md.
     """
     _check_logps("policy_logps", policy_logps)
     _check_like("ref_logps", ref_logps, policy_logps, "policy_logps")
@@ -660,7 +548,7 @@ def kto_loss(
     logratio = policy - ref_logps.to(dtype)
     good = desirable != 0
     if uses_kl:
-        kl = _mean((kl_logps.detach().to(dtype) - ref_kl_logps.detach().to(dtype))).clamp(min=0.0)
+        kl = _mean(kl_logps.detach().to(dtype) - ref_kl_logps.detach().to(dtype)).clamp(min=0.0)
         desirable_term = 1.0 - torch.sigmoid(beta * (logratio - kl))
         undesirable_term = 1.0 - torch.sigmoid(beta * (kl - logratio))
     else:
