@@ -16,8 +16,8 @@ Two kinds of registered op, each written once here:
 Both return a :class:`RegisteredOp`: calling it runs the plain Python body directly in eager mode (each
 ``torch.library`` layer costs 30-100 µs per call on CPU, as much as a small kernel) and the registered
 op while anything traces (``torch.compile``, export, ``make_fx``), where only registered ops may run.
-An op with an autograd formula is always called through the registered op, since that is where
-autograd attaches.
+An op with an autograd formula runs, in eager mode and when an input requires grad, through a
+``torch.autograd.Function`` with the same formula (see :meth:`RegisteredOp.register_autograd`).
 """
 
 from __future__ import annotations
@@ -44,17 +44,45 @@ class RegisteredOp:
     def __init__(self, op, body: Callable) -> None:
         self.op = op  # the torch.library CustomOpDef
         self.body = body
-        self.has_autograd = False
+        self.eager_autograd: type[torch.autograd.Function] | None = None
         functools.update_wrapper(self, body)
 
+    @property
+    def has_autograd(self) -> bool:
+        return self.eager_autograd is not None
+
     def __call__(self, *args):
-        if self.has_autograd or _dispatch.tracing():
+        if _dispatch.tracing():
             return self.op(*args)
+        if self.eager_autograd is not None and torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            return self.eager_autograd.apply(*args)
         return self.body(*args)
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        """Attaches ``backward`` to the registered op (what tracing sees) and, for eager calls, to an
+        equivalent ``torch.autograd.Function`` over the plain body: the first call of any registered op
+        imports ``torch._dynamo`` (torch wraps custom-op kernels in a dynamo-disable guard, ~1.3 s on a
+        2-core machine), and each dispatcher layer costs tens of µs; the same formula runs either way."""
         self.op.register_autograd(backward, setup_context=setup_context)
-        self.has_autograd = True
+        body = self.body
+
+        class EagerAutograd(torch.autograd.Function):
+            @staticmethod
+            def forward(*args):
+                return body(*args)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                setup_context(ctx, inputs, output)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        EagerAutograd.__name__ = EagerAutograd.__qualname__ = f"{body.__name__}_autograd"
+        self.eager_autograd = EagerAutograd
 
 
 def _qualified(name: str) -> str:
