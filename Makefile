@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
 PEERS  := verl==0.9.1 trl==1.16.0 openrlhf==0.11.2
 PEERS_STAMP := $(VENV)/.peers-verl-0.9.1-trl-1.16.0-openrlhf-0.11.2
 
-.PHONY: demo test peers bench bench-cpu lint clean
+.PHONY: demo test peers fuzz bench bench-cpu lint clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: $(STAMP)
 # The test suite.  Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors.
 test: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m pytest -q --durations=15 tests
+
+# The long property-based profile of the fuzz suite (CI runs its short deterministic profile in make test).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz tests/test_oob_guard.py
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -587,3 +587,17 @@ def test_cpu_path_memory_is_chunked():
     # forward: a few 16 MiB chunks; forward+backward: the logits gradient plus those chunks
     assert fwd_peak < 0.5 * logits_bytes, fwd_peak / logits_bytes
     assert step_peak < 1.5 * logits_bytes, step_peak / logits_bytes
+
+
+def test_entropy_gradient_at_minus_inf_logits_with_a_large_upstream_gradient(backend, device):
+    """A masked (-inf) logit gets exactly zero gradient even when the entropy's upstream gradient is
+    large: the CPU path clamped log p = -inf to the dtype's minimum, which overflowed back to -inf once
+    multiplied by |∂L/∂H| > 1 and gave 0·inf = NaN (found by the fuzz suite)."""
+    logits = torch.tensor([[float("-inf"), 0.267, -1.5]], device=device, requires_grad=True)
+    entropy = rk.entropy_from_logits(logits)
+    (grad,) = torch.autograd.grad(entropy, logits, torch.tensor([3.0], device=device))
+    # a probability-0 entry changes nothing: the oracle on the finite entries gives the rest
+    finite = torch.tensor([[0.267, -1.5]], dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(ref.entropy_from_logits(finite), finite, torch.tensor([3.0], dtype=torch.float64))
+    assert grad[0, 0].item() == 0.0
+    assert_close(grad[:, 1:], expected, 1e-6, "entropy gradient")

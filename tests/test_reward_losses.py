@@ -406,20 +406,43 @@ def test_bad_inputs():
         pairwise_reward_loss(c, r, margin="1")
     with pytest.raises(ValueError, match="center_coef must be finite"):
         pairwise_reward_loss(c, r, center_coef=float("nan"))
-    with pytest.raises(ValueError, match="at least one element"):
-        pairwise_reward_loss(c[:0], r[:0])
     with pytest.raises(ValueError, match="scores must be 2-D"):
         ranking_reward_loss(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="mask must have shape"):
         ranking_reward_loss(torch.randn(2, 3), mask=torch.ones(2, 4))
     with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
         ranking_reward_loss(torch.randn(2, 3), mask=[[1, 1, 1]] * 2)
-    with pytest.raises(ValueError, match="must be non-empty"):
-        ranking_hinge_loss(torch.randn(0, 3))
     with pytest.raises(TypeError, match="seq_scores must be a floating tensor"):
         ranking_hinge_loss(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="target must have shape"):
         pointwise_reward_loss(c, torch.randn(4, 1))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 1), (4, 0)])
+def test_empty_inputs_give_zero(backend, device, shape):
+    """The empty rule (docs/robustness.md): no pair / prompt / element gives loss 0 and metrics 0, a
+    gradient of the input's (empty) shape, and no error."""
+    c = torch.randn(shape, device=device, requires_grad=True)
+    r = torch.randn(shape, device=device, requires_grad=True)
+    loss, metrics = pairwise_reward_loss(c, r, margin=0.5, center_coef=0.1)
+    point = pointwise_reward_loss(c, r)
+    for value in (loss, point, *metrics.values()):
+        assert value.dim() == 0 and value.item() == 0.0
+    grads = torch.autograd.grad(loss + point, (c, r))
+    assert all(g.shape == shape for g in grads)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0), (0, 0), (0,)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ranking_empty_inputs_give_zero(backend, device, shape, masked):
+    scores = torch.randn(shape, device=device, requires_grad=True)
+    mask = torch.ones(shape, device=device) if masked else None
+    loss, metrics = ranking_reward_loss(scores, mask=mask)
+    hinge = ranking_hinge_loss(scores, mask=mask)
+    for value in (loss, hinge, metrics["accuracy"]):
+        assert value.dim() == 0 and value.item() == 0.0
+    (grad,) = torch.autograd.grad(loss + hinge, scores)
+    assert grad.shape == shape
 
 
 # --------------------------------------------------------------------------------------------------

@@ -105,7 +105,12 @@ def group_advantages(
         )
     groups = scores.to(torch.float32).view(-1, group_size)
     if leave_one_out:
-        baseline = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+        # Σ_{j≠i} s_j as (sum left of i) + (sum right of i): no subtraction, so an infinite member
+        # gives the others an infinite baseline and itself a finite one (Σ − s_i would be inf − inf).
+        zero = groups.new_zeros(groups.shape[0], 1)
+        left = torch.cat([zero, groups[:, :-1].cumsum(-1)], dim=-1)
+        right = torch.cat([groups[:, 1:].flip(-1).cumsum(-1).flip(-1), zero], dim=-1)
+        baseline = (left + right) / (group_size - 1)
     else:
         baseline = groups.mean(-1, keepdim=True)
     advantages = groups - baseline

@@ -87,10 +87,6 @@ def check_token_inputs(mask: object, **tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         check_float_tensor(name, tensor, LOSS_DTYPES)
     check_ndim(first_name, first, 2, "[B, T]")
-    if first.numel() == 0:
-        raise ValueError(
-            f"{first_name} must be non-empty [B, T] with B, T >= 1; got shape {tuple(first.shape)}"
-        )
     for name, tensor in others:
         check_shape(name, tensor, first.shape, f"{first_name}.shape")
         if tensor.dtype != first.dtype:

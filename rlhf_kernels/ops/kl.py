@@ -145,6 +145,16 @@ if triton is not None:
 
     # Reads the upstream gradient and both inputs, writes ∂/∂lp (and ∂/∂ref when HAS_GRAD_REF).
     @triton.jit
+    def _store_rounded(ptrs, x, mask):
+        """Stores x in the pointers' dtype; 16-bit outputs via fp32, since triton 3.9's interpreter
+        casts fp64 straight to bf16 wrongly (1.0 -> 9.2e-41)."""
+        out_ty = ptrs.dtype.element_ty
+        if out_ty.primitive_bitwidth < 32:
+            tl.store(ptrs, x.to(tl.float32).to(out_ty), mask=mask)
+        else:
+            tl.store(ptrs, x.to(out_ty), mask=mask)
+
+    @triton.jit
     def _kl_penalty_bwd_kernel(
         grad_logprobs_ptr, grad_ref_ptr, grad_kl_ptr, logprobs_ptr, ref_ptr,
         N,
@@ -157,9 +167,9 @@ if triton is not None:
         lp = tl.load(logprobs_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
         ref = tl.load(ref_ptr + offs, mask=in_range, other=0.0).to(compute_ty)
         grad = g * _kl_derivative(lp, ref, ESTIMATOR)
-        tl.store(grad_logprobs_ptr + offs, grad.to(grad_logprobs_ptr.dtype.element_ty), mask=in_range)
+        _store_rounded(grad_logprobs_ptr + offs, grad, in_range)
         if HAS_GRAD_REF:
-            tl.store(grad_ref_ptr + offs, (-grad).to(grad_ref_ptr.dtype.element_ty), mask=in_range)
+            _store_rounded(grad_ref_ptr + offs, -grad, in_range)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,7 +347,22 @@ def kl_penalty(
     # Straight-through: value kl, gradient w·∂kl(k2) = w·δ (the "+" op already differentiates k2).
     with torch.no_grad():
         weight = (logprobs.to(kl.dtype) - old_logprobs.to(kl.dtype)).exp().clamp(max=KL_IS_WEIGHT_CLIP)
-    return kl + (kl - kl.detach()) * (weight - 1.0)
+    return _ScaleGradient.apply(kl, weight)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Value ``x``, gradient ``grad · weight`` (``weight`` constant).  Written as a Function rather than
+    ``x + (x − x.detach())·(w − 1)``, which is NaN wherever the value is ±inf (inf − inf)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None
 
 
 def kl_loss(

@@ -93,7 +93,8 @@ if triton is not None:
             e = tl.exp(x - m_ref)
             if HAS_ENTROPY:
                 # -inf entries have probability 0: their e·(x − m) is 0, not 0·(−inf).
-                masked_zero = tl.where(x == float("-inf"), 0.0, e * (x - m_ref))
+                # select before multiplying: e·(x − m) at x = -inf would compute 0·(−inf) (NaN, discarded)
+                masked_zero = e * tl.where(x == float("-inf"), 0.0, x - m_ref)
                 t = alpha * (t + s * shift) + tl.sum(masked_zero, axis=0)
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
@@ -144,7 +145,7 @@ if triton is not None:
             p = tl.exp(logp)
             grad = tl.where(offs == label, g_lp, 0.0) - g_lp * p
             if HAS_GRAD_ENTROPY:
-                grad -= g_h * tl.where(x == float("-inf"), 0.0, p * (logp + entropy))
+                grad -= g_h * p * tl.where(x == float("-inf"), 0.0, logp + entropy)
             grad = tl.where(ignored, 0.0, grad * inv_temperature)
             tl.store(
                 g_base + offs.to(tl.int64) * stride_gv,

@@ -117,7 +117,7 @@ if triton is not None:
             loss = tl.where(lower, bound, loss)
             d_ratio = tl.where(lower, 0.0, d_ratio)
         else:
-            lower = clipped & (adv != adv)  # all False, shaped like the tile
+            lower = clipped & (adv < adv)  # all False (NaN too), shaped like the tile
         d_lp = tl.where(out_of_clamp, 0.0, d_ratio * ratio)
         return loss, d_lp, log_ratio, ratio, clipped, lower
 
@@ -218,7 +218,7 @@ if triton is not None:
             loss = tl.where(clipped, loss_clipped, loss)
             d_v = tl.where(clipped, 0.0, err)
         else:
-            clipped = err != err  # all False (NaN aside), shaped like the tile
+            clipped = err < err  # all False (NaN too), shaped like the tile
             d_v = err
         return loss, d_v, clipped
 
@@ -300,8 +300,8 @@ def _row_tiling(rows: int, cols: int) -> _RowTiling:
     """Tiles of up to 1024 columns (4 warps: 8 fp32 per thread per input, two 16-byte vectors); a row is
     split into several programs only when there are too few rows to reach ~_TARGET_PROGRAMS programs."""
     block_t = pow2_between(cols, 16, 1024)
-    tiles = cdiv(cols, block_t)
-    chunks = min(tiles, max(1, cdiv(_TARGET_PROGRAMS, rows)))
+    tiles = max(1, cdiv(cols, block_t))  # T = 0 still gets one (empty) tile per row
+    chunks = min(tiles, max(1, cdiv(_TARGET_PROGRAMS, max(rows, 1))))
     tiles_per_program = cdiv(tiles, chunks)
     chunks = cdiv(tiles, tiles_per_program)
     num_warps = 4 if block_t >= 512 else (2 if block_t >= 128 else 1)
@@ -543,7 +543,9 @@ def ppo_policy_loss(
     means = (totals[1:] / totals[:1].clamp(min=1.0)).to(torch.float32)
     clipfrac, clipfrac_lower, approx_kl, ratio_mean = means.unbind()
     # A NaN ratio at a valid token makes the ratio mean NaN; the max (which skipped it) follows.
-    ratio_max = torch.where(ratio_mean.isnan(), ratio_mean, stats[P_RATIO_MAX].amax().to(torch.float32))
+    ratio_max_parts = stats[P_RATIO_MAX]
+    peak = ratio_max_parts.amax() if ratio_max_parts.numel() else stats.new_zeros(())  # B = 0: no tokens
+    ratio_max = torch.where(ratio_mean.isnan(), ratio_mean, peak.to(torch.float32))
     metrics = {
         "clipfrac": clipfrac,
         "clipfrac_lower": clipfrac_lower,

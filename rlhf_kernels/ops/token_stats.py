@@ -159,7 +159,7 @@ if triton is not None:
             alpha = tl.exp(shift)
             e = tl.exp(x - m_ref)
             if HAS_ENTROPY:
-                masked_zero = tl.where(x == float("-inf"), 0.0, e * (x - m_ref))
+                masked_zero = e * tl.where(x == float("-inf"), 0.0, x - m_ref)  # no 0·(−inf)
                 t = alpha * (t + s * shift) + tl.sum(masked_zero, axis=0)
             if HAS_SUM_SQ:
                 q = q * (alpha * alpha) + tl.sum(e * e, axis=0)

@@ -18,7 +18,7 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1", *, old_logprobs=None):
         w = 1.0
         if old_logprobs is not None:
             w = torch.clamp(torch.exp(logprobs.double() - old_logprobs.double()), max=10.0).detach()
-        return value + w * k2 - (w * k2).detach()
+        return value + (w * k2 - (w * k2).detach())  # exactly value (a large one stays), gradient w·∂k2
     lp = logprobs.double()
     ref = ref_logprobs.double()
     if estimator == "k1":

@@ -28,7 +28,7 @@ def logprobs_from_logits(
         return logprobs
     p = log_p.exp()
     # p log p → 0 as p → 0: masked (-inf) vocabulary entries contribute nothing.
-    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)  # NaN p stays NaN
     return logprobs, entropy.masked_fill(ignored, 0.0)
 
 
@@ -54,7 +54,7 @@ def logprobs_grad(
     one_hot = torch.nn.functional.one_hot(index, logits.shape[-1]).double()
     grad = grad_logprobs.double().unsqueeze(-1) * (one_hot - p)
     if grad_entropy is not None:
-        entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, keepdim=True)
+        entropy = -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1, keepdim=True)
         grad = grad - grad_entropy.double().unsqueeze(-1) * torch.where(p > 0, p * (log_p + entropy), 0.0)
     grad = torch.where(in_range.unsqueeze(-1), grad / temperature, float("nan"))
     return grad.masked_fill(ignored.unsqueeze(-1), 0.0)

@@ -20,11 +20,12 @@ def pairwise_reward_loss(chosen, rejected, *, margin=None, center_coef=None):
     z = c - r
     if margin is not None:
         z = z - (margin.to(torch.float64) if isinstance(margin, torch.Tensor) else margin)
-    loss = _neg_log_sigmoid(z).mean()
+    n = max(z.numel(), 1)  # the empty-input rule (docs/robustness.md): means over nothing are 0
+    loss = _neg_log_sigmoid(z).sum() / n
     if center_coef is not None:
-        loss = loss + center_coef * ((c + r) ** 2).mean()
+        loss = loss + center_coef * ((c + r) ** 2).sum() / n
     with torch.no_grad():
-        metrics = {"accuracy": (c > r).double().mean(), "margin_mean": (c - r).mean()}
+        metrics = {"accuracy": (c > r).double().sum() / n, "margin_mean": (c - r).sum() / n}
     return loss, metrics
 
 
@@ -42,7 +43,8 @@ def _pairs(scores, mask):
 
 def ranking_reward_loss(scores, *, mask=None):
     s, s_i, s_j, pair_valid = _pairs(scores, mask)
-    per_pair = _neg_log_sigmoid(s_i - s_j)
+    # select the difference before the loss, so that a NaN in an unpaired score gets no gradient either
+    per_pair = _neg_log_sigmoid(torch.where(pair_valid, s_i - s_j, torch.zeros_like(s_i)))
     n_pairs = pair_valid.sum(-1)
     per_prompt = torch.where(pair_valid, per_pair, torch.zeros_like(per_pair)).sum(-1) / n_pairs.clamp(min=1)
     has_pairs = n_pairs > 0
@@ -56,9 +58,9 @@ def ranking_reward_loss(scores, *, mask=None):
 
 def ranking_hinge_loss(seq_scores, *, mask=None):
     s, s_i, s_j, pair_valid = _pairs(seq_scores, mask)
-    per_pair = torch.relu(s_j - s_i)
-    return torch.where(pair_valid, per_pair, torch.zeros_like(per_pair)).sum(-1).mean()
+    per_pair = torch.relu(torch.where(pair_valid, s_j - s_i, torch.zeros_like(s_i)))
+    return per_pair.sum() / max(s.shape[0], 1)
 
 
 def pointwise_reward_loss(pred, target):
-    return ((pred.to(torch.float64) - target.to(torch.float64)) ** 2).mean()
+    return ((pred.to(torch.float64) - target.to(torch.float64)) ** 2).sum() / max(pred.numel(), 1)

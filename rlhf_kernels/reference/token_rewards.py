@@ -32,4 +32,4 @@ def token_level_rewards(
         if len(valid):
             rewards[b, valid[-1]] += score[b]
             row_kl[b] = (kl[b] * m[b]).sum() / m[b].sum()
-    return rewards, row_kl.mean()
+    return rewards, row_kl.sum() / max(row_kl.numel(), 1)  # no rows: 0 (the empty-input rule)

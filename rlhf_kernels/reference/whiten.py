@@ -18,6 +18,8 @@ def masked_whiten(
     var = Σ(x − μ)²m/Σm·n/(n−1) (unbiased).  Empty selection: μ = var = 0; unbiased with n = 1: var = 0."""
     xd = x.double()
     md = mask.double()
+    if x.numel() == 0:
+        return torch.zeros_like(xd)
     if dim is None:
         rows_x, rows_m = xd.reshape(1, -1), md.reshape(1, -1)
     else:

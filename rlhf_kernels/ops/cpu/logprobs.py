@@ -156,8 +156,9 @@ def logprobs_bwd_out(
         if grad_entropy.numel():
             h = grad_entropy[rows].unsqueeze(-1) * inv_temperature
             a = -(g + h * entropy[rows].unsqueeze(-1))
-            # log p = -inf (masked entries, p = 0) is clamped so that p·(a + b·log p) is 0, not NaN
-            grad = log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(-h).add_(a).mul_(p)
+            # log p = -inf (masked entries, p = 0) is set to 0 so that p·(a + b·log p) is 0, not NaN (a clamp
+            # to the dtype's minimum overflows to -inf again once multiplied by |b| > 1)
+            grad = log_p.masked_fill_(log_p == float("-inf"), 0.0).mul_(-h).add_(a).mul_(p)
         else:
             grad = p.mul_(-g)
         grad.scatter_add_(-1, safe.unsqueeze(-1), g)

@@ -135,7 +135,9 @@ def _policy_fwd(
             P_NEG_LOG_RATIO: -_row_dot(log_ratio, m),
             P_RATIO: _row_dot(ratio, m),
             # NaN ratios are skipped here as in the kernel; the finishing step restores the NaN.
-            P_RATIO_MAX: torch.where(valid & (ratio > 0), ratio, 0.0).amax(-1),
+            P_RATIO_MAX: (
+                torch.where(valid & (ratio > 0), ratio, 0.0).amax(-1) if ratio.shape[-1] else ratio.new_zeros(ratio.shape[:-1])
+            ),
         }
         if lower is not None:
             row_stats[P_CLIP_LOWER] = _row_dot(lower, m)

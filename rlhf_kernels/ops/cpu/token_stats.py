@@ -177,8 +177,9 @@ def token_stats_bwd_out(
         if grad_entropy.numel():
             h = grad_entropy[rows].unsqueeze(-1)
             a = a - h * entropy[rows].unsqueeze(-1)
-            # log p = −inf (p = 0) is clamped so that p·(…) is 0, not NaN
-            inner = log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(-h).add_(a)
+            # log p = −inf (p = 0) is set to 0 so that p·(…) is 0, not NaN (a clamp to the dtype's minimum
+            # overflows to −inf again once multiplied by |h| > 1)
+            inner = log_p.masked_fill_(log_p == float("-inf"), 0.0).mul_(-h).add_(a)
         else:
             inner = log_p.zero_().add_(a)
         if grad_sum_sq.numel():

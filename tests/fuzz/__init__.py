@@ -1,0 +1,1 @@
+"""Property-based fuzz suite of every public op and compat shim (issue 19): see docs/robustness.md."""
