@@ -1,10 +1,10 @@
 """Preference losses: ours (plain PyTorch, ``rlhf_kernels/ops/preference_losses.py``) vs TRL 1.16's eager
 idioms and torch.compile of both.
 
-The eager idioms below are TRL's per-loss-type lines (``DPOTrainer._compute_loss``,
-``KTOTrainer._compute_loss``), lifted out of the trainers so they run without a model; the tests compare
-ours with the real trainer code (tests/test_preference_losses_peers.py).  Each implementation's loss and
-gradient are checked against the eager idiom's before it is timed.
+The eager idioms (``bench/baselines/preference_losses.py``) are TRL's per-loss-type lines
+(``DPOTrainer._compute_loss``, ``KTOTrainer._compute_loss``), lifted out of the trainers so they run without
+a model; the tests compare ours with the real trainer code (tests/test_preference_losses_peers.py).  Each
+implementation's loss and gradient are checked against the eager idiom's before it is timed.
 
 Minimal traffic per pair, the gradient taken with respect to the chosen log-probs only: DPO reads 4 fp32
 values (16 bytes) and writes 1 (4 bytes); KTO reads 2 values, the label and a KL pair per response
@@ -17,36 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_kernels.ops.preference_losses import dpo_loss, kto_loss
 
+from .baselines.preference_losses import BETA, trl_dpo_sigmoid, trl_kto, trl_mpo
 from .harness import Bench, measure_loss_modes, with_compiled
 
 FAMILY = "preference_losses"
-BETA = 0.1
-
-
-def trl_dpo_sigmoid(chosen, rejected, ref_chosen, ref_rejected):
-    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
-    return -F.logsigmoid(BETA * delta).mean()
-
-
-def trl_mpo(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths):
-    """TRL's MPO combination: sigmoid 0.8, bco_pair 0.2, sft 1.0 (the sft term from summed log-probs)."""
-    chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
-    sigmoid = -F.logsigmoid(BETA * (chosen_logratios - rejected_logratios))
-    bco = -F.logsigmoid(BETA * chosen_logratios) - F.logsigmoid(-BETA * rejected_logratios)
-    sft = -chosen.sum() / chosen_lengths.sum()
-    return 0.8 * sigmoid.mean() + 0.2 * bco.mean() + sft
-
-
-def trl_kto(policy, ref, desirable, kl_policy, kl_ref):
-    kl = (kl_policy - kl_ref).mean().detach().clamp(min=0)
-    logratios = policy - ref
-    chosen_losses = 1 - torch.sigmoid(BETA * (logratios[desirable] - kl))
-    rejected_losses = 1 - torch.sigmoid(BETA * (kl - logratios[~desirable]))
-    return torch.cat((chosen_losses, rejected_losses)).nanmean()
 
 
 def _check_against(reference: Callable, fn: Callable, x: torch.Tensor, impl: str) -> None:

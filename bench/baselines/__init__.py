@@ -2,7 +2,8 @@
 TRL / OpenRLHF" means, imported by the benchmarks (``bench/bench_*.py``) and the tests alike.
 
 Modules, by op family: ``masked`` (the frameworks' masked reductions), ``logprobs``, ``linear_logprobs``,
-``kl``, ``advantages``, ``losses``.  Each function is named after the framework function it re-implements
+``kl``, ``advantages`` (re-exports of ``gae``, ``whiten``, ``token_rewards``), ``losses``,
+``preference_losses``.  Each function is named after the framework function it re-implements
 (``verl_compute_policy_loss``, ``OpenRLHFPolicyLoss``, ``trl_selective_log_softmax``, ...); generic
 idioms that belong to no framework are named ``eager_*``.
 
