@@ -5,6 +5,8 @@ be set before triton is imported, i.e. before rlhf_kernels is.  With a CUDA devi
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -13,9 +15,9 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from gpu_smoke import mark_smoke  # noqa: E402
 
 import rlhf_kernels  # noqa: E402,F401  (imported after TRITON_INTERPRET is decided)
-from gpu_smoke import mark_smoke  # noqa: E402
 from rlhf_kernels import _dispatch  # noqa: E402
 
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -26,6 +28,15 @@ def backend_device(backend: str) -> str:
     if backend in ("triton", "cuda"):
         return TRITON_DEVICE if backend == "triton" else "cuda"
     return "cpu"
+
+
+def assert_compiles_for_sm90(script: str) -> None:
+    """Runs ``script`` (kernels through ``triton.compile`` for sm_90 with Triton's bundled ptxas, then
+    ``print("compiled")``) in a process without TRITON_INTERPRET: no device needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 def assert_close(actual, expected, tol, what):

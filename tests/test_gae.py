@@ -3,13 +3,9 @@ oracle and the peers' eager loops; the scan operator; the launcher writing every
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_device
+from conftest import HAS_CUDA, assert_compiles_for_sm90, backend_device
 
 from bench.baselines import gae as peers
 from rlhf_kernels import _dispatch, _ext
@@ -267,15 +263,6 @@ def test_launcher_writes_every_element(monkeypatch, mode, B, T):
     exp_a, exp_r = ref.compute_gae(rewards.cpu(), values.cpu(), mask.cpu(), 0.99, 0.95, mask_mode=mode)
     torch.testing.assert_close(advantages.cpu().double(), exp_a, **_tol(T, 0.99, 0.95))
     torch.testing.assert_close(returns.cpu().double(), exp_r, **_tol(T, 0.99, 0.95))
-
-
-def assert_compiles_for_sm90(script: str) -> None:
-    """Runs ``script`` (kernels through ``triton.compile`` for sm_90 with Triton's bundled ptxas, then
-    ``print("compiled")``) in a process without TRITON_INTERPRET: no device needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 _AOT_SCRIPT = """

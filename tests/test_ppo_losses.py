@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE, assert_close, assert_grad_close
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_close, assert_compiles_for_sm90, assert_grad_close
 
 from bench.baselines import losses as peers
 from rlhf_kernels import _dispatch
@@ -517,10 +513,7 @@ print("compiled")
 def test_triton_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter checks the math, not the lowering: compile every kernel of this family to PTX for
     sm_90 (Triton's bundled ptxas; no device needed), in a process without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert_compiles_for_sm90(_AOT_SCRIPT)
 
 
 # --------------------------------------------------------------------------------------------------

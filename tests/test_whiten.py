@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_device
-from test_gae import assert_compiles_for_sm90, pattern_mask
+from conftest import HAS_CUDA, assert_compiles_for_sm90, backend_device
+from test_gae import pattern_mask
 
 from bench.baselines.whiten import openrlhf_normalize, verl_masked_whiten
 from rlhf_kernels import _dispatch
