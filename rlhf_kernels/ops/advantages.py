@@ -240,7 +240,9 @@ def _whiten_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.T
 
 
 def _reverse_cumsum(values: torch.Tensor) -> torch.Tensor:
-    return values.flip(-1).cumsum(-1).flip(-1)
+    """Σ_{s ≥ t} values[..., s] (verl's flip-cumsum-flip, same order of additions); ``values`` may be
+    a temporary: the cumulative sum runs in place on its flipped copy (two [B, T] buffers, not three)."""
+    return values.flip(-1).cumsum_(-1).flip(-1)
 
 
 def _scores(token_level_rewards: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -419,9 +421,10 @@ def remax_advantages(
     check_same_device(token_level_rewards=token_level_rewards, reward_baselines=reward_baselines)
     dtype = compute_dtype(token_level_rewards, reward_baselines)
     returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
-    baselines = _on_tokens(reward_baselines.to(dtype), response_mask)  # b·m
     valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    return torch.where(valid, returns - baselines, 0.0), returns
+    # G − b·m at valid tokens, 0 elsewhere, built in one buffer (−(b·m) + G rounds as G − b·m).
+    advantages = torch.mul(response_mask.to(dtype), reward_baselines.to(dtype).unsqueeze(-1))
+    return advantages.neg_().add_(returns).masked_fill_(~valid, 0.0), returns
 
 
 def _path_weights(
