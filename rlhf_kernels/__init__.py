@@ -38,6 +38,7 @@ _LAZY = {
     "KL_ESTIMATORS": ".ops.kl",
     "kl_penalty": ".ops.kl",
     "kl_loss": ".ops.kl",
+    "KL_CORRECTIONS": ".ops.kl",
     "LOSS_AGG_MODES": ".ops.aggregation",
     "agg_loss": ".ops.aggregation",
     "ppo_policy_loss": ".ops.ppo_losses",
@@ -64,6 +65,10 @@ _LAZY = {
     "bypass_mode_policy_loss": ".ops.policy_losses",
     "rollout_correction": ".ops.rollout_correction",
     "REJECTION_OPTIONS": ".ops.rollout_correction",
+    "is_correction": ".ops.rollout_correction",
+    "off_policy_mask": ".ops.rollout_correction",
+    "elo_ratings": ".ops.ratings",
+    "bradley_terry": ".ops.ratings",
     "pairwise_reward_loss": ".ops.reward_losses",
     "pointwise_reward_loss": ".ops.reward_losses",
     "ranking_hinge_loss": ".ops.reward_losses",
@@ -102,7 +107,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     )
     from .ops.aggregation import LOSS_AGG_MODES, agg_loss
     from .ops.gae import compute_gae
-    from .ops.kl import KL_ESTIMATORS, kl_loss, kl_penalty
+    from .ops.kl import KL_CORRECTIONS, KL_ESTIMATORS, kl_loss, kl_penalty
     from .ops.linear_logprobs import linear_logprobs
     from .ops.logprobs import entropy_from_logits, logprobs_from_logits
     from .ops.policy_losses import (
@@ -129,7 +134,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
         ranking_reward_loss,
     )
     from .ops.policy_losses import bypass_mode_policy_loss
-    from .ops.rollout_correction import REJECTION_OPTIONS, rollout_correction
+    from .ops.ratings import bradley_terry, elo_ratings
+    from .ops.rollout_correction import REJECTION_OPTIONS, is_correction, off_policy_mask, rollout_correction
     from .ops.token_rewards import token_level_rewards
     from .ops.token_stats import TokenStats, token_stats_from_logits
     from .ops.whiten import masked_whiten

@@ -470,3 +470,56 @@ def test_unbiased_gradient_matches_oracle_and_openrlhf(backend, device, estimato
     peer = utils.compute_approx_kl(y, ref, old, kl_estimator=estimator, unbiased_gradient=True)
     (peer * mask).sum().backward()
     assert_close(x.grad, y.grad, 2e-5, "OpenRLHF gradient")
+
+
+# TRL 1.16's use_bias_correction_kl: k·e^{lp − old}, the ratio differentiable (per token or per sequence).
+@pytest.mark.parametrize("estimator", ["k1", "k3", "k3+"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_correction_matches_oracle(backend, device, estimator, level):
+    lp = -torch.rand(4, 23) * 3
+    ref, old = lp + torch.randn(4, 23) * 0.5, lp + torch.randn(4, 23) * 0.5
+    mask = (torch.rand(4, 23) < 0.7).float()
+    mask[1] = 0.0  # an empty row
+    lp[2, ~mask[2].bool()] = float("nan")  # padding never matters
+    mode = "seq-mean-token-mean"
+    x = lp.clone().to(device).requires_grad_()
+    loss = kl_loss(x, ref.to(device), mask.to(device), estimator=estimator, old_logprobs=old.to(device),
+                   kl_correction="bias_correction", importance_sampling_level=level, loss_agg=mode)
+    loss.backward()
+    xr = torch.where(mask != 0, lp, 0.0).double().requires_grad_()
+    want = ref_kl.kl_loss(xr, ref, mask, estimator=estimator, old_logprobs=old,
+                          kl_correction="bias_correction", importance_sampling_level=level, loss_agg=mode)
+    want.backward()
+    assert_close(loss, want, 2e-5, "loss")
+    assert_close(x.grad, xr.grad, 2e-5, "gradient")
+    assert bool((x.grad[mask == 0] == 0).all())
+
+
+def test_bias_correction_float64_and_on_policy_gradient(backend, device):
+    lp = (-torch.rand(2, 17, dtype=torch.float64) * 3).to(device)
+    ref = lp + 0.3
+    x = lp.clone().requires_grad_()
+    value = kl_penalty(x, ref, "k3", old_logprobs=lp, kl_correction="bias_correction")
+    value.sum().backward()
+    xr = lp.cpu().clone().requires_grad_()
+    want = ref_kl.kl_penalty(xr, ref.cpu(), "k3", old_logprobs=lp.cpu(), kl_correction="bias_correction")
+    want.sum().backward()
+    assert_close(value, want, 1e-12, "fp64 value")
+    assert_close(x.grad, xr.grad, 1e-12, "fp64 gradient")
+    # on-policy (old = lp) the value is k3 but the gradient is k3' + k3 (TRL's documented behaviour)
+    assert_close(value, kl_penalty(lp, ref, "k3"), 1e-12, "on-policy value")
+    k3 = ref_kl.kl_penalty(lp.cpu(), ref.cpu(), "k3")
+    assert_close(x.grad, (1 - torch.exp(ref.cpu() - lp.cpu())) + k3, 1e-12, "k3' + k3")
+
+
+def test_kl_correction_errors():
+    lp = torch.zeros(2, 3)
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="kl_correction must be one of"):
+        kl_penalty(lp, lp, old_logprobs=lp, kl_correction="trl")
+    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
+        kl_loss(lp, lp, mask, old_logprobs=lp, importance_sampling_level="row")
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence' weights the KL"):
+        kl_loss(lp, lp, mask, old_logprobs=lp, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence' weights the KL"):
+        kl_loss(lp, lp, mask, kl_correction="bias_correction", importance_sampling_level="sequence")

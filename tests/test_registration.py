@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import HAS_CUDA
+from test_ratings import registration_samples as _ratings_samples
 
 import rlhf_kernels.ops
 from rlhf_kernels import (
@@ -307,6 +308,7 @@ SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _policy_losses_samples,
     _reward_samples,
     _linear_logprobs_samples,
+    _ratings_samples,
 )
 
 

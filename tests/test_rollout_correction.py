@@ -260,3 +260,50 @@ def test_bypass_mode_all_masked_and_errors():
         pl.bypass_mode_policy_loss(logprobs, rollout, advantages, mask, loss_type="ppo")
     with pytest.raises(ValueError, match="is_weights"):
         pl.bypass_mode_policy_loss(logprobs, rollout, advantages, mask, is_weights=torch.ones(3, 8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# is_correction (OpenRLHF's PolicyLoss correction) and off_policy_mask (TRL) against the oracle
+# ---------------------------------------------------------------------------------------------------
+IS_CORRECTION_SETTINGS = [
+    dict(level="token", mode="mask", gating="ratio", threshold=(0.8, 1.25)),
+    dict(level="token", mode="clip", gating="ratio", threshold=(0.8, 1.25)),
+    dict(level="sequence", mode="mask", gating="ratio", threshold=(0.9, 1.1)),
+    dict(level="token", mode="mask", gating="binary_kl", threshold=0.01),
+    dict(level="sequence", mode="mask", gating="tv", threshold=(0.0, 0.03)),
+]
+
+
+@pytest.mark.parametrize("settings", IS_CORRECTION_SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize("kind", ["random", "empty_rows", "all_masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_is_correction_matches_oracle(settings, kind, dtype):
+    from rlhf_kernels.ops.rollout_correction import is_correction
+
+    old = (-torch.rand(5, 17) * 2).to(dtype)
+    rollout = old + torch.randn(5, 17, dtype=dtype) * 0.3
+    mask = make_mask(5, 17, kind)
+    got, metrics = is_correction(old, rollout, mask, **settings)
+    want, want_metrics = ref.is_correction(old, rollout, mask, **settings)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.dtype == dtype
+    close(got, want, tol, "coefficient")
+    for key in want_metrics:
+        close(metrics[key], want_metrics[key], tol, key)
+
+
+@pytest.mark.parametrize("kind", ["random", "holes", "all_masked"])
+def test_off_policy_mask_matches_oracle(kind):
+    from rlhf_kernels.ops.rollout_correction import off_policy_mask
+
+    lp = -torch.rand(6, 9) * 2
+    sampling = lp + torch.tensor([0.0, 0.4, 0.05, 0.9, 0.2, 0.6])[:, None] + torch.randn(6, 9) * 0.05
+    sampling[1, 0] = float("nan")
+    mask = make_mask(6, 9, kind, dtype=torch.int64)
+    lp_garbage = lp.masked_fill(mask == 0, float("inf"))  # masked positions never matter
+    for advantages in (torch.tensor([1.0, -1.0, -1.0, -1.0, 0.0, -0.5]), torch.randn(6, 9)):
+        got = off_policy_mask(advantages, lp_garbage, sampling, mask, 0.3)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, ref.off_policy_mask(advantages, lp, sampling, mask, 0.3))
+    with pytest.raises(ValueError, match=r"advantages must have shape \(6,\), \(6, 1\)"):
+        off_policy_mask(torch.zeros(5), lp, sampling, mask, 0.3)

@@ -87,6 +87,8 @@ BUDGETS: dict[str, Budget | WhenSet] = {
     # One prompt per CTA; PAIRS_PER_THREAD sizes the warps so a thread holds ≤ 16 of the K × K pairs.
     "_ranking_fwd_kernel": Budget(128, "pair tiles, 8 warps at K = 64: 2 CTAs per SM"),
     "_ranking_bwd_kernel": Budget(128, "pair tiles, 8 warps at K = 64: 2 CTAs per SM"),
+    # One 1-warp program per league looping over its comparisons: latency-bound, no residency target.
+    "_elo_fwd_kernel": Budget(64, "sequential Elo scan, one 1-warp program per league: latency-bound"),
 }
 
 

@@ -698,6 +698,23 @@ def token_stats_cases() -> list[Case]:
     return cases
 
 
+def ratings_cases() -> list[Case]:
+    from rlhf_kernels.ops.ratings import elo_ratings
+
+    leagues, n, items = 256, 64, 16
+    return [
+        Case(
+            "ratings",
+            "elo_ratings",
+            f"fp32 leagues={leagues} N={n} I={items}",
+            lambda: (empty(leagues, n, dtype=torch.int64), empty(leagues, n, dtype=torch.int64)),
+            lambda winners, losers: elo_ratings(winners, losers, items),
+            leagues * (n * 2 * 8 + items * 4),
+            ci=True,
+        )
+    ]
+
+
 FAMILIES: dict[str, Callable[[], list[Case]]] = {
     "logprobs": logprobs_cases,
     "linear_logprobs": linear_logprobs_cases,
@@ -709,4 +726,5 @@ FAMILIES: dict[str, Callable[[], list[Case]]] = {
     "reward_losses": reward_losses_cases,
     "policy_losses": policy_losses_cases,
     "token_stats": token_stats_cases,
+    "ratings": ratings_cases,
 }

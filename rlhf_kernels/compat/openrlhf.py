@@ -38,6 +38,7 @@ from torch import nn
 
 import rlhf_kernels as rk
 
+from ..ops.rollout_correction import is_correction
 from ._patching import Patcher, import_modules
 from ._shared import common_dtype, in_dtype_of, nan_if_empty, no_double, weighted_aggregation
 
@@ -271,32 +272,18 @@ class PolicyLoss(nn.Module):
     def _correction(
         self, old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-token coefficient, vllm_kl, is_filter_ratio) of OpenRLHF's train/rollout correction."""
-        low, high = self.is_correction_threshold
-        seq_level = self.is_correction_level == "seq"
-        old, rollout = old_log_probs.detach(), rollout_log_probs.detach()
-        is_log_ratio = old - rollout  # log(π_train / π_rollout)
-        if self.is_correction_gating == "ratio":
-            stat = masked_mean(is_log_ratio, mask, dim=-1).unsqueeze(-1) if seq_level else is_log_ratio
-            stat = stat.exp()
-        else:
-            p = rollout.exp().clamp(1e-6, 1 - 1e-6)  # keeps the binary-KL logs finite, as OpenRLHF
-            q = old.exp().clamp(1e-6, 1 - 1e-6)
-            if self.is_correction_gating == "binary_kl":
-                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-            else:
-                stat = (p - q).abs()
-            if seq_level:
-                stat = masked_mean(stat, mask, dim=-1).unsqueeze(-1)
-        if self.is_correction_mode == "clip":
-            coefficient = stat.clamp(min=low, max=high)
-            filtered = (stat < low) | (stat > high)
-        else:
-            keep = (stat >= low) & (stat <= high)
-            coefficient = torch.where(keep, is_log_ratio.exp(), 0.0)
-            filtered = ~keep
-        filter_ratio = filtered.float().mean() if seq_level else masked_mean(filtered.float(), mask)
-        return coefficient.expand(mask.shape), masked_mean(rollout - old, mask), filter_ratio
+        """(per-token coefficient, vllm_kl, is_filter_ratio) of OpenRLHF's train/rollout correction: the
+        core :func:`rlhf_kernels.ops.rollout_correction.is_correction`, with OpenRLHF's NaN for an
+        all-masked batch (a token-level masked mean without epsilon)."""
+        level = "sequence" if self.is_correction_level == "seq" else "token"
+        coefficient, metrics = is_correction(
+            old_log_probs, rollout_log_probs, mask, level=level, mode=self.is_correction_mode,
+            gating=self.is_correction_gating, threshold=tuple(self.is_correction_threshold),
+        )
+        filter_ratio = metrics["is_filter_ratio"]
+        if level == "token":
+            filter_ratio = nan_if_empty(filter_ratio, mask)
+        return coefficient, nan_if_empty(metrics["vllm_kl"], mask), filter_ratio
 
     def forward(
         self,

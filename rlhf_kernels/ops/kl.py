@@ -17,6 +17,11 @@ from dominating the penalty).  Every estimator is a function of δ alone, so
 (a clamp passes the gradient on its closed interval, as ``torch.clamp`` does).  NaN in gives NaN out,
 in the value and the gradient.  ``kl_loss`` = agg(k(lp, ref), mask) with ``ops/aggregation.py``.
 
+Tokens sampled from an older policy (``old_logprobs``) take one of two corrections (``KL_CORRECTIONS``):
+OpenRLHF's ``unbiased_gradient`` (value k, gradient w·δ with w = min(e^{lp − old}, 10) detached) and TRL
+1.16's ``use_bias_correction_kl`` (value k·e^{lp − old}, the ratio differentiable; per token, or per
+sequence in ``kl_loss``): one elementwise product in PyTorch after the kernel.
+
 Layout: Triton kernels → launch config → launchers → registration/autograd → public functions; the
 PyTorch path is ``ops/cpu/kl.py``.
 """
@@ -29,7 +34,14 @@ import torch
 
 from .. import _dispatch
 from .._registration import kernel_op
-from .._validation import FLOAT_DTYPES, check_float_tensor, check_same_device, check_shape, compute_dtype
+from .._validation import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_float_tensor,
+    check_same_device,
+    check_shape,
+    compute_dtype,
+)
 from ._launch import cdiv, pow2_between, tl, triton, wrap_triton
 from .aggregation import (
     TOKEN_MEAN,
@@ -53,6 +65,11 @@ _ESTIMATOR_CODE = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _ALIASES = {"low_var_kl": "k3", "low_var_kl+": "k3+", "k2+": "k2"}
 #: OpenRLHF's bound on the importance weight e^{lp − old} of the unbiased KL gradient (KL_IS_WEIGHT_CLIP).
 KL_IS_WEIGHT_CLIP = 10.0
+#: How ``old_logprobs`` corrects the KL for off-policy samples: OpenRLHF's ``unbiased_gradient`` (value
+#: unchanged, gradient weighted by a clipped, detached ratio) or TRL's ``use_bias_correction_kl`` (the value
+#: times the differentiable ratio e^{lp − old}).
+KL_CORRECTIONS = ("unbiased_gradient", "bias_correction")
+IS_LEVELS = ("token", "sequence")
 
 # float64 is accepted too (gradcheck, oracles); everything else computes in fp32.
 _KL_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -305,6 +322,7 @@ def kl_penalty(
     estimator: str = "k1",
     *,
     old_logprobs: torch.Tensor | None = None,
+    kl_correction: str = "unbiased_gradient",
 ) -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference policy.
 
@@ -320,6 +338,10 @@ def kl_penalty(
             When given, the importance-weighted unbiased KL gradient (OpenRLHF's ``unbiased_gradient``):
             the value of ``estimator``, the gradient w·(lp − ref) with w = min(e^{lp − old}, 10), detached
             (the reverse-KL gradient E_old[w·k1·∇lp]); ``ref_logprobs`` then gets −w·(lp − ref).
+        kl_correction: with ``old_logprobs``: ``"unbiased_gradient"`` (OpenRLHF, above) or
+            ``"bias_correction"`` (TRL 1.16's ``use_bias_correction_kl``, DeepSeek-V3.2): the value
+            k(lp, ref)·e^{lp − old}, the ratio not detached and not clipped, so that the gradient is
+            e^{lp − old}·(k' + k) (it differs from k' even on-policy, where the ratio is 1).
 
     Returns:
         [...] float32 (float64 when an input is float64), computed in that precision.  Differentiable
@@ -334,16 +356,20 @@ def kl_penalty(
     check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
     check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     estimator = check_estimator(estimator)
+    check_choice("kl_correction", kl_correction, KL_CORRECTIONS)
     if old_logprobs is not None:
         check_float_tensor("old_logprobs", old_logprobs, _KL_DTYPES)
         check_shape("old_logprobs", old_logprobs, logprobs.shape, "logprobs.shape")
         check_same_device(logprobs=logprobs, old_logprobs=old_logprobs)
-        estimator = value_estimator(estimator) + "+"
+        if kl_correction == "unbiased_gradient":
+            estimator = value_estimator(estimator) + "+"
     shape = logprobs.shape
     flat = (logprobs.contiguous().view(-1), ref_logprobs.contiguous().view(-1))
     kl = kl_penalty_op(*flat, estimator).view(shape)
     if old_logprobs is None:
         return kl
+    if kl_correction == "bias_correction":
+        return kl * (logprobs.to(kl.dtype) - old_logprobs.to(kl.dtype)).exp()
     # Straight-through: value kl, gradient w·∂kl(k2) = w·δ (the "+" op already differentiates k2).
     with torch.no_grad():
         weight = (logprobs.to(kl.dtype) - old_logprobs.to(kl.dtype)).exp().clamp(max=KL_IS_WEIGHT_CLIP)
@@ -374,6 +400,8 @@ def kl_loss(
     loss_agg: str = TOKEN_MEAN,
     normalizer: Normalizer = None,
     old_logprobs: torch.Tensor | None = None,
+    kl_correction: str = "unbiased_gradient",
+    importance_sampling_level: str = "token",
 ) -> torch.Tensor:
     """agg(k(lp, ref), mask): the KL penalty as a loss, 0-dim fp32 (fp64 for fp64 inputs).
 
@@ -384,7 +412,12 @@ def kl_loss(
         estimator: a name of :data:`KL_ESTIMATORS` (``"k3+"``: value of k3, gradient of k2), as
             :func:`kl_penalty`.
         old_logprobs: optional [B, T] rollout-policy log-probabilities: the importance-weighted unbiased
-            gradient of :func:`kl_penalty` (OpenRLHF ``unbiased_gradient``).
+            gradient of :func:`kl_penalty` (OpenRLHF ``unbiased_gradient``), or with
+            ``kl_correction="bias_correction"`` TRL's k·e^{lp − old} (see :func:`kl_penalty`).
+        kl_correction: ``"unbiased_gradient"`` or ``"bias_correction"``, as :func:`kl_penalty`.
+        importance_sampling_level: for ``"bias_correction"``: ``"token"`` (the ratio e^{lp − old} of each
+            token) or ``"sequence"`` (TRL's ``importance_sampling_level="sequence"``: every token of row b
+            weighted by e^{s_b}, s_b = Σ_t (lp − old)·m / max(Σ_t m, 1)).
         loss_agg: one of :data:`rlhf_kernels.ops.aggregation.LOSS_AGG_MODES`.
         normalizer: replaces the aggregation's denominator (see docs/aggregation.md).
 
@@ -401,14 +434,32 @@ def kl_loss(
     valid = mask != 0
     logprobs = torch.where(valid, logprobs, 0.0)
     ref_logprobs = torch.where(valid, ref_logprobs, 0.0)
+    check_choice("kl_correction", kl_correction, KL_CORRECTIONS)
+    check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
+    sequence = importance_sampling_level == "sequence"
+    if sequence and (old_logprobs is None or kl_correction != "bias_correction"):
+        raise ValueError(
+            "importance_sampling_level='sequence' weights the KL with kl_correction='bias_correction' and "
+            f"needs old_logprobs; got kl_correction={kl_correction!r}, old_logprobs "
+            f"{'given' if old_logprobs is not None else 'None'}"
+        )
     if old_logprobs is not None:
         check_token_inputs(mask, logprobs=logprobs, old_logprobs=old_logprobs)
         old_logprobs = torch.where(valid, old_logprobs, 0.0)
-    per_token = kl_penalty(logprobs, ref_logprobs, estimator, old_logprobs=old_logprobs)
+    if sequence:
+        per_token = kl_penalty(logprobs, ref_logprobs, estimator)
+        weight = torch.where(valid, mask.to(per_token.dtype), 0.0)
+        log_ratio = (logprobs.to(per_token.dtype) - old_logprobs.to(per_token.dtype)) * weight
+        seq_log_ratio = log_ratio.sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp(min=1.0)
+        per_token = per_token * seq_log_ratio.exp()
+    else:
+        per_token = kl_penalty(logprobs, ref_logprobs, estimator, old_logprobs=old_logprobs,
+                               kl_correction=kl_correction)
     return agg_loss(per_token, mask, loss_agg, normalizer)
 
 
 __all__ = [
+    "KL_CORRECTIONS",
     "KL_ESTIMATORS",
     "KL_IS_WEIGHT_CLIP",
     "K3_LOG_RATIO_CLAMP",

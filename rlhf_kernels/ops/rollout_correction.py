@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .._validation import check_choice, check_real, compute_dtype
+from .._validation import FLOAT_DTYPES, check_choice, check_float_tensor, check_real, compute_dtype
 from .aggregation import check_token_inputs
 from .cpu.ppo_losses import LOG_RATIO_CLAMP
 
@@ -148,6 +148,12 @@ class _Masked:
         centred = torch.where(self.row_valid, r - self.rows_mean(r), 0.0)
         var = (centred * centred).sum() / (self.valid_rows - 1).clamp(min=1.0)
         return torch.where(self.valid_rows > 1, var.sqrt(), 0.0)
+
+
+def _masked_inputs(mask: Tensor, x: Tensor, y: Tensor) -> tuple[_Masked, Tensor, Tensor]:
+    """(the mask's reductions in the compute dtype of x and y; x, y detached in it, 0 where masked)."""
+    b = _Masked(mask, compute_dtype(x, y))
+    return b, b.zero(x.detach().to(b.dtype)), b.zero(y.detach().to(b.dtype))
 
 
 def _all_rows_std(r: Tensor) -> Tensor:
@@ -333,10 +339,7 @@ def rollout_correction(
     if not isinstance(batch_normalize, bool):
         raise TypeError(f"batch_normalize must be a bool; got {type(batch_normalize).__name__}")
     with torch.no_grad():
-        dtype = compute_dtype(logprobs, rollout_logprobs)
-        b = _Masked(mask, dtype)
-        lp = b.zero(logprobs.detach().to(dtype))
-        rollout = b.zero(rollout_logprobs.detach().to(dtype))
+        b, lp, rollout = _masked_inputs(mask, logprobs, rollout_logprobs)
         log_ratio = lp - rollout
         (seq_log_ratio,) = b.row_sums(log_ratio)
         metrics: dict[str, Tensor] = {}
@@ -351,3 +354,139 @@ def rollout_correction(
         metrics = {key: torch.where(has_tokens, value, 0.0) for key, value in metrics.items()}
         keep_mask = mask.masked_fill(~keep, 0) if rules else mask.clone()
     return weights, keep_mask, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenRLHF 0.11.2's PolicyLoss correction and TRL 1.16's off-policy sequence mask
+# ---------------------------------------------------------------------------------------------------
+IS_CORRECTION_MODES = ("mask", "clip")
+IS_CORRECTION_GATINGS = ("ratio", "binary_kl", "tv")
+#: OpenRLHF clamps both token probabilities to [1e-6, 1 − 1e-6] before the binary KL / TV statistics.
+IS_CORRECTION_PROB_CLAMP = 1e-6
+
+
+def _correction_threshold(threshold: object, gating: str) -> tuple[float, float]:
+    if isinstance(threshold, (tuple, list)):
+        if len(threshold) != 2:
+            raise ValueError(f"threshold must be a (low, high) pair or an upper bound; got {threshold!r}")
+        low, high = check_real("threshold low", threshold[0]), check_real("threshold high", threshold[1])
+    else:
+        low, high = 0.0, check_real("threshold", threshold)
+    if low > high:
+        raise ValueError(f"threshold must have low <= high; got ({low}, {high})")
+    if gating != "ratio" and low > 0:
+        raise ValueError(
+            f"gating={gating!r} takes an upper bound only (low <= 0); got threshold ({low}, {high})"
+        )
+    return low, high
+
+
+def is_correction(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, level: str = "token",
+    mode: str = "mask", gating: str = "ratio", threshold: Threshold = (0.5, 5.0),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """OpenRLHF 0.11.2's train/rollout importance-sampling correction of ``PolicyLoss``: a per-token
+    coefficient that multiplies each token's policy loss (https://fengyao.notion.site/off-policy-rl).
+
+    Shapes: ``old_logprobs`` (the trainer's log-probabilities of the sampled tokens), ``rollout_logprobs``
+    (the rollout engine's) [B, T] floating; ``mask`` [B, T] bool / integer / floating.  With
+    ℓ = old − rollout, a statistic per unit (token, or row for ``level="sequence"``):
+
+    - ``gating="ratio"``: e^ℓ per token; per row e^{mean_t ℓ} (the masked geometric mean of the ratio).
+    - ``"binary_kl"``: p·log(p/q) + (1−p)·log((1−p)/(1−q)) with p = e^rollout, q = e^old, both clamped to
+      [1e-6, 1 − 1e-6]; ``"tv"``: |p − q|; per row, their masked mean.
+
+    ``mode="mask"`` keeps a unit when low ≤ stat ≤ high, and its tokens' coefficient is the token ratio
+    e^ℓ (0 for rejected units); ``mode="clip"`` (token level, ratio gating only) uses clamp(stat, low,
+    high).  ``threshold``: (low, high) for the ratio; an upper bound δ (or (low ≤ 0, δ)) for the
+    divergences.  Returns ``(coefficient, metrics)``: coefficient [B, T] in the compute dtype (fp32; fp64
+    for fp64 inputs), 0 at masked positions, no gradient; metrics ``vllm_kl`` (masked mean of
+    rollout − old) and ``is_filter_ratio`` (the masked fraction of rejected/clipped tokens; at sequence
+    level the fraction of the B rows rejected, a row without valid tokens counting as rejected, as in
+    OpenRLHF), 0-dim.  Masked positions never matter, whatever they hold; a batch without valid tokens
+    gives 0 for ``vllm_kl`` and the token-level ``is_filter_ratio`` (OpenRLHF: NaN).  Example:
+    ℓ = (0.1, 2.0), threshold (0.5, 5.0), token level, mask mode: coefficient (e^0.1, e^2.0); with
+    threshold (0.5, 2.0): (e^0.1, 0).
+    """
+    check_token_inputs(mask, old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs)
+    check_choice("level", level, LEVELS)
+    check_choice("mode", mode, IS_CORRECTION_MODES)
+    check_choice("gating", gating, IS_CORRECTION_GATINGS)
+    if mode == "clip" and (level != "token" or gating != "ratio"):
+        raise ValueError(
+            f"mode='clip' needs level='token' and gating='ratio'; got level={level!r}, gating={gating!r}"
+        )
+    low, high = _correction_threshold(threshold, gating)
+    with torch.no_grad():
+        b, old, rollout = _masked_inputs(mask, old_logprobs, rollout_logprobs)
+        log_ratio = old - rollout
+        sequence = level == "sequence"
+
+        def row_mean(x: Tensor) -> Tensor:  # Σ x·m / Σ m (OpenRLHF's masked mean: no clamp of Σ m)
+            return (b.row_sums(x)[0] / torch.where(b.row_valid, b.row_count, 1.0))[:, None]
+
+        def token_mean(x: Tensor) -> Tensor:
+            return b.row_sums(x)[0].sum() / torch.where(b.count > 0, b.count, 1.0)
+
+        if gating == "ratio":
+            stat = torch.exp(row_mean(log_ratio) if sequence else log_ratio)
+        else:
+            p = rollout.exp().clamp(IS_CORRECTION_PROB_CLAMP, 1 - IS_CORRECTION_PROB_CLAMP)
+            q = old.exp().clamp(IS_CORRECTION_PROB_CLAMP, 1 - IS_CORRECTION_PROB_CLAMP)
+            if gating == "binary_kl":
+                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+            else:
+                stat = (p - q).abs()
+            if sequence:
+                stat = row_mean(stat)
+        if mode == "clip":
+            coefficient = stat.clamp(min=low, max=high)
+            rejected = (stat < low) | (stat > high)
+        else:
+            keep = (stat >= low) & (stat <= high)
+            coefficient = torch.where(keep, log_ratio.exp(), 0.0)
+            rejected = ~keep
+        if sequence:
+            filter_ratio = (rejected[:, 0] | ~b.row_valid).to(b.dtype).mean()
+        else:
+            filter_ratio = token_mean(rejected)
+        vllm_kl = token_mean(rollout - old)
+        coefficient = b.zero(coefficient.expand(b.m.shape))
+    return coefficient, {"vllm_kl": vllm_kl, "is_filter_ratio": filter_ratio}
+
+
+def off_policy_mask(
+    advantages: Tensor, logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, threshold: float,
+) -> Tensor:
+    """TRL 1.16's off-policy sequence mask (DeepSeek-V3.2, eq. 9; ``GRPOConfig.off_policy_mask_threshold``):
+    drop a sequence whose advantage is negative and whose policy drifted from the sampler.
+
+    Shapes: ``logprobs`` (current policy), ``sampling_logprobs`` (the sampler's: vLLM's, or the old
+    policy's) [B, T] floating; ``mask`` [B, T]; ``advantages`` [B] (or [B, 1], or [B, T] for per-token
+    advantages).  With D_b = Σ_t (sampling − logprobs)·m / max(Σ_t m, 1) (NaN log-ratios, tokens the
+    sampler could not score, count as 0, as TRL's ``nan_to_num``):
+
+        keep = (A ≥ 0) | (D_b ≤ threshold)
+
+    Returns keep in ``mask``'s dtype, [B, 1] (or [B, T] for [B, T] advantages): multiply the per-token
+    loss by it.  No gradient, no host sync.  Masked positions never matter, whatever they hold (TRL
+    multiplies by the mask: ±inf there would poison the row's mean).  Example: A = (−1, −1, 2),
+    D = (0.1, 0.9, 0.9), threshold 0.5: keep = (1, 0, 1).
+    """
+    check_token_inputs(mask, logprobs=logprobs, sampling_logprobs=sampling_logprobs)
+    check_float_tensor("advantages", advantages, FLOAT_DTYPES + (torch.float64,))
+    rows = logprobs.shape[0]
+    if tuple(advantages.shape) in ((rows,), (rows, 1)):
+        advantages = advantages.reshape(rows, 1)
+    elif tuple(advantages.shape) != tuple(logprobs.shape):
+        raise ValueError(
+            f"advantages must have shape ({rows},), ({rows}, 1) or logprobs.shape = {tuple(logprobs.shape)}; "
+            f"got {tuple(advantages.shape)}"
+        )
+    threshold = check_real("threshold", threshold)
+    with torch.no_grad():
+        b, lp, sampling = _masked_inputs(mask, logprobs, sampling_logprobs)
+        kl = torch.nan_to_num(sampling - lp, nan=0.0)
+        (mean_kl,) = b.row_means(kl)
+        keep = (advantages >= 0) | (mean_kl[:, None] <= threshold)
+    return keep.to(mask.dtype)

@@ -215,3 +215,71 @@ def bypass_mode_policy_loss(
         diff = (old_logprobs.double() - logprobs.detach().double())[kept]
         pg = dict(pg, approx_kl=_f(diff.mean() if diff.numel() else 0.0))
     return loss, {**pg, **metrics}
+
+
+def is_correction(old_logprobs, rollout_logprobs, mask, *, level="token", mode="mask", gating="ratio",
+                  threshold=(0.5, 5.0)):
+    """OpenRLHF's PolicyLoss coefficient, token by token in Python floats (see docs/rollout_correction.md)."""
+    low, high = threshold if isinstance(threshold, tuple) else (0.0, threshold)
+    old = old_logprobs.detach().double().cpu()
+    ro = rollout_logprobs.detach().double().cpu()
+    m = mask.double().cpu()
+    B, T = old.shape
+    clip = lambda x: min(max(x, 1e-6), 1 - 1e-6)  # noqa: E731
+
+    def token_stat(b, t):
+        ell = float(old[b, t] - ro[b, t])
+        if gating == "ratio":
+            return ell if level == "sequence" else _exp(ell)
+        p, q = clip(_exp(float(ro[b, t]))), clip(_exp(float(old[b, t])))
+        if gating == "binary_kl":
+            return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+        return abs(p - q)
+
+    coef = torch.zeros(B, T, dtype=torch.float64)
+    rejected_tokens, rejected_rows, tokens = 0.0, 0, 0.0
+    for b in range(B):
+        valid = [t for t in range(T) if m[b, t] != 0]
+        if level == "sequence":
+            weight = sum(float(m[b, t]) for t in valid)
+            if not valid:
+                rejected_rows += 1
+                continue
+            stat = sum(token_stat(b, t) * float(m[b, t]) for t in valid) / weight
+            stat = _exp(stat) if gating == "ratio" else stat
+            keep = low <= stat <= high
+            rejected_rows += not keep
+            for t in valid:
+                coef[b, t] = _exp(float(old[b, t] - ro[b, t])) if keep else 0.0
+            continue
+        for t in valid:
+            stat = token_stat(b, t)
+            out = stat < low or stat > high
+            if mode == "clip":
+                coef[b, t] = min(max(stat, low), high)
+            else:
+                coef[b, t] = 0.0 if out else _exp(float(old[b, t] - ro[b, t]))
+            rejected_tokens += float(m[b, t]) * out
+            tokens += float(m[b, t])
+    kl = sum(float((ro[b, t] - old[b, t]) * m[b, t]) for b in range(B) for t in range(T) if m[b, t] != 0)
+    weight = float(m[m != 0].sum())
+    filter_ratio = rejected_rows / B if level == "sequence" else (rejected_tokens / tokens if tokens else 0.0)
+    return coef, {"vllm_kl": _f(kl / weight if weight else 0.0), "is_filter_ratio": _f(filter_ratio)}
+
+
+def off_policy_mask(advantages, logprobs, sampling_logprobs, mask, threshold):
+    """TRL's keep = (A ≥ 0) | (mean over valid tokens of (sampling − lp), NaN as 0, ≤ threshold)."""
+    lp, sp, m = logprobs.double().cpu(), sampling_logprobs.double().cpu(), mask.double().cpu()
+    B, T = lp.shape
+    adv = advantages.double().cpu().reshape(B, -1)
+    out = torch.zeros(adv.shape, dtype=torch.float64)
+    for b in range(B):
+        total = 0.0
+        for t in range(T):
+            if m[b, t] != 0:
+                d = float(sp[b, t] - lp[b, t])
+                total += (0.0 if d != d else d) * float(m[b, t])
+        mean_kl = total / max(float(m[b].sum()), 1.0)
+        for j in range(adv.shape[1]):
+            out[b, j] = float(adv[b, j] >= 0 or mean_kl <= threshold)
+    return out.to(mask.dtype)
