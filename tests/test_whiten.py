@@ -1,8 +1,14 @@
 """masked_whiten on every backend (PyTorch, Triton) against the float64 oracle and verl's / OpenRLHF's
 eager formulas; accuracy far from zero (issue 12) and for any finite magnitude (issue 19); the three
-launchers writing every element."""
+launchers writing every element; whitening across 2 CPU processes (gloo) equal to whitening the
+concatenated batch."""
 
 from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
 
 import pytest
 import torch
@@ -273,6 +279,90 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter checks the math, not the lowering: compile every kernel of this family to PTX
     for sm_90 (Triton's bundled ptxas; no device needed), in a process without TRITON_INTERPRET."""
     assert_compiles_for_sm90(_AOT_SCRIPT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Across processes (data parallelism): 2 CPU processes on gloo against the concatenated batch
+# --------------------------------------------------------------------------------------------------
+def _global_cases(rank: int):
+    """(name, x, mask) of this rank: different shapes per rank, offsets far apart, a rank of zeros
+    (P = 2^-126) beside a mean of 5, an empty rank, weights, NaN on one rank."""
+    gen = torch.Generator().manual_seed(40 + rank)
+    shape = (3, 7) if rank == 0 else (2, 9)
+    x = torch.randn(shape, generator=gen) * (1 + rank) + 1000 * rank
+    mask = torch.rand(shape, generator=gen) < 0.7
+    zeros = torch.zeros(4, 5) if rank == 0 else torch.randn(2, 5, generator=gen) + 5
+    nan = x.clone()
+    if rank == 1:
+        nan[0, 3] = float("nan")
+    return [
+        ("offsets", x, mask),
+        ("weights", x, mask * torch.rand(shape, generator=gen)),
+        ("bf16", x.bfloat16(), mask),
+        ("zeros beside mean 5", zeros, torch.ones(zeros.shape, dtype=torch.bool)),
+        ("empty rank", x[:0] if rank == 0 else x, mask[:0] if rank == 0 else mask),
+        ("all masked", x, torch.zeros(shape, dtype=torch.bool)),
+        ("nan", nan, torch.ones(shape, dtype=torch.bool)),
+    ]
+
+
+def _global_worker(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    group = dist.group.WORLD
+    try:
+        for backend_name in ("torch", "triton"):
+            with _dispatch.use_backend(backend_name):
+                for name, x, mask in _global_cases(rank):
+                    for shift_mean, unbiased in ((True, True), (False, False)):
+                        what = f"rank {rank} {backend_name} {name} shift_mean={shift_mean}"
+                        x_before, mask_before = x.clone(), mask.clone()
+                        got = masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased,
+                                            process_group=group)
+                        expected = ref.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased,
+                                                     process_group=group)
+                        assert got.dtype == torch.float32 and got.shape == x.shape, what
+                        torch.testing.assert_close(x, x_before, rtol=0, atol=0, equal_nan=True, msg=what)
+                        assert torch.equal(mask, mask_before), what
+                        if name == "nan":
+                            assert got.isnan().all(), what  # a NaN on one rank reaches every rank
+                            continue
+                        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+                        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6 * scale,
+                                                   msg=what)
+        with pytest.raises(ValueError, match="process_group needs dim=None"):
+            masked_whiten(torch.ones(2, 3), torch.ones(2, 3), dim=-1, process_group=group)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_whiten_across_two_processes_equals_the_concatenated_batch(monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    context = mp.spawn(_global_worker, args=(2, _free_port()), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    try:
+        while not context.join(timeout=5):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail("whitening workers did not finish within 240 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, 9)
+
+
+def test_whiten_process_group_errors():
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        masked_whiten(torch.ones(2, 3), torch.ones(2, 3), process_group="world")
 
 
 # --------------------------------------------------------------------------------------------------

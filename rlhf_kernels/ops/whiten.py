@@ -236,6 +236,18 @@ def _launch_apply_out(
     )
 
 
+def _launch_moments(x: torch.Tensor, mask: torch.Tensor, per_row: bool):
+    """Passes 1-2 on a non-empty [R, C]: (pivot, Σd·m [R], Σd²·m [R]), see ``ops/cpu/whiten.py``."""
+    R = x.shape[0]
+    count, total = (torch.empty(R, dtype=torch.float32, device=x.device) for _ in range(2))
+    exponent = torch.empty(R, dtype=torch.int32, device=x.device)
+    _launch_pivot_out(count, exponent, total, x, mask)
+    pivot = cpu.combine_pivots(count, exponent, total, per_row)
+    centred, square = torch.empty_like(count), torch.empty_like(count)
+    _launch_moments_out(centred, square, x, mask, pivot.inv_scale, pivot.pivot, per_row)
+    return pivot, centred, square
+
+
 def _launch_fwd(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float, per_row: bool
 ) -> torch.Tensor:
@@ -243,14 +255,24 @@ def _launch_fwd(
     out = torch.empty((R, C), dtype=torch.float32, device=x.device)
     if R == 0 or C == 0:
         return out
-    count, total = (torch.empty(R, dtype=torch.float32, device=x.device) for _ in range(2))
-    exponent = torch.empty(R, dtype=torch.int32, device=x.device)
-    _launch_pivot_out(count, exponent, total, x, mask)
-    pivot = cpu.combine_pivots(count, exponent, total, per_row)
-    centred, square = torch.empty_like(count), torch.empty_like(count)
-    _launch_moments_out(centred, square, x, mask, pivot.inv_scale, pivot.pivot, per_row)
+    pivot, centred, square = _launch_moments(x, mask, per_row)
     stats = cpu.finish_stats(pivot, centred, square, unbiased, eps, per_row)
     _launch_apply_out(out, x, mask, stats, shift_mean, per_row)
+    return out
+
+
+def _launch_fwd_global(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float, group
+) -> torch.Tensor:
+    """:func:`_launch_fwd` of all of x with the statistics of every rank's x together (one all_reduce
+    between passes 2 and 3: ``cpu.global_stats``)."""
+    R, C = x.shape
+    out = torch.empty((R, C), dtype=torch.float32, device=x.device)
+    empty = R == 0 or C == 0
+    moments = cpu.empty_moments(x.device) if empty else _launch_moments(x, mask, per_row=False)
+    stats = cpu.global_stats(*moments, unbiased, eps, group)  # every rank joins, empty or not
+    if not empty:
+        _launch_apply_out(out, x, mask, stats, shift_mean, per_row=False)
     return out
 
 
@@ -278,6 +300,7 @@ def masked_whiten(
     unbiased: bool = True,
     eps: float = 1e-8,
     dim: int | None = None,
+    process_group=None,
 ) -> torch.Tensor:
     """Whitening over the positions where ``mask`` is nonzero.
 
@@ -292,6 +315,9 @@ def masked_whiten(
         unbiased: Bessel's correction n/(n−1).
         eps: ≥ 0, added to the variance.
         dim: ``None`` whitens over the whole tensor (one μ and var), ``-1`` (or ``x.dim() − 1``) per row.
+        process_group: a ``torch.distributed`` group (``dim=None`` only): μ and var of every rank's x
+            together, as if the ranks' x were concatenated (data parallelism: the global batch).  One
+            all_reduce of 4·world float64 numbers; every rank of the group must call it (an empty x too).
 
     Returns:
         float32, ``x``'s shape.  Masked positions hold 0 when ``shift_mean=True`` (μ when False).
@@ -316,12 +342,32 @@ def masked_whiten(
             raise ValueError(
                 f"dim must be None or -1 (the last dimension of x, shape {tuple(x.shape)}); got {dim}"
             )
-    if x.numel() == 0:
+    if process_group is not None:
+        _check_process_group(process_group, dim)
+    elif x.numel() == 0:
         return torch.empty(x.shape, dtype=torch.float32, device=x.device)
     # [rows, last dimension]; a copy only when the layout needs one.
     columns = x.shape[-1] if x.dim() else 1
+    if process_group is not None:  # eager: a collective between the passes, not a registered op
+        out = _dispatch.route(FAMILY, x.device, triton=_launch_fwd_global, torch=cpu.masked_whiten_global)(
+            x.reshape(-1, columns).detach(), mask.reshape(-1, columns).detach(), bool(shift_mean),
+            bool(unbiased), eps, process_group,
+        )
+        return out.view(x.shape)
     out = whiten_op(
         x.reshape(-1, columns).detach(), mask.reshape(-1, columns).detach(), bool(shift_mean),
         bool(unbiased), eps, dim is not None,
     )
     return out.view(x.shape)
+
+
+def _check_process_group(process_group, dim) -> None:
+    import torch.distributed as dist
+
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup or None; "
+            f"got {type(process_group).__name__}"
+        )
+    if dim is not None:
+        raise ValueError(f"process_group needs dim=None (per-row statistics are local); got dim={dim}")
