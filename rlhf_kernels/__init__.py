@@ -29,6 +29,8 @@ _LAZY = {
     "LinearLogprobs": ".modules",
     "linear_policy_loss": ".ops.linear_policy_loss",
     "LINEAR_POLICY_LOSSES": ".ops.linear_policy_loss",
+    "linear_preference_loss": ".ops.linear_preference_loss",
+    "linear_distill_loss": ".ops.linear_distill_loss",
     "compute_gae": ".ops.gae",
     "masked_whiten": ".ops.whiten",
     "token_level_rewards": ".ops.token_rewards",
@@ -111,7 +113,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from .ops.gae import compute_gae
     from .ops.kl import KL_CORRECTIONS, KL_ESTIMATORS, kl_loss, kl_penalty
     from .ops.linear_logprobs import linear_logprobs
+    from .ops.linear_distill_loss import linear_distill_loss
     from .ops.linear_policy_loss import LINEAR_POLICY_LOSSES, linear_policy_loss
+    from .ops.linear_preference_loss import linear_preference_loss
     from .ops.logprobs import entropy_from_logits, logprobs_from_logits
     from .ops.policy_losses import (
         POLICY_LOSSES,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import HAS_CUDA
+from test_linear_distill_loss import registration_samples as _linear_distill_samples
 from test_ratings import registration_samples as _ratings_samples
 
 import rlhf_kernels.ops
@@ -114,6 +115,7 @@ def _token_stats_samples(device: str) -> dict[str, list[tuple]]:
         (g, torch.randn(5, device=device), torch.randn(5, device=device), torch.randn(5, device=device),
          torch.randn(5, 4, device=device), x, labels, lse, ent, sq, idx, 1.5, 3.0, 1 / 0.7, -100),
         (g, e, e, e, e, x, labels, lse2, e, e, e, 1.0, 0.0, 1.0, -100),
+        (g, e, e, e, e, x, labels, lse2, e, e, e, 1.0, 0.0, 1.0, -100, 3, 20),  # a vocabulary shard: columns [3, 14) of 20
     ]
     fwd = [
         (logits, labels, 1.5, 3.0, 1 / 0.7, -100, True, True, True, True, 4),
@@ -309,6 +311,7 @@ SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _reward_samples,
     _linear_logprobs_samples,
     _ratings_samples,
+    _linear_distill_samples,
 )
 
 

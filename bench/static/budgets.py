@@ -88,6 +88,7 @@ BUDGETS: dict[str, Budget | WhenSet] = {
     "_ranking_fwd_kernel": Budget(128, "pair tiles, 8 warps at K = 64: 2 CTAs per SM"),
     "_ranking_bwd_kernel": Budget(128, "pair tiles, 8 warps at K = 64: 2 CTAs per SM"),
     # One 1-warp program per league looping over its comparisons: latency-bound, no residency target.
+    "_linear_distill_rows_kernel": ROW,
     "_elo_fwd_kernel": Budget(64, "sequential Elo scan, one 1-warp program per league: latency-bound"),
 }
 

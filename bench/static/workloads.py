@@ -715,6 +715,24 @@ def ratings_cases() -> list[Case]:
     ]
 
 
+def linear_distill_loss_cases() -> list[Case]:
+    rows = 215  # one CUDA chunk: two [rows, V] fp32 buffers in _fused_linear.CHUNK_BYTES_CUDA (256 MiB)
+    cases = []
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        cases.append(
+            Case(
+                "linear_distill_loss",
+                "linear_distill_rows",
+                f"fp32 [{rows}, {V}] {divergence} +grad (in place)",
+                lambda: (empty(rows, V), empty(rows, V), empty(rows, dtype=torch.int64), empty(1)),
+                lambda s, t, y, g, d=divergence: _ops().linear_distill_rows(s, t, y, g, d, 0.5, -100, True),
+                3 * rows * V * 4 + rows * 12,
+                ci=divergence == "jsd",
+            )
+        )
+    return cases
+
+
 FAMILIES: dict[str, Callable[[], list[Case]]] = {
     "logprobs": logprobs_cases,
     "linear_logprobs": linear_logprobs_cases,
@@ -727,4 +745,5 @@ FAMILIES: dict[str, Callable[[], list[Case]]] = {
     "policy_losses": policy_losses_cases,
     "token_stats": token_stats_cases,
     "ratings": ratings_cases,
+    "linear_distill_loss": linear_distill_loss_cases,
 }
