@@ -7,6 +7,10 @@ backward also recomputes the logits, 8·N·H·V in all).  On CUDA the three bf16
 timed in the same run (cuBLAS, on a materialised [N, V] G), and each fwd+bwd row's note gives its time as
 a multiple of theirs, and its peak memory as a fraction of eager's.  Before a shape is timed, ours is
 checked against the float64 oracle (rlhf_kernels.reference) on its first rows.
+
+Issue 15 cases, ours against ours: the extra statistics of ``linear_token_stats`` (Σp², top-1 match, mean
+logit; target ≤ 10% over plain log-probs), labelled rows only (half the labels ``ignore_index``: the time
+should roughly halve) and ``batch_invariant=True``, each with plain ``linear_logprobs`` as the baseline.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_kernels import _dispatch
-from rlhf_kernels.ops.linear_logprobs import linear_logprobs
+from rlhf_kernels.ops.linear_logprobs import linear_logprobs, linear_token_stats
 from rlhf_kernels.reference import linear_logprobs as reference
 
 from .baselines import linear_logprobs as peers
@@ -42,6 +46,29 @@ def _eager(with_entropy: bool):
     return lambda hidden, weight, labels: peers.eager_linear_logprobs(
         hidden, weight, labels, return_entropy=with_entropy
     )
+
+
+def _stats(hidden, weight, labels):
+    """Log-probs plus the three statistics of issue 15 item 1 in the same pass."""
+    out = linear_token_stats(hidden, weight, labels, sum_sq_probs=True, top1_match=True, mean_logit=True)
+    return out.logprobs, out.sum_sq_probs, out.mean_logit
+
+
+def _invariant(hidden, weight, labels):
+    return linear_logprobs(hidden, weight, labels, batch_invariant=True)
+
+
+def _issue15_cases(bench: Bench, hidden, weight, labels, flops_fwd: int, name: str) -> None:
+    """Ours with the issue 15 options against plain ours: extra statistics, labelled rows only,
+    batch_invariant; each row's speedup is plain time / option time (below 1: the option costs)."""
+    case = f"{name} issue-15 options"
+    plain = "rlhf_kernels logprobs"
+    _modes(bench, case, plain, _ours(False), hidden, weight, labels, flops_fwd, None)
+    _modes(bench, case, "+ Σp², top-1, mean logit", _stats, hidden, weight, labels, flops_fwd, plain)
+    _modes(bench, case, "batch_invariant", _invariant, hidden, weight, labels, flops_fwd, plain)
+    half = labels.clone()
+    half[::2] = -100
+    _modes(bench, case, "half the labels ignored", _ours(False), hidden, weight, half, flops_fwd, plain)
 
 
 def _check_against_oracle(hidden, weight, labels, rows: int = 32) -> None:
@@ -132,8 +159,59 @@ def run(bench: Bench) -> None:
                     notes.append(f"peak {ours.peak_mem_mb / eager_row.peak_mem_mb:.1%} of eager's")
                 ours.note = "; ".join(notes)
                 print(f"{'':>10} {case}: rlhf_kernels fwd+bwd {ours.note}", flush=True)
+            shape = f"N={n} H={hidden_size} V={vocab} {dtype_name}"
+            _issue15_cases(bench, hidden, weight, labels, flops_fwd, shape)
             del hidden, weight, labels
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         _dispatch.set_index_checks(True)
+
+
+def issue15_ratios(n: int = 256, hidden_size: int = 256, vocab: int = 32000, repeats: int = 9) -> dict:
+    """Median time of each issue-15 option over plain log-probs, forward and forward+backward, on the CPU
+    path, the calls interleaved round-robin so that a machine shared with other jobs slows all alike
+    (``python -m bench.bench_linear_logprobs``)."""
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (n,))
+    half = labels.clone()
+    half[::2] = -100
+    options = {
+        "plain": lambda: linear_logprobs(hidden, weight, labels),
+        "+ Σp², top-1, mean": lambda: _stats(hidden, weight, labels),
+        "entropy": lambda: linear_logprobs(hidden, weight, labels, return_entropy=True),
+        "entropy + Σp², top-1, mean": lambda: tuple(o for o in linear_token_stats(
+            hidden, weight, labels, entropy=True, sum_sq_probs=True, top1_match=True, mean_logit=True
+        ) if o is not None),
+        "half the labels ignored": lambda: linear_logprobs(hidden, weight, half),
+        "batch_invariant": lambda: _invariant(hidden, weight, labels),
+    }
+    times = {(name, mode): [] for name in options for mode in ("fwd", "fwd+bwd")}
+    _dispatch.set_index_checks(False)
+    try:
+        with _dispatch.use_backend("torch"):
+            for step in range(repeats + 1):
+                for name, fn in options.items():
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        fn()
+                    middle = time.perf_counter()
+                    _loss(fn()).backward()
+                    end = time.perf_counter()
+                    if step:  # the first round warms up
+                        times[name, "fwd"].append(middle - start)
+                        times[name, "fwd+bwd"].append(end - middle)
+    finally:
+        _dispatch.set_index_checks(True)
+    medians = {key: statistics.median(value) for key, value in times.items()}
+    return {key: (medians[key] * 1e3, medians[key] / medians["plain", key[1]]) for key in medians}
+
+
+if __name__ == "__main__":
+    for (name, mode), (ms, ratio) in issue15_ratios().items():
+        print(f"{name:28s} {mode:8s} {ms:9.1f} ms  {ratio:5.2f}x plain")

@@ -26,6 +26,8 @@ _LAZY = {
     "token_stats_from_logits": ".ops.token_stats",
     "TokenStats": ".ops.token_stats",
     "linear_logprobs": ".ops.linear_logprobs",
+    "linear_token_stats": ".ops.linear_logprobs",
+    "sampling_logprobs": ".ops.sampling_logprobs",
     "LinearLogprobs": ".modules",
     "linear_policy_loss": ".ops.linear_policy_loss",
     "LINEAR_POLICY_LOSSES": ".ops.linear_policy_loss",
@@ -112,7 +114,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from .ops.aggregation import LOSS_AGG_MODES, agg_loss
     from .ops.gae import compute_gae
     from .ops.kl import KL_CORRECTIONS, KL_ESTIMATORS, kl_loss, kl_penalty
-    from .ops.linear_logprobs import linear_logprobs
+    from .ops.linear_logprobs import linear_logprobs, linear_token_stats
     from .ops.linear_distill_loss import linear_distill_loss
     from .ops.linear_policy_loss import LINEAR_POLICY_LOSSES, linear_policy_loss
     from .ops.linear_preference_loss import linear_preference_loss
@@ -142,6 +144,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     )
     from .ops.policy_losses import bypass_mode_policy_loss
     from .ops.ratings import bradley_terry, elo_ratings
+    from .ops.sampling_logprobs import sampling_logprobs
     from .ops.rollout_correction import REJECTION_OPTIONS, is_correction, off_policy_mask, rollout_correction
     from .ops.token_rewards import token_level_rewards
     from .ops.token_stats import TokenStats, token_stats_from_logits

@@ -21,7 +21,7 @@ class LinearLogprobs(nn.Module):
     """
 
     def __init__(self, lm_head: nn.Module, *, temperature: float = 1.0, ignore_index: int = -100,
-                 process_group=None) -> None:
+                 batch_invariant: bool = False, process_group=None) -> None:
         super().__init__()
         weight = getattr(lm_head, "weight", None)
         if not isinstance(lm_head, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -32,6 +32,7 @@ class LinearLogprobs(nn.Module):
         self.lm_head = lm_head
         self.temperature = check_positive("temperature", temperature)
         self.ignore_index = check_int("ignore_index", ignore_index)
+        self.batch_invariant = batch_invariant  # checked by linear_logprobs on every call
         self.process_group = process_group
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float | None = None,
@@ -39,8 +40,10 @@ class LinearLogprobs(nn.Module):
         return linear_logprobs(
             hidden, self.lm_head.weight, labels, bias=getattr(self.lm_head, "bias", None),
             temperature=self.temperature if temperature is None else temperature,
-            ignore_index=self.ignore_index, return_entropy=return_entropy, process_group=self.process_group,
+            ignore_index=self.ignore_index, return_entropy=return_entropy,
+            batch_invariant=self.batch_invariant, process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, ignore_index={self.ignore_index}"
+        extra = ", batch_invariant=True" if self.batch_invariant else ""
+        return f"temperature={self.temperature}, ignore_index={self.ignore_index}{extra}"

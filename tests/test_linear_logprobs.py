@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import math
 import os
 import socket
 import time
@@ -13,9 +15,10 @@ from conftest import HAS_CUDA, TRITON_DEVICE
 
 import rlhf_kernels as rk  # noqa: F401  (registers every family)
 from rlhf_kernels import _dispatch, modules
+from rlhf_kernels.ops import _linear_logprobs_kernels as kernels
 from rlhf_kernels.ops import linear_logprobs as ops
 from rlhf_kernels.ops.cpu import linear_logprobs as cpu_ops
-from rlhf_kernels.ops.linear_logprobs import LinearLogprobs, linear_logprobs
+from rlhf_kernels.ops.linear_logprobs import LinearLogprobs, linear_logprobs, linear_token_stats
 from rlhf_kernels.reference import linear_logprobs as ref
 
 # Inputs are exact in every dtype (the oracle multiplies the same rounded values in float64), so forward
@@ -135,7 +138,7 @@ def test_logprobs_only_call(backend, device):
 def test_many_chunks_and_splits(backend, device, monkeypatch):
     """Backward over several vocabulary chunks (Triton) and several row x vocabulary chunks (PyTorch)."""
     n, hidden_size, vocab = 100, 45, 300
-    monkeypatch.setattr(ops, "_BWD_BUFFER_BYTES", n * 4 * 128)  # 128-column chunks: 3 passes
+    monkeypatch.setattr(kernels, "_BWD_BUFFER_BYTES", n * 4 * 128)  # 128-column chunks: 3 passes
     monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * hidden_size * 40)  # 40 rows x 40 entries
     assert cpu_ops.chunk_sizes(n, vocab, hidden_size) == (40, 40)
     hidden, weight, b, labels = _inputs((n,), hidden_size, vocab, torch.float32, device)
@@ -197,7 +200,7 @@ def test_unchecked_out_of_range_label_gives_nan(backend, device):
     labels[1], labels[3] = 30, -7
     labels[4] = -100
     h = hidden.clone().requires_grad_()
-    lp, ent, _ = ops.linear_logprobs_fwd(h, weight, b, labels, 1.0, -100, True)
+    lp, ent, *_ = ops.linear_logprobs_fwd(h, weight, b, labels, 1.0, -100, True)
     assert lp[1].isnan().item() and lp[3].isnan().item() and lp[4].item() == 0
     assert bool(torch.isfinite(lp[[0, 2]]).all()) and bool(torch.isfinite(ent).all())
     lp.sum().backward()
@@ -271,6 +274,214 @@ def test_frozen_inputs_get_no_gradient(backend, device, frozen):
 
 
 # --------------------------------------------------------------------------------------------------
+# Token statistics (issue 15 item 1): linear_token_stats against token_stats' float64 oracle
+# --------------------------------------------------------------------------------------------------
+STAT_FIELDS = ("logprobs", "entropy", "sum_sq_probs", "top1_match", "mean_logit")
+ALL_STATS = dict(entropy=True, sum_sq_probs=True, top1_match=True, mean_logit=True)
+# upstream weights of the differentiable outputs (top1_match is not differentiable)
+UPSTREAM = {"logprobs": 1.0, "entropy": -0.4, "sum_sq_probs": 2.5, "mean_logit": 0.3}
+
+
+def _check_stats(hidden, weight, bias, labels, tol, grad_rtol, **options):
+    """Every field and the hidden / weight / bias gradients of a mix of the differentiable fields."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    got = linear_token_stats(leaves[0], leaves[1], labels, bias=leaves[2], **ALL_STATS, **options)
+    oracle = [None if t is None else t.detach().cpu().double().requires_grad_()
+              for t in (hidden, weight, bias)]
+    want = ref.linear_token_stats(oracle[0], oracle[1], labels.cpu(), bias=oracle[2], **ALL_STATS, **options)
+    assert got.topk_logprobs is None and got.topk_indices is None
+    for name in STAT_FIELDS:
+        value = getattr(got, name)
+        assert value.dtype == torch.float32 and value.shape == labels.shape, name
+        if name == "top1_match":  # exact, except where float32 rounding decides a near-tie
+            assert (value.cpu() != getattr(want, name)).float().mean().item() <= 0.1, name
+        else:  # infinite where the oracle is (the mean logit of a row with a masked entry)
+            expect = getattr(want, name).detach()
+            finite = torch.isfinite(expect) | expect.isnan()
+            assert torch.equal(value.detach().cpu()[~finite].double(), expect[~finite]), name
+            _assert_close(value.detach().cpu()[finite], expect[finite], tol, name)
+    sum(w * getattr(got, name).sum() for name, w in UPSTREAM.items()).backward()
+    sum(w * getattr(want, name).sum() for name, w in UPSTREAM.items()).backward()
+    for name, leaf, expect in zip(("hidden", "weight", "bias"), leaves, oracle, strict=True):
+        if leaf is not None:
+            assert leaf.grad.dtype == hidden.dtype, name
+            _assert_grad_close(leaf.grad, expect.grad, grad_rtol, f"d_{name}")
+    return got
+
+
+STATS_CASES = [
+    # (leading shape, H, V, options)
+    ((1,), 5, 1, dict()),  # V = 1: logprob 0, Σp² 1, top-1 1
+    ((7,), 33, 17, dict(temperature=0.7, logit_scale=1.7)),
+    ((2, 5), 19, 130, dict(softcap=2.0, logit_scale=1.3, temperature=1.2)),  # the cap bends the logits
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", STATS_CASES, ids=lambda c: f"{c[0]}-H{c[1]}-V{c[2]}-{sorted(c[3])}")
+def test_token_stats_match_oracle(backend, device, dtype, case):
+    lead, hidden_size, vocab, options = case
+    hidden, weight, b, labels = _inputs(lead, hidden_size, vocab, dtype, device)
+    _check_stats(hidden, weight, b, labels, FWD_TOL[dtype], GRAD_RTOL[dtype], **options)
+
+
+def test_token_stats_big_vocabulary_torch_path():
+    """A real vocabulary (Llama-3's 128256) with every statistic and the soft cap, on the PyTorch path."""
+    hidden, weight, b, labels = _inputs((3,), 8, 128256, torch.float32, "cpu", ignore_frac=0.0)
+    with _dispatch.use_backend("torch"):
+        _check_stats(hidden, weight, b, labels, 2e-5, 2e-5, softcap=3.0, temperature=0.9)
+
+
+def test_token_stats_known_values(backend, device):
+    """token_stats' worked example through the head: logits [0, 0, ln 2], label 2."""
+    weight = torch.tensor([[0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]], device=device)
+    stats = linear_token_stats(torch.tensor([[1.0, 0.0]], device=device), weight,
+                               torch.tensor([2], device=device), **ALL_STATS)
+    want = (math.log(0.5), 1.5 * math.log(2) - 0.5 * math.log(2) + math.log(2) / 2, 0.375, 1.0,
+            math.log(2) / 3)
+    for name, value in zip(STAT_FIELDS, want, strict=True):
+        if name != "entropy":
+            assert abs(getattr(stats, name).item() - value) < 1e-6, name
+    assert abs(stats.entropy.item() - (math.log(2) * 1.5)) < 1e-6  # −(¼ ln ¼ · 2 + ½ ln ½)
+
+
+def test_token_stats_masked_entries_and_ignored_rows(backend, device):
+    """-inf bias entries (probability 0, and −inf for the mean logit, as token_stats), NaN rows, ignored
+    rows (0 in every field, no gradient)."""
+    hidden, weight, b, labels = _inputs((9,), 24, 60, torch.float32, device, ignore_frac=0.0)
+    b[::4] = float("-inf")
+    labels = torch.where(labels % 4 == 0, labels + 1, labels)
+    labels[[1, 5]] = -100
+    got = _check_stats(hidden, weight, b, labels, 2e-5, 2e-5, softcap=5.0)
+    assert bool((got.mean_logit[labels != -100] == float("-inf")).all())
+    for name in STAT_FIELDS:
+        assert bool((getattr(got, name)[[1, 5]] == 0).all()), name
+    hidden[2, 0] = float("nan")
+    stats = linear_token_stats(hidden, weight, labels, bias=b, **ALL_STATS)
+    for name in STAT_FIELDS:
+        value = getattr(stats, name)
+        assert value[2].isnan().item() and not bool(value[[0, 3, 4]].isnan().any()), name
+
+
+def test_token_stats_match_token_stats_from_logits(backend, device):
+    """The same numbers as rk.token_stats_from_logits on the (exact) materialised logits."""
+    hidden, weight, b, labels = _inputs((4, 6), 40, 333, torch.float32, device)
+    logits = (hidden.double() @ weight.double().T + b.double()).float()
+    options = dict(temperature=0.8, logit_scale=1.1, softcap=4.0, **ALL_STATS)
+    want = rk.token_stats_from_logits(logits, labels, **options)
+    got = linear_token_stats(hidden, weight, labels, bias=b, **options)
+    for name in STAT_FIELDS:
+        _assert_close(getattr(got, name), getattr(want, name), 2e-5, name)
+
+
+def test_token_stats_float64_scalars_match_oracle(backend, device):
+    """fp64 through the registered op, with logit_scale, soft cap and 1/τ none of them fp32 numbers:
+    every output and gradient within 1e-12 of the float64 oracle."""
+    hidden, weight, b, labels = _inputs((9,), 21, 103, torch.float64, device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    out = ops.linear_logprobs_fwd(*leaves, labels, 1 / 0.7, -100, True, 0.7, 0.7, True, True, True)
+    oracle = [t.detach().cpu().requires_grad_() for t in (hidden, weight, b)]
+    want = ref.linear_token_stats(*oracle[:2], labels.cpu(), bias=oracle[2], temperature=0.7,
+                                  logit_scale=0.7, softcap=0.7, **ALL_STATS)
+    for name, value in zip(STAT_FIELDS, out[:5], strict=True):
+        assert value.dtype == torch.float64
+        _assert_close(value.detach(), getattr(want, name).detach(), 1e-12, name)
+    names = ("logprobs", "entropy", "sum_sq_probs", "mean_logit")
+    sum(UPSTREAM[n] * out[STAT_FIELDS.index(n)].sum() for n in names).backward()
+    sum(UPSTREAM[n] * getattr(want, n).sum() for n in names).backward()
+    for name, leaf, expect in zip(("hidden", "weight", "bias"), leaves, oracle, strict=True):
+        _assert_grad_close(leaf.grad, expect.grad, 1e-12, f"d_{name}")
+
+
+def test_token_stats_gradcheck_float64_torch_path():
+    hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 4, 0])
+    with _dispatch.use_backend("torch"):
+        def fn(h, w, b):
+            lp, ent, sq, _, mean, _ = ops.linear_logprobs_fwd(h, w, b, labels, 1.25, -100, True, 1.5, 2.0,
+                                                              True, True, True)
+            return lp, ent, sq, mean
+
+        assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+# --------------------------------------------------------------------------------------------------
+# Labelled rows only (issue 15 item 2) and batch invariance (item 4)
+# --------------------------------------------------------------------------------------------------
+def test_cpu_path_projects_labelled_rows_only(monkeypatch):
+    """The PyTorch path folds and differentiates only the labelled rows (cost ∝ labelled tokens); the
+    results equal the oracle's, and ignored rows (NaN hidden states here) touch no gradient."""
+    hidden, weight, b, labels = _inputs((30,), 16, 50, torch.float32, "cpu", ignore_frac=0.0)
+    labels[torch.randperm(30)[:20]] = -100
+    ignored = labels == -100
+    hidden[ignored] = float("nan")
+    seen = []
+    fold, bwd_rows = cpu_ops._fold, cpu_ops._bwd_rows
+    monkeypatch.setattr(cpu_ops, "_fold", lambda h, *a: seen.append(h.shape[0]) or fold(h, *a))
+    monkeypatch.setattr(cpu_ops, "_bwd_rows", lambda g, h, *a: seen.append(h.shape[0]) or bwd_rows(g, h, *a))
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with _dispatch.use_backend("torch"):
+        lp, ent = linear_logprobs(h, w, labels, bias=b, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    assert seen == [10, 10]
+    assert bool((h.grad[ignored] == 0).all()) and bool(torch.isfinite(w.grad).all())
+    keep = ~ignored
+    want_lp, want_h = ref.linear_logprobs(hidden[keep], weight, labels[keep], bias=b, return_entropy=True)
+    _assert_close(lp[keep], want_lp, 2e-5, "logprobs")
+    _assert_close(ent[keep], want_h, 2e-5, "entropy")
+
+
+def _per_row_results(hidden, weight, bias, labels, u_up, **options):
+    """(logprobs, entropy, sum_sq_probs, d_hidden) of a batch under batch_invariant=True."""
+    h = hidden.clone().requires_grad_()
+    stats = linear_token_stats(h, weight, labels, bias=bias, entropy=True, sum_sq_probs=True,
+                               batch_invariant=True, **options)
+    (stats.logprobs.sum() + (u_up * stats.entropy).sum() - stats.sum_sq_probs.sum()).backward()
+    return stats.logprobs, stats.entropy, stats.sum_sq_probs, h.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_bitwise(backend, device, dtype, monkeypatch):
+    """Issue 15 item 4: three probe rows give bitwise the same log-prob, entropy, Σp² and d_hidden row
+    alone, at other positions of a larger batch with other rows (ignored ones included), and in a batch
+    large enough to change the default mode's tiles and the backward's vocabulary chunk."""
+    monkeypatch.setattr(kernels, "_BWD_BUFFER_BYTES", 40 * 4 * 64)  # the chunk shrinks as N grows
+    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * 256 * 32)  # several vocabulary chunks (32 columns)
+    hidden_size, vocab = 24, 150
+    probe, weight, b, probe_labels = _inputs((3,), hidden_size, vocab, dtype, device, ignore_frac=0.0)
+    u_probe = torch.tensor([0.5, -1.0, 2.0], device=device)
+    options = dict(temperature=0.8, softcap=3.0)
+    alone = _per_row_results(probe, weight, b, probe_labels, u_probe, **options)
+    for n_rows in (10, 150):
+        hidden, _, _, labels = _inputs((n_rows,), hidden_size, vocab, dtype, device, ignore_frac=0.3)
+        u_up = torch.randn(n_rows, device=device)
+        where = torch.randperm(n_rows)[:3].to(device)
+        hidden[where], labels[where], u_up[where] = probe, probe_labels, u_probe
+        batch = _per_row_results(hidden, weight, b, labels, u_up, **options)
+        for name, one, many in zip(("logprobs", "entropy", "sum_sq_probs", "d_hidden"), alone, batch,
+                                   strict=True):
+            assert torch.equal(many[where], one), f"{name} differs at N = {n_rows}"
+    want = ref.linear_token_stats(probe, weight, probe_labels, bias=b, **options)
+    _assert_close(alone[0], want.logprobs, FWD_TOL[dtype], "logprobs")
+    cfg = [ops._launch_config(n, vocab, hidden_size, dtype, probe.device, True) for n in (3, 150)]
+    # tiles and splits fixed; the backward's chunk still follows N (d_hidden's sums do not depend on it)
+    assert cfg[0] == dataclasses.replace(cfg[1], bwd_chunk_v=cfg[0].bwd_chunk_v) and cfg[0].block_n == 128
+    assert cfg[0].bwd_chunk_v > cfg[1].bwd_chunk_v
+
+
+def test_batch_invariant_is_off_by_default():
+    """The default mode's tiles follow N (a smaller row tile for a small batch): the reason for the flag."""
+    small, large = (ops._launch_config(n, 1000, 64, torch.bfloat16, torch.device("cpu")) for n in (3, 1000))
+    assert small.block_n == 16 and large.block_n == 128
+    assert ops._launch_config(3, 1000, 64, torch.bfloat16, torch.device("cpu"), True).block_n == 128
+    assert cpu_ops.chunk_sizes(3, 1000, 64) != cpu_ops.chunk_sizes(1000, 1000, 64)
+    assert cpu_ops.chunk_sizes(3, 1000, 64, True) == cpu_ops.chunk_sizes(1000, 1000, 64, True)
+
+
+# --------------------------------------------------------------------------------------------------
 # float64 and the temperature's fp64 parts; d_hidden rounded once (issue 15)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -281,7 +492,7 @@ def test_float64_with_temperature_matches_oracle(backend, device, with_bias):
     temperature = 0.7
     hidden, weight, b, labels = _inputs((9,), 21, 203, torch.float64, device, bias=with_bias)
     leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, b)]
-    lp, ent, _ = ops.linear_logprobs_fwd(*leaves, labels, 1 / temperature, -100, True)
+    lp, ent, *_ = ops.linear_logprobs_fwd(*leaves, labels, 1 / temperature, -100, True)
     assert lp.dtype == ent.dtype == torch.float64
     oracle = [None if t is None else t.detach().cpu().requires_grad_() for t in (hidden, weight, b)]
     want_lp, want_h = ref.linear_logprobs(oracle[0], oracle[1], labels.cpu(), bias=oracle[2],
@@ -309,7 +520,7 @@ def test_bf16_d_hidden_is_rounded_once(backend, device, monkeypatch):
     each chunk's product to bf16 first (what the Triton path did) exceeds it."""
     n, hidden_size, chunk, chunks = 8, 16, 128, 24
     vocab = chunk * chunks
-    monkeypatch.setattr(ops, "_BWD_BUFFER_BYTES", 0)  # the smallest chunk: one vocabulary tile
+    monkeypatch.setattr(kernels, "_BWD_BUFFER_BYTES", 0)  # the smallest chunk: one vocabulary tile
     monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * hidden_size * chunk)
     cfg = ops._launch_config(n, vocab, hidden_size, torch.bfloat16, torch.device(device))
     assert cfg.bwd_chunk_v == chunk
@@ -350,40 +561,74 @@ def test_bf16_d_hidden_is_rounded_once(backend, device, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # The launchers write every element of outputs the caller allocated (NaN-filled here)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("with_entropy", [True, False])
-def test_stats_launcher_writes_every_output(with_entropy):
-    """(m, s, t, z_label) of every vocabulary split and row, for a weight slice starting at vocab_start."""
+@pytest.mark.parametrize("extras", [True, False])
+def test_stats_launcher_writes_every_output(extras):
+    """(m, s, t, z_label, q, total) of every vocabulary split and row, for a weight slice starting at
+    vocab_start (t, q and the total are 0 when not requested)."""
     n, hidden_size, vocab, vocab_start, inv_t = 150, 24, 300, 7, 0.8
     hidden, weight, b, _ = _inputs((n,), hidden_size, vocab, torch.float32, TRITON_DEVICE)
     labels = torch.randint(0, vocab + 2 * vocab_start, (n,), device=TRITON_DEVICE)  # some off this slice
     cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, hidden.device)
     assert cfg.vocab_splits > 1 and n > cfg.block_n  # several splits and row blocks
-    partials = torch.full((4, cfg.vocab_splits, n), float("nan"), device=TRITON_DEVICE)
-    ops._launch_stats_out(partials, hidden, weight, b, labels, inv_t, vocab_start, with_entropy)
+    partials = torch.full((6, cfg.vocab_splits, n), float("nan"), device=TRITON_DEVICE)
+    ops._launch_stats_out(partials, hidden, weight, b, labels, inv_t, vocab_start, extras, 1.0, 0.0,
+                          extras, extras)
 
     z = (hidden.double() @ weight.double().T + b.double()).cpu() * inv_t
     local = labels.cpu() - vocab_start
     span = cfg.tiles_per_split * cfg.block_v
+    zero = torch.zeros(n, dtype=torch.float64)
     for split in range(cfg.vocab_splits):
         zk = z[:, split * span : (split + 1) * span]
         m = zk.amax(dim=1)
         e = (zk - m[:, None]).exp()
-        t = (e * (zk - m[:, None])).sum(dim=1) if with_entropy else torch.zeros(n, dtype=torch.float64)
+        t = (e * (zk - m[:, None])).sum(dim=1) if extras else zero
         col = local - split * span
         hit = (col >= 0) & (col < zk.shape[1])
         z_label = torch.where(hit, zk.gather(1, col.clamp(0, zk.shape[1] - 1)[:, None]).squeeze(1), 0.0)
-        for got, want, name in zip(partials[:, split], (m, e.sum(dim=1), t, z_label), "mstz", strict=True):
+        q, total = ((e * e).sum(dim=1), zk.sum(dim=1)) if extras else (zero, zero)
+        wants = (m, e.sum(dim=1), t, z_label, q, total)
+        for got, want, name in zip(partials[:, split], wants, "mstzqT", strict=True):
             assert not bool(got.isnan().any()), f"split {split}: {name} not written everywhere"
             _assert_close(got, want, 2e-5, f"split {split} {name}")
 
 
-@pytest.mark.parametrize("with_grad_entropy", [True, False])
+def test_stats_launcher_never_projects_ignored_row_tiles():
+    """Labelled rows only (issue 15): rows are ordered labelled-first on the device, and a row tile past
+    the labelled count does no product: its rows (NaN hidden states here) hold the accumulators of no
+    entry, while an ignored row sharing a tile with labelled ones is computed (and masked later)."""
+    n, hidden_size, vocab = 160, 16, 70
+    hidden, weight, b, labels = _inputs((n,), hidden_size, vocab, torch.float32, TRITON_DEVICE, ignore_frac=0)
+    ignored = torch.ones(n, dtype=torch.bool)
+    ignored[torch.randperm(n)[:10]] = False
+    labels[ignored] = -100
+    hidden[ignored] = float("nan")
+    cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, hidden.device)
+    assert cfg.block_n == 128  # 10 labelled rows: tile 0 busy, tile 1 (rows 128..159 in order) skipped
+    partials = torch.full((6, cfg.vocab_splits, n), float("nan"))
+    ops._launch_stats_out(partials, hidden, weight, b, labels, 1.0, 0, True, ignore_index=-100)
+    order = torch.argsort(ignored.to(torch.int8), stable=True)
+    skipped, shared = order[128:], order[10:128]
+    m, rest = partials[0], partials[1:]
+    assert bool((m[:, skipped] == float("-inf")).all()) and bool((rest[:, :, skipped] == 0).all())
+    assert bool(partials[1][:, shared].isnan().all())  # s computed from their NaN hidden states
+    assert bool(torch.isfinite(partials[:, :, order[:10]]).all())
+    lp, h = linear_logprobs(hidden, weight, labels, bias=b, return_entropy=True)
+    want_lp, want_h = ref.linear_logprobs(hidden, weight, labels, bias=b, return_entropy=True)
+    assert bool((lp[ignored] == 0).all()) and bool((h[ignored] == 0).all())
+    _assert_close(lp[~ignored], want_lp[~ignored], 2e-5, "logprobs")
+    _assert_close(h[~ignored], want_h[~ignored], 2e-5, "entropy")
+
+
+@pytest.mark.parametrize("mode", ["logprobs", "entropy", "all+batch_invariant"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True)])
-def test_bwd_launcher_writes_every_output(monkeypatch, needs, with_grad_entropy):
-    """d_hidden, d_weight and d_bias over three vocabulary chunks and two row blocks, against G in float64."""
+def test_bwd_launcher_writes_every_output(monkeypatch, needs, mode):
+    """d_hidden, d_weight and d_bias over three vocabulary chunks and two row blocks, against G in float64
+    (with every upstream gradient and the fixed-tile d_hidden product in the last mode)."""
     n, hidden_size, vocab, inv_t = 150, 24, 300, 1.25
-    monkeypatch.setattr(ops, "_BWD_BUFFER_BYTES", 0)
-    cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, torch.device(TRITON_DEVICE))
+    monkeypatch.setattr(kernels, "_BWD_BUFFER_BYTES", 0)
+    invariant = mode == "all+batch_invariant"
+    cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, torch.device(TRITON_DEVICE), invariant)
     assert cfg.bwd_chunk_v < vocab and n > cfg.block_n  # several chunks and row blocks
     hidden, weight, b, labels = _inputs((n,), hidden_size, vocab, torch.float32, TRITON_DEVICE)
     h64, w64, labels_cpu = hidden.double().cpu(), weight.double().cpu(), labels.cpu()
@@ -391,20 +636,23 @@ def test_bwd_launcher_writes_every_output(monkeypatch, needs, with_grad_entropy)
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
     entropy = -(p * log_p).sum(dim=-1)
-    g = torch.randn(n, dtype=torch.float64)
-    eta = torch.randn(n, dtype=torch.float64) if with_grad_entropy else torch.zeros(n, dtype=torch.float64)
+    sum_sq = (p * p).sum(dim=-1)
+    g, eta, rho, r = (torch.randn(n, dtype=torch.float64) for _ in range(4))
+    eta, rho, r = (x if mode != "logprobs" and (x is eta or invariant) else 0 * x for x in (eta, rho, r))
     ignored = labels_cpu == -100
     onehot = torch.nn.functional.one_hot(labels_cpu.clamp(min=0), vocab).double()
-    G = inv_t * (g[:, None] * (onehot - p) - eta[:, None] * p * (log_p + entropy[:, None]))
+    G = g[:, None] * (onehot - p) - eta[:, None] * p * (log_p + entropy[:, None])
+    G = inv_t * (G + 2 * rho[:, None] * p * (p - sum_sq[:, None]) + r[:, None] / vocab)
     G[ignored] = 0.0
 
     grads = cpu_ops.empty_grads(hidden, weight, b, *needs)
     for out in grads:
         out.fill_(float("nan"))
     to = lambda t: t.float().to(TRITON_DEVICE)  # noqa: E731
-    grad_entropy = to(eta) if with_grad_entropy else hidden.new_empty(0)
+    grad_entropy = to(eta) if mode != "logprobs" else hidden.new_empty(0)
+    extras = (to(rho), to(r / vocab), to(sum_sq), 1.0, 0.0, True) if invariant else ()
     ops._launch_bwd_out(*grads, to(g), grad_entropy, hidden, weight, b, labels, to(torch.logsumexp(z, -1)),
-                        to(entropy), inv_t, -100, 0)
+                        to(entropy), inv_t, -100, 0, *extras)
     wants = (G @ w64, G.T @ h64, G.sum(dim=0))
     for got, want, needed, name in zip(grads, wants, needs, ("hidden", "weight", "bias"), strict=True):
         if not needed:
@@ -441,6 +689,17 @@ def test_module_lives_in_modules_and_is_reexported():
     assert LinearLogprobs is modules.LinearLogprobs is rk.LinearLogprobs
     with pytest.raises(AttributeError, match="no attribute 'NotThere'"):
         ops.NotThere  # noqa: B018
+
+
+def test_module_wrapper_batch_invariant(backend, device):
+    head = torch.nn.Linear(12, 40, bias=False).to(device)
+    wrapper = LinearLogprobs(head, batch_invariant=True)
+    assert "batch_invariant=True" in repr(wrapper)
+    hidden = torch.randn(7, 12, device=device)
+    labels = torch.randint(0, 40, (7,), device=device)
+    want = linear_logprobs(hidden, head.weight, labels, batch_invariant=True)
+    assert torch.equal(wrapper(hidden, labels).detach(), want.detach())
+    assert torch.equal(wrapper(hidden[3:4], labels[3:4]).detach(), want[3:4].detach())  # one row alone
 
 
 def test_module_wrapper_rejects_non_linear():
@@ -487,6 +746,23 @@ BAD = [
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be a Python int"),
     (dict(return_entropy="yes"), TypeError, r"return_entropy must be a bool"),
     (dict(process_group="tp"), TypeError, r"process_group must be a torch.distributed.ProcessGroup or None"),
+    (dict(batch_invariant=1), TypeError, r"batch_invariant must be a bool; got int"),
+    (dict(batch_invariant=True, process_group="tp"), ValueError,
+     r"batch_invariant=True is not supported with a process_group"),
+]
+
+BAD_STATS = [
+    (dict(softcap=0.0), ValueError, r"softcap must be > 0"),
+    (dict(softcap=-1.0), ValueError, r"softcap must be > 0"),
+    (dict(softcap=float("inf")), ValueError, r"softcap must be finite"),
+    (dict(logit_scale=0.0), ValueError, r"logit_scale must be > 0"),
+    (dict(temperature=-1.0), ValueError, r"temperature must be > 0"),
+    (dict(sum_sq_probs=1), TypeError, r"sum_sq_probs must be a bool; got int"),
+    (dict(top1_match=None), TypeError, r"top1_match must be a bool; got NoneType"),
+    (dict(entropy="yes"), TypeError, r"entropy must be a bool; got str"),
+    (dict(batch_invariant=0), TypeError, r"batch_invariant must be a bool"),
+    (dict(top_k=4), TypeError, r"unexpected keyword argument 'top_k'"),  # not available here (yet)
+    (dict(labels=torch.full((2, 3), 10)), ValueError, r"labels must lie in \[0, 10\)"),
 ]
 
 
@@ -497,6 +773,15 @@ def test_bad_input(change, error, message):
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
     with pytest.raises(error, match=message):
         linear_logprobs(hidden, weight, labels, **args)
+
+
+@pytest.mark.parametrize("change,error,message", BAD_STATS, ids=[str(i) for i in range(len(BAD_STATS))])
+def test_bad_input_token_stats(change, error, message):
+    args = _good()
+    args.update(change)
+    hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
+    with pytest.raises(error, match=message):
+        linear_token_stats(hidden, weight, labels, **args)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
@@ -517,7 +802,7 @@ def test_gradcheck_float64_torch_path():
     labels = torch.tensor([1, -100, 4, 0])
     with _dispatch.use_backend("torch"):
         def fn(h, w, b):
-            lp, ent, _ = ops.linear_logprobs_fwd(h, w, b, labels, 1.25, -100, True)
+            lp, ent, *_ = ops.linear_logprobs_fwd(h, w, b, labels, 1.25, -100, True)
             return lp, ent
 
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
@@ -540,12 +825,25 @@ def test_opcheck_torch_path():
                               (h, w, b, labels, 1.0, 0, True))
         torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_stats_torch.default,
                               (h, w, None, labels, 0.5, 3, False))
-        _, ent, lse = ops.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True)
+        _, ent, *_, lse = ops.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True)
         for needs in ((True, True, True), (False, True, False)):
             args = (torch.randn(6), torch.randn(6), h, w, b, labels, lse, ent, 1.0, -100, 0, 13, *needs)
             torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd.default, args)
             torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd_torch.default,
                                   args[:10] + (0,) + needs)
+        # the statistics, the logit transform, labelled rows only and batch invariance (issue 15)
+        extras = (1.3, 2.0, True, True, True, True)
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_fwd.default,
+                              (hidden, weight, bias, labels, 0.7, -100, True, *extras))
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_stats.default,
+                              (h, w, b, labels, 1.0, 0, True, -100, True))
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_stats_torch.default,
+                              (h, w, b, labels, 0.5, 3, True, 1.3, 2.0, True, True, -100, True))
+        _, ent, sq, _, _, lse = ops.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True, *extras)
+        args = (torch.randn(6), torch.randn(6), h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True,
+                torch.randn(6), torch.randn(6), sq, 1.3, 2.0, True)
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd.default, args)
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd_torch.default, args[:11] + args[12:])
 
 
 def test_compile_fullgraph_dynamic_torch_path():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE, assert_close
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_close, assert_compiles_for_sm90
 
 import rlhf_kernels as rk
 from bench.baselines.logprobs import eager_logprobs, verl_entropy_from_logits
@@ -620,3 +620,182 @@ def test_entropy_gradient_at_minus_inf_logits_with_a_large_upstream_gradient(bac
     (expected,) = torch.autograd.grad(ref.entropy_from_logits(finite), finite, upstream)
     assert grad[0, 0].item() == 0.0
     assert_close(grad[:, 1:], expected, 1e-6, "entropy gradient")
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch invariance (issue 15; verl #6280: log_prob ≠ old_log_prob when micro-batch sizes differ)
+# --------------------------------------------------------------------------------------------------
+# The torch path's V = 40000 makes a lone row's reduction large enough for ATen to split it over
+# threads (it did, and the lone row's entropy then differed in its last bits); its chunks are cut to
+# 4 rows below, so that 9 rows are chunks of 4, 4 and 1.  The interpreter's V spans two blocks of 256.
+INVARIANCE_VOCAB = {"torch": 40000, "triton": 300}
+INVARIANCE_ROWS = {"torch": (2, 5, 9), "triton": (2, 5)}
+
+
+def _row_results(base, view, labels, row):
+    """(logprob, entropy, gradient) of flattened row ``row`` of ``view`` (a view of ``base``, which
+    gets the gradient): the upstream gradients are the same constants for every row."""
+    lp, h = rk.logprobs_from_logits(view, labels, temperature=0.7, return_entropy=True, batch_invariant=True)
+    (0.75 * lp.sum() - 0.3 * h.sum()).backward()
+    grad = base.grad[..., : view.shape[-2], :] if view.dim() == 3 else base.grad
+    vocab = view.shape[-1]
+    return lp.reshape(-1)[row], h.reshape(-1)[row], grad.reshape(-1, vocab)[row]
+
+
+def _assert_bitwise(got, want, what):
+    for name, g, w in zip(("logprob", "entropy", "gradient"), got, want):
+        assert torch.equal(g, w), f"{what}: {name} differs from the row computed alone"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_bitwise(backend, device, dtype, monkeypatch):
+    """A row computed alone, then inside batches of several sizes at the first, a middle and the last
+    position among random rows, contiguous and as a [:, :-1] slice: forward and gradient bitwise equal."""
+    vocab = INVARIANCE_VOCAB[backend]
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 4 * 4 * vocab)
+    if backend == "triton":
+        monkeypatch.setattr(ops, "_launch_config", lambda v: ops._LaunchConfig(block_v=256, num_warps=4))
+    row = _logits((1, vocab), dtype, device)
+    label = torch.randint(0, vocab, (1,), device=device)
+    alone = row.clone().requires_grad_()
+    want = _row_results(alone, alone, label, 0)
+    for n in INVARIANCE_ROWS[backend]:
+        for position in sorted({0, n // 2, n - 1}):
+            batch = _logits((n, vocab), dtype, device)
+            labels = _labels((n,), vocab, device)
+            batch[position], labels[position] = row[0], label[0]
+            base = batch.requires_grad_()
+            _assert_bitwise(_row_results(base, base, labels, position), want, f"{n} rows, row {position}")
+    # [2, 4, V][:, :-1]: the row at (1, 1), flattened 4, among a strided batch
+    batch = _logits((2, 4, vocab), dtype, device)
+    labels = _labels((2, 3), vocab, device)
+    batch[1, 1], labels[1, 1] = row[0], label[0]
+    base = batch.requires_grad_()
+    _assert_bitwise(_row_results(base, base[:, :-1], labels, 4), want, "sliced batch")
+
+
+def _launch_specialisation(monkeypatch, module, launch):
+    """What Triton specialises a forward launch on: each int argument's class (== 1, divisible by 16)
+    and each tensor's 16-byte alignment, plus the constexprs; the launch itself does not run."""
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def record(*args, **constexprs):
+                seen.append((
+                    tuple(
+                        ("ptr", a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                        else ("int", a == 1, a % 16 == 0) if isinstance(a, int) else type(a).__name__
+                        for a in args
+                    ),
+                    sorted(constexprs.items(), key=lambda kv: kv[0]),
+                ))
+            return record
+
+    monkeypatch.setattr(module, "wrap_triton", lambda kernel: Recorder())
+    launch()
+    return seen[-1]
+
+
+@pytest.mark.skipif(ops.triton is None, reason="needs triton")
+@pytest.mark.parametrize("vocab", [37, 48])
+def test_lone_row_compiles_like_a_batch(monkeypatch, vocab):
+    """On a GPU, Triton specialises integer arguments equal to 1 or divisible by 16, and the load layout
+    (so the order of the row sums) follows: a lone row used to launch with rows1 = 1, stride 0 and got
+    8 bf16 per thread where a batch of V = 50257 gets 1 (sm_90 TTGIR, docs/logprobs.md).  Every call
+    with one row must now specialise as a batch does; the interpreter cannot show the difference."""
+    from rlhf_kernels.ops import token_stats
+
+    batch = torch.randn(6, vocab).to(torch.bfloat16)
+    lone_rows = {"[1, V]": batch[:1].clone(), "[V]": batch[0].clone(), "[1, 1, V]": batch[:1].clone()[None]}
+
+    def launches(logits):
+        labels = torch.zeros(logits.shape[:-1].numel(), dtype=torch.long)
+        return (
+            _launch_specialisation(
+                monkeypatch, ops, lambda: ops._fwd_triton(logits, labels, 1.0, -100, True)
+            ),
+            _launch_specialisation(
+                monkeypatch, token_stats,
+                lambda: token_stats._fwd_triton(
+                    logits, labels, 1.0, 0.0, 1.0, -100, True, True, False, False, 0
+                ),
+            ),
+        )
+
+    want = launches(batch)
+    for name, logits in lone_rows.items():
+        assert launches(logits) == want, f"a lone row {name} specialises unlike a batch"
+
+
+def test_batch_invariant_must_be_a_bool():
+    logits, labels = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(TypeError, match="batch_invariant must be a bool; got str"):
+        rk.logprobs_from_logits(logits, labels, batch_invariant="yes")
+    with pytest.raises(TypeError, match="batch_invariant must be a bool; got int"):
+        rk.entropy_from_logits(logits, batch_invariant=1)
+    # False is accepted and computes the same (the invariant computation is the only one)
+    assert torch.equal(rk.logprobs_from_logits(logits, labels, batch_invariant=False),
+                       rk.logprobs_from_logits(logits, labels))
+
+
+_SM90_LAYOUT_SCRIPT = """
+import re
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rlhf_kernels.ops import _launch, logprobs as ops
+
+kernel = ops._logprobs_fwd_kernel
+CONSTEXPRS = {"BLOCK_V": 4096, "HAS_ENTROPY": True, "ACC": triton.language.float32}
+
+
+def layouts(logits, row_args):
+    # Triton's specialisation of a launch: an int equal to 1 becomes a constant, an int divisible by 16
+    # and a 16-byte aligned pointer get tt.divisibility 16 (the other pointers are fresh, aligned)
+    rows1, s0, s1, sv = row_args
+    ints = dict(stride_x0=s0, stride_x1=s1, stride_xv=sv, rows1=rows1, V=logits.shape[-1], ignore_index=-100)
+    signature, constexprs, attrs = {}, dict(CONSTEXPRS), {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in CONSTEXPRS:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = {"logits_ptr": "*bf16", "labels_ptr": "*i64"}.get(name, "*fp32")
+            if name != "logits_ptr" or logits.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("inv_t"):
+            signature[name] = "fp32"
+        elif ints[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if name.startswith("stride") else "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    return sorted(set(re.findall(r"#ttg.blocked<[^>]*>", compiled.asm["ttgir"])))
+
+
+def launched(logits):
+    _, rows1, s0, s1, sv = ops.forward_row_layout(logits)
+    return rows1, s0, s1, sv
+
+
+batch = torch.zeros(6, 50257, dtype=torch.bfloat16)  # V not a multiple of 16 (GPT-2's)
+lone = torch.zeros(1, 50257, dtype=torch.bfloat16)
+_, _, rows1, s0, s1, sv = _launch.row_layout(lone)  # how a lone row launched before issue 15
+want = layouts(batch, launched(batch))
+assert "sizePerThread = [1]" in want[0], want
+assert layouts(lone, launched(lone)) == want, (layouts(lone, launched(lone)), want)
+assert layouts(lone, (rows1, s0, s1, sv)) != want  # the old launch: vectorised, other sum order
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels run natively")
+@pytest.mark.skipif(ops.triton is None, reason="needs triton")
+def test_lone_row_kernel_layout_on_sm90():
+    """The reason for forward_row_layout, compiled for sm_90 without a GPU: a lone row's kernel has the
+    load layout (so the reduction order) of a batch's, where the plain row_layout gave another."""
+    assert_compiles_for_sm90(_SM90_LAYOUT_SCRIPT)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from test_linear_distill_loss import registration_samples as _linear_distill_sam
 from test_ratings import registration_samples as _ratings_samples
 
 import rlhf_kernels.ops
+from rlhf_kernels.ops.sampling_logprobs import sampling_logprobs
 from rlhf_kernels import (
     _dispatch,
     _ext,
@@ -279,25 +281,62 @@ def _linear_logprobs_samples(device: str) -> dict[str, list[tuple]]:
     bias = _grad(torch.randn(13, device=device))
     labels = torch.randint(0, 13, (6,), device=device)
     labels[2] = -100
+    # logit_scale, softcap, with_sum_sq, with_top1, with_mean, batch_invariant (issue 15)
+    extras = (1.3, 2.0, True, True, True, True)
     fwd = [
         (hidden, weight, None, labels, 1.0, -100, True),
         (hidden, weight, bias, labels, 1 / 0.7, -100, False),
+        (hidden, weight, bias, labels, 1 / 0.7, -100, True, *extras),
     ]
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
-    stats = [(h, w, None, labels, 1.0, 0, True), (h, w, b, labels, 2.0, 5, False)]  # no autograd: internal
-    _, ent, lse = OPS.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True)
+    stats = [(h, w, None, labels, 1.0, 0, True), (h, w, b, labels, 2.0, 5, False, -100, True)]  # internal
+    stats_torch = [stats[0], (h, w, b, labels, 2.0, 5, True, 1.3, 2.0, True, True, -100, True)]
+    _, ent, sum_sq, _, _, lse = OPS.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True, *extras)
     g, ge = torch.randn(6, device=device), torch.randn(6, device=device)
+    gq, gm = torch.randn(6, device=device), torch.randn(6, device=device)
     bwd = [
         (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True),
         (g, g.new_empty(0), h, w, None, labels, lse, ent, 1.0, -100, 0, 13, True, False, False),
+        (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0, True),
     ]
     bwd_torch = [args[:11] + args[12:] for args in bwd]
     return {
         "linear_logprobs_fwd": fwd,
         "linear_logprobs_stats": stats,
-        "linear_logprobs_stats_torch": stats,
+        "linear_logprobs_stats_torch": stats_torch,
         "linear_logprobs_bwd": bwd,
         "linear_logprobs_bwd_torch": bwd_torch,
+    }
+
+
+def _sampling_logprobs_samples(device: str) -> dict[str, list[tuple]]:
+    logits = _grad(torch.randn(5, 11, device=device) * 2)
+    strided = _grad(torch.randn(2, 4, 11, device=device))
+    labels = torch.randint(0, 11, (5,), device=device)
+    labels[1] = -100
+    labels8 = torch.randint(0, 11, (8,), device=device)
+    x = logits.detach()
+    # (inv_temperature, top_k, top_p, log_min_p, ignore_index, with_entropy)
+    settings = (1 / 0.7, 4, 0.9, math.log(0.05), -100, True)
+    _, ent, _, lse, thr = OPS.sampling_logprobs_fwd_torch(x, labels, *settings)
+    _, no_ent, _, lse2, thr2 = OPS.sampling_logprobs_fwd_torch(x, labels, 1.0, 0, 0.8, -math.inf, -100, False)
+    g = torch.randn(5, device=device)
+    bwd = [
+        (g, torch.randn(5, device=device), x, labels, lse, ent, thr, 1 / 0.7, -100),
+        (g, g.new_empty(0), x, labels, lse2, no_ent, thr2, 1.0, -100),
+    ]
+    return {
+        "sampling_logprobs_fwd": [
+            (logits, labels, *settings),
+            (logits, labels, 1.0, 0, 1.0, -math.inf, -100, False),
+            (strided[:, :-1], labels8[:6], 1.0, 3, 0.5, -math.inf, -100, True),
+        ],
+        "sampling_logprobs_fwd_torch": [
+            (logits, labels, *settings),
+            (strided[:, 1:], labels8[:6], 2.0, 0, 0.7, -math.inf, 3, False),
+        ],
+        "sampling_logprobs_bwd": bwd,
+        "sampling_logprobs_bwd_torch": bwd,
     }
 
 
@@ -312,6 +351,7 @@ SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _linear_logprobs_samples,
     _ratings_samples,
     _linear_distill_samples,
+    _sampling_logprobs_samples,
 )
 
 
@@ -336,6 +376,7 @@ AUTOGRAD_OPS = frozenset(
         "ppo_value_loss_fwd",
         "token_stats_fwd",
         "ranking_loss_fwd",
+        "sampling_logprobs_fwd",
     }
 )
 
@@ -435,6 +476,10 @@ def _flat(result) -> list[torch.Tensor]:
 # name -> (function, inputs(b, t, device) -> (args, indices of differentiable args)).  Hyperparameters are
 # written as constants, the way a training step passes them; defaults are left to the functions.
 COMPILE_CASES: dict[str, tuple[Callable, Callable]] = {
+    "sampling_logprobs": (
+        lambda x, y: sampling_logprobs(x, y, temperature=0.7, top_k=5, top_p=0.9, return_entropy=True),
+        lambda b, t, d: ((torch.randn(b, t, 19, device=d), torch.randint(0, 19, (b, t), device=d)), (0,)),
+    ),
     "logprobs_from_logits": (
         lambda x, y: logprobs_from_logits(x, y),
         lambda b, t, d: ((torch.randn(b, t, 19, device=d), torch.randint(0, 19, (b, t), device=d)), (0,)),

@@ -13,6 +13,7 @@ from conftest import HAS_CUDA, TRITON_DEVICE, assert_close
 
 from rlhf_kernels import _dispatch
 from rlhf_kernels.ops import token_stats as ops
+from rlhf_kernels.ops.cpu import logprobs as cpu_logprobs
 from rlhf_kernels.ops.cpu import token_stats as cpu
 from rlhf_kernels.ops.token_stats import token_stats_from_logits
 from rlhf_kernels.reference import token_stats as ref
@@ -353,6 +354,8 @@ def test_opcheck_torch_path():
                logits.detach(), labels, lse, ent, sq, idx, 1.5, 3.0, 1.0, -100)
         torch.library.opcheck(torch.ops.rlhf_kernels.token_stats_bwd.default, bwd)
         torch.library.opcheck(torch.ops.rlhf_kernels.token_stats_bwd_torch.default, bwd)
+        # a vocabulary shard (parallel.py): columns [3, 16) of 20
+        torch.library.opcheck(torch.ops.rlhf_kernels.token_stats_bwd.default, (*bwd, 3, 20))
 
 
 def test_compile_fullgraph_dynamic_torch_path():
@@ -386,3 +389,38 @@ def test_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
         _dispatch.set_index_checks(True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch invariance (issue 15): as tests/test_logprobs.py::test_batch_invariant_bitwise, every output
+# --------------------------------------------------------------------------------------------------
+def _row_outputs(base, labels, row):
+    """Every output of flattened row ``row`` and its gradient row, for constant upstream gradients."""
+    got = token_stats_from_logits(base, labels, softcap=20.0, temperature=0.7, top_k=3, batch_invariant=True,
+                                  **ALL)
+    loss = sum(c * getattr(got, name).sum() for c, name in zip((0.75, -0.3, 1.3, 0.2, 0.4), DIFFERENTIABLE))
+    loss.backward()
+    vocab = base.shape[-1]
+    return [field.reshape(labels.numel(), -1)[row] for field in got] + [base.grad.reshape(-1, vocab)[row]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_bitwise(backend, device, dtype, monkeypatch):
+    """A row alone and inside batches of several sizes and positions: every output and the gradient
+    bitwise equal (the torch path's V = 40000 made ATen split a lone row's sums over threads)."""
+    if backend == "triton":
+        monkeypatch.setattr(ops, "_launch_config", lambda v, k: ops._LaunchConfig(block_v=256, block_k=4,
+                                                                                  num_warps=4))
+    vocab, sizes = (40000, (2, 9)) if backend == "torch" else (300, (2, 3))
+    monkeypatch.setattr(cpu_logprobs, "CHUNK_BYTES", 4 * 4 * vocab)  # chunks of 4 rows: 9 = 4 + 4 + 1
+    row = _logits((1, vocab), dtype, device)
+    label = torch.randint(0, vocab, (1,), device=device)
+    want = _row_outputs(row.clone().requires_grad_(), label, 0)
+    for n in sizes:
+        for position in sorted({0, n // 2, n - 1}):
+            batch = _logits((n, vocab), dtype, device)
+            labels = _labels((n,), vocab, device)
+            batch[position], labels[position] = row[0], label[0]
+            got = _row_outputs(batch.requires_grad_(), labels, position)
+            for name, g, w in zip(list(ops.TokenStats._fields) + ["gradient"], got, want):
+                assert torch.equal(g, w), f"{n} rows, row {position}: {name} differs from the row alone"

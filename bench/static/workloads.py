@@ -244,6 +244,46 @@ def linear_logprobs_cases() -> list[Case]:
                 settings=settings,
             )
         )
+    cases += linear_logprobs_issue15_cases()
+    return cases
+
+
+def linear_logprobs_issue15_cases() -> list[Case]:
+    """Issue 15: every statistic with a soft cap (narrower tiles, see _launch_config) and the
+    batch_invariant backward (its fixed-tile d_hidden kernel, _linear_logprobs_grad_hidden_kernel)."""
+    from rlhf_kernels.ops.linear_logprobs import linear_token_stats
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        e = _size(dtype)
+        label = f"{SHORT[dtype]} N={N} H={H} V={V} +stats +softcap"
+
+        def make(dtype=dtype):
+            return empty(N, H, dtype=dtype), empty(V, H, dtype=dtype), empty(N, dtype=torch.int64)
+
+        cases.append(Case(
+            "linear_logprobs", "linear_token_stats", label, make,
+            lambda h, w, y: linear_token_stats(
+                h, w, y, softcap=30.0, entropy=True, sum_sq_probs=True, top1_match=True, mean_logit=True
+            ),
+            (N * H + V * H) * e + N * 8 + N * 4 * 5, ci=dtype == torch.bfloat16,
+        ))
+
+        def make_bwd(dtype=dtype):
+            return (empty(N), empty(N), empty(N, H, dtype=dtype), empty(V, H, dtype=dtype),
+                    empty(N, dtype=torch.int64), empty(N), empty(N), empty(N), empty(N), empty(N))
+
+        for invariant in (False, True):
+            cases.append(Case(
+                "linear_logprobs", "linear_logprobs_bwd", label + (" batch_invariant" if invariant else ""),
+                make_bwd,
+                lambda g, ge, h, w, y, lse, ent, gq, gm, sq, invariant=invariant: (
+                    _ops().linear_logprobs_bwd(g, ge, h, w, None, y, lse, ent, 1.0, -100, 0, V, True, True,
+                                               False, gq, gm, sq, 1.0, 30.0, invariant)
+                ),
+                (N * H + V * H) * e + N * 8 * 4 + N * H * 4 + V * H * e,
+                ci=invariant and dtype == torch.bfloat16,
+            ))
     return cases
 
 
@@ -733,6 +773,39 @@ def linear_distill_loss_cases() -> list[Case]:
     return cases
 
 
+def sampling_logprobs_cases() -> list[Case]:
+    from rlhf_kernels.ops.sampling_logprobs import sampling_logprobs
+
+    cases = []
+    for top_k, top_p in ((50, 0.9), (0, 0.95)):
+        cases.append(
+            Case(
+                "sampling_logprobs",
+                "sampling_logprobs",
+                f"bf16 [{N}, {V}] top_k={top_k} top_p={top_p} +entropy",
+                lambda: (empty(N, V, dtype=torch.bfloat16), empty(N, dtype=torch.int64)),
+                lambda x, y, k=top_k, p=top_p: sampling_logprobs(
+                    x, y, temperature=0.8, top_k=k, top_p=p, return_entropy=True
+                ),
+                # logits, labels; logprobs, entropy, mask mass, lse (fp32) and threshold (int64)
+                N * V * 2 + N * 8 + 4 * N * 4 + N * 8,
+                ci=top_k > 0,
+            )
+        )
+    cases.append(
+        Case(
+            "sampling_logprobs",
+            "sampling_logprobs_bwd",
+            f"bf16 [{N}, {V}] +grad entropy",
+            lambda: (*logprobs_bwd_args(empty(N, V, dtype=torch.bfloat16), True), empty(N, dtype=torch.int64)),
+            lambda g, ge, x, y, lse, ent, thr: _ops().sampling_logprobs_bwd(g, ge, x, y, lse, ent, thr, 1.25, -100),
+            2 * N * V * 2 + 2 * N * 8 + 4 * N * 4,
+            ci=True,
+        )
+    )
+    return cases
+
+
 FAMILIES: dict[str, Callable[[], list[Case]]] = {
     "logprobs": logprobs_cases,
     "linear_logprobs": linear_logprobs_cases,
@@ -746,4 +819,5 @@ FAMILIES: dict[str, Callable[[], list[Case]]] = {
     "token_stats": token_stats_cases,
     "ratings": ratings_cases,
     "linear_distill_loss": linear_distill_loss_cases,
+    "sampling_logprobs": sampling_logprobs_cases,
 }

@@ -1,40 +1,54 @@
-"""Per-token log-probabilities and entropy straight from hidden states: lm_head + log-softmax fused.
+"""Per-token log-probabilities, entropy and token statistics straight from hidden states: lm_head +
+log-softmax fused.
 
-With z = (h Wᵀ + b) / τ the scaled logits of a row (h [H], W [V, H], b [V], τ the temperature):
+With x = h Wᵀ + b the raw logits of a row (h [H], W [V, H], b [V]) and, as in
+:mod:`rlhf_kernels.ops.token_stats` (scale, then soft cap, then temperature),
 
-    lse    = log Σ_j exp(z_j)
-    logp_y = z_y − lse
-    H      = log s − t / s,   s = Σ_j e^{z_j − m},  t = Σ_j e^{z_j − m}(z_j − m),   m = max_j z_j
+    x' = softcap(logit_scale · x) / τ,   softcap(z) = c · tanh(z / c) (or z)
+    lse    = log Σ_j exp(x'_j),   logp_y = x'_y − lse
+    H      = log s − t / s,   s = Σ_j e^{x'_j − m},  t = Σ_j e^{x'_j − m}(x'_j − m),   m = max_j x'_j
+    S      = Σ_j p_j² = q / s²,   q = Σ_j e^{2(x'_j − m)}          (sum_sq_probs)
+    top1   = 1[x'_y = m]                                           (top1_match; ties count)
+    M      = Σ_j x'_j / V                                          (mean_logit)
 
-exactly as :func:`rlhf_kernels.logprobs_from_logits` defines them, but the [N, V] logits never exist:
+exactly as :func:`rlhf_kernels.token_stats_from_logits` defines them, but the [N, V] logits never exist:
 the forward computes them tile by tile ([BLOCK_N, BLOCK_V], fp32 accumulation on the tensor cores) and
-folds each tile into per-row online accumulators (m, s, t and the label's logit z_y).  Accumulators of
+folds each tile into per-row online accumulators (m, s, t, q, Σx' and the label's x').  Accumulators of
 disjoint vocabulary ranges merge exactly: rebased to a common maximum M,
 
-    s' = e^{m − M} s,   t' = e^{m − M} (t + s (m − M)),
+    s' = e^{m − M} s,   t' = e^{m − M} (t + s (m − M)),   q' = e^{2(m − M)} q,
 
 so the forward splits the vocabulary over several programs (more parallelism) and a weight sharded by
 rows over tensor-parallel ranks merges the same way across ranks (:mod:`rlhf_kernels.parallel`).
 
-Backward, with upstream gradients g (of logp_y) and η (of H) per row, recomputes the logits tile by tile:
+Backward, with upstream gradients g, η, ϱ, r (of logp_y, H, S, M) per row, recomputes the logits tile by
+tile:
 
-    G_j = ∂/∂logits_j = (1/τ) [ g (1[j = y] − p_j) − η p_j (log p_j + H) ]
+    G_j = [g (1[j = y] − p_j) − η p_j (log p_j + H) + 2ϱ p_j (p_j − S) + r / V] · dx'_j/dx_j
+    dx'/dx = (logit_scale / τ) · (1 − tanh²(logit_scale · x / c))   (without the tanh factor if no cap)
     d_hidden = G W,   d_weight = Gᵀ h,   d_bias = Σ_rows G
 
 G is written, in the input dtype, into a [N, chunk] buffer one vocabulary chunk at a time, and the two
 products run as tensor-core matrix products on that chunk (see :class:`LinearLogprobsConfig`); d_hidden
 sums the chunks' products in fp32 and is rounded to the input dtype once, at the end.
 
-Positions whose label equals ``ignore_index`` give 0 and send exactly zero into G.  A ``-inf`` bias entry
-masks that vocabulary entry (probability 0); NaN in gives NaN out.
+Positions whose label equals ``ignore_index`` give 0 in every output and send exactly zero into G, and
+they are never projected: the rows are ordered labelled-first on the device (a stable sort, no host
+sync) and row tiles past the labelled count do no product (the PyTorch path drops them on the CPU).
+A ``-inf`` bias entry masks that vocabulary entry (probability 0); NaN in gives NaN out.
 
-Elsewhere: the PyTorch path in :mod:`rlhf_kernels.ops.cpu.linear_logprobs`, ``LinearLogprobs`` in
+``batch_invariant=True``: tiles, vocabulary splits and the split merge's order are fixed independently of
+N, and d_hidden's product runs in a fixed-tile Triton kernel instead of cuBLAS (which chooses its
+algorithm from N), so each row's outputs and d_hidden row are bitwise the same whatever the batch.
+
+Kernels and their launch configuration: :mod:`rlhf_kernels.ops._linear_logprobs_kernels`.  Elsewhere:
+the PyTorch path in :mod:`rlhf_kernels.ops.cpu.linear_logprobs`, ``LinearLogprobs`` in
 :mod:`rlhf_kernels.modules`, vocabulary parallelism in :mod:`rlhf_kernels.parallel`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 from torch import Tensor
@@ -51,318 +65,94 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
-from ._launch import (
-    acc_dtype,
-    cdiv,
-    pow2_between,
-    scalar_parts,
-    sm_count,
-    tl,
-    triton,
-    without_autocast,
-    wrap_triton,
-)
+from ._launch import acc_dtype, cdiv, triton, without_autocast, wrap_triton
+from ._linear_logprobs_kernels import _GRAD_HIDDEN_BLOCK_H, LinearLogprobsConfig, _launch_config
 from .cpu import linear_logprobs as cpu
+from .token_stats import TokenStats, _scalars
+
+if triton is not None:
+    from ._linear_logprobs_kernels import (
+        _linear_logprobs_bwd_kernel,
+        _linear_logprobs_fwd_kernel,
+        _linear_logprobs_grad_hidden_kernel,
+    )
 
 FAMILY = "linear_logprobs"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton kernels.  Rows (tokens) are tiled by BLOCK_N, the vocabulary by BLOCK_V, the hidden features
-# (the products' reduction dimension) by BLOCK_K.  ACC is the arithmetic dtype (fp32; fp64 for fp64
-# inputs); 1/τ arrives as scalar_parts and is read with scalar_arg.
-# ---------------------------------------------------------------------------------------------------
-if triton is not None:
-    from ._launch import scalar_arg
-
-    @triton.jit
-    def _dot(a, b, acc, DOT_MODE: tl.constexpr):
-        # DOT_MODE 0: native tensor-core product (bf16/fp16; fp32 as TF32 when torch allows TF32).
-        # 1: fp32 / fp64 in full precision (torch's default for fp32 matmuls).
-        # 2: operands widened to fp32 first: Triton's interpreter multiplies bf16 tiles as raw 16-bit
-        #    integers (its dot has no bf16 case); widening is exact, so the interpreter stays a true check.
-        if DOT_MODE == 1:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        elif DOT_MODE == 2:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        return acc
-
-    @triton.jit
-    def _to_buffer_dtype(x, dtype: tl.constexpr, DOT_MODE: tl.constexpr):
-        # DOT_MODE 2 (bf16 in the interpreter): the interpreter's fp32 -> bf16 cast truncates, where a GPU
-        # rounds to nearest even; rounding the fp32 bits first makes the interpreter round as the GPU does.
-        if DOT_MODE == 2:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-        return x.to(dtype)
-
-    @triton.jit
-    def _logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_ok, col_ok,
-        stride_hn, stride_hk, stride_wv, stride_wk, H, inv_temperature,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-    ):
-        """z = (h Wᵀ + b) / τ for rows offs_n and vocabulary entries offs_v, [BLOCK_N, BLOCK_V] in ACC."""
-        offs_k = tl.arange(0, BLOCK_K)
-        h_ptrs = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_k[None, :] * stride_hk
-        w_ptrs = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_k[:, None] * stride_wk
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
-        for k in range(0, H, BLOCK_K):
-            k_ok = offs_k < H - k
-            a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(a, b, acc, DOT_MODE)
-            h_ptrs += BLOCK_K * stride_hk
-            w_ptrs += BLOCK_K * stride_wk
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=col_ok, other=0.0).to(ACC)[None, :]
-        return acc * inv_temperature
-
-    # Reads hidden [N, H] once per vocabulary split and weight [V, H] once per row block (each weight tile
-    # once per wave from HBM, see the program order); writes 4 · splits · N accumulators.
-    @triton.jit
-    def _linear_logprobs_fwd_kernel(
-        hidden_ptr, weight_ptr, bias_ptr, labels_ptr, max_ptr, sum_ptr, tsum_ptr, label_logit_ptr,
-        stride_hn, stride_hk, stride_wv, stride_wk,
-        N, V, H, label_offset, inv_t_hi, inv_t_mid, inv_t_lo, tiles_per_split, vocab_splits,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-    ):
-        # Split-fastest order: programs running together share a row block (its hidden rows stay in L2)
-        # and walk the weight in step (each weight tile is read from HBM once per wave).
-        pid = tl.program_id(0)
-        split = pid % vocab_splits
-        offs_n = (pid // vocab_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = offs_n < N
-        label = tl.load(labels_ptr + offs_n, mask=row_ok, other=0).to(tl.int64) - label_offset
-        inv_temperature = scalar_arg(inv_t_hi, inv_t_mid, inv_t_lo, ACC)
-
-        m = tl.full((BLOCK_N,), float("-inf"), ACC)  # running max of z
-        s = tl.zeros((BLOCK_N,), ACC)  # Σ e^{z − m}
-        t = tl.zeros((BLOCK_N,), ACC)  # Σ e^{z − m}(z − m); stays 0 without HAS_ENTROPY
-        z_label = tl.zeros((BLOCK_N,), ACC)
-        first_tile = split * tiles_per_split
-        last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_V))
-        for tile in range(first_tile, last_tile):
-            offs_v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-            col_ok = offs_v < V
-            z = _logits_tile(
-                hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_ok, col_ok,
-                stride_hn, stride_hk, stride_wv, stride_wk, H, inv_temperature,
-                BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_MODE, ACC,
-            )
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-            is_label = (offs_v[None, :] == label[:, None]) & col_ok[None, :]
-            z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            # Reference point for this tile's exponentials; stays finite while a row is all -inf.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            shift = tl.where(s > 0, m - m_ref, 0.0)
-            alpha = tl.exp(shift)
-            zc = z - m_ref[:, None]
-            e = tl.exp(zc)
-            if HAS_ENTROPY:
-                # -inf entries have probability 0: their e·(z − m) is 0, not 0·(−inf).
-                t = alpha * (t + s * shift) + tl.sum(tl.where(z == float("-inf"), 0.0, e * zc), axis=1)
-            s = s * alpha + tl.sum(e, axis=1)
-            m = m_new
-
-        out = split.to(tl.int64) * N + offs_n
-        tl.store(max_ptr + out, m, mask=row_ok)
-        tl.store(sum_ptr + out, s, mask=row_ok)
-        tl.store(tsum_ptr + out, t, mask=row_ok)
-        tl.store(label_logit_ptr + out, z_label, mask=row_ok)
-
-    # Per vocabulary chunk: reads hidden [N, H] once per column block and the chunk's weight rows once per
-    # row block; writes G [N, chunk] in the input dtype (and row-block partial sums of G for d_bias).
-    @triton.jit
-    def _linear_logprobs_bwd_kernel(
-        grad_logits_ptr, grad_bias_ptr,
-        hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
-        lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
-        stride_gn, stride_gbn, stride_hn, stride_hk, stride_wv, stride_wk,
-        N, H, chunk_width, label_offset, inv_t_hi, inv_t_mid, inv_t_lo, ignore_index,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
-        DOT_MODE: tl.constexpr, ACC: tl.constexpr,
-    ):
-        # Grouped order (as in a tiled matrix product): GROUP_N row blocks sweep the chunk's vocabulary
-        # tiles together, so both operands of the programs in flight stay in L2.
-        pid = tl.program_id(0)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        tiles_v = tl.cdiv(chunk_width, BLOCK_V)
-        per_group = GROUP_N * tiles_v
-        first_n = (pid // per_group) * GROUP_N
-        group_rows = tl.minimum(tiles_n - first_n, GROUP_N)
-        pid_n = first_n + (pid % per_group) % group_rows
-        pid_v = (pid % per_group) // group_rows
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # within the chunk
-        row_ok = offs_n < N
-        col_ok = offs_v < chunk_width
-        inv_temperature = scalar_arg(inv_t_hi, inv_t_mid, inv_t_lo, ACC)
-        z = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_ok, col_ok,
-            stride_hn, stride_hk, stride_wv, stride_wk, H, inv_temperature,
-            BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_MODE, ACC,
-        )
-        label = tl.load(labels_ptr + offs_n, mask=row_ok, other=ignore_index).to(tl.int64)
-        ignored = label == ignore_index
-        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
-        g = tl.load(grad_logprobs_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
-        logp = z - lse[:, None]
-        p = tl.exp(logp)
-        grad = tl.where(offs_v[None, :] == (label - label_offset)[:, None], g[:, None], 0.0) - g[:, None] * p
-        if HAS_GRAD_ENTROPY:
-            eta = tl.load(grad_entropy_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
-            entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0).to(ACC)
-            grad -= eta[:, None] * tl.where(z == float("-inf"), 0.0, p * (logp + entropy[:, None]))
-        grad = tl.where(ignored[:, None], 0.0, grad * inv_temperature)
-
-        g_ptrs = grad_logits_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_v[None, :]
-        grad_out = _to_buffer_dtype(grad, grad_logits_ptr.dtype.element_ty, DOT_MODE)
-        tl.store(g_ptrs, grad_out, mask=row_ok[:, None] & col_ok[None, :])
-        if WRITE_GRAD_BIAS:
-            # One partial per (row block, column), in ACC: summed afterwards in a fixed order (deterministic).
-            gb_ptrs = grad_bias_ptr + pid_n.to(tl.int64) * stride_gbn + offs_v
-            tl.store(gb_ptrs, tl.sum(grad, axis=0), mask=col_ok)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Launch configuration: the one place where tile sizes, the forward's splits and the backward's chunk
-# are chosen.
-# ---------------------------------------------------------------------------------------------------
-# Backward: bytes of the [N, chunk] gradient buffer (input dtype).  512 MiB holds 16384 columns for
-# N = 16384 bf16 tokens: ~10 passes over V = 151936, each a pair of large tensor-core products.
-_BWD_BUFFER_BYTES = 512 << 20
-# Forward programs wanted per SM: enough waves that the last one's imbalance stays small.
-_PROGRAMS_PER_SM = 4
-# At least this many forward splits on a GPU, so that programs in flight share few row blocks.
-_MIN_SPLITS = 8
-# Forward splits in Triton's interpreter: a few, so that the tests exercise the merge.
-_INTERPRETER_SPLITS = 4
-
-
-@dataclass(frozen=True)
-class LinearLogprobsConfig:
-    """How the Triton path tiles the work.
-
-    block_n, block_v, block_k: a logits tile is [block_n tokens, block_v vocabulary entries], computed by
-        tl.dot over the hidden dimension in steps of block_k.  128 x 128 x 64 in bf16/fp16 is the usual
-        Hopper/Ampere tensor-core tile (32 KiB of operands per pipeline stage, a 64 KiB fp32 accumulator
-        over 8 warps); wider dtypes shrink block_k (fp32 32, fp64 16) to keep the bytes per stage, and
-        fp64 also caps the tile at 64 x 64.  Small problems shrink each block to the next power of two
-        >= the size (at least 16, tl.dot's minimum).
-    vocab_splits, tiles_per_split: forward programs per row block, each owning a contiguous range of
-        tiles_per_split vocabulary tiles; their (max, sum, entropy) accumulators are merged afterwards.
-        Chosen so that rows x splits fills the GPU _PROGRAMS_PER_SM times over (at least _MIN_SPLITS
-        when V allows, so programs in flight share few row blocks and walk the weight in step).
-    bwd_chunk_v: the backward recomputes the logits once and keeps G for bwd_chunk_v columns at a time in
-        a [N, bwd_chunk_v] buffer (input dtype, at most _BWD_BUFFER_BYTES), from which d_hidden and
-        d_weight are two large tensor-core products (cuBLAS).  One fused kernel instead would need fp32
-        atomics into d_weight [V, H] (non-deterministic, 2.5 GB at V = 151936, H = 4096) or a second
-        recomputation.
-    group_n: row blocks per group in the backward kernel's grouped program order (L2 reuse).
-    dot_mode: how the kernels call tl.dot (see _dot): 0 native, 1 full-precision fp32/fp64, 2 bf16
-        widened to fp32 (the interpreter).
-    """
-
-    block_n: int
-    block_v: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    vocab_splits: int
-    tiles_per_split: int
-    bwd_chunk_v: int
-    group_n: int
-    dot_mode: int
-
-
-def _launch_config(
-    n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
-) -> LinearLogprobsConfig:
-    element = dtype.itemsize
-    # fp32 products in full precision unless the user allowed TF32 for torch's matmuls (see _dot).
-    full_precision = dtype == torch.float64 or (
-        dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    )
-    dot_mode = 2 if dtype == torch.bfloat16 and _dispatch.triton_interpreted() else int(full_precision)
-    tile = 128 if element <= 4 else 64
-    block_n = pow2_between(n_rows, 16, tile)
-    # Register budget 255/thread, no spills (bench/static/budgets.py, python -m bench.static): one CTA
-    # of 8 warps per SM by design.  At 128x128 tiles the entropy epilogue spilled (bf16, K = 64: 4 B;
-    # fp32 without TF32, whose products keep fp32 operands: 8 B on triton 3.9, 572 B on 3.6), hence
-    # K = 32 for 16-bit inputs and half-width vocabulary tiles for full-precision fp32.
-    block_v = pow2_between(vocab_size, 16, tile // 2 if dot_mode == 1 and element == 4 else tile)
-    block_k = pow2_between(hidden_size, 16, 32 if element == 2 else 128 // element)
-    vocab_tiles = cdiv(vocab_size, block_v)
-    row_blocks = cdiv(max(n_rows, 1), block_n)
-    if device.type == "cuda":
-        splits = max(_MIN_SPLITS, cdiv(_PROGRAMS_PER_SM * sm_count(device), row_blocks))
-    else:
-        splits = _INTERPRETER_SPLITS
-    tiles_per_split = cdiv(vocab_tiles, min(splits, vocab_tiles))
-    splits = cdiv(vocab_tiles, tiles_per_split)  # every split owns at least one tile
-    chunk = block_v  # a power-of-two multiple of block_v (comparisons only, as in pow2_between)
-    while chunk < vocab_size and n_rows * 2 * chunk * element <= _BWD_BUFFER_BYTES:
-        chunk *= 2
-    return LinearLogprobsConfig(
-        block_n=block_n, block_v=block_v, block_k=block_k,
-        num_warps=8 if block_n * block_v >= 128 * 64 else 4, num_stages=3 if element == 2 else 2,
-        vocab_splits=splits, tiles_per_split=tiles_per_split, bwd_chunk_v=chunk, group_n=8,
-        dot_mode=dot_mode,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
 # Launchers: each writes into outputs the caller allocated; a thin allocating wrapper sits on top.
 # ---------------------------------------------------------------------------------------------------
+def _row_order(labels: Tensor, ignore_index: int | None) -> tuple[Tensor | None, Tensor | None]:
+    """(order, count): the rows with a label first (a stable sort) and their number, both on the device
+    (no host sync); (None, None) when every row is computed."""
+    if ignore_index is None:
+        return None, None
+    ignored = labels == ignore_index
+    return torch.argsort(ignored.to(torch.int8), stable=True), (~ignored).sum()
+
+
 @without_autocast
 def _launch_stats_out(
     partials: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-    inv_temperature: float, vocab_start: int, with_entropy: bool,
+    inv_temperature: float, vocab_start: int, with_entropy: bool, logit_scale: float = 1.0,
+    softcap: float = 0.0, with_sum_sq: bool = False, with_mean: bool = False,
+    ignore_index: int | None = None, batch_invariant: bool = False,
 ) -> None:
-    """Writes the per-split row accumulators (m, s, t, z_label) into ``partials`` [4, vocab_splits, N]
-    (compute dtype; t is 0 without ``with_entropy``)."""
+    """Writes the per-split row accumulators (cpu.ACCUMULATORS) into ``partials`` [6, vocab_splits, N]
+    (compute dtype; t, q and the total are 0 unless requested).  With ``ignore_index``, a row tile of
+    ignored rows only holds the accumulators of no entry (m = −inf, the rest 0)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device)
-    assert partials.shape == (4, cfg.vocab_splits, n_rows) and partials.is_contiguous()
+    cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device, batch_invariant,
+                         softcap > 0 or with_sum_sq or with_mean)
+    assert partials.shape == (6, cfg.vocab_splits, n_rows) and partials.is_contiguous()
     assert partials.dtype == compute_dtype(hidden)
     if n_rows == 0:
         return
-    m, s, t, z_label = partials.unbind(0)
+    order, count = _row_order(labels, ignore_index)
     grid = (cdiv(n_rows, cfg.block_n) * cfg.vocab_splits,)
     wrap_triton(_linear_logprobs_fwd_kernel)[grid](
-        hidden, weight, weight if bias is None else bias, labels, m, s, t, z_label,
+        hidden, weight, weight if bias is None else bias, labels,
+        labels if order is None else order, labels if count is None else count, *partials.unbind(0),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        n_rows, vocab_size, hidden_size, vocab_start, *scalar_parts(inv_temperature, partials.dtype),
+        n_rows, vocab_size, hidden_size, vocab_start,
+        *_scalars(hidden, logit_scale, softcap, inv_temperature),
         cfg.tiles_per_split, cfg.vocab_splits,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, HAS_ENTROPY=with_entropy, DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=bias is not None, HAS_ORDER=order is not None, HAS_SOFTCAP=softcap > 0,
+        HAS_ENTROPY=with_entropy, HAS_SUM_SQ=with_sum_sq, HAS_MEAN=with_mean,
+        DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def _merge_splits(partials: Tensor, in_order: bool) -> tuple[Tensor, ...]:
+    """The merged row accumulators from [6, splits, N] partials; ``in_order``: the splits' sums taken
+    one split after another (elementwise additions, whose result cannot depend on N)."""
+    m, s, t, z_label, q, total = partials.unbind(0)
+    m_all = m.amax(dim=0)
+    q = cpu.rebase_sq(m, s, q, m_all)
+    s, t = cpu.rebase(m, s, t, m_all)
+    add = (lambda x: functools.reduce(torch.add, x.unbind(0))) if in_order else (lambda x: x.sum(dim=0))
+    return m_all, add(s), add(t), add(z_label), add(q), add(total)
 
 
 def _launch_stats(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
-    vocab_start: int, with_entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Allocating wrapper: the merged row accumulators (m, s, t, z_label) [N]."""
-    cfg = _launch_config(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, hidden.device)
-    partials = hidden.new_empty((4, cfg.vocab_splits, hidden.shape[0]), dtype=compute_dtype(hidden))
-    _launch_stats_out(partials, hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
-    m, s, t, z_label = partials.unbind(0)
-    m_all = m.amax(dim=0)
-    s, t = cpu.rebase(m, s, t, m_all)
-    return m_all, s.sum(dim=0), t.sum(dim=0), z_label.sum(dim=0)
+    vocab_start: int, with_entropy: bool, logit_scale: float = 1.0, softcap: float = 0.0,
+    with_sum_sq: bool = False, with_mean: bool = False, ignore_index: int | None = None,
+    batch_invariant: bool = False,
+) -> tuple[Tensor, ...]:
+    """Allocating wrapper, with the arguments and results of ``rlhf_kernels::linear_logprobs_stats_torch``:
+    the merged row accumulators (cpu.ACCUMULATORS) [N]."""
+    n_rows = hidden.shape[0]
+    cfg = _launch_config(n_rows, weight.shape[0], hidden.shape[1], hidden.dtype, hidden.device,
+                         batch_invariant, softcap > 0 or with_sum_sq or with_mean)
+    partials = hidden.new_empty((6, cfg.vocab_splits, n_rows), dtype=compute_dtype(hidden))
+    _launch_stats_out(partials, hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy,
+                      logit_scale, softcap, with_sum_sq, with_mean, ignore_index, batch_invariant)
+    return _merge_splits(partials, batch_invariant)
 
 
 def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -375,14 +165,34 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def _add_product_fixed_tiles(d_hidden: Tensor, grad_chunk: Tensor, weight_rows: Tensor,
+                             cfg: LinearLogprobsConfig) -> None:
+    """d_hidden += grad_chunk @ weight_rows with fixed tiles (batch_invariant).  The vocabulary step
+    divides every chunk width (both are powers of two, chunks multiples of block_v), so a row's sum is the
+    same sequence of tile products whatever the chunking."""
+    n_rows, hidden_size = d_hidden.shape
+    block_v = min(cfg.block_k, cfg.block_v)
+    grid = (cdiv(n_rows, cfg.block_n), cdiv(hidden_size, _GRAD_HIDDEN_BLOCK_H))
+    wrap_triton(_linear_logprobs_grad_hidden_kernel)[grid](
+        d_hidden, grad_chunk, weight_rows,
+        d_hidden.stride(0), grad_chunk.stride(0), weight_rows.stride(0), weight_rows.stride(1),
+        n_rows, hidden_size, grad_chunk.shape[1],
+        BLOCK_N=cfg.block_n, BLOCK_V=block_v, BLOCK_H=_GRAD_HIDDEN_BLOCK_H, DOT_MODE=cfg.dot_mode,
+        ACC=acc_dtype(d_hidden), num_warps=8,  # 4 warps spilled in fp32 (16 B)
+    )
+
+
 @without_autocast
 def _launch_bwd_out(
     d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
     grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
     labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
+    grad_sum_sq: Tensor | None = None, grad_mean_over_v: Tensor | None = None, sum_sq: Tensor | None = None,
+    logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False,
 ) -> None:
     """Writes d_hidden [N, H] (compute dtype), d_weight [V, H] and d_bias [V], each as allocated by
-    :func:`cpu.empty_grads`: a [0] output is not wanted.  grad_entropy is [0] when H has no gradient."""
+    :func:`cpu.empty_grads`: a [0] output is not wanted.  grad_entropy is [0] when H has no gradient;
+    grad_sum_sq (with the forward's sum_sq) and grad_mean_over_v (r / V) are None when absent."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     need_hidden, need_weight = d_hidden.dim() == 2, d_weight.dim() == 2
@@ -393,11 +203,15 @@ def _launch_bwd_out(
         d_weight.zero_()
         d_bias.zero_()
         return
-    cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device)
+    present = lambda x: x is not None and x.numel() > 0  # noqa: E731
+    cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device, batch_invariant,
+                         softcap > 0 or present(grad_sum_sq) or present(grad_mean_over_v))
     row_blocks = cdiv(n_rows, cfg.block_n)
     acc = compute_dtype(hidden)
     bias_partial = hidden.new_empty((row_blocks if write_bias else 0, vocab_size), dtype=acc)
-    has_grad_entropy = grad_entropy.numel() > 0
+    order, count = _row_order(labels, ignore_index)
+    per_row = [entropy, sum_sq, grad_logprobs, grad_entropy, grad_sum_sq, grad_mean_over_v]
+    per_row = [x if present(x) else lse for x in per_row]  # placeholders where a flag is off
     buffer = hidden.new_empty((n_rows, min(cfg.bwd_chunk_v, vocab_size)))
     for begin in range(0, vocab_size, cfg.bwd_chunk_v):
         width = min(cfg.bwd_chunk_v, vocab_size - begin)
@@ -407,20 +221,23 @@ def _launch_bwd_out(
         wrap_triton(_linear_logprobs_bwd_kernel)[grid](
             buffer, bias_partial[:, begin:] if write_bias else lse,
             hidden, weight_rows, weight_rows if bias is None else bias[begin : begin + width], labels,
-            lse, entropy if has_grad_entropy else lse,
-            grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs,
+            order, count, lse, *per_row,
             buffer.stride(0), bias_partial.stride(0), hidden.stride(0), hidden.stride(1),
             weight.stride(0), weight.stride(1),
-            n_rows, hidden_size, width, vocab_start + begin, *scalar_parts(inv_temperature, acc),
-            ignore_index,
+            n_rows, hidden_size, width, vocab_start + begin,
+            *_scalars(hidden, logit_scale, softcap, inv_temperature), ignore_index,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
-            HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_GRAD_BIAS=write_bias,
+            HAS_BIAS=bias is not None, HAS_ORDER=True, HAS_SOFTCAP=softcap > 0,
+            HAS_GRAD_ENTROPY=present(grad_entropy), HAS_GRAD_SUM_SQ=present(grad_sum_sq),
+            HAS_GRAD_MEAN=present(grad_mean_over_v), WRITE_GRAD_BIAS=write_bias,
             DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         grad_chunk = buffer[:, :width]
         if need_weight:
             torch.mm(grad_chunk.T, hidden, out=d_weight[begin : begin + width])
-        if need_hidden:
+        if need_hidden and batch_invariant:
+            _add_product_fixed_tiles(d_hidden, grad_chunk, weight_rows, cfg)
+        elif need_hidden:
             _add_product(d_hidden, grad_chunk, weight_rows)
     if write_bias:
         d_bias.copy_(bias_partial.sum(dim=0))
@@ -429,40 +246,55 @@ def _launch_bwd_out(
 def _launch_bwd(
     grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
     labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
-    need_hidden: bool, need_weight: bool, need_bias: bool,
+    need_hidden: bool, need_weight: bool, need_bias: bool, *extras,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Allocating wrapper, with the arguments of ``rlhf_kernels::linear_logprobs_bwd_torch``."""
     grads = cpu.empty_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     _launch_bwd_out(*grads, grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                    inv_temperature, ignore_index, vocab_start)
+                    inv_temperature, ignore_index, vocab_start, *extras)
     return grads
 
 
 # ---------------------------------------------------------------------------------------------------
 # Routing ops (what autograd and torch.compile see) and autograd.
 # ---------------------------------------------------------------------------------------------------
+def _route_stats(hidden: Tensor, *args) -> tuple[Tensor, ...]:
+    return _dispatch.route(
+        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
+    )(hidden, *args)
+
+
 @kernel_op("linear_logprobs_stats")
 def linear_logprobs_stats(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
-    vocab_start: int, with_entropy: bool,
+    vocab_start: int, with_entropy: bool, ignore_index: int | None = None, batch_invariant: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row accumulators (m, s, t, z_label) [N] over this weight's vocabulary rows; labels are global ids,
-    this weight's row j is vocabulary entry vocab_start + j (z_label is 0 where the label is elsewhere)."""
-    return _dispatch.route(
-        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
-    )(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
+    this weight's row j is vocabulary entry vocab_start + j (z_label is 0 where the label is elsewhere).
+    With ``ignore_index``, rows labelled with it are skipped (m = −inf, s = t = z_label = 0)."""
+    m, s, t, z_label, _, _ = _route_stats(
+        hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, 1.0, 0.0, False, False,
+        ignore_index, batch_invariant,
+    )
+    return m, s, t, z_label
 
 
 @kernel_op("linear_logprobs_fwd")
 def linear_logprobs_fwd(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
-    ignore_index: int, with_entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs [N], entropy [N] or [0], lse [N]) for hidden [N, H], weight [V, H], labels [N]."""
-    m, s, t, z_label = _dispatch.route(
-        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
-    )(hidden, weight, bias, labels, inv_temperature, 0, with_entropy)
-    return cpu.finalize(m, s, t, z_label, labels, weight.shape[0], ignore_index, with_entropy)
+    ignore_index: int, with_entropy: bool, logit_scale: float = 1.0, softcap: float = 0.0,
+    with_sum_sq: bool = False, with_top1: bool = False, with_mean: bool = False,
+    batch_invariant: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, sum_sq_probs, top1_match, mean_logit [N] or [0], lse [N]) for hidden [N, H],
+    weight [V, H], labels [N]; softcap 0 means none."""
+    acc = _route_stats(
+        hidden, weight, bias, labels, inv_temperature, 0, with_entropy, logit_scale, softcap, with_sum_sq,
+        with_mean, ignore_index, batch_invariant,
+    )
+    return cpu.finalize_stats(
+        acc, labels, weight.shape[0], ignore_index, with_entropy, with_sum_sq, with_top1, with_mean
+    )
 
 
 @kernel_op("linear_logprobs_bwd")
@@ -470,33 +302,45 @@ def linear_logprobs_bwd(
     grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
     labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
     vocab_total: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    grad_sum_sq: Tensor | None = None, grad_mean: Tensor | None = None, sum_sq: Tensor | None = None,
+    logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d_hidden [N, H] in the compute dtype, d_weight [V, H], d_bias [V]); each is [0] when not needed.
-    grad_entropy is [0] when the entropy has no gradient; lse and entropy are the global (all-rank) row
-    values.  An out-of-range label produced a NaN log-prob: its gradient is NaN too, never a number."""
+    grad_entropy is [0] when the entropy has no gradient, grad_sum_sq / grad_mean None when those have
+    none; lse, entropy and sum_sq are the global (all-rank) row values.  An out-of-range label produced a
+    NaN log-prob: its gradient is NaN too, never a number."""
     valid = ((labels >= 0) & (labels < vocab_total)) | (labels == ignore_index)
     grad_logprobs = torch.where(valid, grad_logprobs, float("nan")).contiguous()
+    grad_mean_over_v = None if grad_mean is None else (grad_mean / vocab_total).contiguous()
     return _dispatch.route(FAMILY, hidden.device, triton=_launch_bwd, torch=cpu.linear_logprobs_bwd_torch)(
         grad_logprobs, grad_entropy.contiguous(), hidden, weight, bias, labels, lse, entropy,
         inv_temperature, ignore_index, vocab_start, need_hidden, need_weight, need_bias,
+        None if grad_sum_sq is None else grad_sum_sq.contiguous(), grad_mean_over_v, sum_sq,
+        logit_scale, softcap, batch_invariant,
     )
 
 
 def save_for_backward(ctx, hidden, weight, bias, labels, lse, entropy, inv_temperature: float,
-                      ignore_index: int, vocab_start: int, vocab_total: int) -> None:
+                      ignore_index: int, vocab_start: int, vocab_total: int, sum_sq=None,
+                      logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False) -> None:
     """What :func:`backward_grads` reads, for both autograd wirings (this one and parallel.py's)."""
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy,
+                          lse.new_empty(0) if sum_sq is None else sum_sq)
     ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
     ctx.vocab_start, ctx.vocab_total = vocab_start, vocab_total
+    ctx.transform = (logit_scale, softcap, batch_invariant)
     ctx.set_materialize_grads(False)
 
 
-def backward_grads(ctx, grad_logprobs, grad_entropy):
+def backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq=None, grad_mean=None):
     """(d_hidden in the compute dtype or None, d_weight or None, d_bias or None)."""
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, entropy, sum_sq = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
-    if (grad_logprobs is None and grad_entropy is None) or not (need_hidden or need_weight or need_bias):
+    # sum_sq_probs and mean_logit are [0] when not requested: their gradient is then no gradient
+    grad_sum_sq, grad_mean = (g if g is not None and g.numel() else None for g in (grad_sum_sq, grad_mean))
+    upstream = (grad_logprobs, grad_entropy, grad_sum_sq, grad_mean)
+    if all(g is None for g in upstream) or not (need_hidden or need_weight or need_bias):
         return None, None, None
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(lse)
@@ -505,38 +349,51 @@ def backward_grads(ctx, grad_logprobs, grad_entropy):
     d_hidden, d_weight, d_bias = linear_logprobs_bwd(
         grad_logprobs.contiguous(), grad_entropy, hidden, weight, bias, labels, lse, entropy,
         ctx.inv_temperature, ctx.ignore_index, ctx.vocab_start, ctx.vocab_total,
-        need_hidden, need_weight, need_bias,
+        need_hidden, need_weight, need_bias, grad_sum_sq, grad_mean,
+        None if grad_sum_sq is None else sum_sq, *ctx.transform,
     )
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
             d_bias if need_bias else None)
 
 
+_FWD_DEFAULTS = (1.0, 0.0, False, False, False, False)  # logit_scale ... batch_invariant
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, inv_temperature, ignore_index, _ = inputs
-    _, entropy, lse = output
+    ctx.n_inputs = len(inputs)
+    inputs = tuple(inputs) + _FWD_DEFAULTS[len(inputs) - 7 :]
+    hidden, weight, bias, labels, inv_temperature, ignore_index, _, logit_scale, softcap = inputs[:9]
+    _, entropy, sum_sq, top1, _, lse = output
+    ctx.mark_non_differentiable(top1, lse)
     save_for_backward(ctx, hidden, weight, bias, labels, lse, entropy, inv_temperature, ignore_index,
-                      0, weight.shape[0])
+                      0, weight.shape[0], sum_sq, logit_scale, softcap, inputs[12])
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
-    d_hidden, d_weight, d_bias = backward_grads(ctx, grad_logprobs, grad_entropy)
+def _backward(ctx, grad_logprobs, grad_entropy, grad_sum_sq, _grad_top1, grad_mean, _grad_lse):
+    d_hidden, d_weight, d_bias = backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq, grad_mean)
     if d_hidden is not None:
         d_hidden = d_hidden.to(ctx.saved_tensors[0].dtype)  # the one rounding of d_hidden
-    return d_hidden, d_weight, d_bias, None, None, None, None
+    return (d_hidden, d_weight, d_bias) + (None,) * (ctx.n_inputs - 3)
 
 
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Public function.
+# Public functions.
 # ---------------------------------------------------------------------------------------------------
 def _check_same_dtype(name: str, tensor: torch.Tensor, hidden: torch.Tensor) -> None:
     if tensor.dtype != hidden.dtype:
         raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}); got {tensor.dtype}")
 
 
-def _prepare(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, process_group):
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def _prepare(hidden, weight, labels, bias, temperature, ignore_index, process_group=None):
     check_float_tensor("hidden", hidden)
     check_float_tensor("weight", weight)
     if weight.dim() != 2:
@@ -558,8 +415,6 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, return_ent
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool; got {type(return_entropy).__name__}")
     vocab_total = vocab_size
     if process_group is not None:
         from ..parallel import vocab_range  # parallel.py imports this module
@@ -578,6 +433,7 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    batch_invariant: bool = False,
     process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (and entropy) of ``labels`` under
@@ -595,8 +451,12 @@ def linear_logprobs(
         bias: optional [V] in hidden's dtype (this rank's slice with ``process_group``).  ``-inf`` entries
             mask vocabulary entries (probability 0).
         temperature: > 0; the logits are divided by it.
-        ignore_index: label value of positions that give 0 and receive zero gradient.
+        ignore_index: label value of positions that give 0 and receive zero gradient; they are never
+            projected (the cost follows the number of labelled positions).
         return_entropy: also return H = −Σ p log p per position.
+        batch_invariant: each position's outputs and hidden gradient are bitwise the same whatever the
+            batch size, the position and the other positions (fixed tiles, splits and summation order;
+            off by default: a fixed-tile d_hidden product instead of cuBLAS's).  Not with process_group.
         process_group: vocabulary (tensor) parallelism: the log-sum-exp, entropy and label logit are
             combined across the group's ranks (two all_reduce per forward, one over d_hidden per backward).
             Every rank must pass the same hidden and labels and backpropagate the same upstream gradient.
@@ -612,12 +472,17 @@ def linear_logprobs(
     Labels are range-checked before launch (a device sync on CUDA unless ``RLHF_KERNELS_CHECK_INDICES=0``);
     unchecked out-of-range labels give NaN, never a wild read.
     """
+    return_entropy = _check_bool("return_entropy", return_entropy)
+    batch_invariant = _check_bool("batch_invariant", batch_invariant)
+    if batch_invariant and process_group is not None:
+        raise ValueError("batch_invariant=True is not supported with a process_group (yet); got both")
     hidden2d, flat_labels, inv_temperature, ignore_index = _prepare(
-        hidden, weight, labels, bias, temperature, ignore_index, return_entropy, process_group
+        hidden, weight, labels, bias, temperature, ignore_index, process_group
     )
     if process_group is None:
-        logprobs, entropy, _ = linear_logprobs_fwd(
-            hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, return_entropy
+        logprobs, entropy, *_ = linear_logprobs_fwd(
+            hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, return_entropy,
+            1.0, 0.0, False, False, False, batch_invariant,
         )
     else:
         from ..parallel import vocab_parallel_linear_logprobs
@@ -629,6 +494,59 @@ def linear_logprobs(
     if return_entropy:
         return logprobs, entropy.view(labels.shape)
     return logprobs
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    entropy: bool = False,
+    sum_sq_probs: bool = False,
+    top1_match: bool = False,
+    mean_logit: bool = False,
+    ignore_index: int = -100,
+    batch_invariant: bool = False,
+) -> TokenStats:
+    """:func:`rlhf_kernels.token_stats_from_logits` of the logits ``hidden @ weight.T + bias``, without
+    materialising them: log-probabilities plus the requested statistics of p = softmax(x'), all in the
+    one pass of :func:`linear_logprobs`, where x' = softcap(logit_scale · logits) / temperature.
+
+    Args:
+        hidden, weight, labels, bias, ignore_index, batch_invariant: as :func:`linear_logprobs`.
+        temperature, logit_scale: > 0.  softcap: None, or c > 0 for z ← c·tanh(z/c) (after the scale,
+            before the temperature, as Gemma-2).
+        entropy: H = −Σ p log p.  sum_sq_probs: Σ p² (verl's optimal-token baseline).  top1_match: 1.0
+            where the label's logit is the row's maximum (ties count), else 0.0.  mean_logit: Σ x'/V.
+            (token_stats' top-k is not available here yet.)
+
+    Returns:
+        :class:`rlhf_kernels.TokenStats`: ``logprobs`` [...] and the requested fields [...] float32
+        (topk fields None).  Differentiable with respect to hidden, weight and bias through logprobs,
+        entropy, sum_sq_probs and mean_logit (gradients: this module's docstring); top1_match is not.
+
+    Example: hidden [[1, 0]], weight [[0, 0], [0, 0], [ln 2, 0]] (logits [0, 0, ln 2]), labels [2] give
+    logprobs [ln ½], sum_sq_probs [0.375], top1_match [1.0], mean_logit [ln 2 / 3].
+    """
+    logit_scale = check_positive("logit_scale", logit_scale)
+    softcap = 0.0 if softcap is None else check_positive("softcap", softcap)
+    flags = tuple(_check_bool(name, value) for name, value in (
+        ("entropy", entropy), ("sum_sq_probs", sum_sq_probs), ("top1_match", top1_match),
+        ("mean_logit", mean_logit), ("batch_invariant", batch_invariant)))
+    hidden2d, flat_labels, inv_temperature, ignore_index = _prepare(
+        hidden, weight, labels, bias, temperature, ignore_index
+    )
+    out = linear_logprobs_fwd(
+        hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, flags[0], logit_scale, softcap,
+        *flags[1:],
+    )
+    shape = labels.shape
+    fields = [out[0].view(shape)] + [o.view(shape) if on else None for o, on in zip(out[1:5], flags)]
+    return TokenStats(*fields)
 
 
 def __getattr__(name: str):

@@ -176,6 +176,19 @@ def _launch_config(vocab_size: int) -> _LaunchConfig:
     return _LaunchConfig(block_v=block_v, num_warps=4 if block_v <= 1024 else 8)
 
 
+def forward_row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """``(tensor, rows1, stride0, stride1, stride_v)`` of ``_launch.row_layout`` for a forward kernel,
+    with a lone row (N = 1) addressed as one row of a batch: rows1 = 2 and stride1 = its own row stride
+    instead of 1 and 0.  Triton specialises integer arguments equal to 1 or divisible by 16, and the
+    load layout follows: for V = 50257 in bf16 a lone row compiled to sizePerThread = 8 and a batch to
+    1 (sm_90 TTGIR), a different order of the row sums, so the row's results would not be bitwise
+    those it gets in a batch (batch invariance, issue 15; docs/logprobs.md)."""
+    logits, _, rows1, s0, s1, sv = row_layout(logits)
+    if rows1 == 1:  # row 0 only: (0 // 2)·s0 + (0 % 2)·s1 = 0 whatever the strides
+        rows1, s1 = 2, (logits.stride(-2) if logits.dim() > 1 else logits.shape[-1] * sv)
+    return logits, rows1, s0, s1, sv
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launchers: they write into outputs the caller allocated.
 # ---------------------------------------------------------------------------------------------------
@@ -196,7 +209,7 @@ def _launch_fwd(
         return
     with_entropy = entropy.numel() > 0
     assert all(t.is_contiguous() and t.dtype == compute_dtype(logits) for t in (logprobs, entropy, lse))
-    logits, _, rows1, s0, s1, sv = row_layout(logits)
+    logits, rows1, s0, s1, sv = forward_row_layout(logits)
     cfg = _launch_config(vocab_size)
     wrap_triton(_logprobs_fwd_kernel)[(n_rows,)](
         logits, labels, logprobs, entropy if with_entropy else logprobs, lse,
@@ -393,6 +406,22 @@ def _check_inplace_layout(logits: torch.Tensor) -> None:
     )
 
 
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def label_vocab(logits: torch.Tensor, process_group: object) -> tuple[int, str]:
+    """(V that labels index, where it comes from): the whole vocabulary with ``process_group``
+    (TypeError for anything but a ProcessGroup)."""
+    if process_group is None:
+        return logits.shape[-1], "logits.shape[-1]"
+    from ..parallel import vocab_range  # parallel.py imports the ops modules
+
+    return vocab_range(process_group, logits.shape[-1])[1], "logits.shape[-1] × the group's size"
+
+
 def logprobs_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -401,6 +430,8 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    batch_invariant: bool = True,
+    process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (and entropy) of ``labels`` under ``softmax(logits / temperature)``.
 
@@ -414,7 +445,16 @@ def logprobs_from_logits(
         inplace_backward: write the logits gradient over ``logits`` (saves one [N, V] buffer).
             The logits are destroyed by the backward pass: use it only when nothing else reads them.
             Layouts where that is unsafe (elements sharing memory, e.g. an ``expand``ed tensor) or that
-            would need a copy raise ``ValueError``.
+            would need a copy raise ``ValueError``.  Not with ``process_group``.
+        batch_invariant: each row's log-prob, entropy and gradient are bitwise the same whatever the
+            number of rows, the row's position and the other rows (for a given V, dtype, temperature
+            and layout).  Always the case, at no cost (docs/logprobs.md, "Batch invariance"): the flag
+            states the guarantee and changes nothing; False is accepted.
+        process_group: vocabulary (tensor) parallelism: ``logits`` are this rank's columns
+            [rank·V, (rank+1)·V) of a vocabulary of world·V, ``labels`` global ids in [0, world·V).
+            Values and gradients are those of the unsharded op; two all_reduce of O(N) per forward
+            (``rlhf_kernels/parallel.py``), none in the backward.  Every rank passes the same labels and
+            backpropagates the same upstream gradients.
 
     Returns:
         ``logprobs`` [...] float32 (float64 for float64 logits), or ``(logprobs, entropy)`` with
@@ -428,6 +468,8 @@ def logprobs_from_logits(
     arithmetic is fp32 (fp64 for fp64 logits).  Labels are range-checked before launch (a device sync
     on CUDA); ``set_index_checks(False)`` or ``RLHF_KERNELS_CHECK_INDICES=0`` skips the check on every
     device, and unchecked out-of-range labels give NaN (log-prob and gradient row), never a wild read.
+    With ``process_group`` the same switch covers a check that the ranks agree on V, the rows and the
+    labels (one more all_reduce of 8 integers, read on the host).
     """
     logits = _check_logits(logits)
     check_index_tensor("labels", labels)
@@ -435,30 +477,54 @@ def logprobs_from_logits(
     check_same_device(logits=logits, labels=labels)
     inv_temperature = 1.0 / check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
+    return_entropy, inplace_backward = bool(return_entropy), bool(inplace_backward)
+    check_flag("batch_invariant", batch_invariant)
     if inplace_backward:
+        if process_group is not None:
+            raise ValueError("inplace_backward=True is not supported with process_group; leave it off")
         _check_inplace_layout(logits)
-    check_label_range(labels, logits.shape[-1], ignore_index, "logits.shape[-1]")
-    logprobs, entropy, _ = logprobs_fwd(
-        logits, labels.reshape(-1).contiguous(), inv_temperature, ignore_index, bool(return_entropy),
-        bool(inplace_backward),
-    )
+    vocab, vocab_from = label_vocab(logits, process_group)
+    check_label_range(labels, vocab, ignore_index, vocab_from)
+    flat_labels = labels.reshape(-1).contiguous()
+    if process_group is None:
+        logprobs, entropy, _ = logprobs_fwd(
+            logits, flat_labels, inv_temperature, ignore_index, return_entropy, inplace_backward
+        )
+    else:
+        from ..parallel import vocab_parallel_token_stats
+
+        logprobs, entropy, _ = vocab_parallel_token_stats(
+            logits, flat_labels, 1.0, 0.0, inv_temperature, ignore_index, return_entropy, False, process_group
+        )
     logprobs = logprobs.view(labels.shape)
     if return_entropy:
         return logprobs, entropy.view(labels.shape)
     return logprobs
 
 
-def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def entropy_from_logits(
+    logits: torch.Tensor, *, temperature: float = 1.0, batch_invariant: bool = True, process_group=None
+) -> torch.Tensor:
     """H = −Σ p log p of ``softmax(logits / temperature)`` over the last dimension: [...] float32
     (float64 for float64 logits) for logits [..., V].
 
     Differentiable with respect to ``logits``; same kernel and numerics as
     :func:`logprobs_from_logits` with ``return_entropy=True`` (NaN or +inf in a row gives NaN, -inf
-    entries are masked).
+    entries are masked), and the same ``batch_invariant`` guarantee and ``process_group`` sharding
+    (this rank's columns [rank·V, (rank+1)·V) of the vocabulary).
     """
     logits = _check_logits(logits)
     inv_temperature = 1.0 / check_positive("temperature", temperature)
+    check_flag("batch_invariant", batch_invariant)
+    label_vocab(logits, process_group)  # TypeError for a non-group
     # Label 0 always exists; its log-prob is computed and discarded (one extra load per row).
     labels = torch.zeros(logits.shape[:-1].numel(), dtype=torch.int64, device=logits.device)
-    _, entropy, _ = logprobs_fwd(logits, labels, inv_temperature, -1, True, False)
+    if process_group is None:
+        _, entropy, _ = logprobs_fwd(logits, labels, inv_temperature, -1, True, False)
+    else:
+        from ..parallel import vocab_parallel_token_stats
+
+        _, entropy, _ = vocab_parallel_token_stats(
+            logits, labels, 1.0, 0.0, inv_temperature, -1, True, False, process_group
+        )
     return entropy.view(logits.shape[:-1])

@@ -48,7 +48,7 @@ from .._validation import (
 )
 from ._launch import acc_dtype, pow2_between, row_layout, scalar_parts, tl, triton, wrap_triton
 from .cpu import token_stats as cpu
-from .logprobs import _check_logits
+from .logprobs import _check_logits, check_flag, forward_row_layout, label_vocab
 
 FAMILY = "token_stats"
 TOP_K_MAX = cpu.TOP_K_MAX
@@ -230,7 +230,7 @@ if triton is not None:
         grad_logits_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_sum_sq_ptr, grad_mean_ptr, grad_topk_ptr,
         logits_ptr, labels_ptr, lse_ptr, entropy_ptr, sum_sq_ptr, topk_idx_ptr,
         stride_x0, stride_x1, stride_xv,
-        rows1, V,
+        rows1, V, vocab_start, vocab_total,
         scale_hi, scale_mid, scale_lo, cap_hi, cap_mid, cap_lo,
         inv_cap_hi, inv_cap_mid, inv_cap_lo, inv_t_hi, inv_t_mid, inv_t_lo,
         ignore_index,
@@ -247,7 +247,8 @@ if triton is not None:
             inv_cap_hi, inv_cap_mid, inv_cap_lo, inv_t_hi, inv_t_mid, inv_t_lo, ACC,
         )
         ignored = label == ignore_index
-        in_range = (label >= 0) & (label < V)
+        in_range = (label >= 0) & (label < vocab_total)
+        local_label = label - vocab_start  # this shard's column of the label (outside [0, V): none)
         lse = tl.load(lse_ptr + row)
         # An out-of-range label produced a NaN log-prob; its gradient row is NaN too.
         g_lp = tl.where(in_range, tl.load(grad_logprobs_ptr + row), float("nan"))
@@ -274,7 +275,7 @@ if triton is not None:
             in_vocab = offs < V
             x = tl.load(x_base + offs.to(tl.int64) * stride_xv, mask=in_vocab, other=float("-inf"))
             grad, _ = _grad_terms(
-                x.to(ACC), offs, label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
+                x.to(ACC), offs, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
                 scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
             )
             grad = tl.where(ignored, 0.0, grad)
@@ -286,7 +287,7 @@ if triton is not None:
             index = tl.load(topk_idx_ptr + row * TOP_K + slots, mask=in_k, other=0)
             x = tl.load(x_base + index * stride_xv, mask=in_k, other=0.0)
             grad, slope = _grad_terms(
-                x.to(ACC), index, label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
+                x.to(ACC), index, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
                 scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
             )
             grad = tl.where(ignored, 0.0, grad + w * slope)
@@ -345,7 +346,7 @@ def _launch_fwd(
         return
     logprobs, entropy, sum_sq, top1, mean, topk_values, topk_indices, lse = outputs
     assert all(t.is_contiguous() for t in outputs)
-    logits, _, rows1, s0, s1, sv = row_layout(logits)
+    logits, rows1, s0, s1, sv = forward_row_layout(logits)
     cfg = _launch_config(vocab_size, top_k)
     wrap_triton(_token_stats_fwd_kernel)[(n_rows,)](
         logits, labels, *(t if t.numel() else lse for t in outputs[:5]),
@@ -369,10 +370,15 @@ def _launch_bwd(
     softcap: float,
     inv_temperature: float,
     ignore_index: int,
+    vocab_start: int = 0,
+    vocab_total: int = -1,
 ) -> None:
     """Writes the logits gradient into ``grad_logits`` (contiguous, the logits' shape and dtype).
     ``grads`` = (logprobs [N], entropy, sum_sq_probs, mean_logit [N] or [0], topk_logprobs [N, k] or
-    [0]); ``saved`` = (lse, entropy, sum_sq_probs, topk_indices) from the forward."""
+    [0]); ``saved`` = (lse, entropy, sum_sq_probs, topk_indices) from the forward.  Vocabulary-sharded
+    logits (``rlhf_kernels/parallel.py``): they are the columns [vocab_start, vocab_start + V) of a
+    vocabulary of ``vocab_total`` (-1: V), labels are ids in it, and ``saved`` holds statistics over
+    all of it; the label's one-hot term lands on the shard that holds the label."""
     n_rows, vocab_size = labels.numel(), logits.shape[-1]
     if n_rows == 0:
         return
@@ -387,7 +393,7 @@ def _launch_bwd(
         logits, labels, lse, entropy if entropy.numel() else lse, sum_sq if sum_sq.numel() else lse,
         topk_indices if top_k else labels,
         s0, s1, sv,
-        rows1, vocab_size,
+        rows1, vocab_size, vocab_start, vocab_size if vocab_total < 0 else vocab_total,
         *_scalars(logits, logit_scale, softcap, inv_temperature), ignore_index,
         BLOCK_V=cfg.block_v, TOP_K=top_k, BLOCK_K=cfg.block_k, HAS_SOFTCAP=softcap > 0,
         HAS_GRAD_ENTROPY=grad_entropy.numel() > 0, HAS_GRAD_SUM_SQ=grad_sum_sq.numel() > 0,
@@ -453,11 +459,14 @@ def token_stats_bwd(
     softcap: float,
     inv_temperature: float,
     ignore_index: int,
+    vocab_start: int = 0,
+    vocab_total: int = -1,
 ) -> torch.Tensor:
-    """The logits gradient (logits' dtype and shape); an empty upstream gradient means none."""
+    """The logits gradient (logits' dtype and shape); an empty upstream gradient means none.
+    ``vocab_start``/``vocab_total``: a vocabulary shard's columns, as for ``_launch_bwd``."""
     return _dispatch.route(FAMILY, logits.device, triton=_bwd_triton, torch=cpu.token_stats_bwd_torch)(
         grad_logprobs, grad_entropy, grad_sum_sq, grad_mean, grad_topk, logits, labels, lse, entropy,
-        sum_sq, topk_indices, logit_scale, softcap, inv_temperature, ignore_index,
+        sum_sq, topk_indices, logit_scale, softcap, inv_temperature, ignore_index, vocab_start, vocab_total,
     )
 
 
@@ -512,6 +521,8 @@ def token_stats_from_logits(
     mean_logit: bool = False,
     top_k: int = 0,
     ignore_index: int = -100,
+    batch_invariant: bool = True,
+    process_group=None,
 ) -> TokenStats:
     """Log-probabilities of ``labels`` plus the requested statistics of p = softmax(x'), all in the one
     streaming pass over the logits, where x' = softcap(logit_scale · logits) / temperature.
@@ -526,6 +537,12 @@ def token_stats_from_logits(
         top_k: 0, or 1 ≤ k ≤ min(64, V): the k largest log p per position, descending, and their token
             indices (int64; ties go to the smaller index).
         ignore_index: label value of positions that give 0 in every output and receive zero gradient.
+        batch_invariant: every output and the gradient of a row are bitwise the same whatever the
+            number of rows, the row's position and the other rows; always the case, at no cost (as
+            :func:`rlhf_kernels.logprobs_from_logits`): the flag states the guarantee, False is accepted.
+        process_group: vocabulary (tensor) parallelism, as :func:`rlhf_kernels.logprobs_from_logits`:
+            this rank's columns [rank·V, (rank+1)·V) of the vocabulary, global labels.  logprobs,
+            entropy and sum_sq_probs only (top1_match, mean_logit and top_k raise ``ValueError``).
 
     Returns:
         :class:`TokenStats`: ``logprobs`` [...] and the requested fields ([...], or [..., k] for the
@@ -551,12 +568,28 @@ def token_stats_from_logits(
         raise ValueError(
             f"top_k must be 0 (off) or in [1, min({TOP_K_MAX}, V = {vocab_size})]; got {top_k}"
         )
-    check_label_range(labels, vocab_size, ignore_index, "logits.shape[-1]")
+    check_flag("batch_invariant", batch_invariant)
     flags = (bool(entropy), bool(sum_sq_probs), bool(top1_match), bool(mean_logit))
-    out = token_stats_fwd(
-        logits, labels.reshape(-1).contiguous(), logit_scale, softcap, inv_temperature, ignore_index,
-        *flags, top_k,
-    )
+    if process_group is not None and (flags[2] or flags[3] or top_k):
+        raise ValueError(
+            "with process_group, token_stats_from_logits computes logprobs, entropy and sum_sq_probs; "
+            f"got top1_match={top1_match}, mean_logit={mean_logit}, top_k={top_k} (set them off)"
+        )
+    vocab, vocab_from = label_vocab(logits, process_group)
+    check_label_range(labels, vocab, ignore_index, vocab_from)
+    flat_labels = labels.reshape(-1).contiguous()
+    if process_group is None:
+        out = token_stats_fwd(
+            logits, flat_labels, logit_scale, softcap, inv_temperature, ignore_index, *flags, top_k
+        )
+    else:
+        from ..parallel import vocab_parallel_token_stats
+
+        lp, h, q = vocab_parallel_token_stats(
+            logits, flat_labels, logit_scale, softcap, inv_temperature, ignore_index, *flags[:2],
+            process_group,
+        )
+        out = (lp, h, q, None, None)
     shape = labels.shape
     fields = [out[0].view(shape)] + [o.view(shape) if on else None for o, on in zip(out[1:5], flags)]
     if top_k:

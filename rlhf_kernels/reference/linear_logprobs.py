@@ -1,8 +1,12 @@
-"""Float64 oracle of log-probabilities and entropy from hidden states through the lm_head."""
+"""Float64 oracle of log-probabilities, entropy and token statistics from hidden states through the
+lm_head."""
 
 from __future__ import annotations
 
 import torch
+
+from ..ops.token_stats import TokenStats
+from .token_stats import token_stats_from_logits
 
 
 def linear_logprobs(
@@ -34,3 +38,20 @@ def linear_logprobs(
     finite = torch.where(logits == float("-inf"), 0.0, logits)
     entropy = torch.logsumexp(logits, dim=-1) - (log_p.exp() * finite).sum(dim=-1)
     return logprobs, torch.where(ignored, 0.0, entropy)
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    **options,
+) -> TokenStats:
+    """``token_stats_from_logits``'s oracle on the float64 logits h Wᵀ + b (``options``: temperature,
+    logit_scale, softcap, entropy, sum_sq_probs, top1_match, mean_logit); differentiable in float64."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    return token_stats_from_logits(logits, labels, ignore_index=ignore_index, **options)

@@ -14,10 +14,13 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    batch_invariant: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits / τ)[label] (and −Σ p log p) in float64; 0 where label == ignore_index, NaN
-    where a label lies outside [0, V) (what the unchecked library gives).  ``inplace_backward`` is
-    accepted for the public signature and has no effect: the oracle never writes to its input."""
+    where a label lies outside [0, V) (what the unchecked library gives).  ``inplace_backward`` and
+    ``batch_invariant`` are accepted for the public signature and have no effect: the oracle never
+    writes to its input and computes each row alone.  (``process_group`` has no oracle: the sharded
+    op is tested against the unsharded one, ``tests/test_parallel.py``.)"""
     log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
@@ -60,7 +63,9 @@ def logprobs_grad(
     return grad.masked_fill(ignored.unsqueeze(-1), 0.0)
 
 
-def entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def entropy_from_logits(
+    logits: torch.Tensor, *, temperature: float = 1.0, batch_invariant: bool = True
+) -> torch.Tensor:
     """−Σ p log p of softmax(logits / τ) over the last dimension, in float64."""
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)[1]

@@ -12,7 +12,7 @@ give a NaN log-prob and a NaN gradient row; they are never used as an index.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -48,6 +48,16 @@ def _row_chunks(x: torch.Tensor, rows_per_chunk: int) -> Iterator[tuple[slice, t
         for r0 in range(0, rows0, step):
             chunk = view[r0 : r0 + step]
             yield slice(r0 * rows1, (r0 + chunk.shape[0]) * rows1), chunk
+
+
+def rowwise(reduce: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``reduce(x)`` for a reduction over the last dimension of ``x [k, V]``, each row reduced in the
+    same order whatever k (batch invariance, issue 15).  ATen splits a reduction with a single output
+    over threads once it has 32768 elements, an order unlike that of k ≥ 2 outputs (one thread per
+    row): a lone row is reduced as two copies of itself."""
+    if x.shape[0] == 1:
+        return reduce(x.expand(2, *x.shape[1:]))[:1]
+    return reduce(x)
 
 
 def _label_terms(
@@ -98,7 +108,9 @@ def _logprobs_fwd(
         # at the row's argmax, where log p = m − lse exactly.  NaN/+inf rows give NaN throughout.
         m, argmax = x.max(dim=-1, keepdim=True)
         log_p = torch.log_softmax(x, dim=-1, dtype=logprobs.dtype)
-        lse[rows] = (m.to(log_p.dtype) - log_p.gather(-1, argmax)).squeeze(-1)
+        row_lse = m.to(log_p.dtype) - log_p.gather(-1, argmax)
+        # an all -inf row has no probability mass (log_softmax gives NaN): lse = -inf, as the kernel's
+        lse[rows] = row_lse.masked_fill_(m == float("-inf"), float("-inf")).squeeze(-1)
         label_log_p = log_p.gather(-1, safe[rows].unsqueeze(-1)).squeeze(-1)
         logprobs[rows] = torch.where(in_range[rows], label_log_p, float("nan"))
         if with_entropy:
@@ -107,7 +119,7 @@ def _logprobs_fwd(
             # V ~ 1e5 (a plain dot product loses ~2e-5 relative there).
             prob = log_p.exp()
             log_p.clamp_(min=torch.finfo(log_p.dtype).min)
-            entropy[rows] = prob.mul_(log_p).sum(dim=-1).neg_()
+            entropy[rows] = rowwise(lambda v: v.sum(dim=-1), prob.mul_(log_p)).neg_()
     logprobs.masked_fill_(ignored, 0.0)
     if with_entropy:
         entropy.masked_fill_(ignored, 0.0)

@@ -12,7 +12,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
-from .logprobs import _label_terms, _row_chunks, _rows_per_chunk
+from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, rowwise
 
 TOP_K_MAX = 64  # the kernels keep a per-row running top-k of at most this many slots
 
@@ -101,6 +101,7 @@ def _token_stats_fwd(
         m, argmax = x.max(dim=-1, keepdim=True)
         log_p = torch.log_softmax(x, dim=-1)
         row_lse = m - log_p.gather(-1, argmax)  # exact at the argmax, as ops/cpu/logprobs.py
+        row_lse.masked_fill_(m == float("-inf"), float("-inf"))  # an all -inf row, as the kernel
         lse[rows] = row_lse.squeeze(-1)
         label_x = x.gather(-1, safe[rows].unsqueeze(-1))
         logprobs[rows] = torch.where(in_range[rows], (label_x - row_lse).squeeze(-1), float("nan"))
@@ -108,7 +109,7 @@ def _token_stats_fwd(
             match = (label_x == m).squeeze(-1).to(top1.dtype)
             top1[rows] = torch.where(in_range[rows] & ~row_lse.squeeze(-1).isnan(), match, float("nan"))
         if with_mean:
-            mean[rows] = x.mean(dim=-1)
+            mean[rows] = rowwise(lambda v: v.mean(dim=-1), x)
         if top_k:
             # torch.topk puts NaN first; ties in x' keep an implementation-defined order (documented)
             values, index = x.topk(top_k, dim=-1)
@@ -116,10 +117,11 @@ def _token_stats_fwd(
             topk_indices[rows] = index
         p = log_p.exp() if with_entropy or with_sum_sq else None
         if with_sum_sq:
-            sum_sq[rows] = torch.linalg.vector_norm(p, dim=-1).square_()
+            sum_sq[rows] = rowwise(lambda v: torch.linalg.vector_norm(v, dim=-1), p).square_()
         if with_entropy:
             # H = −Σ p·log p; masked entries (log p = −inf, p = 0) add 0, not NaN
-            entropy[rows] = p.mul_(log_p.clamp_(min=torch.finfo(log_p.dtype).min)).sum(dim=-1).neg_()
+            p.mul_(log_p.clamp_(min=torch.finfo(log_p.dtype).min))
+            entropy[rows] = rowwise(lambda v: v.sum(dim=-1), p).neg_()
     for out in outputs[:5]:
         if out.numel():
             out.masked_fill_(ignored, 0.0)
@@ -151,9 +153,11 @@ def token_stats_bwd_out(
     softcap: float,
     inv_temperature: float,
     ignore_index: int,
+    vocab_start: int = 0,
+    vocab_total: int = -1,
 ) -> None:
-    """Writes the logits gradient into ``grad_logits`` (contiguous, the logits' shape); ``grads`` and
-    ``saved`` as for the Triton launcher ``ops/token_stats.py::_launch_bwd``.
+    """Writes the logits gradient into ``grad_logits`` (contiguous, the logits' shape); ``grads``,
+    ``saved`` and the vocabulary shard as for the Triton launcher ``ops/token_stats.py::_launch_bwd``.
 
     Per row, G = p·(a + b·log p + c·p) + r/V + g·1[j = y] + Σ_k w_k·1[j = i_k], times dx'/dx, with
     a = −(g + h·H + 2q·S + Σ_k w_k), b = −h, c = 2q.
@@ -162,8 +166,10 @@ def token_stats_bwd_out(
     lse, entropy, sum_sq, topk_indices = saved
     vocab_size = logits.shape[-1]
     flat_grad = grad_logits.view(-1, vocab_size)
+    vocab_total = vocab_size if vocab_total < 0 else vocab_total
     for rows, chunk in _row_chunks(logits, _rows_per_chunk(vocab_size)):
-        ignored, in_range, safe = _label_terms(labels[rows], vocab_size, ignore_index)
+        ignored, in_range, _ = _label_terms(labels[rows], vocab_total, ignore_index)
+        _, owned, safe = _label_terms(labels[rows] - vocab_start, vocab_size, ignore_index)
         g = torch.where(in_range, grad_logprobs[rows], float("nan")).unsqueeze(-1)
         x, slope = transformed(chunk, logit_scale, softcap, inv_temperature, with_slope=True)
         log_p = torch.sub(x, lse[rows].unsqueeze(-1))  # x may be the logits' own memory
@@ -187,7 +193,7 @@ def token_stats_bwd_out(
         grad = inner.mul_(p)
         if grad_mean.numel():
             grad.add_(grad_mean[rows].unsqueeze(-1) / vocab_size)
-        grad.scatter_add_(-1, safe.unsqueeze(-1), g)
+        grad.scatter_add_(-1, safe.unsqueeze(-1), torch.where(owned.unsqueeze(-1), g, 0.0))
         if grad_topk.numel():
             grad.scatter_add_(-1, topk_indices[rows], grad_topk[rows])
         grad.mul_(slope if slope is not None else logit_scale * inv_temperature)
@@ -211,11 +217,14 @@ def _token_stats_bwd(
     softcap: float,
     inv_temperature: float,
     ignore_index: int,
+    vocab_start: int = 0,
+    vocab_total: int = -1,
 ) -> torch.Tensor:
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     token_stats_bwd_out(
         grad_logits, (grad_logprobs, grad_entropy, grad_sum_sq, grad_mean, grad_topk), logits, labels,
         (lse, entropy, sum_sq, topk_indices), logit_scale, softcap, inv_temperature, ignore_index,
+        vocab_start, vocab_total,
     )
     return grad_logits
 
