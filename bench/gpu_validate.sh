@@ -8,7 +8,8 @@
 # 2. runs the GPU smoke selection (tests/gpu_smoke.py: every kernel natively in every dtype and layout
 #    family, opcheck, two torch.compile cases, the CUDA-graph step), at most SMOKE_SHARE (55) % of it;
 # 3. runs the benchmark families in order of value, each under its own timeout: logprobs,
-#    linear_logprobs, gae, ppo_losses, then kl, policy_losses and reward_losses if time is left.
+#    linear_logprobs, linear_policy_loss, gae, ppo_losses, then sampling_logprobs, kl, policy_losses,
+#    linear_distill_loss and reward_losses if time is left.
 #    torch.compile baselines are off below 15 minutes of budget (their compiles take minutes), verl's
 #    GAE loop is compiled only up to T = 128 above it.  Rows are written as they are measured, so a
 #    family stopped at its limit keeps what it measured.
@@ -110,7 +111,7 @@ compile=none
 [ "$budget" -ge 900 ] && compile=short
 # family:weight, in order of value -- each family gets its weight's share of what is left among the
 # families still to run, but at least MIN_FAMILY seconds while they last (value first, not fairness)
-plan="logprobs:3 linear_logprobs:3 gae:2 ppo_losses:2 kl:1 policy_losses:1 reward_losses:1"
+plan="logprobs:3 linear_logprobs:3 linear_policy_loss:2 gae:2 ppo_losses:2 sampling_logprobs:1 kl:1 policy_losses:1 linear_distill_loss:1 reward_losses:1"
 MIN_FAMILY=${MIN_FAMILY:-40}
 weights_left=0
 for item in $plan; do weights_left=$(( weights_left + ${item#*:} )); done

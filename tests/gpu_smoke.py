@@ -100,6 +100,23 @@ SMOKE: tuple[str, ...] = (
     "tests/test_reward_losses.py::test_pairwise_matches_oracle[triton-shape2-dtype2]",
     "tests/test_reward_losses.py::test_ranking_half_precision[triton-True-dtype1]",
     "tests/test_reward_losses.py::test_ranking_strided_scores_float_mask_and_one_prompt[triton]",
+    # linear_logprobs (issue 15): every statistic with a softcap; the batch-invariant kernels.
+    "tests/test_linear_logprobs.py::test_token_stats_match_oracle[triton-*]",
+    "tests/test_linear_logprobs.py::test_batch_invariant_bitwise[triton-*]",
+    # sampling_logprobs: both kernels (launchers), the oracle in every setting, bf16, vLLM's kept set.
+    "tests/test_sampling_logprobs.py::test_launchers_write_every_output[*]",
+    "tests/test_sampling_logprobs.py::test_matches_oracle[triton-*]",
+    "tests/test_sampling_logprobs.py::test_bf16[triton]",
+    "tests/test_sampling_logprobs.py::test_kept_set_matches_vllm_without_ties[triton-*]",
+    # the fused linear losses: cuBLAS fp32-output products + the logprobs / policy / distill kernels.
+    "tests/test_linear_policy_loss.py::test_every_variant_matches_oracle[triton-*]",
+    "tests/test_linear_policy_loss.py::test_driver_gradients[triton-*]",
+    "tests/test_linear_preference_loss.py::test_triton_path[*]",
+    "tests/test_linear_distill_loss.py::test_row_kernel_against_torch_path[*]",
+    "tests/test_linear_distill_loss.py::test_fp64_to_1e12[triton]",
+    # ratings: the Elo scan (launcher, fp32 / fp64), against the float64 loop.
+    "tests/test_ratings.py::test_elo_kernel_writes_every_rating[*]",
+    "tests/test_ratings.py::test_elo_matches_float64_loop[triton-*]",
     # Registration: opcheck of every routing op on its Triton path; torch.compile of two public
     # functions forward and backward; a PPO step captured in a CUDA graph (no host sync anywhere).
     "tests/test_registration.py::test_opcheck_triton_path_cuda[*]",
