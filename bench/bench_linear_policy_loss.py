@@ -13,6 +13,8 @@ sequence (Liger: "bnpo", no dual clip, so its loss differs where A < 0 hits the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from rlhf_kernels import _dispatch
@@ -36,8 +38,7 @@ def _shapes(bench: Bench) -> list[tuple[int, int, int, int, torch.dtype]]:
     return [(2, 512, 512, 32000, torch.float32)]  # CPU bf16 products are emulated on most CPUs: fp32 only
 
 
-def _inputs(bench: Bench, batch, seq, hidden_size, vocab, dtype):
-    device = bench.device
+def _inputs(device: torch.device, batch, seq, hidden_size, vocab, dtype):
     hidden = torch.randn(batch, seq, hidden_size, device=device, dtype=dtype)
     weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype)
     labels = torch.randint(0, vocab, (batch, seq), device=device)
@@ -47,8 +48,8 @@ def _inputs(bench: Bench, batch, seq, hidden_size, vocab, dtype):
     return hidden, weight, labels, old, advantages, mask
 
 
-def _ours(hidden, weight, labels, old, advantages, mask):
-    return linear_policy_loss(hidden, weight, labels, old, advantages, mask)[0]
+def _ours(hidden, weight, labels, old, advantages, mask, **kwargs):
+    return linear_policy_loss(hidden, weight, labels, old, advantages, mask, **kwargs)[0]
 
 
 def _check_against_oracle(hidden, weight, labels, old, advantages, mask) -> None:
@@ -110,7 +111,7 @@ def run(bench: Bench) -> None:
     _dispatch.set_index_checks(False)  # the label range check syncs; timed code must not
     try:
         for batch, seq, hidden_size, vocab, dtype in _shapes(bench):
-            inputs = _inputs(bench, batch, seq, hidden_size, vocab, dtype)
+            inputs = _inputs(bench.device, batch, seq, hidden_size, vocab, dtype)
             n = batch * seq
             flops_fwd = 2 * n * hidden_size * vocab
             case = f"N={n} H={hidden_size} V={vocab} {str(dtype).replace('torch.', '')}"
@@ -142,3 +143,57 @@ def run(bench: Bench) -> None:
                 torch.cuda.empty_cache()
     finally:
         _dispatch.set_index_checks(True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# d_weight accumulation: "float32" (an fp32 [V, H] accumulator, rounded once) vs "weight_dtype"
+# (straight into a bf16 d_weight, one rounding per chunk).
+# ---------------------------------------------------------------------------------------------------
+def grad_weight_accumulation_tradeoff(
+    n: int = 2048, hidden_size: int = 1024, vocab: int = 32000, chunk_rows: tuple = (None, 64, 16),
+    device: str = "cpu",
+) -> list[dict]:
+    """Peak extra memory of forward+backward (``harness.peak_memory_bytes``) and the error of the bf16
+    d_weight against the float64 oracle's, for both settings of ``grad_weight_accumulation``, on the
+    path of ``device`` (the torch row math on CPU).  The error is relative, in the Frobenius norm and in
+    the largest entry (divided by the oracle's largest |entry|); the floor is the oracle's own d_weight
+    rounded once to bf16."""
+    from .harness import peak_memory_bytes
+
+    torch.manual_seed(0)
+    inputs = _inputs(torch.device(device), 4, n // 4, hidden_size, vocab, torch.bfloat16)
+    hidden, weight, labels, old, advantages, mask = inputs
+    w64 = weight.double().requires_grad_()
+    reference.linear_policy_loss(hidden.double(), w64, labels, old, advantages, mask)[0].backward()
+    want = w64.grad
+
+    def errors(got):
+        diff = got.double() - want
+        return (diff.norm() / want.norm()).item(), (diff.abs().max() / want.abs().max()).item()
+
+    rows = [{"setting": "oracle rounded once to bf16", "chunk_rows": None, "peak_mib": None,
+             **dict(zip(("rel_fro", "rel_max"), errors(want.to(torch.bfloat16))))}]
+    cases = [("eager logits + verl loss", None, peers.eager_verl_policy_loss, {})]
+    cases += [(setting, rows, _ours, dict(chunk_rows=rows, grad_weight_accumulation=setting))
+              for rows in chunk_rows for setting in ("float32", "weight_dtype")]
+    for setting, rows_per_chunk, fn, kwargs in cases:
+        w = weight.detach().requires_grad_()
+        peak = peak_memory_bytes(functools.partial(_weight_grad, w, inputs, kwargs, fn), device) / 2**20
+        rel_fro, rel_max = errors(w.grad)
+        rows.append({"setting": setting, "chunk_rows": rows_per_chunk, "peak_mib": peak,
+                     "rel_fro": rel_fro, "rel_max": rel_max})
+        print(rows[-1], flush=True)
+    print(rows[0], flush=True)
+    return rows
+
+
+def _weight_grad(w, inputs, kwargs, fn) -> None:
+    """Forward+backward of ``fn`` (ours, or an eager baseline) with ``w`` as the weight (.grad afresh)."""
+    hidden, _, *rest = inputs
+    w.grad = None
+    fn(hidden, w, *rest, **kwargs).backward()
+
+
+if __name__ == "__main__":  # python -m bench.bench_linear_policy_loss: the trade-off table of the docs
+    _dispatch.set_index_checks(False)
+    grad_weight_accumulation_tradeoff()

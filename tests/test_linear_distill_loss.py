@@ -69,6 +69,7 @@ def _check(inputs, labels, *, tol_dtype=None, **kwargs):
     for name in ("student_hidden", "student_weight", "student_bias"):
         if ref_leaves[name] is not None:
             ref_leaves[name].requires_grad_()
+    kwargs.pop("grad_weight_accumulation", None)
     want = oracle(labels=None if labels is None else labels.cpu(), **ref_leaves, **kwargs)
     want.backward()
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -104,10 +105,24 @@ def test_fp64_to_1e12(backend_name):
         _check(inputs, labels, divergence="jsd", beta=0.7, temperature=0.7)
 
 
-def test_bf16():
+@pytest.mark.parametrize("accumulation", _fused_linear.GRAD_WEIGHT_ACCUMULATIONS)
+def test_bf16(accumulation, monkeypatch):
+    """Chunks of 2 rows (6 chunks): the student's d_weight within 1e-2 of the oracle's scale either way."""
     inputs, labels = _inputs(lead=(4, 3), vocab=29, dtype=torch.bfloat16)
+    monkeypatch.setattr(_fused_linear, "CHUNK_BYTES_CPU", 2 * 2 * 29 * 4)  # two buffers of 2 rows
     with _dispatch.use_backend("torch"):
-        _check(inputs, labels, divergence="jsd", beta=0.5)
+        _check(inputs, labels, divergence="jsd", beta=0.5, grad_weight_accumulation=accumulation)
+
+
+def test_second_backward_through_a_retained_graph_raises():
+    """The driver's backward scales the saved gradients in place: a second backward is refused."""
+    inputs, labels = _inputs(lead=(2, 3))
+    leaf = inputs["student_weight"].clone().requires_grad_()
+    with _dispatch.use_backend("torch"):
+        loss = linear_distill_loss(**{**inputs, "student_weight": leaf}, labels=labels)
+    torch.autograd.grad(loss, leaf, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, leaf)
 
 
 def test_tiny_chunks(monkeypatch):
@@ -155,6 +170,18 @@ def test_ignored_rows_get_zero_gradient_even_with_nan():
     labels[0, 1] = 5  # counted: NaN in, NaN out
     with _dispatch.use_backend("torch"):
         assert torch.isnan(linear_distill_loss(**inputs, labels=labels, divergence="jsd"))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_nan_in_nan_out_one_entry_vocabulary(divergence):
+    """V = 1 and a NaN student state: ours and the oracle both NaN (the oracle's 0·log 0 guard once read
+    the NaN as a masked entry and gave 0)."""
+    inputs, _ = _inputs(lead=(3,), vocab=1, bias=False)
+    inputs["student_hidden"][1, 0] = float("nan")
+    with _dispatch.use_backend("torch"):
+        got = linear_distill_loss(**inputs, divergence=divergence)
+    want = oracle(**{k: None if v is None else v.double() for k, v in inputs.items()}, divergence=divergence)
+    assert torch.isnan(got) and torch.isnan(want)
 
 
 def test_empty_and_all_ignored():
@@ -290,6 +317,9 @@ def test_matches_trl(trl_generalized_jsd, beta, with_labels):
         (dict(labels=torch.zeros(3, 5)), TypeError, r"labels"),
         (dict(student_bias=torch.randn(36)), ValueError, r"student_bias"),
         (dict(process_group="tp"), TypeError, r"process_group must be a torch.distributed.ProcessGroup"),
+        (dict(grad_weight_accumulation="fp32"), ValueError, r"grad_weight_accumulation must be one of"),
+        (dict(teacher_bias=torch.randn(37).double()), TypeError, r"teacher_bias must have the dtype of "
+                                                                  r"teacher_hidden"),
     ],
 )
 def test_bad_input(change, error, match):

@@ -10,6 +10,7 @@ from conftest import assert_close, assert_grad_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_kernels import _dispatch
+from rlhf_kernels._validation import compute_dtype
 from rlhf_kernels.ops import _fused_linear as driver
 from rlhf_kernels.ops.aggregation import LOSS_AGG_MODES
 from rlhf_kernels.ops.linear_policy_loss import LINEAR_POLICY_LOSSES, linear_policy_loss
@@ -70,6 +71,7 @@ def _run(fn, inp, dtype=None, **kwargs):
 def _check(inp, tol_dtype=torch.float32, **kwargs):
     loss, metrics, grads, out = _run(linear_policy_loss, inp, **kwargs)
     kwargs.pop("chunk_rows", None)
+    kwargs.pop("grad_weight_accumulation", None)
     want, want_metrics, want_grads, want_out = _run(ref.linear_policy_loss, inp, torch.float64, **kwargs)
     dtype = inp["hidden"].dtype
     assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -127,10 +129,12 @@ def test_float64_with_fp64_scalars_on_both_paths():
                    chunk_rows=5)
 
 
-def test_bfloat16_inputs():
+@pytest.mark.parametrize("accumulation", driver.GRAD_WEIGHT_ACCUMULATIONS)
+def test_bfloat16_inputs(accumulation):
+    """bf16 head, 4 chunks: d_weight within 3e-2 of the oracle's scale with either accumulation."""
     inp = _inputs(hidden_size=32, vocab=64, dtype=torch.bfloat16)
     _check(inp, tol_dtype=torch.bfloat16, entropy_coef=0.1, ref_logprobs=inp["ref_logprobs"], kl_coef=0.1,
-           chunk_rows=6)
+           chunk_rows=6, grad_weight_accumulation=accumulation)
 
 
 @pytest.mark.parametrize("vocab", [1, 17])
@@ -292,6 +296,8 @@ def test_bad_inputs_raise_named_errors():
         call(*args, loss_agg="mean")
     with pytest.raises(ValueError, match="labels"):
         call(args[0], args[1], torch.full_like(args[2], 17), *args[3:])
+    with pytest.raises(ValueError, match="grad_weight_accumulation must be one of"):
+        call(*args, grad_weight_accumulation="bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,3 +425,116 @@ def test_plan_chunk_rows():
 def test_driver_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="hidden must be \\[N, H\\]"):
         driver.chunked_linear_loss(torch.randn(4, 3), torch.randn(5, 2), None, [], lambda z, r: ())
+    with pytest.raises(ValueError, match="grad_weight_accumulation must be one of"):
+        driver.chunked_linear_loss(torch.randn(4, 2), torch.randn(5, 2), None, [], lambda z, r: (),
+                                   grad_weight_accumulation="bf16")
+
+
+# ---------------------------------------------------------------------------------------------------
+# d_weight accumulation: "float32" (fp32 accumulator, rounded once) vs "weight_dtype" (per chunk).
+# ---------------------------------------------------------------------------------------------------
+def _driver_d_weight(dtype, accumulation, n=512, h=16, v=96, rows=8):
+    """d_weight of the cross-entropy chunk function over n rows in chunks of ``rows`` (64 chunks), and
+    the float64 oracle's."""
+    torch.manual_seed(3)
+    hidden, weight, bias, labels = _driver_case(dtype, n=n, h=h, v=v)
+    _, _, d_weight, _ = driver.chunked_linear_loss(
+        hidden, weight, bias, driver.row_chunks(n, rows), _cross_entropy_fn(labels), inv_temperature=1 / 0.7,
+        grad_hidden=False, grad_weight_accumulation=accumulation,
+    )
+    _, want = _driver_oracle(hidden, weight, bias, labels, torch.arange(n), 1 / 0.7)
+    return d_weight, want[1]
+
+
+def _relative_error(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_accumulation_modes_agree_exactly_for_fp32_and_fp64_weights(dtype):
+    """An fp32 (fp64) weight accumulates in its own dtype either way: the same bits."""
+    a, want = _driver_d_weight(dtype, "float32")
+    b, _ = _driver_d_weight(dtype, "weight_dtype")
+    assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    assert_grad_close(a, want, GRAD_TOL[dtype], "d_weight")
+
+
+def test_bf16_d_weight_error_of_each_accumulation():
+    """bf16, 64 chunks, torch path: "float32" rounds once (Frobenius error 1.1x the oracle's own bf16
+    rounding, < 2.5e-3); "weight_dtype" rounds G to bf16 and d_weight once per chunk (< 2e-2, and worse
+    than "float32"); both within assert_grad_close's 3e-2 of the largest entry."""
+    _, want = _driver_d_weight(torch.bfloat16, "float32")
+    floor = _relative_error(want.to(torch.bfloat16), want)
+    errors = {}
+    for accumulation in driver.GRAD_WEIGHT_ACCUMULATIONS:
+        got, _ = _driver_d_weight(torch.bfloat16, accumulation)
+        assert got.dtype == torch.bfloat16
+        assert_grad_close(got, want, GRAD_TOL[torch.bfloat16], accumulation)
+        errors[accumulation] = _relative_error(got, want)
+    assert errors["float32"] < min(2.5e-3, 1.5 * floor), errors
+    assert errors["float32"] < errors["weight_dtype"] < 2e-2, errors
+
+
+class _Float32HeadBuffers(TorchDispatchMode):
+    """The distinct storages of fp32 tensors of a given [V, H] shape that ops produce."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.storages = tuple(shape), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == self.shape:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def test_weight_dtype_accumulation_has_no_fp32_accumulator():
+    """bf16 on CPU: "float32" makes two fp32 [V, H] buffers (the weight's fp32 copy for the products, and
+    the accumulator), "weight_dtype" only the copy (on CUDA neither exists: bf16 tensor-core products)."""
+    hidden, weight, bias, labels = _driver_case(torch.bfloat16, n=40, h=8, v=30)
+    counts = {}
+    for accumulation in driver.GRAD_WEIGHT_ACCUMULATIONS:
+        with _Float32HeadBuffers(weight.shape) as log:
+            driver.chunked_linear_loss(hidden, weight, bias, driver.row_chunks(40, 7),
+                                       _cross_entropy_fn(labels), grad_weight_accumulation=accumulation)
+        counts[accumulation] = len(log.storages)
+    assert counts == {"float32": 2, "weight_dtype": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver's shared pieces: logits_product, product_operands, check_head.
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_logits_product(dtype, with_bias):
+    """fp32 logits (fp64 for fp64) of the inputs as given, bias and 1/τ folded in, never rounded to bf16;
+    product_operands copies a bf16 head to fp32 once (CPU) and passes fp32/fp64 heads through."""
+    hidden, weight, bias, _ = _driver_case(dtype, n=9, h=12, v=21)
+    bias = bias if with_bias else None
+    want = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    w, b = driver.product_operands(hidden, weight, bias)
+    assert (w is weight) == (dtype != torch.bfloat16) and w.dtype == compute_dtype(hidden)
+    for head in ((weight, bias), (w, b)):
+        got = driver.logits_product(hidden, *head, 1 / 0.7)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_close(got, want / 0.7, 1e-12 if dtype == torch.float64 else 1e-5, "logits")
+
+
+def test_check_head_names_the_argument():
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+    driver.check_head(hidden, weight, torch.randn(5), prefix="ref_", ndim=3)
+    with pytest.raises(ValueError, match="ref_hidden must be 3-D \\[S, T, H\\]"):
+        driver.check_head(hidden[0], weight, None, prefix="ref_", ndim=3, layout="[S, T, H]")
+    with pytest.raises(ValueError, match="teacher_weight must be \\[V, H\\].*got teacher_hidden "
+                                         "\\(2, 3, 4\\) and teacher_weight \\(0, 4\\)"):
+        driver.check_head(hidden, weight[:0], None, prefix="teacher_")
+    with pytest.raises(ValueError, match="same H"):
+        driver.check_head(hidden, weight[:, :3], None)
+    with pytest.raises(TypeError, match="bias must have the dtype of hidden"):
+        driver.check_head(hidden, weight, torch.randn(5).double())
+    with pytest.raises(ValueError, match="bias must have shape \\(weight.shape\\[0\\],\\)"):
+        driver.check_head(hidden, weight, torch.randn(4))
+    with pytest.raises(TypeError, match="hidden must be a floating tensor"):
+        driver.check_head(hidden.int(), weight, None)

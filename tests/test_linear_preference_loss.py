@@ -55,9 +55,11 @@ def chunk_rows(monkeypatch):
     return set_rows
 
 
-def _check(hidden, weight, bias, labels, *, loss, ref=None, tol_dtype=None, device="cpu", **kwargs):
+def _check(hidden, weight, bias, labels, *, loss, ref=None, tol_dtype=None, device="cpu",
+           accumulation="float32", **kwargs):
     """Loss, metrics and the hidden / weight / bias gradients against the float64 oracle; ours runs on
-    ``device`` (CPU tensors go in; the Triton path runs on CUDA when there is one)."""
+    ``device`` (CPU tensors go in; the Triton path runs on CUDA when there is one) with d_weight
+    accumulated as ``accumulation`` says."""
     dtype = tol_dtype or hidden.dtype
     on = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
     leaves = [None if t is None else t.to(device, copy=True).requires_grad_() for t in (hidden, weight, bias)]
@@ -65,6 +67,7 @@ def _check(hidden, weight, bias, labels, *, loss, ref=None, tol_dtype=None, devi
     if ref is not None:
         refs = dict(ref_logps=sequence_logps(*ref, labels)[0].to(hidden.dtype))
     got, metrics = linear_preference_loss(leaves[0], leaves[1], on(labels), loss=loss, bias=leaves[2],
+                                          grad_weight_accumulation=accumulation,
                                           **{k: on(v) for k, v in {**refs, **kwargs}.items()})
     got.backward()
     oracle_leaves = [None if t is None else t.double().requires_grad_() for t in (hidden, weight, bias)]
@@ -142,10 +145,25 @@ def test_fp64_to_1e12(backend_name, chunk_rows):
                loss_type=["sigmoid", "sft"], device=backend_device(backend_name))
 
 
-def test_bf16():
+@pytest.mark.parametrize("accumulation", _fused_linear.GRAD_WEIGHT_ACCUMULATIONS)
+def test_bf16(accumulation, chunk_rows):
+    """One pair per chunk (3 chunks): d_weight within 1e-2 of the oracle's scale either way."""
+    chunk_rows(2 * T)
     hidden, weight, bias, labels, ref_hidden, ref_weight = _batch(dtype=torch.bfloat16)
     with _dispatch.use_backend("torch"):
-        _check(hidden, weight, bias, labels, loss="dpo", ref=(ref_hidden, ref_weight), loss_type="sigmoid")
+        _check(hidden, weight, bias, labels, loss="dpo", ref=(ref_hidden, ref_weight), loss_type="sigmoid",
+               accumulation=accumulation)
+
+
+def test_second_backward_through_a_retained_graph_raises():
+    """The driver's backward scales the saved gradients in place: a second backward is refused."""
+    hidden, weight, bias, labels, *_ = _batch()
+    leaf = weight.clone().requires_grad_()
+    with _dispatch.use_backend("torch"):
+        loss, _ = linear_preference_loss(hidden, leaf, labels, loss="simpo")
+    torch.autograd.grad(loss, leaf, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, leaf)
 
 
 @pytest.mark.parametrize("rows", [None, 1, 6, 18, 100])  # 18: chunks of 2, 2, 1 pairs
@@ -184,6 +202,19 @@ def test_empty_responses_and_no_grad():
     assert metrics["logps/sequences"][1] == 0
     assert torch.count_nonzero(leaf.grad[1]) == 0 and torch.count_nonzero(leaf.grad[:, :2]) == 0
     assert torch.equal(value, loss.detach())
+
+
+def test_empty_batch():
+    """S = 0 sequences (no pair): loss 0 like the oracle's, zero gradients (was a range() step of 0)."""
+    hidden = torch.randn(0, T, H).requires_grad_()
+    weight = torch.randn(V, H).requires_grad_()
+    labels = torch.zeros(0, T, dtype=torch.int64)
+    with _dispatch.use_backend("torch"):
+        loss, _ = linear_preference_loss(hidden, weight, labels, loss="cpo")
+    loss.backward()
+    want, _ = oracle(hidden.detach().double(), weight.detach().double(), labels, loss="cpo")
+    assert_close(loss, want, 1e-6, "loss")
+    assert hidden.grad.shape == hidden.shape and torch.count_nonzero(weight.grad) == 0
 
 
 def test_nan_in_nan_out_and_inputs_unmodified():
@@ -239,7 +270,10 @@ def test_three_matmuls_per_chunk(chunk_rows):
         (dict(labels=torch.zeros(5, 5, dtype=torch.int64)), ValueError, r"hidden"),
         (dict(ref_logps=torch.zeros(5)), ValueError, r"ref_logps"),
         (dict(weight=torch.randn(23, 8).double()), TypeError, r"weight must have the dtype of hidden"),
-        (dict(hidden=torch.randn(30, 8)), ValueError, r"hidden must be 3-D|hidden"),
+        (dict(hidden=torch.randn(30, 8)), ValueError, r"hidden must be 3-D \[S, T, H\]"),
+        (dict(grad_weight_accumulation="bf16"), ValueError, r"grad_weight_accumulation must be one of"),
+        (dict(ref_logps=None, ref_hidden=torch.randn(6, 5, 4), ref_weight=torch.randn(23, 3)), ValueError,
+         r"ref_weight must be \[V, H\].*ref_hidden \(6, 5, 4\) and ref_weight \(23, 3\)"),
     ],
 )
 def test_bad_input(change, error, match):

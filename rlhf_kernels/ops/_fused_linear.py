@@ -15,7 +15,11 @@ Exactly three matmul-sized passes per chunk (one fewer each for ``grad_weight=Fa
 ``grad_hidden=False``; one with ``need_grad=False``), no [N, V] buffer.  The op's backward then only scales
 the saved gradients by the scalar upstream gradient.
 
-``_logits`` and ``_mixed_precision_products`` are shared with linear_distill_loss (its teacher's logits).
+Shared by the three losses besides the loop: :func:`logits_product` (+ :func:`product_operands`), the
+one logits product (linear_distill_loss forms its teacher's logits with it); :class:`PrecomputedGradients`
+with :func:`fused_linear_apply`, the one autograd wiring (the forward runs the loss's compute, which runs
+this driver, and saves d_hidden / d_weight / d_bias; the backward scales them in place by the scalar
+upstream gradient, so a second backward is refused); :func:`check_head`, the one lm_head argument check.
 
 Precision (the conventions of :mod:`rlhf_kernels.ops.linear_logprobs`):
 
@@ -28,15 +32,20 @@ Precision (the conventions of :mod:`rlhf_kernels.ops.linear_logprobs`):
   linear_logprobs does) and the product runs on the tensor cores with fp32 accumulation, rounded once to
   hidden's dtype; elsewhere the product is in the compute dtype and rounded once.  Each row's d_hidden is
   one product (rows are never split across chunks), so nothing accumulates across chunks in a low dtype.
-* d_weight / d_bias sum over chunks in an fp32 (fp64) accumulator, rounded once to the weight's dtype at
-  the end.  On CUDA with bf16 the accumulation is cuBLAS's ``addmm(..., out_dtype=torch.float32)`` into
-  the fp32 accumulator (beta = 1), so no [V, H] temporary per chunk.
+* d_weight, ``grad_weight_accumulation="float32"`` (the default): summed over chunks in an fp32 (fp64)
+  accumulator, rounded once to the weight's dtype at the end (on CUDA with bf16, cuBLAS's
+  ``addmm(..., out_dtype=torch.float32)`` into the accumulator, beta = 1: no [V, H] temporary per chunk).
+  ``"weight_dtype"``: each chunk's product is added straight into a d_weight in the weight's dtype
+  (``addmm_`` with beta = 1, fp32 accumulation inside the product, the sum rounded to bf16 once per
+  chunk, as Liger does; off CUDA G is rounded to bf16 first, as on CUDA).  Measured on CPU (bf16, N =
+  2048, H = 1024, V = 32000; docs/linear_policy_loss.md): "float32" gives exactly the error of the fp64
+  d_weight rounded once to bf16, "weight_dtype" about 1.5x it.  fp32/fp64 weights: the two are one.
+  d_bias always sums in fp32 (fp64): [V], negligible.
 
 Memory beyond the inputs and the returned gradients: the chunk's logits buffer (``plan_chunk_rows``'
-budget: [n_c, V] in the compute dtype, plus its bf16/fp16 copy on CUDA), the fp32 d_weight accumulator
-[V, H] when the weight is bf16/fp16 (4·V·H bytes: 2.5 GB for V = 151936, H = 4096; accumulating in bf16
-instead would round once per chunk), the fp32 weight copy on CPU for bf16/fp16, and what ``chunk_fn``
-keeps.
+budget: [n_c, V] in the compute dtype, plus its bf16/fp16 copy on CUDA), with "float32" the fp32
+d_weight accumulator [V, H] when the weight is bf16/fp16 (4·V·H bytes: 2.4 GiB for V = 151936, H = 4096,
+which "weight_dtype" saves), the fp32 weight copy on CPU for bf16/fp16, and what ``chunk_fn`` keeps.
 
 Device routing: the matmuls are torch (cuBLAS on CUDA, the CPU BLAS elsewhere); the row math inside a
 ``chunk_fn`` goes through the registered ops (Triton kernels on CUDA, their PyTorch paths elsewhere), so
@@ -50,11 +59,22 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .._validation import compute_dtype
+from .._validation import (
+    check_choice,
+    check_float_tensor,
+    check_ndim,
+    check_same_device,
+    check_shape,
+    compute_dtype,
+)
 from ._launch import cdiv, without_autocast
 
 ChunkRows = Tensor | slice
 ChunkFn = Callable[[Tensor, ChunkRows], tuple]
+#: The lm_head dtypes the fused linear losses take.
+HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: d_weight accumulation modes of :func:`chunked_linear_loss` (and the public losses' keyword).
+GRAD_WEIGHT_ACCUMULATIONS = ("float32", "weight_dtype")
 
 # Bytes of one chunk's logits buffer (compute dtype).  CUDA: 256 MiB is 431 rows of V = 151936 in fp32,
 # each chunk three products of ~0.5 TFLOP at H = 4096 (large enough for cuBLAS to run near peak).
@@ -104,17 +124,38 @@ def _mixed_precision_products(hidden: Tensor) -> bool:
     return hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float, mixed: bool) -> Tensor:
-    """(h Wᵀ + b) / τ in the compute dtype: one product (the bias and 1/τ folded into it off CUDA-bf16)."""
-    if not mixed:
-        h = h.to(weight.dtype)
-        if bias is not None:
-            return torch.addmm(bias, h, weight.T, beta=inv_temperature, alpha=inv_temperature)
-        z = torch.mm(h, weight.T)
-    else:
-        z = torch.mm(h, weight.T, out_dtype=torch.float32)
+def product_operands(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The lm_head as :func:`logits_product` reads it for inputs like ``hidden``: as it is for bf16/fp16
+    on CUDA (tensor-core products with fp32 outputs) and for weights already in ``dtype`` (default: the
+    compute dtype, fp32 or fp64); otherwise one copy in ``dtype`` ([V, H] fp32 for a bf16 weight on CPU:
+    the price of fp32 logits from a CPU BLAS).  Made once per call, read by every chunk."""
+    dtype = dtype or compute_dtype(hidden, weight)
+    if _mixed_precision_products(hidden) or weight.dtype == dtype:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+@without_autocast
+def logits_product(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float = 1.0
+) -> Tensor:
+    """(h Wᵀ + b) / τ for rows ``hidden`` [n, H], weight [V, H], bias [V] or None: [n, V] in the compute
+    dtype (fp32; fp64 when either operand is fp64), never rounded to bf16.  One product: bf16/fp16 on
+    CUDA, ``mm(..., out_dtype=torch.float32)`` (+ bias, × 1/τ); elsewhere ``addmm`` with the bias and 1/τ
+    folded in, the operands in the weight's dtype (pass :func:`product_operands`' weight so that a bf16
+    head is not copied to fp32 per call)."""
+    if _mixed_precision_products(hidden) and weight.dtype == hidden.dtype:
+        z = torch.mm(hidden, weight.T, out_dtype=torch.float32)
         if bias is not None:
             z.add_(bias)
+        return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
+    weight, bias = product_operands(hidden, weight, bias)
+    h = hidden.to(weight.dtype)
+    if bias is not None:
+        return torch.addmm(bias.to(weight.dtype), h, weight.T, beta=inv_temperature, alpha=inv_temperature)
+    z = torch.mm(h, weight.T)
     return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
 
 
@@ -130,6 +171,7 @@ def chunked_linear_loss(
     need_grad: bool = True,
     grad_weight: bool = True,
     grad_hidden: bool = True,
+    grad_weight_accumulation: str = "float32",
 ) -> tuple[list[tuple], Tensor | None, Tensor | None, Tensor | None]:
     """Runs ``chunk_fn`` on the logits of each chunk of rows and forms the three gradients on the way.
 
@@ -148,6 +190,11 @@ def chunked_linear_loss(
         need_grad: False runs the forward only (one product per chunk); the gradients are None.
         grad_weight: False skips the d_weight product (frozen head): d_weight is None, d_bias still formed.
         grad_hidden: False skips the d_hidden product (only the head trains): d_hidden is None.
+        grad_weight_accumulation: one of :data:`GRAD_WEIGHT_ACCUMULATIONS`.  "float32": d_weight sums over
+            the chunks in an fp32 (fp64) [V, H] accumulator, rounded once to the weight's dtype at the end.
+            "weight_dtype": each chunk's product is added straight into a d_weight in the weight's dtype
+            (``addmm`` with β = 1, fp32 accumulation inside the product: one rounding per chunk, Liger's
+            way), saving the 4·V·H-byte accumulator for bf16/fp16 weights.  The same for fp32/fp64 weights.
 
     Returns:
         (outputs of each chunk in order, d_hidden [N, H] in hidden's dtype, d_weight [V, H] in weight's
@@ -162,23 +209,25 @@ def chunked_linear_loss(
         raise ValueError(
             f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
+    check_grad_weight_accumulation(grad_weight_accumulation)
     acc = compute_dtype(hidden, weight)
     mixed = _mixed_precision_products(hidden)
-    # The weight in the dtype of the products: itself, or (CPU bf16/fp16) one fp32 copy per call.
-    w = weight if (mixed or weight.dtype == acc) else weight.to(acc)
-    b = None if bias is None else bias.to(acc)
-    d_hidden = d_weight_acc = d_bias_acc = None
+    w, b = product_operands(hidden, weight, bias, acc)
+    d_hidden = d_weight = d_bias_acc = None
+    in_weight_dtype = grad_weight_accumulation == "weight_dtype"
     if need_grad:
         if grad_hidden:
             d_hidden = hidden.new_zeros(hidden.shape)
         if grad_weight:
-            d_weight_acc = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            d_weight = torch.zeros(
+                weight.shape, dtype=weight.dtype if in_weight_dtype else acc, device=weight.device
+            )
         if bias is not None:
             d_bias_acc = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
     outputs = []
     for rows in chunks:
         h = hidden[rows]
-        logits = _logits(h, w, b, inv_temperature, mixed)
+        logits = logits_product(h, w, b, inv_temperature)
         outputs.append(chunk_fn(logits, rows))
         if not need_grad:
             continue
@@ -192,14 +241,105 @@ def chunked_linear_loss(
             else:
                 d_hidden.index_copy_(0, rows, d_rows.to(hidden.dtype))
             del d_rows
-        if d_weight_acc is not None:
-            if mixed:
-                torch.addmm(d_weight_acc, grad.T, h, out_dtype=torch.float32, out=d_weight_acc)
+        if d_weight is not None:
+            if mixed and d_weight.dtype == acc:  # bf16/fp16 operands into the fp32 accumulator (cuBLAS)
+                torch.addmm(d_weight, grad.T, h, out_dtype=acc, out=d_weight)
+            elif d_weight.dtype != acc:  # straight into the weight's dtype; off CUDA, G rounded as on CUDA
+                d_weight.addmm_(grad.T.to(weight.dtype), h)
             else:
-                d_weight_acc.addmm_(grad.T, h.to(acc))
+                d_weight.addmm_(grad.T, h.to(acc))
         if d_bias_acc is not None:
             d_bias_acc += grad.sum(dim=0, dtype=acc)
         del logits, grad  # before the next chunk's are allocated
-    d_weight = None if d_weight_acc is None else d_weight_acc.to(weight.dtype)
+    if d_weight is not None:
+        d_weight = d_weight.to(weight.dtype)
     d_bias = None if d_bias_acc is None else d_bias_acc.to(bias.dtype)
     return outputs, d_hidden, d_weight, d_bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# The autograd wiring every fused linear loss shares.
+# ---------------------------------------------------------------------------------------------------
+#: What the ``Compute`` of :func:`fused_linear_apply` returns: (loss, extra outputs without a gradient,
+#: d_hidden, d_weight, d_bias), each gradient None where it was not asked for.
+ComputeResult = tuple[Tensor, tuple[Tensor, ...], Tensor | None, Tensor | None, Tensor | None]
+Compute = Callable[..., ComputeResult]
+
+
+class PrecomputedGradients(torch.autograd.Function):
+    """A scalar loss whose gradients with respect to (hidden, weight, bias) were formed by its forward.
+
+    ``forward(ctx, compute, hidden, weight, bias, *args)`` calls ``compute(hidden, weight, bias, *args,
+    grads=(grad_hidden, grad_weight, grad_bias))`` (the flags from ``needs_input_grad``) and saves the
+    gradients it returns; ``backward`` scales them by the scalar upstream gradient IN PLACE (no second
+    [V, H] buffer).  A second backward through a retained graph would see the scaled values, so autograd's
+    version check on the saved tensors refuses it ("modified by an inplace operation").  No double
+    backward.  Outputs: (loss, *extras), the extras marked non-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, compute, hidden, weight, bias, *args):
+        grad_hidden, grad_weight = ctx.needs_input_grad[1:3]
+        grad_bias = bias is not None and ctx.needs_input_grad[3]
+        loss, extras, d_hidden, d_weight, d_bias = compute(
+            hidden, weight, bias, *args, grads=(grad_hidden, grad_weight, grad_bias)
+        )
+        ctx.save_for_backward(d_hidden, d_weight, d_bias if grad_bias else None)
+        ctx.mark_non_differentiable(*extras)
+        ctx.n_args = len(args)
+        return (loss, *extras)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        scaled = [None if d is None else d.mul_(grad_loss.to(d.dtype)) for d in ctx.saved_tensors]
+        return (None, *scaled, *[None] * ctx.n_args)
+
+
+def fused_linear_apply(
+    compute: Compute, hidden: Tensor, weight: Tensor, bias: Tensor | None, *args
+) -> tuple[Tensor, ...]:
+    """(loss, *extras) of ``compute`` (see :class:`PrecomputedGradients`), differentiable with respect to
+    hidden, weight and bias when the grad mode is on and one of them requires a gradient; otherwise
+    ``compute`` runs its forward only (``grads=(False, False, False)``), outside autograd."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return PrecomputedGradients.apply(compute, hidden, weight, bias, *args)
+    loss, extras, *_ = compute(hidden, weight, bias, *args, grads=(False, False, False))
+    return (loss, *extras)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks every fused linear loss shares.
+# ---------------------------------------------------------------------------------------------------
+def check_grad_weight_accumulation(value: object) -> str:
+    return check_choice("grad_weight_accumulation", value, GRAD_WEIGHT_ACCUMULATIONS)
+
+
+def check_head(
+    hidden: object,
+    weight: object,
+    bias: object,
+    *,
+    prefix: str = "",
+    ndim: int | None = None,
+    layout: str = "[..., H]",
+) -> None:
+    """An lm_head's inputs: ``{prefix}hidden`` [..., H] (``ndim``-D ``layout`` when given) float32,
+    bfloat16, float16 or float64; ``{prefix}weight`` a non-empty [V, H] and ``{prefix}bias`` [V] or None,
+    both in hidden's dtype; all on one device.  ``ValueError`` / ``TypeError`` naming the argument."""
+    names = [f"{prefix}{name}" for name in ("hidden", "weight", "bias")]
+    check_float_tensor(names[0], hidden, HEAD_DTYPES)
+    if ndim is not None:
+        check_ndim(names[0], hidden, ndim, layout)
+    check_float_tensor(names[1], weight, HEAD_DTYPES)
+    if weight.dim() != 2 or 0 in weight.shape or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{names[1]} must be [V, H] with V, H >= 1 and {names[0]} must have shape {layout} with the "
+            f"same H; got {names[0]} {tuple(hidden.shape)} and {names[1]} {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_float_tensor(names[2], bias, HEAD_DTYPES)
+        check_shape(names[2], bias, (weight.shape[0],), f"({names[1]}.shape[0],)")
+    for name, tensor in zip(names[1:], (weight, bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of {names[0]} ({hidden.dtype}); got {tensor.dtype}")
+    check_same_device(**dict(zip(names, (hidden, weight, bias))))

@@ -43,7 +43,6 @@ from .. import _dispatch
 from .._registration import kernel_op
 from .._validation import (
     check_choice,
-    check_float_tensor,
     check_in_range,
     check_index_tensor,
     check_int,
@@ -60,7 +59,6 @@ from .cpu.linear_distill_loss import DIVERGENCES
 FAMILY = "linear_distill_loss"
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
 _DIVERGENCE_CODE = {name: code for code, name in enumerate(DIVERGENCES)}
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,23 +258,16 @@ class _Problem:
     inv_temperature: float
     ignore_index: int
     group: object = None  # vocabulary parallelism: the weights are this rank's rows
-
-
-def _teacher_logits(problem: _Problem, rows, acc: torch.dtype) -> Tensor:
-    """(h_T W_Tᵀ + b_T) / τ for the chunk's rows, in the compute dtype (the driver's product)."""
-    h = problem.teacher_hidden[rows]
-    mixed = _fused_linear._mixed_precision_products(h)
-    logits = _fused_linear._logits(
-        h, problem.teacher_weight, problem.teacher_bias, problem.inv_temperature, mixed
-    )
-    return logits.to(acc)
+    grad_weight_accumulation: str = "float32"
 
 
 def _distill(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, problem: _Problem, need_grad: bool,
-    grad_weight: bool, grad_hidden: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(loss, d_hidden, d_weight, d_bias) of the student."""
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, problem: _Problem, *, grads: tuple[bool, ...]
+) -> _fused_linear.ComputeResult:
+    """(loss, (), d_hidden, d_weight, d_bias) of the student (the compute of
+    ``_fused_linear.fused_linear_apply``)."""
+    grad_hidden, grad_weight, grad_bias = grads
+    need_grad = grad_hidden or grad_weight or grad_bias
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     acc = compute_dtype(hidden, weight, problem.teacher_hidden)
     count = (problem.labels != problem.ignore_index).sum().clamp(min=1).to(acc)
@@ -289,7 +280,10 @@ def _distill(
     )
 
     def chunk_fn(student_logits: Tensor, rows) -> tuple[Tensor]:
-        teacher_logits = _teacher_logits(problem, rows, acc)
+        teacher_logits = _fused_linear.logits_product(
+            problem.teacher_hidden[rows], problem.teacher_weight, problem.teacher_bias,
+            problem.inv_temperature,
+        ).to(acc)
         args = (student_logits, teacher_logits, problem.labels[rows], grad_scale, problem.divergence,
                 problem.beta, problem.ignore_index, need_grad)
         if problem.group is None:
@@ -299,57 +293,17 @@ def _distill(
     outputs, d_hidden, d_weight, d_bias = _fused_linear.chunked_linear_loss(
         hidden, weight, bias, _fused_linear.row_chunks(n_rows, rows_per_chunk), chunk_fn,
         inv_temperature=problem.inv_temperature, need_grad=need_grad, grad_weight=grad_weight,
-        grad_hidden=grad_hidden,
+        grad_hidden=grad_hidden, grad_weight_accumulation=problem.grad_weight_accumulation,
     )
     if d_hidden is not None and problem.group is not None:  # hidden feeds every rank's vocabulary slice
         dist.all_reduce(d_hidden, group=problem.group)
     total = torch.stack([out[0] for out in outputs]).sum() if outputs else hidden.new_zeros((), dtype=acc)
-    return total.to(acc) / count, d_hidden, d_weight, d_bias
-
-
-class _LinearDistillLoss(torch.autograd.Function):
-    """Forward runs the fused loop and keeps the student's gradients; backward scales them."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, problem):
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
-        loss, d_hidden, d_weight, d_bias = _distill(
-            hidden, weight, bias, problem, need_grad=need_hidden or need_weight or need_bias,
-            grad_weight=need_weight, grad_hidden=need_hidden,
-        )
-        ctx.save_for_backward(d_hidden, d_weight, d_bias if need_bias else None)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(d_hidden), scale(d_weight), scale(d_bias), None
+    return total.to(acc) / count, (), d_hidden, d_weight, d_bias
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public function.
 # ---------------------------------------------------------------------------------------------------
-def _check_head(prefix: str, hidden: object, weight: object, bias: object) -> tuple[Tensor, Tensor]:
-    check_float_tensor(f"{prefix}_hidden", hidden, _FLOAT_DTYPES)
-    check_float_tensor(f"{prefix}_weight", weight, _FLOAT_DTYPES)
-    if weight.dim() != 2 or 0 in weight.shape:
-        raise ValueError(f"{prefix}_weight must be a non-empty [V, H] lm_head weight; got shape "
-                         f"{tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{prefix}_hidden must have shape [..., H] with H = {prefix}_weight.shape[1] = "
-                         f"{weight.shape[1]}; got {tuple(hidden.shape)}")
-    for name, tensor in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} must have the dtype of {prefix}_hidden ({hidden.dtype}); got {tensor.dtype}"
-            )
-    if bias is not None:
-        check_shape(f"{prefix}_bias", bias, (weight.shape[0],), f"({prefix}_weight.shape[0],)")
-    return hidden.reshape(-1, hidden.shape[-1]), weight
-
-
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -364,6 +318,7 @@ def linear_distill_loss(
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     process_group=None,
+    grad_weight_accumulation: str = "float32",
 ) -> Tensor:
     """Mean per-token divergence between the teacher's and the student's next-token distributions, from
     hidden states, without materialising either model's [N, V] logits (math: the module docstring).
@@ -385,6 +340,9 @@ def linear_distill_loss(
             [rank·V, (rank+1)·V) of both models' weights (and biases) and the same hidden states and labels;
             the row math all-reduces O(rows) values three times per chunk (in PyTorch, on every device) and
             d_hidden is summed across ranks.  Every rank gets the same loss.
+        grad_weight_accumulation: "float32" (default: the student's d_weight summed over the chunks in
+            fp32, rounded once) or "weight_dtype" (added into a d_weight in the weight's dtype, one
+            rounding per chunk, without the 4·V·H-byte fp32 accumulator): ``_fused_linear``.
 
     Returns:
         The 0-dim loss, fp32 (fp64 if any input is fp64): Σ_tokens D / max(1, counted tokens).
@@ -393,16 +351,20 @@ def linear_distill_loss(
 
     Example: 2 sequences × 5 tokens of a Qwen-sized head (V = 151936): student_hidden [2, 5, 896] bf16,
     teacher_hidden [2, 5, 3584] bf16, labels [2, 5] with −100 on the prompt → one scalar; peak extra
-    memory two [rows, V] fp32 chunks (plus, for bf16 weights, the driver's fp32 d_weight accumulator).
+    memory two [rows, V] fp32 chunks (plus, for bf16 weights, the driver's fp32 d_weight accumulator
+    unless ``grad_weight_accumulation="weight_dtype"``).
     """
-    s_hidden, s_weight = _check_head("student", student_hidden, student_weight, student_bias)
-    t_hidden, t_weight = _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    _fused_linear.check_head(student_hidden, student_weight, student_bias, prefix="student_")
+    _fused_linear.check_head(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
+    _fused_linear.check_grad_weight_accumulation(grad_weight_accumulation)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden must have student_hidden's leading shape "
                          f"{tuple(student_hidden.shape[:-1])}; got {tuple(teacher_hidden.shape[:-1])}")
-    if t_weight.shape[0] != s_weight.shape[0]:
-        raise ValueError(f"teacher_weight must have the student's vocabulary size V = {s_weight.shape[0]} "
-                         f"rows; got {t_weight.shape[0]}")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"teacher_weight must have the student's vocabulary size V = "
+                         f"{student_weight.shape[0]} rows; got {teacher_weight.shape[0]}")
     ignore_index = check_int("ignore_index", ignore_index)
     if labels is not None:
         check_index_tensor("labels", labels)
@@ -413,7 +375,7 @@ def linear_distill_loss(
     if process_group is not None:
         from ..parallel import vocab_range  # raises TypeError for anything but a ProcessGroup
 
-        vocab_range(process_group, s_weight.shape[0])
+        vocab_range(process_group, student_weight.shape[0])
     check_same_device(student_hidden=student_hidden, student_weight=student_weight,
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, labels=labels,
                       student_bias=student_bias, teacher_bias=teacher_bias)
@@ -425,13 +387,11 @@ def linear_distill_loss(
     else:
         flat_labels = labels.reshape(-1)
     acc = compute_dtype(s_hidden, t_hidden)
-    # The teacher's weight in the dtype of its products: itself, or (bf16/fp16 off CUDA) one fp32 copy.
-    if not _fused_linear._mixed_precision_products(t_hidden) and t_weight.dtype != acc:
-        t_weight, teacher_bias = t_weight.to(acc), None if teacher_bias is None else teacher_bias.to(acc)
-    problem = _Problem(t_hidden.detach(), t_weight.detach(),
-                       None if teacher_bias is None else teacher_bias.detach(), flat_labels, divergence,
-                       beta, inv_temperature, ignore_index, process_group)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (s_hidden, s_weight, student_bias)):
-        return _LinearDistillLoss.apply(s_hidden, s_weight, student_bias, problem)
-    return _distill(s_hidden, s_weight, student_bias, problem, False, False, False)[0]
+    # The teacher's head as its products read it, made once: itself, or (bf16/fp16 off CUDA) an fp32 copy.
+    t_weight, t_bias = _fused_linear.product_operands(
+        t_hidden, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), acc
+    )
+    problem = _Problem(t_hidden.detach(), t_weight, t_bias, flat_labels, divergence, beta, inv_temperature,
+                       ignore_index, process_group, grad_weight_accumulation)
+    (loss,) = _fused_linear.fused_linear_apply(_distill, s_hidden, student_weight, student_bias, problem)
+    return loss

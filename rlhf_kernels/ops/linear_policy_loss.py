@@ -42,14 +42,21 @@ from .._validation import (
     check_index_tensor,
     check_int,
     check_label_range,
-    check_ndim,
     check_positive,
     check_real,
     check_same_device,
     check_shape,
     compute_dtype,
 )
-from ._fused_linear import chunked_linear_loss, plan_chunk_rows, row_chunks
+from ._fused_linear import (
+    HEAD_DTYPES,
+    check_grad_weight_accumulation,
+    check_head,
+    chunked_linear_loss,
+    fused_linear_apply,
+    plan_chunk_rows,
+    row_chunks,
+)
 from .aggregation import (
     SEQ_MEAN_TOKEN_MEAN,
     TOKEN_MEAN,
@@ -65,7 +72,6 @@ from .logprobs import logprobs_bwd_inplace, logprobs_fwd
 from .policy_losses import _metric_means, policy_loss_token_bwd, policy_loss_token_fwd
 
 FAMILY = "linear_policy_loss"
-_HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # variant -> its keyword parameters with their defaults (those of the rlhf_kernels policy-loss functions;
 # None: required), and the metrics it reports (computed, then reported as 0).
@@ -128,107 +134,73 @@ def _row_coefficients(row_mask_sums: Tensor, mode: str, seq_len: int, normalizer
     return per_row / denominator
 
 
-class _LinearPolicyLoss(torch.autograd.Function):
-    """Forward: the driver, saving d_hidden / d_weight / d_bias; backward: those, scaled."""
+def _policy_loss(hidden, weight, bias, labels, old, adv, weights, mask, ref, settings, *, grads):
+    """The compute of :func:`_fused_linear.fused_linear_apply`: (loss, (terms, stats, logprobs,
+    token_entropy), d_hidden, d_weight, d_bias)."""
+    (variant, params, ignore_index, inv_temperature, entropy_coef, kl_coef, estimator,
+     mode, batch, seq_len, normalizer, chunk_rows, accumulation) = settings
+    n_tokens = labels.numel()
+    acc = compute_dtype(hidden)
+    grad_hidden, grad_weight, grad_bias = grads
+    need_grad = grad_hidden or grad_weight or grad_bias
+    with_entropy = entropy_coef != 0.0
+    has_kl = ref is not None
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, weights, mask, ref, settings):
-        (variant, params, ignore_index, inv_temperature, entropy_coef, kl_coef, estimator,
-         mode, batch, seq_len, normalizer, chunk_rows, grad_enabled) = settings
-        n_tokens = labels.numel()
-        acc = compute_dtype(hidden)
-        # needs_input_grad follows requires_grad, not the grad mode: under no_grad, no gradient is formed.
-        grad_hidden, grad_weight = (grad_enabled and needs for needs in ctx.needs_input_grad[:2])
-        grad_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
-        need_grad = grad_hidden or grad_weight or grad_bias
-        with_entropy = entropy_coef != 0.0
-        has_kl = ref is not None
+    # Masked positions: label ignore_index (lp = 0, zero logits gradient) and weight 0.
+    valid = (mask != 0) & (labels != ignore_index)
+    labels = torch.where(valid, labels, ignore_index)
+    m = torch.where(valid, mask.to(acc), 0.0)
+    row_mask_sums = m.view(batch, seq_len).sum(dim=-1)
+    coef = _row_coefficients(row_mask_sums, mode, seq_len, normalizer).repeat_interleave(seq_len) * m
+    if has_kl:
+        ref = torch.where(valid, ref, 0.0)
 
-        # Masked positions: label ignore_index (lp = 0, zero logits gradient) and weight 0.
-        valid = (mask != 0) & (labels != ignore_index)
-        labels = torch.where(valid, labels, ignore_index)
-        m = torch.where(valid, mask.to(acc), 0.0)
-        row_mask_sums = m.view(batch, seq_len).sum(dim=-1)
-        coef = _row_coefficients(row_mask_sums, mode, seq_len, normalizer).repeat_interleave(seq_len) * m
-        if has_kl:
-            ref = torch.where(valid, ref, 0.0)
+    def chunk_fn(logits: Tensor, rows: slice):
+        y = labels[rows]
+        lp, entropy, lse = logprobs_fwd(logits, y, 1.0, ignore_index, with_entropy, False)
+        token = [x[rows].view(-1, 1) for x in (old, adv, m)]
+        w = None if weights is None else weights[rows].view(-1, 1)
+        partials, stats = policy_loss_token_fwd(lp.view(-1, 1), *token, None, w, variant, params)
+        kl = kl_penalty_op(lp, ref[rows], estimator) if has_kl else None
+        if need_grad:
+            c = coef[rows]
+            grad_lp = policy_loss_token_bwd(
+                c.view(-1, 1), lp.view(-1, 1), *token, None, w, variant, params
+            ).view(-1)
+            if has_kl and kl_coef != 0.0:
+                grad_kl, _ = kl_penalty_bwd(
+                    c * kl_coef, lp, ref[rows], gradient_estimator(estimator), False
+                )
+                grad_lp = grad_lp + grad_kl
+            grad_entropy = c * -entropy_coef if with_entropy else lse.new_empty(0)
+            logprobs_bwd_inplace(grad_lp, grad_entropy, logits, y, lse, entropy, 1.0, ignore_index)
+        return partials.view(-1), stats, lp, entropy, kl
 
-        def chunk_fn(logits: Tensor, rows: slice):
-            y = labels[rows]
-            lp, entropy, lse = logprobs_fwd(logits, y, 1.0, ignore_index, with_entropy, False)
-            token = [x[rows].view(-1, 1) for x in (old, adv, m)]
-            w = None if weights is None else weights[rows].view(-1, 1)
-            partials, stats = policy_loss_token_fwd(lp.view(-1, 1), *token, None, w, variant, params)
-            kl = kl_penalty_op(lp, ref[rows], estimator) if has_kl else None
-            if need_grad:
-                c = coef[rows]
-                grad_lp = policy_loss_token_bwd(
-                    c.view(-1, 1), lp.view(-1, 1), *token, None, w, variant, params
-                ).view(-1)
-                if has_kl and kl_coef != 0.0:
-                    grad_kl, _ = kl_penalty_bwd(
-                        c * kl_coef, lp, ref[rows], gradient_estimator(estimator), False
-                    )
-                    grad_lp = grad_lp + grad_kl
-                grad_entropy = c * -entropy_coef if with_entropy else lse.new_empty(0)
-                logprobs_bwd_inplace(grad_lp, grad_entropy, logits, y, lse, entropy, 1.0, ignore_index)
-            return partials.view(-1), stats, lp, entropy, kl
+    chunk_rows = chunk_rows or plan_chunk_rows(n_tokens, weight.shape[0], device=hidden.device, dtype=acc)
+    outputs, d_hidden, d_weight, d_bias = chunked_linear_loss(
+        hidden, weight, bias, row_chunks(n_tokens, chunk_rows), chunk_fn,
+        inv_temperature=inv_temperature, need_grad=need_grad, grad_weight=grad_weight,
+        grad_hidden=grad_hidden, grad_weight_accumulation=accumulation,
+    )
+    columns = list(zip(*outputs)) if outputs else [[]] * 5
+    empty = m.new_zeros(0)
 
-        chunk_rows = chunk_rows or plan_chunk_rows(n_tokens, weight.shape[0], device=hidden.device, dtype=acc)
-        outputs, d_hidden, d_weight, d_bias = chunked_linear_loss(
-            hidden, weight, bias, row_chunks(n_tokens, chunk_rows), chunk_fn,
-            inv_temperature=inv_temperature, need_grad=need_grad, grad_weight=grad_weight,
-            grad_hidden=grad_hidden,
-        )
-        columns = list(zip(*outputs)) if outputs else [[]] * 5
-        empty = m.new_zeros(0)
+    def gather(i):
+        return torch.cat(columns[i]) if columns[i] else empty
 
-        def gather(i):
-            return torch.cat(columns[i]) if columns[i] else empty
+    stats = torch.cat(columns[1], dim=1) if columns[1] else m.new_zeros(6, 0, 1)
 
-        stats = torch.cat(columns[1], dim=1) if columns[1] else m.new_zeros(6, 0, 1)
+    def aggregate(per_token):  # per_token already 0 wherever m = 0
+        row_sums = per_token.view(batch, seq_len).sum(dim=-1)
+        return agg_row_sums(row_sums, row_mask_sums, mode, seq_len, normalizer)
 
-        def aggregate(per_token):  # per_token already 0 wherever m = 0
-            row_sums = per_token.view(batch, seq_len).sum(dim=-1)
-            return agg_row_sums(row_sums, row_mask_sums, mode, seq_len, normalizer)
-
-        pg_loss = aggregate(gather(0))
-        entropy_loss = aggregate(gather(3) * m) if with_entropy else m.new_zeros(())
-        kl_loss = aggregate(torch.where(m != 0, gather(4) * m, 0.0)) if has_kl else m.new_zeros(())
-        loss = pg_loss - entropy_coef * entropy_loss + kl_coef * kl_loss
-        ctx.save_for_backward(d_hidden, d_weight, d_bias if grad_bias else None)
-        logprobs = gather(2)
-        token_entropy = gather(3) if with_entropy else empty
-        terms = torch.stack([pg_loss, entropy_loss, kl_loss])
-        ctx.mark_non_differentiable(terms, stats, logprobs, token_entropy)
-        return loss, terms, stats, logprobs, token_entropy
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        # Scaled in place: no second [V, H] buffer.  A second backward through a retained graph would see
-        # the scaled values; autograd's version check on the saved tensors refuses it instead.
-        scaled = [None if d is None else d.mul_(grad_loss.to(d.dtype)) for d in ctx.saved_tensors]
-        return (*scaled, None, None, None, None, None, None, None)
-
-
-def _check_hidden_and_head(hidden: object, weight: object, bias: object, labels: object) -> None:
-    check_float_tensor("hidden", hidden, _HIDDEN_DTYPES)
-    check_ndim("hidden", hidden, 3, "[B, T, H]")
-    check_float_tensor("weight", weight, _HIDDEN_DTYPES)
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"weight must be [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[2]}; "
-            f"got shape {tuple(weight.shape)}"
-        )
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}); got {tensor.dtype}")
-    if bias is not None:
-        check_float_tensor("bias", bias, _HIDDEN_DTYPES)
-        check_shape("bias", bias, (weight.shape[0],), "(weight.shape[0],)")
-    check_index_tensor("labels", labels)
-    check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
-    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    pg_loss = aggregate(gather(0))
+    entropy_loss = aggregate(gather(3) * m) if with_entropy else m.new_zeros(())
+    kl_loss = aggregate(torch.where(m != 0, gather(4) * m, 0.0)) if has_kl else m.new_zeros(())
+    loss = pg_loss - entropy_coef * entropy_loss + kl_coef * kl_loss
+    token_entropy = gather(3) if with_entropy else empty
+    terms = torch.stack([pg_loss, entropy_loss, kl_loss])
+    return loss, (terms, stats, gather(2), token_entropy), d_hidden, d_weight, d_bias
 
 
 def linear_policy_loss(
@@ -253,6 +225,7 @@ def linear_policy_loss(
     normalizer: Normalizer = None,
     chunk_rows: int | None = None,
     return_logprobs: bool = False,
+    grad_weight_accumulation: str = "float32",
 ) -> tuple[Tensor, dict[str, Tensor]] | tuple[Tensor, dict[str, Tensor], Tensor]:
     """The policy loss of a token-level variant computed from the last hidden states, never materialising
     the [B·T, V] logits (math in the module docstring).
@@ -281,6 +254,9 @@ def linear_policy_loss(
         chunk_rows: tokens per chunk (default: ``_fused_linear.plan_chunk_rows``).
         return_logprobs: also return the per-token log-probabilities [B, T] (fp32; 0 at masked
             positions; no gradient).
+        grad_weight_accumulation: "float32" (default: d_weight summed over the chunks in fp32, rounded
+            once) or "weight_dtype" (added into a d_weight in the weight's dtype, one rounding per chunk,
+            without the 4·V·H-byte fp32 accumulator): ``_fused_linear.chunked_linear_loss``.
 
     Returns:
         ``(loss, metrics)`` (or ``(loss, metrics, logprobs)``): loss 0-dim fp32 (fp64 for fp64 hidden),
@@ -290,10 +266,15 @@ def linear_policy_loss(
         entropy_coef ≠ 0; ``kl_loss`` with ``ref_logprobs``.
 
     Example: hidden [4, 512, 4096] bf16, weight [151936, 4096] bf16 → chunks of 384 tokens on CUDA; the
-    peak extra memory is one chunk's fp32 logits (256 MiB) + the fp32 d_weight accumulator, not the
-    [2048, 151936] logits (1.2 GB bf16, 2.5 GB fp32) and their gradient.
+    peak extra memory is one chunk's fp32 logits (256 MiB) + the fp32 d_weight accumulator (none with
+    ``grad_weight_accumulation="weight_dtype"``), not the [2048, 151936] logits (1.2 GB bf16, 2.5 GB
+    fp32) and their gradient.
     """
-    _check_hidden_and_head(hidden, weight, bias, labels)
+    check_head(hidden, weight, bias, ndim=3, layout="[B, T, H]")
+    check_index_tensor("labels", labels)
+    check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    check_same_device(hidden=hidden, labels=labels)
+    check_grad_weight_accumulation(grad_weight_accumulation)
     params = _variant_params(loss, loss_params)
     check_token_inputs(mask, old_logprobs=old_logprobs, advantages=advantages)
     check_shape("old_logprobs", old_logprobs, labels.shape, "labels.shape")
@@ -302,7 +283,7 @@ def linear_policy_loss(
     token = {"is_weights": is_weights, "ref_logprobs": ref_logprobs}
     for name, tensor in token.items():
         if tensor is not None:
-            check_float_tensor(name, tensor, _HIDDEN_DTYPES)
+            check_float_tensor(name, tensor, HEAD_DTYPES)
             check_shape(name, tensor, labels.shape, "labels.shape")
             check_same_device(hidden=hidden, **{name: tensor})
     entropy_coef = check_real("entropy_coef", entropy_coef)
@@ -322,10 +303,10 @@ def linear_policy_loss(
     flat = [t.reshape(-1).detach().to(acc) if t is not None else None
             for t in (old_logprobs, advantages, is_weights, ref_logprobs)]
     settings = (loss, params, ignore_index, inv_temperature, entropy_coef, kl_coef, estimator,
-                loss_agg, batch, seq_len, normalizer, chunk_rows, torch.is_grad_enabled())
-    total, terms, stats, logprobs, _ = _LinearPolicyLoss.apply(
-        hidden.reshape(-1, hidden_size), weight, bias, labels.reshape(-1), flat[0], flat[1], flat[2],
-        mask.reshape(-1), flat[3], settings,
+                loss_agg, batch, seq_len, normalizer, chunk_rows, grad_weight_accumulation)
+    total, terms, stats, logprobs, _ = fused_linear_apply(
+        _policy_loss, hidden.reshape(-1, hidden_size), weight, bias, labels.reshape(-1), flat[0], flat[1],
+        flat[2], mask.reshape(-1), flat[3], settings,
     )
     _, names, zeros = _VARIANTS[loss]
     metrics = {"pg_loss": terms[0].float(), **_metric_means(stats, names, zeros)}

@@ -61,7 +61,6 @@ LOSSES: dict[str, Callable] = {
 }
 #: DPO loss types whose per-pair gradient reads every pair (a sort over the batch): not fusable by chunks.
 UNFUSABLE_DPO_LOSS_TYPES = ("aot", "aot_unpaired")
-_HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Arguments the fused op computes itself (lengths from the labels, the NLL from the chosen tokens).
 _COMPUTED_KWARGS = ("chosen_lengths", "rejected_lengths", "nll_loss")
 # Value of the sequences outside a chunk in the chunk's evaluation of the loss: any value in every loss's
@@ -96,6 +95,7 @@ class _Problem:
     ref_logps: Tensor | None  # [S], compute dtype
     desirable: Tensor | None  # [S] (kto)
     ignore_index: int
+    grad_weight_accumulation: str
     metrics: dict = field(default_factory=dict)
 
 
@@ -119,7 +119,7 @@ def _chunks(
     holds at least one pair, whatever ``rows_per_chunk`` says."""
     t, n_seq = problem.seq_len, problem.n_seq
     if not problem.paired or rows_per_chunk >= n_seq * t:  # contiguous rows: responses, or everything
-        step = n_seq if problem.paired else max(1, rows_per_chunk // max(1, t))
+        step = max(1, n_seq) if problem.paired else max(1, rows_per_chunk // max(1, t))
         bounds = [(first, min(first + step, n_seq)) for first in range(0, n_seq, step)]
         return [(slice(first * t, last * t), torch.arange(first, last, device=device))
                 for first, last in bounds]
@@ -137,10 +137,12 @@ def _chunks(
 
 
 def _preference(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, problem: _Problem, need_grad: bool,
-    grad_weight: bool, grad_hidden: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(loss, d_hidden, d_weight, d_bias); fills ``problem.metrics``."""
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, problem: _Problem, *, grads: tuple[bool, ...]
+) -> _fused_linear.ComputeResult:
+    """(loss, (), d_hidden, d_weight, d_bias) (the compute of ``_fused_linear.fused_linear_apply``);
+    fills ``problem.metrics``."""
+    grad_hidden, grad_weight, grad_bias = grads
+    need_grad = grad_hidden or grad_weight or grad_bias
     acc = compute_dtype(hidden, weight)
     labels, t = problem.labels, problem.seq_len
     lengths = (labels.view(problem.n_seq, t) != problem.ignore_index).sum(dim=-1)
@@ -169,6 +171,7 @@ def _preference(
     outputs, d_hidden, d_weight, d_bias = _fused_linear.chunked_linear_loss(
         hidden, weight, bias, [rows for rows, _ in chunks], chunk_fn, need_grad=need_grad,
         grad_weight=grad_weight, grad_hidden=grad_hidden,
+        grad_weight_accumulation=problem.grad_weight_accumulation,
     )
     seq_logps = placeholder.clone()
     for (_, ids), (values,) in zip(chunks, outputs):
@@ -176,49 +179,17 @@ def _preference(
     loss, metrics = _sequence_loss(problem, seq_logps, lengths)
     problem.metrics = {key: value.detach() for key, value in metrics.items()}
     problem.metrics["logps/sequences"] = seq_logps.detach()
-    return loss.detach(), d_hidden, d_weight, d_bias
-
-
-class _LinearPreferenceLoss(torch.autograd.Function):
-    """Forward: the driver, saving d_hidden / d_weight / d_bias; backward: those, scaled."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, problem):
-        grad_hidden, grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_bias = bias is not None and ctx.needs_input_grad[2]
-        loss, d_hidden, d_weight, d_bias = _preference(
-            hidden, weight, bias, problem, need_grad=grad_hidden or grad_weight or grad_bias,
-            grad_weight=grad_weight, grad_hidden=grad_hidden,
-        )
-        ctx.save_for_backward(d_hidden, d_weight, d_bias if grad_bias else None)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        scaled = [None if d is None else d * grad_loss.to(d.dtype) for d in ctx.saved_tensors]
-        return (*scaled, None)
+    return loss.detach(), (), d_hidden, d_weight, d_bias
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public function.
 # ---------------------------------------------------------------------------------------------------
 def _check_head(prefix: str, hidden: object, weight: object, bias: object, labels: Tensor) -> None:
-    check_float_tensor(f"{prefix}hidden", hidden, _HIDDEN_DTYPES)
-    check_ndim(f"{prefix}hidden", hidden, 3, "[S, T, H] (S padded sequences of T tokens)")
-    check_float_tensor(f"{prefix}weight", weight, _HIDDEN_DTYPES)
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"{prefix}weight must be [V, H] with V >= 1 and H = {prefix}hidden.shape[-1] = "
-                         f"{hidden.shape[2]}; got shape {tuple(weight.shape)}")
-    for name, tensor in ((f"{prefix}weight", weight), (f"{prefix}bias", bias)):
-        if tensor is not None and tensor.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} must have the dtype of {prefix}hidden ({hidden.dtype}); got {tensor.dtype}"
-            )
-    if bias is not None:
-        check_shape(f"{prefix}bias", bias, (weight.shape[0],), f"({prefix}weight.shape[0],)")
+    _fused_linear.check_head(hidden, weight, bias, prefix=prefix, ndim=3,
+                             layout="[S, T, H] (S padded sequences of T tokens)")
     check_shape(f"{prefix}hidden", hidden, (*labels.shape, hidden.shape[2]), "(*labels.shape, H)")
-    check_same_device(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight, f"{prefix}bias": bias,
-                         "labels": labels})
+    check_same_device(**{f"{prefix}hidden": hidden, "labels": labels})
 
 
 def _check_loss(loss: object, loss_kwargs: dict, n_seq: int, desirable: object) -> bool:
@@ -263,6 +234,7 @@ def linear_preference_loss(
     ref_bias: Tensor | None = None,
     desirable: Tensor | None = None,
     ignore_index: int = -100,
+    grad_weight_accumulation: str = "float32",
     **loss_kwargs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """A preference loss of per-sequence log-probabilities computed from hidden states, logits never whole.
@@ -284,6 +256,9 @@ def linear_preference_loss(
             [S, T, H_ref] and lm_head: its sums are computed here without a gradient.
         desirable: [S] bool or 0/1 (kto only).
         ignore_index: label of positions that do not count.
+        grad_weight_accumulation: "float32" (default: d_weight summed over the chunks in fp32, rounded
+            once) or "weight_dtype" (added into a d_weight in the weight's dtype, one rounding per chunk,
+            without the 4·V·H-byte fp32 accumulator): ``_fused_linear.chunked_linear_loss``.
 
     Returns:
         (0-dim loss, metrics): the loss in fp32 (fp64 for fp64 inputs), differentiable with respect to
@@ -296,6 +271,7 @@ def linear_preference_loss(
     check_index_tensor("labels", labels)
     check_ndim("labels", labels, 2, "[S, T]")
     _check_head("", hidden, weight, bias, labels)
+    _fused_linear.check_grad_weight_accumulation(grad_weight_accumulation)
     ignore_index = check_int("ignore_index", ignore_index)
     n_seq, seq_len = labels.shape
     paired = _check_loss(loss, loss_kwargs, n_seq, desirable)
@@ -321,7 +297,7 @@ def linear_preference_loss(
     acc = compute_dtype(hidden, weight)
     flat_labels = labels.reshape(-1).contiguous()
     if ref_logps is not None:
-        check_float_tensor("ref_logps", ref_logps, _HIDDEN_DTYPES)
+        check_float_tensor("ref_logps", ref_logps, _fused_linear.HEAD_DTYPES)
         check_shape("ref_logps", ref_logps, (n_seq,), "(S,) = (labels.shape[0],)")
         check_same_device(hidden=hidden, ref_logps=ref_logps)
         ref = ref_logps.detach().to(acc)
@@ -333,13 +309,11 @@ def linear_preference_loss(
     else:
         ref = None
     problem = _Problem(flat_labels, n_seq, seq_len, paired, loss, loss_kwargs, ref,
-                       desirable, ignore_index)
+                       desirable, ignore_index, grad_weight_accumulation)
     # Validate the sequence-level arguments once, on zeros, before any product runs.
     _sequence_loss(problem, torch.zeros(n_seq, dtype=acc, device=hidden.device),
                    torch.ones(n_seq, dtype=torch.int64, device=hidden.device))
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        value = _LinearPreferenceLoss.apply(hidden2d, weight, bias, problem)
-    else:
-        value = _preference(hidden2d, weight, bias, problem, False, False, False)[0]
+    (value,) = _fused_linear.fused_linear_apply(
+        _preference, hidden.reshape(-1, hidden.shape[-1]), weight, bias, problem
+    )
     return value, problem.metrics

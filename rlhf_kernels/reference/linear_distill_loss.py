@@ -15,8 +15,9 @@ def _logits(hidden, weight, bias, temperature):
 
 def _kl(log_p, log_q):
     """KL(p ‖ q) = Σ p (log p − log q) per row, 0·log 0 = 0.  Entries with p = 0 are replaced by safe
-    values before any arithmetic, so that neither the value nor the gradient meets 0·∞."""
-    present = log_p > float("-inf")
+    values before any arithmetic, so that neither the value nor the gradient meets 0·∞; a NaN entry is not
+    one of them (NaN in, NaN out)."""
+    present = log_p != float("-inf")
     p = torch.where(present, log_p, 0.0).exp()
     diff = torch.where(present, log_p - torch.where(present, log_q, 0.0), 0.0)
     return torch.where(present, p * diff, 0.0).sum(dim=-1)
