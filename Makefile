@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
 PEERS  := verl==0.9.1 trl==1.16.0 openrlhf==0.11.2
 PEERS_STAMP := $(VENV)/.peers-verl-0.9.1-trl-1.16.0-openrlhf-0.11.2
 
-.PHONY: demo test peers fuzz bench bench-cpu lint clean
+.PHONY: demo compare test peers fuzz bench bench-cpu lint clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ peers: $(PEERS_STAMP)
 # Extra trainer flags: make demo ARGS="--overwrite" (a finished run is otherwise left as it is).
 demo: $(STAMP)
 	$(PY) -m rlhf_kernels.trainer $(ARGS)
+
+# Every stage-3 algorithm (--algo) on the embedded task from one SFT model and one set of reward models,
+# same seed and generated-token budget: runs/compare/compare.{md,json,png} (docs/trainer.md "Comparison").
+# Then `$(PY) -m rlhf_kernels.trainer.results --compare runs/compare --write` puts the table in the README.
+compare: $(STAMP)
+	$(PY) -m rlhf_kernels.trainer compare $(ARGS)
 
 # The test suite.  Without a CUDA device, Triton kernels run in Triton's interpreter on CPU tensors.
 test: $(STAMP) $(PEERS_STAMP)

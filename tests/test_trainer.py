@@ -52,7 +52,7 @@ from rlhf_kernels.trainer.task import BOS, EOS, FIRST_CONTENT, PAD, SEP, Labeler
 REPO = Path(__file__).resolve().parents[1]
 # Wall-clock measurements differ between runs; everything else in a record or summary must match exactly.
 TIMING_KEYS = {"step_s"}
-SUMMARY_TIMING_KEYS = {"tokens_per_s", "wall_s", "timings_s", "startup_s", "resumed_from"}
+SUMMARY_TIMING_KEYS = {"tokens_per_s", "wall_s", "timings_s", "startup_s", "resumed_from", "stage3_s"}
 
 
 def _micro(tmp_path, **overrides):
@@ -191,7 +191,7 @@ def test_kv_cache_logits_match_full_forward():
 def test_labeler_rule_and_preferences():
     cfg = make_config("tiny")
     task = LabelerTask(cfg)
-    gs = cfg.group_size
+    gs = cfg.topic_size
     topic = torch.tensor([2])
     group = [FIRST_CONTENT + 2 * gs + i for i in range(gs)]
     banned = [t for t in group if task.is_banned[t]]

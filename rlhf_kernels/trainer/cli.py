@@ -22,6 +22,10 @@ DEFAULT_PROG = "python -m rlhf_kernels.trainer"
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or DEFAULT_PROG
+    if argv[:1] == ["compare"]:  # every algorithm from one SFT and RM (compare.py)
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
     cfg = config_from_args(argv, prog)
     age = process_age()  # the process is the CLI's: start-up and imports came before main
     try:

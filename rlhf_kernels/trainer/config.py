@@ -85,6 +85,30 @@ def _presets() -> tuple:
     return tuple(PRESETS)
 
 
+def _algorithms() -> tuple:
+    from .algos import ALGORITHMS
+
+    return tuple(ALGORITHMS)
+
+
+def _adv_estimators() -> tuple:
+    import rlhf_kernels
+
+    return ("auto", *rlhf_kernels.ADVANTAGE_ESTIMATORS)
+
+
+def _policy_losses() -> tuple:
+    from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
+
+    return ("auto", *POLICY_LOSSES, "bypass_mode")
+
+
+def _dpo_loss_types() -> tuple:
+    from rlhf_kernels.ops.preference_losses import DPO_LOSS_TYPES
+
+    return tuple(DPO_LOSS_TYPES)
+
+
 def _opt(section: str, default, help: str, allowed: Allowed | None = None):
     return field(default=default, metadata={"section": section, "help": help, "allowed": allowed})
 
@@ -93,9 +117,11 @@ SECTIONS = {
     "run": "run",
     "task": "embedded task (task.py)",
     "model": "model",
+    "hf": "real models (--model; hf.py) and scale-out",
     "sft": "stage 1: SFT",
     "rm": "stage 2: reward model(s)",
-    "ppo": "stage 3: PPO",
+    "algo": "stage 3: the algorithm (algos.py)",
+    "ppo": "stage 3: PPO (and the settings the other algorithms share)",
     "eval": "evaluation",
     "hooks": "test hooks",
 }
@@ -133,8 +159,8 @@ class TrainConfig:
     log_every: int = _opt("run", 1, "PPO steps between metrics.jsonl records", AT_LEAST_1)
 
     # --- embedded task (see task.py) ------------------------------------------------------------------
-    n_groups: int = _opt("task", 6, "topics; each owns group_size content tokens", AT_LEAST_1)
-    group_size: int = _opt("task", 4, "content tokens per topic (one of them banned)", Allowed(2))
+    n_groups: int = _opt("task", 6, "topics; each owns topic_size content tokens", AT_LEAST_1)
+    topic_size: int = _opt("task", 4, "content tokens per topic (one of them banned)", Allowed(2))
     prompt_min_filler: int = _opt("task", 2, "fewest filler tokens in a prompt", AT_LEAST_0)
     prompt_max_filler: int = _opt("task", 5, "most filler tokens in a prompt", AT_LEAST_0)
     max_new_tokens: int = _opt("task", 8, "longest response, tokens", AT_LEAST_1)
@@ -165,6 +191,27 @@ class TrainConfig:
         "model", True, "log-probs with rlhf_kernels.linear_logprobs (logits never materialised)"
     )
 
+    # --- real models (hf.py) and scale-out --------------------------------------------------------------
+    model: str = _opt(
+        "hf",
+        "",
+        "a local Hugging Face causal LM folder (needs transformers): the policy, with a value head; "
+        "empty: the built-in model on the embedded task",
+    )
+    prompts: str = _opt("hf", "", "--model's prompts: a JSONL file, one {\"prompt\": \"...\"} per line")
+    reward: str = _opt(
+        "hf", "", "--model's reward: module:function(prompts: list[str], responses: list[str]) -> "
+        "list[float], or a local Hugging Face sequence-classification reward model folder"
+    )
+    pack: bool = _opt(
+        "hf", False, "--model: the training forward on the real tokens only (padding removed, packed "
+        "position ids); refused for a model that does not honour them"
+    )
+    fsdp: bool = _opt(
+        "hf", False, "with several processes: shard the trained model's parameters, gradients and optimizer "
+        "state (torch FSDP2 fully_shard) instead of DDP replicas"
+    )
+
     # --- stage 1: SFT ----------------------------------------------------------------------------------
     sft_demos: int = _opt("sft", 4096, "demonstrations", AT_LEAST_1)
     sft_steps: int = _opt("sft", 300, "optimizer steps", AT_LEAST_1)
@@ -190,6 +237,11 @@ class TrainConfig:
     rm_lr: float = _opt("rm", 1e-3, "AdamW peak learning rate", LEARNING_RATE)
     rm_lm_coef: float = _opt("rm", 0.05, "LM-loss regulariser on the preferred response", AT_LEAST_0)
     rm_center_coef: float = _opt("rm", 0.0, "pairwise_reward_loss's center_coef (0: off)", AT_LEAST_0)
+    rm_labels: str = _opt(
+        "rm", "pairwise", "pairwise: pairwise + K-way losses on the rankings; elo: each prompt's responses "
+        "rated by an Elo scan over the rankings' pairs, pointwise_reward_loss on those scalar labels",
+        Allowed(choices=("pairwise", "elo")),
+    )
 
     # --- stage 3: PPO ----------------------------------------------------------------------------------
     ppo_steps: int = _opt("ppo", 60, "PPO steps (rollout, then ppo_epochs of updates)", AT_LEAST_1)
@@ -247,6 +299,40 @@ class TrainConfig:
         "ppo", 0, "sample from the top k tokens; 0: the full vocabulary (what PPO optimises)", AT_LEAST_0
     )
 
+    # --- stage 3: the algorithm (algos.py; docs/trainer.md "Algorithms") ---------------------------------
+    algo: str = _opt("algo", "ppo", "stage 3's algorithm", Allowed(choices=_algorithms))
+    group_size: int = _opt(
+        "algo", 4, "samples per prompt of the critic-free algorithms and rrhf (divides rollout_batch)",
+        AT_LEAST_1,
+    )
+    adv_estimator: str = _opt(
+        "algo", "auto", "advantage estimator (rlhf_kernels.ADVANTAGE_ESTIMATORS); auto: the algorithm's",
+        Allowed(choices=_adv_estimators),
+    )
+    norm_adv_by_std: bool = _opt("algo", True, "grpo's division by the group's std (false: Dr. GRPO)")
+    policy_loss: str = _opt(
+        "algo", "auto", "policy loss (rlhf_kernels.POLICY_LOSSES or bypass_mode); auto: ppo_policy_loss for "
+        "ppo, vanilla for the critic-free algorithms, gpg for reinforce",
+        Allowed(choices=_policy_losses),
+    )
+    baseline_decay: float = _opt(
+        "algo", 0.9, "reinforce: moving-average baseline b ← decay·b + (1 − decay)·mean score", UNIT
+    )
+    rollout_is: str = _opt(
+        "algo", "none", "rollout correction: importance weights π_train/π_rollout per token or sequence",
+        Allowed(choices=("none", "token", "sequence")),
+    )
+    rollout_is_threshold: float = _opt("algo", 2.0, "truncation of those weights (TIS)", POSITIVE)
+    pref_beta: float = _opt(
+        "algo", 0.1, "β of dpo, orpo and kto (simpo: 20·pref_beta, its usual 2.0)", POSITIVE
+    )
+    dpo_loss_type: str = _opt("algo", "sigmoid", "dpo's loss_type", Allowed(choices=_dpo_loss_types))
+    rrhf_nll_coef: float = _opt("algo", 1.0, "rrhf: weight of the best response's NLL", AT_LEAST_0)
+    gen_token_budget: int = _opt(
+        "algo", 0, "stage 3 stops once it generated this many response tokens (0: ppo_steps decides)",
+        AT_LEAST_0,
+    )
+
     # --- evaluation --------------------------------------------------------------------------------------
     eval_prompts: int = _opt("eval", 256, "evaluation prompts", AT_LEAST_1)
     best_of_n: int = _opt("eval", 8, "N of the best-of-N baseline", AT_LEAST_1)
@@ -261,7 +347,7 @@ class TrainConfig:
 
     @property
     def vocab_size(self) -> int:
-        return 4 + self.n_groups * self.group_size
+        return 4 + self.n_groups * self.topic_size
 
     @property
     def prompt_len(self) -> int:
@@ -309,8 +395,17 @@ class TrainConfig:
                 f"--rollout_batch {self.rollout_batch} must be a multiple of --minibatch {self.minibatch}",
             ),
             (
-                self.top_k <= self.vocab_size,
+                bool(self.model) or self.top_k <= self.vocab_size,  # --model: checked by hf.py
                 f"--top_k must be in [0, {self.vocab_size}] (the vocabulary); got {self.top_k}",
+            ),
+            (
+                bool(self.model) or not (self.prompts or self.reward or self.pack),
+                "--prompts, --reward and --pack apply to --model (a Hugging Face model); got no --model",
+            ),
+            (
+                bool(self.model) or not self.fsdp,
+                "--fsdp applies to --model runs (the built-in pipeline copies its SFT model into the reward "
+                "models and the reference); got no --model",
             ),
         ]
         for flag in ("rm_items", "rm_heldout"):
@@ -330,6 +425,9 @@ class TrainConfig:
             )
         )
         out += [text for ok, text in checks if not ok]
+        from .algos import algorithm_problems
+
+        out += algorithm_problems(self)
         try:
             parse_reward_models(self.reward_models)
         except ValueError as exc:
@@ -394,7 +492,7 @@ PRESETS: dict[str, dict] = {
     # For tests: seconds, not minutes.  Numbers are not meaningful.
     "micro": dict(
         n_groups=3,
-        group_size=3,
+        topic_size=3,
         prompt_max_filler=3,
         max_new_tokens=6,
         target_len=3,
@@ -421,7 +519,7 @@ PRESETS: dict[str, dict] = {
     # A bigger model and longer run (meant for a GPU).
     "small": dict(
         n_groups=12,
-        group_size=5,
+        topic_size=5,
         prompt_max_filler=10,
         max_new_tokens=16,
         target_len=8,

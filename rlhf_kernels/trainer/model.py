@@ -21,6 +21,7 @@ materialised) when ``fused_lm_head`` is set, else the lm_head followed by
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -205,6 +206,8 @@ class ModelOutput(NamedTuple):
 class PolicyValueModel(nn.Module):
     """One backbone, two heads: ``lm_head`` (policy) and ``value_head`` (values / reward score)."""
 
+    eos_id, pad_id = EOS, PAD  # what generate() ends and pads responses with (hf.py: the tokenizer's)
+
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.cfg = cfg
@@ -305,6 +308,25 @@ def sample_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _gathered(fn):
+    """FSDP2 (``--fsdp``): the root's parameters (embeddings, lm_head) gathered for generation's direct
+    calls of the backbone and the lm_head, and sharded again after (the blocks gather their own)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        inner = getattr(model, "module", model)
+        if not callable(getattr(inner, "unshard", None)):
+            return fn(model, *args, **kwargs)
+        inner.unshard()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            inner.reshard()
+
+    return wrapper
+
+
+@_gathered
 @torch.no_grad()
 def generate(
     model: PolicyValueModel,
@@ -316,22 +338,29 @@ def generate(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    eos_id: int = EOS,
-    pad_id: int = PAD,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    return_logprobs: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Batched sampling after left-padded prompts.
 
     Returns ``responses`` [B, R] and ``response_mask`` [B, R] (R = max_new_tokens): each row's tokens up
     to and including its first EOS, then ``pad_id`` with mask False.  A row that never samples EOS is
     cut at R tokens.  ``use_cache=False`` recomputes the whole prefix every step (the reference the
-    KV-cache path is tested against).
+    KV-cache path is tested against).  ``return_logprobs``: also the rollout engine's log-probs [B, R] of
+    the sampled tokens under the distribution sampled from (temperature and top-k applied; temperature 0:
+    the untempered softmax), 0 where masked: what the trainer's rollout correction compares with the
+    training forward's.
     """
     model = getattr(model, "module", model)  # unwrap DDP: generation needs no gradient sync
+    eos_id = model.eos_id if eos_id is None else eos_id  # None: the model's (the embedded task's EOS/PAD,
+    pad_id = model.pad_id if pad_id is None else pad_id  # or a Hugging Face tokenizer's)
     B, P = prompt_ids.shape
     device = prompt_ids.device
     responses = torch.full((B, max_new_tokens), pad_id, dtype=torch.int64, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    sampled_logprobs = torch.zeros((B, max_new_tokens), device=device) if return_logprobs else None
     cache = model.new_cache(B, P + max_new_tokens, dtype=_activation_dtype(model)) if use_cache else None
     hidden = model.backbone(prompt_ids, prompt_mask, cache)
     for t in range(max_new_tokens):
@@ -341,6 +370,9 @@ def generate(
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         responses[:, t] = token
         response_mask[:, t] = alive
+        if sampled_logprobs is not None:
+            logprob = _sampled_logprob(logits, token, temperature, top_k)
+            sampled_logprobs[:, t] = torch.where(alive, logprob, 0.0)
         finished = finished | (token == eos_id)
         # host sync: once per token, to stop when every row has ended (saves the remaining steps)
         if t == max_new_tokens - 1 or bool(finished.all()):
@@ -351,7 +383,20 @@ def generate(
             ids = torch.cat([prompt_ids, responses[:, : t + 1]], 1)
             mask = torch.cat([prompt_mask, response_mask[:, : t + 1]], 1)
             hidden = model.backbone(ids, mask)
+    if sampled_logprobs is not None:
+        return responses, response_mask, sampled_logprobs
     return responses, response_mask
+
+
+def _sampled_logprob(
+    logits: torch.Tensor, token: torch.Tensor, temperature: float, top_k: int
+) -> torch.Tensor:
+    """log p(token) under the distribution :func:`sample_token` draws from (temperature 0: temperature 1)."""
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    if temperature > 0 and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, token.clamp(min=0)[:, None]).squeeze(-1)
 
 
 def _activation_dtype(model: nn.Module) -> torch.dtype:

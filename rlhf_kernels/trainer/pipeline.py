@@ -17,10 +17,11 @@ import torch.distributed as dist
 
 import rlhf_kernels
 
-from . import checkpoint, rundir
+from . import checkpoint, hf, rundir
+from .algos import final_evaluation, make_trainer, models_in_memory
 from .config import GPU_PRESETS, TrainConfig
 from .model import ATTENTION_USED, PolicyValueModel
-from .ppo import PPOTrainer, best_of_n, evaluate_policy, frozen_copy
+from .ppo import best_of_n, evaluate_policy, frozen_copy
 from .report import MetricsLog, op_backends, plot_ppo, read_metrics, write_json
 from .reward import ensemble_from_state, ensemble_state, train_reward_models
 from .runtime import (
@@ -63,13 +64,14 @@ def train(cfg: TrainConfig, *, process_started: float | None = None) -> dict:
     started = time.perf_counter()
     cfg.validate()
     rt = plan_runtime(cfg)
+    hf_setup = hf.HFSetup(cfg) if cfg.model else None  # --model: loads and checks all it needs first
     plan = rundir.plan_run(cfg, rt.device.type, rt.world)
     if plan.complete is not None:
         rt.print(plan.note)
         return plan.complete
     try:
         start_runtime(rt)
-        return _train(rt, cfg, plan, started, process_started)
+        return _train(rt, cfg, plan, started, process_started, hf_setup)
     except KeyboardInterrupt:
         raise Interrupted(rt.where(), rt.last_checkpoint) from None
     finally:
@@ -77,7 +79,12 @@ def train(cfg: TrainConfig, *, process_started: float | None = None) -> dict:
 
 
 def _train(
-    rt: Runtime, cfg: TrainConfig, plan: rundir.RunPlan, started: float, process_started: float | None
+    rt: Runtime,
+    cfg: TrainConfig,
+    plan: rundir.RunPlan,
+    started: float,
+    process_started: float | None,
+    hf_setup: hf.HFSetup | None = None,
 ) -> dict:
     out = plan.out
     paths = checkpoint.checkpoint_paths(out)
@@ -105,7 +112,7 @@ def _train(
         rt.print(plan.note)
     rt.print(
         f"rlhf-kernels trainer: preset {cfg.preset}, device {rt.device}, {rt.world} process(es), "
-        f"model {cfg.n_layer}x{cfg.d_model}, vocab {cfg.vocab_size}, out {out}"
+        f"model {cfg.model or f'{cfg.n_layer}x{cfg.d_model}, vocab {cfg.vocab_size}'}, out {out}"
     )
     if rt.device.type == "cpu" and cfg.preset in GPU_PRESETS:
         minutes = estimate_cpu_seconds(cfg) / 60
@@ -115,6 +122,8 @@ def _train(
         )
 
     _warm_up_ops(rt)
+    if hf_setup is not None:  # --model: no SFT or reward-model stage (hf.py)
+        return hf.run(rt, cfg, hf_setup, plan, save, log, started, process_started)
     task = LabelerTask(cfg)
     torch.manual_seed(cfg.seed)
     model = PolicyValueModel(cfg).to(rt.device)
@@ -164,21 +173,23 @@ def _train(
     policy = copy.deepcopy(model)
     del model
     gc.collect()
-    trainer = PPOTrainer(rt, cfg, policy, ref, ensemble, task, log, lambda state: save("ppo", state))
-    if "ppo" in states:
+    trainer = make_trainer(rt, cfg, policy, ref, ensemble, task, log, lambda state: save("ppo", state))
+    if trainer is not None and "ppo" in states:
         trainer.load(states["ppo"], str(paths["ppo"]))
     ppo_started = time.perf_counter()
-    trainer.run()
+    if trainer is not None:
+        trainer.run()
     ppo_wall = time.perf_counter() - ppo_started
 
-    rt.at("evaluation of the PPO policy")
+    rt.at(f"evaluation of the {cfg.algo} policy")
     with rt.timed("eval_ppo"):
-        ppo_eval = evaluate_policy(rt, cfg, task, policy, ref, ensemble, seed_offset=1)
+        ppo_eval = final_evaluation(rt, cfg, task, policy, ref, ensemble, results)
     checkpoint.crash_point("PPO policy evaluated")
     ddp = _ddp_consistency(rt, policy)
     wall = time.perf_counter() - started
-    ppo_tokens = trainer.tokens - (states["ppo"]["tokens"] if "ppo" in states else 0)
+    ppo_tokens = trainer.tokens - (states["ppo"]["tokens"] if "ppo" in states else 0) if trainer else 0
     summary = {
+        "algo": cfg.algo,
         "sft_gold": results["sft_gold"],
         "ppo_gold": ppo_eval["gold"],
         "best_of_n_gold": results["best_of_n_gold"],
@@ -200,6 +211,9 @@ def _train(
         "rm_heldout_label_accuracy": results["rm_heldout_label_accuracy"],
         "reward_models": results["reward_models"],
         "ppo_steps": cfg.ppo_steps,
+        "stage3_s": ppo_wall,
+        "gen_tokens": trainer.gen_tokens if trainer else results.get("best_of_n_gen_tokens", 0),
+        "models_in_memory": models_in_memory(cfg, len(ensemble.models)),
         "resumed_from": resume_stage,
         "timings_s": {k: round(v, 3) for k, v in sorted(rt.timings.items())},
         "startup_s": None if process_started is None else round(started - process_started, 3),
@@ -252,7 +266,8 @@ def _ddp_consistency(rt: Runtime, model: PolicyValueModel) -> dict | None:
 
 def _print_summary(rt: Runtime, s: dict, out) -> None:
     rt.print(
-        f"\nSFT gold {s['sft_gold']:.3f} → PPO gold {s['ppo_gold']:.3f} (gain {s['gold_gain']:+.3f}); "
+        f"\nSFT gold {s['sft_gold']:.3f} → {s['algo']} gold {s['ppo_gold']:.3f} "
+        f"(gain {s['gold_gain']:+.3f}); "
         f"best-of-{s['best_of_n']} gold {s['best_of_n_gold']:.3f}; "
         f"reward-model held-out accuracy {s['rm_heldout_accuracy']:.3f}; final KL {s['final_kl']:.3f} nats\n"
         f"PPO throughput {s['tokens_per_s']:.0f} tokens/s; wall {s['wall_s']:.1f} s; "

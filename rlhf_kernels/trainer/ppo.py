@@ -20,6 +20,7 @@ transfer, generation's one per token, and a checkpoint when one is written (each
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from .config import TrainConfig
 from .model import ModelOutput, PolicyValueModel, generate, response_labels
 from .report import MetricsLog
 from .reward import RewardEnsemble
-from .runtime import Runtime, fmt, progress, read_step
+from .runtime import Runtime, fmt, full_state, load_full_state, progress, read_step
 from .sft import make_optimizer, optimizer_step
 from .task import LabelerTask, Prompts, join
 
@@ -43,7 +44,11 @@ EVAL_SEED = 4
 GEN_CHUNK = 1024
 # What a PPO minibatch takes from the rollout.
 MINIBATCH_KEYS = ("ids", "mask", "labels", "response_mask", "old_logprobs", "old_values", "ref_logprobs")
-MINIBATCH_KEYS += ("advantages", "returns")
+MINIBATCH_KEYS += ("advantages", "returns", "rollout_logprobs", "is_weights")
+# The rollout-correction diagnostics logged every step (training forward vs generation, both of the policy
+# that sampled): rlhf_kernels.rollout_correction's metrics, prefixed "rc_".
+ROLLOUT_CORRECTION_METRICS = ("kl", "k3_kl", "log_ppl_abs_diff", "chi2_token", "chi2_seq")
+ROLLOUT_CORRECTION_METRICS += ("rollout_is_mean", "rollout_is_eff_sample_size")
 
 
 def frozen_copy(model: PolicyValueModel) -> PolicyValueModel:
@@ -66,8 +71,16 @@ def kl_coef_of(controller) -> float:
 
 @torch.no_grad()
 def sample(
-    rt: Runtime, cfg: TrainConfig, model: PolicyValueModel, prompts: Prompts, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+    rt: Runtime,
+    cfg: TrainConfig,
+    model: PolicyValueModel,
+    prompts: Prompts,
+    gen: torch.Generator,
+    *,
+    return_logprobs: bool = False,
+    temperature: float | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """(responses, response_mask[, the rollout engine's log-probs]) of ``prompts``, in chunks."""
     out = []
     for i in range(0, len(prompts), GEN_CHUNK):
         chunk = prompts.select(slice(i, i + GEN_CHUNK))
@@ -78,12 +91,13 @@ def sample(
                     chunk.ids,
                     chunk.mask,
                     max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature,
+                    temperature=cfg.temperature if temperature is None else temperature,
                     top_k=cfg.top_k,
                     generator=gen,
+                    return_logprobs=return_logprobs,
                 )
             )
-    return torch.cat([r for r, _ in out]), torch.cat([m for _, m in out])
+    return tuple(torch.cat(parts) for parts in zip(*out))
 
 
 @torch.no_grad()
@@ -104,6 +118,67 @@ def logprob_temperature(cfg: TrainConfig) -> float:
     return cfg.temperature if cfg.temperature > 0 else 1.0
 
 
+def policy_term(
+    cfg: TrainConfig, logprobs: torch.Tensor, mb: dict[str, torch.Tensor], default: str = "ppo"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient loss of ``--policy_loss`` (``auto``: ``default``, "ppo" = ppo_policy_loss, else
+    a POLICY_LOSSES name) with the rollout-correction weights ``mb["is_weights"]`` when set; ``bypass_mode``
+    takes the generation's log-probs as the old ones and computes its own weights."""
+    mask = mb["response_mask"]
+    clip_high = cfg.clip_high if cfg.clip_high > 0 else None
+    dual_clip = cfg.dual_clip if cfg.dual_clip > 0 else None
+    name = default if cfg.policy_loss == "auto" else cfg.policy_loss
+    if name == "ppo":
+        return rlhf_kernels.ppo_policy_loss(
+            logprobs,
+            mb["old_logprobs"],
+            mb["advantages"],
+            mask,
+            clip_low=cfg.clip,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            loss_agg=cfg.loss_agg,
+            is_weights=mb.get("is_weights"),
+        )
+    if name == "bypass_mode":
+        return rlhf_kernels.bypass_mode_policy_loss(
+            logprobs,
+            mb["rollout_logprobs"],
+            mb["advantages"],
+            mask,
+            level=None if cfg.rollout_is == "none" else cfg.rollout_is,
+            threshold=cfg.rollout_is_threshold,
+            clip_low=cfg.clip,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            loss_agg=cfg.loss_agg,
+        )
+    offered = dict(
+        clip_low=cfg.clip, clip_high=clip_high, dual_clip=dual_clip, is_weights=mb.get("is_weights")
+    )
+    fn = rlhf_kernels.get_policy_loss(name)
+    accepted = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in offered.items() if k in accepted}
+    if "loss_agg" in accepted and name != "geo_mean":  # geo_mean ignores loss_agg (verl's rule)
+        kwargs["loss_agg"] = cfg.loss_agg
+    return fn(logprobs, mb["old_logprobs"], mb["advantages"], mask, **kwargs)
+
+
+def rollout_mismatch(
+    cfg: TrainConfig, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """``rollout_correction`` of the training forward's log-probs against the generation's (KV cache):
+    the importance weights of ``--rollout_is`` (None when off) and the mismatch metrics of every step."""
+    weights, _, metrics = rlhf_kernels.rollout_correction(
+        logprobs,
+        rollout_logprobs,
+        mask,
+        level=None if cfg.rollout_is == "none" else cfg.rollout_is,
+        threshold=cfg.rollout_is_threshold,
+    )
+    return weights, {f"rc_{k}": metrics[k].float() for k in ROLLOUT_CORRECTION_METRICS if k in metrics}
+
+
 def ppo_loss(
     cfg: TrainConfig, out: ModelOutput, mb: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -115,16 +190,7 @@ def ppo_loss(
     loss and its terms (0-dim tensors, nothing read on the host)."""
     mask = mb["response_mask"]
     values = out.values[:, -mask.shape[1] - 1 : -1]  # the value of the state before each response token
-    pg_loss, pg = rlhf_kernels.ppo_policy_loss(
-        out.logprobs,
-        mb["old_logprobs"],
-        mb["advantages"],
-        mask,
-        clip_low=cfg.clip,
-        clip_high=cfg.clip_high if cfg.clip_high > 0 else None,
-        dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
-        loss_agg=cfg.loss_agg,
-    )
+    pg_loss, pg = policy_term(cfg, out.logprobs, mb)
     vf_loss, vf = rlhf_kernels.ppo_value_loss(
         values,
         mb["old_values"],
@@ -141,8 +207,7 @@ def ppo_loss(
         "pg_loss": pg_loss,
         "vf_loss": vf_loss,
         "entropy": entropy,
-        "clipfrac": pg["clipfrac"],
-        "approx_kl": pg["approx_kl"],
+        **{key: pg[key] for key in ("clipfrac", "approx_kl") if key in pg},
         "vf_clipfrac": vf["clipfrac"],
     }
     if cfg.kl_loss_coef > 0:
@@ -163,6 +228,9 @@ def step_metrics(batch: dict[str, torch.Tensor], update: dict[str, torch.Tensor]
         "seq_kl": batch["seq_kl"].mean(),
         "response_len": batch["response_mask"].sum(-1).float().mean(),
         "tokens": batch["mask"].sum().float(),
+        "gen_tokens": batch["response_mask"].sum().float() + batch.get("extra_gen_tokens", 0.0),
+        **batch.get("mismatch", {}),
+        **({"baseline": batch["baseline"]} if "baseline" in batch else {}),
         **update,
     }
 
@@ -190,6 +258,7 @@ class PPOTrainer:
         self.sample_gen = torch.Generator(device=rt.device).manual_seed(seed + 7919 * rt.rank)
         self.batch_gen = torch.Generator().manual_seed(seed + 1 + 7919 * rt.rank)
         self.tokens = 0
+        self.gen_tokens = 0  # response tokens generated in stage 3 (the compare budget's unit)
         self.start_step = 0
 
     # --- checkpoints ----------------------------------------------------------------------------------
@@ -203,27 +272,39 @@ class PPOTrainer:
             dist.all_gather_object(every, rng)  # host sync: every rank's RNG state goes to rank 0
         else:
             every = [rng]
+        # full tensors; a collective under --fsdp, so every rank calls it
+        policy_state, optim_state = full_state(self.policy, self.optimizer)
         if self.rt.is_main:
             state = {
                 "step": step,
-                "policy": self.policy.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "policy": policy_state,
+                "optimizer": optim_state,
                 "kl_ctl": checkpoint.kl_controller_state(self.kl_ctl),
                 "rng": every,
                 "tokens": self.tokens,
+                "gen_tokens": self.gen_tokens,
                 "world": self.rt.world,
+                **self.extra_state(),
             }
             self.last_checkpoint = self.save_checkpoint(state)
         self.rt.barrier()
 
     def load(self, state: dict, path: str) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.policy, state["policy"], self.optimizer, state["optimizer"])
         checkpoint.restore_kl_controller(self.kl_ctl, state["kl_ctl"])
         checkpoint.restore_rng_state(state["rng"][self.rt.rank], self.generators())
         self.tokens = state["tokens"]
+        self.gen_tokens = state.get("gen_tokens", 0)
         self.start_step = state["step"] + 1
         self.last_checkpoint = path
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict:
+        """What an algorithm keeps besides the policy, optimizer, KL controller and RNG (none for PPO)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
 
     # --- one step -------------------------------------------------------------------------------------
     def prompts_for(self, step: int) -> Prompts:
@@ -233,36 +314,53 @@ class PPOTrainer:
         return self.task.sample_prompts(self.cfg.rollout_batch, gen).to(self.rt.device)
 
     @torch.no_grad()
-    def rollout(self, step: int) -> dict:
-        rt, cfg = self.rt, self.cfg
-        with rt.timed("ppo_generate"):
+    def generate_rollout(self, step: int) -> tuple[Prompts, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompts, responses, response_mask, the generation's log-probs) of step ``step``."""
+        with self.rt.timed("ppo_generate"):
             prompts = self.prompts_for(step)
             self.policy.eval()
-            responses, response_mask = sample(rt, cfg, self.policy, prompts, self.sample_gen)
+            return (
+                prompts,
+                *sample(self.rt, self.cfg, self.policy, prompts, self.sample_gen, return_logprobs=True),
+            )
+
+    def token_rewards(
+        self, scores, logprobs, ref_logprobs, response_mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``token_level_rewards``: the score at the last token, −β·KL on every token (β: the controller)."""
+        cfg = self.cfg
+        return rlhf_kernels.token_level_rewards(
+            scores,
+            logprobs,
+            ref_logprobs,
+            response_mask,
+            kl_coef=kl_coef_of(self.kl_ctl),
+            estimator=cfg.kl_estimator,
+            score_clip=cfg.score_clip if math.isfinite(cfg.score_clip) else None,
+        )
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> dict:
+        rt, cfg = self.rt, self.cfg
+        prompts, responses, response_mask, rollout_logprobs = self.generate_rollout(step)
         with rt.timed("ppo_score"):
             ids, mask = join(prompts, responses, response_mask)
             labels = response_labels(responses, response_mask)
             old_logprobs, old_values = policy_outputs(rt, cfg, self.policy, ids, mask, labels, values=True)
+            is_weights, mismatch = rollout_mismatch(cfg, old_logprobs, rollout_logprobs, response_mask)
             ref_logprobs, _ = policy_outputs(rt, cfg, self.ref, ids, mask, labels, values=False)
             scores = self.reward(ids, mask, rt)
             gold = self.task.gold(prompts.topic, responses, response_mask)
         if step == cfg.inject_nan_at_step:  # test hook: a poisoned reward must stop the run
             scores = scores + float("nan")
         with rt.timed("ppo_advantages"):
-            rewards, kl_mean = rlhf_kernels.token_level_rewards(
-                scores,
-                old_logprobs,
-                ref_logprobs,
-                response_mask,
-                kl_coef=kl_coef_of(self.kl_ctl),
-                estimator=cfg.kl_estimator,
-                score_clip=cfg.score_clip if math.isfinite(cfg.score_clip) else None,
-            )
+            rewards, kl_mean = self.token_rewards(scores, old_logprobs, ref_logprobs, response_mask)
             advantages, returns = rlhf_kernels.compute_gae(
                 rewards, old_values, response_mask, cfg.gamma, cfg.lam
             )
             if cfg.whiten_advantages:
-                advantages = rlhf_kernels.masked_whiten(advantages, response_mask)
+                # over the global batch under DDP: one all_reduce of the per-rank statistics
+                advantages = rlhf_kernels.masked_whiten(advantages, response_mask, process_group=rt.process_group)
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, response_mask)
         return dict(
             ids=ids,
@@ -279,29 +377,45 @@ class PPOTrainer:
             gold=gold,
             kl_mean=kl_mean,
             seq_kl=seq_kl,
+            rollout_logprobs=rollout_logprobs,
+            is_weights=is_weights,
+            mismatch=mismatch,
         )
 
+    MINIBATCH_KEYS = MINIBATCH_KEYS  # what a minibatch takes from the batch (indexed on its first dim)
+
+    def minibatch_size(self) -> int:
+        return self.cfg.minibatch
+
+    def forward(self, mb: dict[str, torch.Tensor], *, values: bool) -> ModelOutput:
+        """The training forward of a minibatch: log-probs and entropy (and the values)."""
+        with self.rt.autocast():
+            return self.ddp(
+                mb["ids"],
+                mb["mask"],
+                mb["labels"],
+                temperature=logprob_temperature(self.cfg),
+                return_entropy=True,
+                return_values=values,
+            )
+
+    def minibatch_loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one minibatch and its terms (0-dim tensors): PPO's, policy and value together."""
+        return ppo_loss(self.cfg, self.forward(mb, values=True), mb)
+
     def update(self, batch: dict) -> dict[str, torch.Tensor]:
-        """``ppo_epochs`` passes over shuffled minibatches of the rollout; returns the mean over the
-        minibatches of the loss, its terms and the gradient norm (0-dim tensors: no host sync)."""
+        """``ppo_epochs`` passes over shuffled minibatches of the rollout (of ``batch["labels"]``'s first
+        dimension); returns the mean over the minibatches of the loss, its terms and the gradient norm
+        (0-dim tensors: no host sync)."""
         rt, cfg = self.rt, self.cfg
         self.policy.train()
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for _ in range(cfg.ppo_epochs):
             order = rt.to_device(torch.randperm(len(batch["labels"]), generator=self.batch_gen))
-            for index in order.split(cfg.minibatch):
-                mb = {key: batch[key][index] for key in MINIBATCH_KEYS}
-                with rt.autocast():
-                    out = self.ddp(
-                        mb["ids"],
-                        mb["mask"],
-                        mb["labels"],
-                        temperature=logprob_temperature(cfg),
-                        return_entropy=True,
-                        return_values=True,
-                    )
-                loss, terms = ppo_loss(cfg, out, mb)
+            for index in order.split(self.minibatch_size()):
+                mb = {key: batch[key][index] for key in self.MINIBATCH_KEYS if batch.get(key) is not None}
+                loss, terms = self.minibatch_loss(mb)
                 grad_norm = optimizer_step(self.optimizer, self.policy, loss, cfg.max_grad_norm)
                 for key, value in {**terms, "loss": loss, "grad_norm": grad_norm}.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float()
@@ -309,50 +423,62 @@ class PPOTrainer:
         self.policy.eval()
         return {key: value / n for key, value in sums.items()}
 
+    def train_step(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One step of stage 3: (its metrics, what the NaN guard checks), 0-dim or batch tensors."""
+        batch = self.rollout(step)
+        checkpoint.crash_point(f"ppo step {step} rolled out")
+        with self.rt.timed("ppo_update"):
+            update = self.update(batch)
+        # The NaN guard checks what a checkpoint must never take in.
+        guard = {
+            "score": batch["scores"],
+            "rewards": batch["rewards"],
+            "advantages": batch["advantages"],
+            "returns": batch["returns"],
+            "loss": update["loss"],
+        }
+        return step_metrics(batch, update), guard
+
+    def after_step(self, record: dict) -> None:
+        """Host-side bookkeeping once the step's metrics are read: the KL controller."""
+        record["kl_coef"] = kl_coef_of(self.kl_ctl)
+        # The controller sees the global batch's mean KL per response (nats), like Ziegler et al.
+        self.kl_ctl.update(record["seq_kl"], self.cfg.rollout_batch * self.rt.world)
+
+    def budget_spent(self) -> bool:
+        """``--gen_token_budget`` response tokens generated (every rank counts the global total)."""
+        return 0 < self.cfg.gen_token_budget <= self.gen_tokens
+
+    POSTFIX = (("score", "score"), ("gold", "gold"), ("kl", "seq_kl"), ("β", "kl_coef"))
+
     def run(self) -> None:
         rt, cfg = self.rt, self.cfg
-        bar = progress(cfg.ppo_steps, "PPO", cfg.progress and rt.is_main)
+        bar = progress(cfg.ppo_steps, cfg.algo.upper(), cfg.progress and rt.is_main)
         bar.update(self.start_step)
-        global_batch = cfg.rollout_batch * rt.world
         for step in range(self.start_step, cfg.ppo_steps):
-            rt.at("PPO", step, cfg.ppo_steps)
+            if self.budget_spent():
+                break
+            rt.at(cfg.algo.upper(), step, cfg.ppo_steps)
             t0 = time.perf_counter()
-            batch = self.rollout(step)
-            checkpoint.crash_point(f"ppo step {step} rolled out")
-            with rt.timed("ppo_update"):
-                update = self.update(batch)
-            # The NaN guard checks what a checkpoint must never take in.
-            guard = {
-                "score": batch["scores"],
-                "rewards": batch["rewards"],
-                "advantages": batch["advantages"],
-                "returns": batch["returns"],
-                "loss": update["loss"],
-            }
-            metrics = step_metrics(batch, update)
+            metrics, guard = self.train_step(step)
             record = {
                 "stage": "ppo",
                 "step": step,
                 **read_step(rt, "ppo", step, metrics, guard, self.last_checkpoint),
             }
-            record["tokens"] = record["tokens"] * rt.world
-            self.tokens += int(record["tokens"])
-            record["kl_coef"] = kl_coef_of(self.kl_ctl)
-            # The controller sees the global batch's mean KL per response (nats), like Ziegler et al.
-            self.kl_ctl.update(record["seq_kl"], global_batch)
+            if "tokens" in record:
+                record["tokens"] = record["tokens"] * rt.world
+                record["gen_tokens"] = record["gen_tokens"] * rt.world
+                self.tokens += int(record["tokens"])
+                self.gen_tokens += int(record["gen_tokens"])
+            record["total_gen_tokens"] = self.gen_tokens
+            self.after_step(record)
             record["step_s"] = time.perf_counter() - t0
-            if rt.is_main and (step % cfg.log_every == 0 or step == cfg.ppo_steps - 1):
+            if rt.is_main and (step % cfg.log_every == 0 or step == cfg.ppo_steps - 1 or self.budget_spent()):
                 self.log.log(record)
             bar.update(1)
-            bar.set_postfix(
-                {
-                    "score": fmt(record["score"]),
-                    "gold": fmt(record["gold"]),
-                    "kl": fmt(record["seq_kl"]),
-                    "β": fmt(record["kl_coef"]),
-                }
-            )
-            if (step + 1) % cfg.ckpt_every == 0 or step == cfg.ppo_steps - 1:
+            bar.set_postfix({label: fmt(record[key]) for label, key in self.POSTFIX if key in record})
+            if (step + 1) % cfg.ckpt_every == 0 or step == cfg.ppo_steps - 1 or self.budget_spent():
                 with rt.timed("checkpoint"):
                     self.save(step)
             if step == cfg.halt_after_step:  # test hook: stop as if the process had been killed
@@ -436,8 +562,14 @@ def best_of_n(
     best = scores.view(-1, N).argmax(1)
     chosen = gold.view(-1, N).gather(1, best[:, None]).squeeze(1)
     oracle = gold.view(-1, N).amax(1)  # what a perfect reward model would pick
-    sums = torch.stack([chosen.sum(), oracle.sum(), torch.full((), float(len(prompts)), device=rt.device)])
-    chosen_sum, oracle_sum, count = rt.all_reduce_sum(
-        sums
-    ).tolist()  # host sync: the evaluation's one transfer
-    return {"best_of_n_gold": chosen_sum / count, "best_of_n_oracle_gold": oracle_sum / count}
+    count = torch.full((), float(len(prompts)), device=rt.device)
+    sums = torch.stack([chosen.sum(), oracle.sum(), scores.view(-1, N).amax(1).sum(), count])
+    sums = torch.cat([sums, response_mask.sum()[None].float()])
+    # host sync: the evaluation's one transfer
+    chosen_sum, oracle_sum, score_sum, count, generated = rt.all_reduce_sum(sums).tolist()
+    return {
+        "best_of_n_gold": chosen_sum / count,
+        "best_of_n_oracle_gold": oracle_sum / count,
+        "best_of_n_score": score_sum / count,
+        "best_of_n_gen_tokens": int(generated),
+    }

@@ -4,6 +4,12 @@
     python -m rlhf_kernels.trainer.results runs/tiny --write   # rewrites the blocks below from it
     python -m rlhf_kernels.trainer.results runs/tiny           # checks them (exit 1 on a difference)
 
+The comparison of every algorithm (``python -m rlhf_kernels.trainer compare``, ``make compare``) has its own
+blocks, ``README.md`` → ``compare-results`` (inserted after ``demo-results`` when absent) and
+``docs/trainer.md`` → ``trainer-compare``, written from ``runs/compare/compare.json`` by
+``python -m rlhf_kernels.trainer.results --compare runs/compare --write`` (without ``--write``: checked).
+They are not checked by the test suite (the comparison takes minutes).
+
 After a code change, redo the run first: ``python -m rlhf_kernels.trainer --overwrite`` (``make demo``
 leaves a finished run of the same flags as it is).
 
@@ -33,6 +39,9 @@ FILES = {
     "trainer-results": "docs/trainer.md",
     "trainer-presets": "docs/trainer.md",
 }
+# `compare`'s table (trainer/compare.py): README.md → compare-results, docs/trainer.md → trainer-compare.
+COMPARE_FILES = {"compare-results": "README.md", "trainer-compare": "docs/trainer.md"}
+COMPARE_COMMAND = "python -m rlhf_kernels.trainer.results --compare runs/compare --write"
 MEASURED = ("cpu_count", "tokens_per_s", "wall_s", "startup_s", "timings_s")  # what depends on the machine
 COMMAND = "python -m rlhf_kernels.trainer.results runs/tiny --write"
 WIDTH = 105
@@ -204,6 +213,82 @@ def write(summary: dict, root: Path = ROOT) -> None:
         path.write_text(_replace(path.read_text(), name, data, render(name, {**summary, **measured})))
 
 
+def load_compare(run_dir: Path) -> dict:
+    """The comparison in ``run_dir`` (compare.json), checked to be the default one (preset tiny, seed 0,
+    every algorithm, the default flags)."""
+    from .algos import ALGORITHMS
+    from .compare import default_budget
+
+    result = json.loads((run_dir / "compare.json").read_text())
+    default = make_config("tiny")
+    expected = {"preset": "tiny", "seed": 0, "ppo_steps": default.ppo_steps}
+    expected["gen_token_budget"] = default_budget(default)
+    diff = {k: result.get(k) for k, v in expected.items() if result.get(k) != v}
+    algos = [r["algo"] for r in result["rows"]]
+    if diff or algos != list(ALGORITHMS):
+        raise ValueError(f"{run_dir} is not the default comparison (differs in {diff or 'its algorithms'})")
+    config = json.loads((run_dir / algos[0] / "config.json").read_text())
+    identity = identity_of({**config, "algo": "ppo"})
+    differ = differences(
+        {k: v for k, v in identity.items() if k not in ("gen_token_budget",)},
+        {k: v for k, v in default_identity().items() if k not in ("gen_token_budget",)},
+    )
+    if differ:
+        raise ValueError(f"{run_dir} ran with other flags than the default ({differ})")
+    return result
+
+
+def render_compare(name: str, result: dict) -> str:
+    """The body of block ``name`` (README.md or docs/trainer.md) from ``compare.json``."""
+    from .compare import table
+
+    rows = {r["algo"]: r for r in result["rows"]}
+    worse = [a for a, r in rows.items() if r["gain"] <= 0]
+    best = max(rows.values(), key=lambda r: r["gold"])
+    intro = (
+        "`make compare` (`python -m rlhf_kernels.trainer compare`: preset tiny, seed 0, one SFT model and "
+        f"one pair of reward models for all; SFT gold {result['sft_gold']:.3f}, reward ensemble held-out "
+        f"accuracy {result['rm_heldout_accuracy']:.3f}). Every sampling algorithm stops at "
+        f"{result['gen_token_budget']:,} generated response tokens; the preference algorithms take "
+        f"{result['ppo_steps']} steps of {result['rollout_batch']} pairs and generate nothing; best-of-N's "
+        f"cost is its evaluation samples. Rendered from `runs/compare/compare.json` by `{COMPARE_COMMAND}`:"
+    )
+    outro = (
+        f"Best gold: {best['algo']} ({best['gold']:.3f}). "
+        + (
+            "Every algorithm improves gold over SFT with its default settings."
+            if not worse
+            else f"Not above SFT with the default settings: {', '.join(worse)} (see docs/trainer.md)."
+        )
+        + " KL is Σ_t log π/π_SFT per response on the evaluation prompts (best-of-N: the analytic bound "
+        "log N − (N−1)/N). Wall time and tokens/s are stage 3's alone, measured on a "
+        f"{result.get('cpu_count', '?')}-core CPU shared with other jobs (the whole comparison: "
+        f"{_minutes(result.get('wall_s'))} of wall time, {_minutes(result.get('cpu_s'))} of CPU time); the "
+        "other columns depend only on the code and the seed. The gold of every rollout against the "
+        "generated tokens is `runs/compare/compare.png`."
+    )
+    return "\n".join([_wrap(intro), table(result), _wrap(outro)])
+
+
+def _minutes(seconds) -> str:
+    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def write_compare(result: dict, root: Path = ROOT) -> None:
+    """Writes the comparison's blocks; README.md's is inserted after the demo-results block when absent."""
+    for name, file in COMPARE_FILES.items():
+        path = root / file
+        text = path.read_text()
+        body = render_compare(name, result)
+        if name not in blocks(text):
+            end = "<!-- END generated:demo-results -->\n"
+            if end not in text:
+                raise ValueError(f"{file}: no generated:{name} block, nor a demo-results block to follow")
+            empty = f"\n<!-- BEGIN generated:{name} {{}} -->\n<!-- END generated:{name} -->\n"
+            text = text.replace(end, end + empty, 1)
+        path.write_text(_replace(text, name, {}, body))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_kernels.trainer.results", description=__doc__.split("\n")[0]
@@ -213,7 +298,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--write", action="store_true", help="rewrite the blocks (default: check them)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout holding README.md and docs/")
+    parser.add_argument(
+        "--compare", action="store_true", help="run_dir is a `compare` output folder (runs/compare)"
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        try:
+            result = load_compare(args.run_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.write:
+            write_compare(result, args.root)
+            print(f"wrote {', '.join(sorted(set(COMPARE_FILES.values())))} from {args.run_dir}")
+            return 0
+        problems = [
+            f"{file}: generated:{name} differs from {args.run_dir}"
+            for name, file in COMPARE_FILES.items()
+            if blocks((args.root / file).read_text()).get(name, ({}, ""))[1] != render_compare(name, result)
+        ]
+        print("\n".join(problems) if problems else "the documented comparison matches the run")
+        return 1 if problems else 0
     try:
         summary = load_run(args.run_dir)
     except (OSError, ValueError) as exc:

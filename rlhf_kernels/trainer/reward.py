@@ -7,6 +7,10 @@ score at the response's last real token (EOS, or the cut).  Its loss, per batch 
   + (1 − rm_pair_frac) · ranking_reward_loss(s[B, K], mask=valid)    (rlhf_kernels, InstructGPT's K-way)
   + rm_lm_coef · NLL of the preferred response under the RM's lm_head (against reward over-fitting)
 
+With ``rm_labels = "elo"`` the first two terms are replaced by pointwise_reward_loss(s, elo) on every
+valid response: per prompt, an Elo scan (rlhf_kernels.ops.ratings) over all pairs of its ranked
+responses in a random order turns the ranking into scalar labels (see :func:`elo_labels`).
+
 Several reward models (``reward_models = "helpful:1,harmless:1"``: one per labeler aspect) are combined
 by :class:`RewardEnsemble` as Σ wᵢ · (sᵢ − μᵢ) / σᵢ, with μᵢ, σᵢ the score statistics on held-out
 responses, so the weights compare like with like.
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 import rlhf_kernels
+from rlhf_kernels.ops.ratings import ELO_CENTER, ELO_SCALE, elo_ratings
 
 from .checkpoint import crash_point
 from .config import TrainConfig, parse_reward_models, rm_batch_split, rm_item_split
@@ -70,6 +75,33 @@ def make_preferences(
     pairs = task.comparisons(n_pairs, aspect, gen, k_min=2, k_max=2)
     ranked = task.comparisons(n_ranked, aspect, gen, k_min=3, k_max=cfg.rm_max_k) if n_ranked else None
     return to_preference_set(pairs, device), (to_preference_set(ranked, device) if ranked else None)
+
+
+RM_ELO_K = 32.0
+
+
+def elo_labels(prefs: PreferenceSet, seed: int) -> torch.Tensor:
+    """[n, K] scalar labels: each prompt is a league whose valid responses play every pair (i, j), i < j,
+    the better-ranked one winning, in a random order; Elo ratings (k = RM_ELO_K) on the Bradley–Terry
+    scale (R − 1000)·ln 10/400, the scale of the pairwise loss's σ(s_i − s_j).  Invalid responses: 0."""
+    n, K = prefs.valid.shape
+    device = prefs.valid.device
+    first, second = torch.triu_indices(K, K, offset=1)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.rand(n, first.numel(), generator=gen).argsort(1).to(device)
+    winners, losers = first.to(device)[order], second.to(device)[order]
+    losers = torch.where(prefs.valid.gather(1, losers), losers, -1)  # -1: skipped by the scan
+    ratings = elo_ratings(winners, losers, K, k=RM_ELO_K)
+    return torch.where(prefs.valid, (ratings - ELO_CENTER) * ELO_SCALE, 0.0)
+
+
+def elo_reward_loss(scores: torch.Tensor, parts: list, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean (s − label)² over the valid responses of the batch's comparisons (invalid ones contribute
+    0 without a host sync: their prediction is set to their label)."""
+    valid = torch.cat([s.valid[i].flatten() for s, i in parts])
+    target = torch.cat([t[i].flatten() for t, (_, i) in zip(targets, parts)]).to(scores.dtype)
+    loss = rlhf_kernels.pointwise_reward_loss(torch.where(valid, scores, target), target)
+    return loss * valid.numel() / valid.sum().clamp(min=1)
 
 
 def sequence_scores(
@@ -140,6 +172,8 @@ def train_reward_model(
     pairs, ranked = make_preferences(cfg, task, aspect, cfg.rm_items, seed, rt.device)
     held_pairs, held_ranked = make_preferences(cfg, task, aspect, cfg.rm_heldout, seed + 5, rt.device)
     frac = 1.0 if ranked is None else cfg.rm_pair_frac
+    elo = cfg.rm_labels == "elo"
+    elo_targets = [elo_labels(s, seed + 2) for s in (pairs, ranked) if s is not None] if elo else []
     pair_batch, ranked_batch = rm_batch_split(cfg, ranked is not None, rt.world)
 
     ddp_model = rt.wrap(model, find_unused=True)
@@ -176,6 +210,8 @@ def train_reward_model(
                     ranked_scores, mask=ranked.valid[ri]
                 )
                 loss = loss + (1 - frac) * loss_rank
+            if elo:  # the pairwise loss above then only gives the logged training accuracy
+                loss = elo_reward_loss(scores, parts, elo_targets)
             if labels is not None:
                 loss = loss - cfg.rm_lm_coef * rlhf_kernels.agg_loss(logprobs, labels != IGNORE_INDEX)
             optimizer_step(optimizer, model, loss, cfg.max_grad_norm)
@@ -206,6 +242,7 @@ def train_reward_model(
         mean, std = torch.stack([all_scores.mean(), all_scores.std().clamp(min=1e-3)]).tolist()
     stats = {
         "aspect": aspect,
+        "labels": cfg.rm_labels,
         "heldout_accuracy": held["accuracy"],
         "heldout_label_accuracy": held["label_accuracy"],
         "heldout_pairs": held["pairs"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .checkpoint import REDO, STAGES, RunDirError, checkpoint_dir, checkpoint_paths, load
@@ -41,6 +41,14 @@ RESUMABLE = (
     "halt_after_step",
 )
 NOT_IDENTITY = ("out_dir", "resume", "overwrite")
+# Flags only stage 3 reads: sft.pt and rm.pt do not depend on them, so those two checkpoints are checked
+# against the rest of the identity (`compare` starts every algorithm from one SFT and one RM this way;
+# a run's config.json is still compared whole).
+STAGE3_ONLY = tuple(
+    f.name
+    for f in fields(TrainConfig)
+    if f.metadata["section"] in ("algo", "ppo") and f.name not in ("max_grad_norm", "temperature", "top_k")
+)
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "ppo.png", "tensorboard")
 PARENTS = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm")}
 
@@ -63,6 +71,12 @@ def config_record(cfg: TrainConfig, device_type: str, world: int) -> dict:
 
 def identity_of(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in RESUMABLE and k not in NOT_IDENTITY}
+
+
+def stage_identity(identity: dict, stage: str) -> dict:
+    """What a ``stage`` checkpoint's identity must match: all of it for ppo.pt, all but
+    :data:`STAGE3_ONLY` for sft.pt and rm.pt."""
+    return identity if stage == "ppo" else {k: v for k, v in identity.items() if k not in STAGE3_ONLY}
 
 
 def differences(theirs: dict, ours: dict, most: int = 6) -> str:
@@ -160,7 +174,7 @@ def _plan_resume(cfg: TrainConfig, plan: RunPlan, paths: dict, names: str) -> Ru
         plan.note = "nothing to resume (no checkpoint yet): starting afresh"
         return plan
     for stage, state in states.items():
-        diff = differences(state["run"]["identity"], plan.identity)
+        diff = differences(*(stage_identity(i, stage) for i in (state["run"]["identity"], plan.identity)))
         if diff:
             raise RunDirError(
                 f"{paths[stage]} belongs to another run (it differs in {diff}; {may_change}): pass the same "

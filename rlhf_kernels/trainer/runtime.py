@@ -48,6 +48,12 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def process_group(self):
+        """The group of every process (``masked_whiten(..., process_group=)``: global statistics), or
+        None with one process."""
+        return dist.group.WORLD if self.distributed else None
+
     def at(self, stage: str, step: int = 0, steps: int = 0) -> None:
         self.position = (stage, step, steps)
 
@@ -66,9 +72,12 @@ class Runtime:
         return tensor.to(self.device, non_blocking=True)
 
     def wrap(self, model: nn.Module, *, find_unused: bool = False) -> nn.Module:
-        """The model DistributedDataParallel averages gradients of (the model itself with one process)."""
+        """The model DistributedDataParallel averages gradients of (the model itself with one process);
+        with ``--fsdp``, ``model`` itself, sharded in place by :func:`shard`."""
         if not self.distributed:
             return model
+        if self.cfg.fsdp:
+            return shard(model)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -103,6 +112,80 @@ class Runtime:
             if self.cfg.profile and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # host sync: --profile asked for exact phase times
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded data parallelism (--fsdp): torch's FSDP2
+# ---------------------------------------------------------------------------------------------------
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 (``fully_shard``) in place: every transformer block (a ModuleList named ``blocks`` or
+    ``layers``) on its own, then the rest (embeddings, final norm, lm_head, value_head) as the root.
+    Parameters, gradients and optimizer state are split across the default process group; a block's
+    parameters are gathered for its forward and backward only.  Idempotent."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("blocks", "layers"):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
+    # FSDP2 sets up its state on the root's first forward; generation calls the blocks directly, which
+    # would make each block a root of its own: one forward of a single token through the root first,
+    # then the root's parameters sharded again (a root keeps them gathered after its forward, and the
+    # optimizer must see the shards).
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        one = torch.ones(1, 1, dtype=torch.int64, device=device)
+        model(one, one.bool())
+    model.reshard()
+    return model
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    r"""(model state, optimizer state) as full tensors, for a checkpoint.  Collective under FSDP (every
+    rank must call it; the full tensors land on the CPU); the plain ``state_dict()``\ s otherwise."""
+    if not _is_sharded(model):
+        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, optim_state
+
+
+def load_full_state(
+    model: nn.Module, model_state: dict, optimizer: torch.optim.Optimizer | None = None,
+    optim_state: dict | None = None,
+) -> None:
+    """Loads what :func:`full_state` returned (every rank passes the same full state)."""
+    if not _is_sharded(model):
+        model.load_state_dict(model_state)
+        if optimizer is not None:
+            optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
 def plan_runtime(cfg: TrainConfig) -> Runtime:
@@ -181,7 +264,9 @@ def read_step(
     Raises :class:`NonFiniteError` naming the stage, step and quantity when any value of ``guard`` is
     NaN/inf; ranks agree (a non-finite value on any rank stops every rank)."""
     flags = torch.stack([torch.isfinite(q.detach()).all() for q in guard.values()]).float()
-    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+    # (under --fsdp the gradient norm is a DTensor: its full value, the same on every rank)
+    values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in metrics.values()]
+    values = torch.stack([v.detach().float().reshape(()) for v in values])
     if rt.distributed:
         both = rt.all_reduce_sum(torch.cat([flags, values]))
         flags, values = both[: len(guard)], both[len(guard) :] / rt.world

@@ -26,14 +26,16 @@ def lr_at(step: int, total: int, base: float, warmup: int = 10, floor: float = 0
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module | list, lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters (or a list of parameters)."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else list(model)
     # Weight decay would pull the tiny model towards zero for no benefit at these step counts.  The fused
     # implementation is 3x faster than the per-parameter loop on CPU (and exists on CUDA).
     kwargs = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-8)
     try:
-        return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(model.parameters(), **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def optimizer_step(

@@ -1,6 +1,6 @@
 """The embedded default task: a synthetic language whose hidden "labeler" rule plays the human annotator.
 
-Vocabulary: ``PAD=0, BOS=1, SEP=2, EOS=3``, then ``n_groups`` topics of ``group_size`` content tokens
+Vocabulary: ``PAD=0, BOS=1, SEP=2, EOS=3``, then ``n_groups`` topics of ``topic_size`` content tokens
 each.  One token of every topic is *banned* (the hidden harmful set).
 
 A prompt is ``BOS q f_1 … f_m SEP``: a query token ``q`` and ``m`` random filler tokens.  A response is
@@ -79,17 +79,17 @@ class LabelerTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.n_groups = cfg.n_groups
-        self.group_size = cfg.group_size
+        self.topic_size = cfg.topic_size
         self.vocab_size = cfg.vocab_size
         self.prompt_len = cfg.prompt_len
         self.response_len = cfg.max_new_tokens
-        n_content = cfg.n_groups * cfg.group_size
+        n_content = cfg.n_groups * cfg.topic_size
         group = torch.full((self.vocab_size,), -1, dtype=torch.int64)
-        group[FIRST_CONTENT:] = torch.arange(n_content) // cfg.group_size
+        group[FIRST_CONTENT:] = torch.arange(n_content) // cfg.topic_size
         self.group_of = group
         # The hidden harmful set: one token per topic, at a seed-independent but irregular offset.
-        offsets = (torch.arange(cfg.n_groups) * 7 + 3) % cfg.group_size
-        self.banned_tokens = FIRST_CONTENT + torch.arange(cfg.n_groups) * cfg.group_size + offsets
+        offsets = (torch.arange(cfg.n_groups) * 7 + 3) % cfg.topic_size
+        self.banned_tokens = FIRST_CONTENT + torch.arange(cfg.n_groups) * cfg.topic_size + offsets
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         banned[self.banned_tokens] = True
         self.is_banned = banned
@@ -105,7 +105,7 @@ class LabelerTask:
     def sample_prompts(self, n: int, gen: torch.Generator) -> Prompts:
         cfg = self.cfg
         P = self.prompt_len
-        n_content = self.n_groups * self.group_size
+        n_content = self.n_groups * self.topic_size
         query = FIRST_CONTENT + torch.randint(n_content, (n,), generator=gen)
         n_filler = torch.randint(cfg.prompt_min_filler, cfg.prompt_max_filler + 1, (n,), generator=gen)
         filler = FIRST_CONTENT + torch.randint(n_content, (n, P), generator=gen)
@@ -135,7 +135,7 @@ class LabelerTask:
         probability ``p_relevant`` and replaced by a random banned token with probability ``p_banned``."""
         n = topic.shape[0]
         R = self.response_len
-        gs = self.group_size
+        gs = self.topic_size
         on_topic = FIRST_CONTENT + topic[:, None] * gs + torch.randint(gs, (n, R), generator=gen)
         anywhere = FIRST_CONTENT + torch.randint(self.n_groups * gs, (n, R), generator=gen)
         harmful = self.banned_tokens[torch.randint(self.n_groups, (n, R), generator=gen)]
