@@ -6,20 +6,28 @@ the forward reads 17 bytes per token, the backward reads them again and writes t
 bytes per token).  Each case first checks that ours matches verl (loss and gradient) before timing.
 verl is imported with the peer-parity suite's placeholder modules (tests/peers/placeholders.py).
 
-    python -m bench.bench_policy_losses     # prints fwd+bwd medians and the speedup over verl (CPU)
+    python -m bench.bench_policy_losses [--threads N] [--dtype bfloat16] [--reps 7] [names ...]
+
+prints, for each loss at B = 512, T = 2048 on CPU, the fwd+bwd medians of ours and verl timed alternately
+in one process (wall and process CPU time; on a shared machine the CPU-time ratio is the steadier one)
+and the speedup; "ppo_policy_loss" is ``ppo_policy_loss`` without weights against verl's vanilla.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
 
-from .harness import Bench, measure_ceilings
+from .harness import Bench
 
 FAMILY = "policy_losses"
 KWARGS = {
@@ -117,10 +125,51 @@ def _check(ours, verl, lp: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{what} grad: {m}")
 
 
+def interleaved(names: list[str], reps: int, dtype: torch.dtype) -> None:
+    """Ours and verl alternately, ``reps`` times each, medians of wall and process CPU time."""
+    from rlhf_kernels.ops.ppo_losses import ppo_policy_loss
+
+    core, actor = _verl()
+    config = _config(actor)
+    torch.manual_seed(0)
+    tensors = _inputs(512, 2048, torch.device("cpu"))
+    lp, old, adv, weights, mask = (t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    print(f"threads={torch.get_num_threads()} load={os.getloadavg()} dtype={dtype}", flush=True)
+    for name in names:
+        if name == "ppo_policy_loss":
+            vanilla, mask_f = core.POLICY_LOSS_REGISTRY["vanilla"], mask.float()
+            pair = (
+                lambda x: ppo_policy_loss(x, old, adv, mask, dual_clip=3.0)[0],
+                lambda x: vanilla(old, x, adv, mask_f, "token-mean", config)[0],  # noqa: B023 (used at once)
+            )
+        else:
+            pair = _pair(core, config, name, old, adv, weights, mask)
+        steps = [_fwd_bwd(fn, lp.detach().clone().requires_grad_()) for fn in pair]
+        wall, cpu = ([[], []], [[], []])
+        for step in steps:
+            step()
+        for _ in range(reps):
+            for i, step in enumerate(steps):
+                c0, t0 = time.process_time(), time.perf_counter()
+                step()
+                wall[i].append(time.perf_counter() - t0)
+                cpu[i].append(time.process_time() - c0)
+        (ours, verl), (ours_cpu, verl_cpu) = ([statistics.median(v) * 1e3 for v in w] for w in (wall, cpu))
+        print(
+            f"{name:16s} wall: ours {ours:7.1f} ms verl {verl:7.1f} ms {verl / ours:5.2f}x | "
+            f"cpu: ours {ours_cpu:7.1f} ms verl {verl_cpu:7.1f} ms {verl_cpu / ours_cpu:5.2f}x",
+            flush=True,
+        )
+    print(f"load={os.getloadavg()}")
+
+
 if __name__ == "__main__":
-    device = torch.device("cpu")
-    bench = Bench(device, measure_ceilings(device), quick=False)
-    run(bench)
-    for row in bench.rows:
-        speedup = f"  {row.speedup:.2f}x" if row.speedup else ""
-        print(f"{row.case:32s} {row.impl:13s} {row.median_ms:9.2f} ms{speedup}", flush=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("names", nargs="*", default=["ppo_policy_loss", *POLICY_LOSSES])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    interleaved(args.names, args.reps, getattr(torch, args.dtype))

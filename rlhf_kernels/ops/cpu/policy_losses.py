@@ -2,8 +2,10 @@
 ``policy_loss_token_fwd_torch`` / ``policy_loss_token_bwd_torch``.
 
 The math of every variant is documented in ``rlhf_kernels/ops/policy_losses.py``; here each variant is a
-small function of one chunk of tokens returning ``(L, ∂L/∂lp, kl, clip, clip_lower, ratio)``, and the
-row-chunked forward/backward shapes are those of the PPO losses (``ops/cpu/ppo_losses.py``), reused.
+pair of small functions of one chunk of tokens: its forward gives (L, {statistic row: per-token value})
+and its derivative ∂L/∂lp, so that the forward computes no derivative and the backward no statistic.
+The row-chunked forward/backward shapes (L2-sized chunks, one masked reduction per chunk) are those of
+the PPO losses (``ops/cpu/ppo_losses.py``), reused.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from .ppo_losses import (
     _forward,
     _grad_fake,
     _partials_fake,
-    _row_dot,
+    choose,
+    nan_like,
+    policy_derivative,
     policy_terms,
+    unless,
 )
 
 Tensor = torch.Tensor
@@ -42,15 +47,14 @@ TOKEN_VARIANTS = (
 
 
 def _clamped_ratio(raw):
-    """(ℓ = clamp(raw, ±20), r = e^ℓ, whether raw is inside the clamp or NaN)."""
+    """(ℓ = clamp(raw, ±20), r = e^ℓ); torch.clamp propagates NaN."""
     log_ratio = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    inside = ((raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)) | raw.isnan()
-    return log_ratio, log_ratio.exp(), inside
+    return log_ratio, log_ratio.exp()
 
 
-def _where_nan(x, value):
-    """``value`` where x is a number, NaN where x is NaN (keeps NaN flowing into constant derivatives)."""
-    return torch.where(x.isnan(), x, value)
+def _outside(raw):
+    """raw outside the ±20 clamp, where the clamped ratio has derivative 0 (NaN is not outside)."""
+    return raw.abs() > LOG_RATIO_CLAMP
 
 
 def _surrogate(adv, ratio, clip_low, clip_high):
@@ -60,38 +64,77 @@ def _surrogate(adv, ratio, clip_low, clip_high):
     return torch.maximum(loss1, loss2), loss2 > loss1
 
 
+def _stats(kl, clip=None, lower=None):
+    """The statistic rows a variant has: Σ kl·m always, Σ clip·m and Σ clip_lower·m where given."""
+    rows = {P_NEG_LOG_RATIO: kl}
+    for index, flags in ((P_CLIP, clip), (P_CLIP_LOWER, lower)):
+        if flags is not None:
+            rows[index] = flags
+    return rows
+
+
+def _dual(dual_clip):
+    """``dual_clip`` (∞ from the public functions when disabled) as policy_terms takes it."""
+    return None if dual_clip == float("inf") else dual_clip
+
+
 def _vanilla(lp, old, adv, aux, clip_low, clip_high, dual_clip):
-    loss, log_ratio, ratio, clipped, lower, raw = policy_terms(lp, old, adv, clip_low, clip_high, dual_clip)
-    unclipped = ~(clipped | lower)
-    inside = ((raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)) | raw.isnan()
-    return loss, torch.where(unclipped & inside, -adv * ratio, 0.0), -log_ratio, clipped, lower, ratio
+    terms = policy_terms(lp, old, adv, clip_low, clip_high, _dual(dual_clip))
+    loss, log_ratio, ratio, clipped, lower, _ = terms
+    return loss, {**_stats(-log_ratio, clipped, lower), P_RATIO: ratio}
+
+
+def _vanilla_d(lp, old, adv, aux, clip_low, clip_high, dual_clip):
+    return policy_derivative(lp, old, adv, clip_low, clip_high, _dual(dual_clip))
 
 
 def _gpg(lp, old, adv, aux, *params):
-    return -lp * adv, _where_nan(lp, -adv), old - lp, None, None, None
+    return (lp * adv).neg_(), _stats(old - lp)
+
+
+def _gpg_d(lp, old, adv, aux, *params):
+    return nan_like(lp, -adv)
 
 
 def _dro(lp, old, adv, aux, beta, *params):
     raw = lp - old
-    return -(lp * adv - 0.5 * beta * raw * raw), -adv + beta * raw, -raw, None, None, None
+    return -(lp * adv - 0.5 * beta * raw * raw), _stats(-raw)
+
+
+def _dro_d(lp, old, adv, aux, beta, *params):
+    return -adv + beta * (lp - old)
 
 
 def _cispo(lp, old, adv, aux, clip_low, clip_high, *params):
-    log_ratio, ratio, _ = _clamped_ratio(lp - old)
+    log_ratio, ratio = _clamped_ratio(lp - old)
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    d = _where_nan(lp, -clipped_ratio * adv)
-    return -clipped_ratio * adv * lp, d, -log_ratio, ratio != clipped_ratio, None, None
+    return -clipped_ratio * adv * lp, _stats(-log_ratio, ratio != clipped_ratio)
+
+
+def _cispo_d(lp, old, adv, aux, clip_low, clip_high, *params):
+    ratio = _clamped_ratio(lp - old)[1]
+    return nan_like(lp, -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv)
+
+
+def _sapo_gate(lp, old, adv, tau_pos, tau_neg):
+    """(raw lp − old, ℓ, r, τ, z = τ(r − 1), σ(z))."""
+    raw = lp - old
+    log_ratio, ratio = _clamped_ratio(raw)
+    positive = adv > 0
+    tau = choose(positive, adv.new_full((), tau_pos), adv.new_full((), tau_neg))  # in the compute dtype
+    z = tau * (ratio - 1.0)
+    return raw, log_ratio, ratio, tau, z, torch.sigmoid(z)
 
 
 def _sapo(lp, old, adv, aux, tau_pos, tau_neg, *params):
-    log_ratio, ratio, inside = _clamped_ratio(lp - old)
-    tau = torch.where(adv > 0, adv.new_tensor(tau_pos), adv.new_tensor(tau_neg))  # in the compute dtype
-    z = tau * (ratio - 1.0)
-    gate = torch.sigmoid(z)
-    loss = -gate * (SAPO_GATE_SCALE / tau) * adv
+    _, log_ratio, _, tau, _, gate = _sapo_gate(lp, old, adv, tau_pos, tau_neg)
+    return -gate * (SAPO_GATE_SCALE / tau) * adv, _stats(-log_ratio)
+
+
+def _sapo_d(lp, old, adv, aux, tau_pos, tau_neg, *params):
+    raw, _, ratio, _, z, gate = _sapo_gate(lp, old, adv, tau_pos, tau_neg)
     # σ'(z) = σ(z)·σ(−z): no cancellation in 1 − σ(z) where σ(z) rounds to 1.
-    d = torch.where(inside, -adv * SAPO_GATE_SCALE * gate * torch.sigmoid(-z) * ratio, 0.0)
-    return loss, d, -log_ratio, None, None, None
+    return unless(-adv * SAPO_GATE_SCALE * gate * torch.sigmoid(-z) * ratio, _outside(raw))
 
 
 def _dppo_valid(lp, old, adv, clip_low, clip_high, binary_kl: bool):
@@ -105,111 +148,131 @@ def _dppo_valid(lp, old, adv, clip_low, clip_high, binary_kl: bool):
     else:
         positive = (prob - old_prob) <= clip_high
         negative = (prob - old_prob) >= -clip_low
-    return torch.where(adv > 0, positive, negative)
+    above = adv > 0
+    return (above & positive) | (~above & negative)
 
 
 def _dppo(binary_kl: bool):
-    def terms(lp, old, adv, aux, clip_low, clip_high, truncation):
-        log_ratio, ratio, _ = _clamped_ratio(lp - old)
-        truncated = torch.where(ratio > truncation, truncation, ratio)
+    def coefficient(lp, old, adv, clip_low, clip_high, truncation):
+        """(ℓ, r, the valid flags v (0/1), −A·min(r, c)·v)."""
+        log_ratio, ratio = _clamped_ratio(lp - old)
+        truncated = ratio.clamp(max=truncation)  # min(r, c); NaN stays NaN
         valid = _dppo_valid(lp, old, adv, clip_low, clip_high, binary_kl).to(lp.dtype)
-        coef = -adv * truncated * valid
-        lower = (ratio > truncation) & (valid != 0)
-        return coef * lp, _where_nan(lp, coef), -log_ratio, valid == 0, lower, None
+        return log_ratio, ratio, valid, -adv * truncated * valid
 
-    return terms
+    def forward(lp, old, adv, aux, clip_low, clip_high, truncation):
+        log_ratio, ratio, valid, coef = coefficient(lp, old, adv, clip_low, clip_high, truncation)
+        lower = (ratio > truncation) & (valid != 0)
+        return coef * lp, _stats(-log_ratio, valid == 0, lower)
+
+    def derivative(lp, old, adv, aux, clip_low, clip_high, truncation):
+        return nan_like(lp, coefficient(lp, old, adv, clip_low, clip_high, truncation)[3])
+
+    return forward, derivative
 
 
 def _clip_cov(lp, old, adv, selected, clip_low, clip_high, *params):
     raw = lp - old
-    ratio = raw.exp()
-    loss, clipped = _surrogate(adv, ratio, clip_low, clip_high)
-    keep = 1.0 - selected
-    d = torch.where(clipped, 0.0, -adv * ratio) * keep
-    return loss * keep, d, -raw, selected, None, None
+    loss, _ = _surrogate(adv, raw.exp(), clip_low, clip_high)
+    return loss * (1.0 - selected), _stats(-raw, selected)
+
+
+def _clip_cov_d(lp, old, adv, selected, clip_low, clip_high, *params):
+    ratio = (lp - old).exp()
+    _, clipped = _surrogate(adv, ratio, clip_low, clip_high)
+    return unless(-adv * ratio, clipped) * (1.0 - selected)
 
 
 def _kl_cov(lp, old, adv, selected, coef, *params):
     raw = lp - old
-    ratio = raw.exp()
-    loss = -adv * ratio + selected * coef * raw.abs()
-    return loss, -adv * ratio + selected * coef * _where_nan(raw, raw.sign()), raw.abs(), None, None, None
+    return -adv * raw.exp() + selected * coef * raw.abs(), _stats(raw.abs())
+
+
+def _kl_cov_d(lp, old, adv, selected, coef, *params):
+    raw = lp - old
+    return -adv * raw.exp() + selected * coef * nan_like(raw, raw.sign())
+
+
+def _gspo_ratio(seq_log_ratio):
+    return seq_log_ratio.clamp(max=GSPO_LOG_RATIO_MAX).exp()
 
 
 def _gspo(lp, old, adv, seq_log_ratio, clip_low, clip_high, *params):
-    log_ratio = seq_log_ratio.clamp(max=GSPO_LOG_RATIO_MAX)
-    ratio = log_ratio.exp()
-    loss, clipped = _surrogate(adv, ratio, clip_low, clip_high)
-    passes = (seq_log_ratio <= GSPO_LOG_RATIO_MAX) | seq_log_ratio.isnan()
-    d = torch.where(~clipped & passes, _where_nan(lp, -adv * ratio), 0.0)
-    return loss, d, old - lp, clipped, None, None
+    loss, clipped = _surrogate(adv, _gspo_ratio(seq_log_ratio), clip_low, clip_high)
+    return loss, _stats(old - lp, clipped)
 
 
-def _geo_mean(lp, old, adv, aux, clip_low, clip_high, *params):
+def _gspo_d(lp, old, adv, seq_log_ratio, clip_low, clip_high, *params):
+    ratio = _gspo_ratio(seq_log_ratio)
+    _, clipped = _surrogate(adv, ratio, clip_low, clip_high)
+    flat = clipped | (seq_log_ratio > GSPO_LOG_RATIO_MAX)  # a NaN log-ratio is not above the clamp
+    return unless(nan_like(lp, -adv * ratio), flat)
+
+
+def _geo_mean_terms(lp, old, adv, clip_low, clip_high):
+    """(raw lp − old, sign(A), clamp(raw, −ε_low, ε_high), whether the raw side is the min)."""
     raw = lp - old
     sign = adv.sign()
     bounded = raw.clamp(-clip_low, clip_high)
+    return raw, sign, bounded, sign * raw <= sign * bounded
+
+
+def _geo_mean(lp, old, adv, aux, clip_low, clip_high, *params):
+    raw, sign, bounded, _ = _geo_mean_terms(lp, old, adv, clip_low, clip_high)
     chosen = sign * torch.minimum(sign * raw, sign * bounded)
-    # torch.min splits the gradient at ties, where bounded = raw has derivative 1: the raw side always wins.
-    d = torch.where(sign * raw <= sign * bounded, sign * sign, 0.0)
     clipped = raw != bounded
-    return chosen, _where_nan(raw, d), -raw, clipped & (adv > 0), clipped & (adv < 0), None
+    return chosen, _stats(-raw, clipped & (adv > 0), clipped & (adv < 0))
 
 
+def _geo_mean_d(lp, old, adv, aux, clip_low, clip_high, *params):
+    raw, sign, _, raw_side = _geo_mean_terms(lp, old, adv, clip_low, clip_high)
+    # torch.min splits the gradient at ties, where bounded = raw has derivative 1: the raw side always wins.
+    return nan_like(raw, unless(sign * sign, ~raw_side))
+
+
+#: variant → (forward(lp, old, A, aux, *params) -> (L, {statistic row: value}), derivative -> ∂L/∂lp).
 TERMS = {
-    "vanilla": _vanilla,
-    "gpg": _gpg,
-    "dro": _dro,
-    "cispo": _cispo,
-    "sapo": _sapo,
+    "vanilla": (_vanilla, _vanilla_d),
+    "gpg": (_gpg, _gpg_d),
+    "dro": (_dro, _dro_d),
+    "cispo": (_cispo, _cispo_d),
+    "sapo": (_sapo, _sapo_d),
     "dppo_tv": _dppo(binary_kl=False),
     "dppo_kl": _dppo(binary_kl=True),
-    "clip_cov": _clip_cov,
-    "kl_cov": _kl_cov,
-    "gspo": _gspo,
-    "geo_mean": _geo_mean,
+    "clip_cov": (_clip_cov, _clip_cov_d),
+    "kl_cov": (_kl_cov, _kl_cov_d),
+    "gspo": (_gspo, _gspo_d),
+    "geo_mean": (_geo_mean, _geo_mean_d),
 }
-
-
-def _inputs(logprobs, old_logprobs, advantages, aux, is_weights):
-    """The chunked inputs: (lp, old, A, aux, w), with zeros for a missing aux and ones for missing weights."""
-    aux = torch.zeros_like(logprobs) if aux is None else aux
-    weights = torch.ones_like(logprobs) if is_weights is None else is_weights
-    return logprobs, old_logprobs, advantages, aux, weights
 
 
 def _fwd(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, aux: Tensor | None,
     is_weights: Tensor | None, variant: str, params: list[float],
 ) -> tuple[Tensor, Tensor]:
-    terms = TERMS[variant]
+    forward = TERMS[variant][0]
 
-    def chunk_terms(valid, m, lp, old, adv, aux_, w):
-        loss, _, kl, clip, clip_lower, ratio = terms(lp, old, adv, aux_, *params)
-        row_stats = {P_NEG_LOG_RATIO: _row_dot(kl, m)}
-        for index, flags in ((P_CLIP, clip), (P_CLIP_LOWER, clip_lower)):
-            if flags is not None:
-                row_stats[index] = _row_dot(flags, m)
-        if ratio is not None:  # tracked for "vanilla" only (ppo_policy_loss's ratio metrics)
-            row_stats[P_RATIO] = _row_dot(ratio, m)
-            row_stats[P_RATIO_MAX] = torch.where(valid & (ratio > 0), ratio, 0.0).amax(-1)
-        return loss * w, row_stats
+    def chunk_terms(lp, old, adv, aux_, w):
+        loss, row_terms = forward(lp, old, adv, aux_, *params)
+        return (loss if w is None else loss.mul_(w)), row_terms  # every variant's L is a new tensor
 
-    inputs = _inputs(logprobs, old_logprobs, advantages, aux, is_weights)
-    return _forward(inputs, mask, POLICY_STATS, chunk_terms)
+    # The ratio and its max are tracked for "vanilla" only (ppo_policy_loss's ratio metrics).
+    max_of = (P_RATIO_MAX, P_RATIO) if variant == "vanilla" else None
+    inputs = (logprobs, old_logprobs, advantages, aux, is_weights)
+    return _forward(inputs, mask, POLICY_STATS, chunk_terms, max_of)
 
 
 def _bwd(
     grad_partials: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
     aux: Tensor | None, is_weights: Tensor | None, variant: str, params: list[float],
 ) -> Tensor:
-    terms = TERMS[variant]
+    derivative = TERMS[variant][1]
 
-    def derivative(lp, old, adv, aux_, w):
-        return terms(lp, old, adv, aux_, *params)[1] * w
+    def weighted(lp, old, adv, aux_, w):
+        d = derivative(lp, old, adv, aux_, *params)
+        return d if w is None else d * w
 
-    inputs = _inputs(logprobs, old_logprobs, advantages, aux, is_weights)
-    return _backward(grad_partials, inputs, mask, derivative)
+    return _backward(grad_partials, (logprobs, old_logprobs, advantages, aux, is_weights), mask, weighted)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,11 +2,15 @@
 ``ppo_policy_loss_fwd_torch`` / ``_bwd_torch`` and ``ppo_value_loss_fwd_torch`` / ``_bwd_torch``.
 
 The math is documented in ``rlhf_kernels/ops/ppo_losses.py``; this is the same math in row chunks
-(bounded temporaries), with one partial sum per row (the Triton kernels write one per (row, chunk of
-columns)).  Inputs at masked positions are replaced by 0 once (ℓ = 0, r = 1, A = 0 there: every term is
-0 and finite), so that the sums are plain row dot products with the mask, without a where per
-statistic; the gradient is selected with a where, so that a masked position gets exactly 0 even when the
-upstream gradient is not finite (a normalizer of 0 for a fully masked batch).
+sized for the L2 cache (32K tokens: 128 KiB fp32 temporaries), with one partial sum per row
+(the Triton kernels write one per (row, chunk of columns)).  Every term is elementwise, so the inputs are
+used as they are, and whatever masked positions produce (NaN and inf padding included) is zeroed by a
+bitwise and with all-ones / all-zeros words on each float term just before its row dot product with the
+mask, and on the gradient g·m·∂L/∂x just before it is written: masked positions contribute exactly 0 and
+get exactly 0 even when the upstream gradient is not finite (a normalizer of 0 for a fully masked batch),
+while NaN at a valid position stays NaN.  No ``where`` selects anything in the chunk loop (on CPU a
+``where`` costs as much as ~40 multiplications): :func:`unless`, :func:`choose` and :func:`nan_like` are
+the exact arithmetic forms.  The backward recomputes only the derivative, not the loss or statistics.
 """
 
 from __future__ import annotations
@@ -27,53 +31,98 @@ POLICY_STATS = 6
 V_MASK, V_CLIP = range(2)
 VALUE_STATS = 2
 
-_CHUNK_ELEMENTS = 1 << 20  # tokens per row chunk: bounds every fp32 temporary to 4 MiB
+_CHUNK_ELEMENTS = 1 << 15  # tokens per row chunk: 128 KiB fp32 temporaries, kept in L2 (see _row_slices)
 
 
 def _row_slices(rows: int, cols: int) -> Iterator[slice]:
+    """Row chunks of about _CHUNK_ELEMENTS tokens, whatever the thread count: an elementwise op on a chunk
+    then stays under ATen's parallel grain (32K) and opens no OpenMP region, which on a loaded machine
+    costs more than the op (measured in docs/policy_losses.md)."""
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
 
-def _masked_chunk(mask: torch.Tensor, rs: slice, dtype: torch.dtype, inputs: tuple[torch.Tensor, ...]):
-    """(valid, weights m, inputs in ``dtype`` with 0 at masked positions) for rows ``rs``."""
-    valid = mask[rs] != 0
-    weights = mask[rs].to(dtype)
-    return valid, weights, [torch.where(valid, t[rs].to(dtype), 0.0) for t in inputs]
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # the integer twin of each compute dtype
 
 
-def _row_dot(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_t x·m per row."""
-    return (x * weights).sum(-1)
+def _mask_chunk(mask: torch.Tensor, rs: slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights m in ``dtype``, keep bits: all ones where m ≠ 0, else 0) of rows ``rs``."""
+    m = mask[rs].to(dtype)
+    width = 8 * m.element_size() - 1
+    bits = m.view(_BITS[dtype]) & ((1 << width) - 1)  # |m|'s bits: -0.0 is 0 too
+    return m, (bits | -bits) >> width  # integer steps, no second conversion of the mask
+
+
+def _keep(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x where ``keep`` is all ones, +0 where it is 0, by a bitwise and: NaN and inf at masked positions
+    vanish, NaN at valid ones stays (a ``where`` costs ~40 multiplications on CPU)."""
+    return (x.view(keep.dtype) & keep).view(x.dtype)
+
+
+def _row_dot(x: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ_t x·m per row over the valid positions, whatever x holds elsewhere (bool x is read as 0/1 bytes,
+    finite everywhere: no conversion pass and no masking needed)."""
+    if x.dtype == torch.bool:
+        return (weights * x.view(torch.uint8)).sum(-1)
+    return (weights * _keep(x, keep)).sum(-1)
+
+
+def unless(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """x where ``flags`` (bool) is False, 0 where it is True: a product with the flags' bytes, exact for
+    finite x (a ``where`` costs ~40 multiplications on CPU); NaN or inf x gives NaN either way."""
+    return x * (~flags).view(torch.uint8)
+
+
+def choose(flags: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a where ``flags`` (bool) is True, else b: exact for finite a and b (see :func:`unless`)."""
+    return a * flags.view(torch.uint8) + unless(b, flags)
+
+
+def nan_like(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` where x is a number (±inf included), NaN where x is NaN: value + clamp(x, ±1)·0 (keeps
+    NaN flowing into constant derivatives without a ``where``)."""
+    return value + x.clamp(-1.0, 1.0).mul_(0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The two shapes every op here takes: forward partial sums, backward gradient.
+# The two shapes every op here takes: forward partial sums, backward gradient.  Chunks of rows small
+# enough that every temporary stays in the L2 cache (32K tokens): the inputs are read from
+# memory once per pass and the dozen elementwise steps of a loss run on cached data.  Every term is
+# elementwise, so inputs are used as they are; what masked positions produce is zeroed by a bitwise and
+# on each float term (and on the gradient) just before it is summed (or written), never by a ``where``.
 # ---------------------------------------------------------------------------------------------------
 def _forward(
-    inputs: tuple[torch.Tensor, ...], mask: torch.Tensor, n_stats: int, chunk_terms: Callable
+    inputs: tuple[torch.Tensor | None, ...], mask: torch.Tensor, n_stats: int, chunk_terms: Callable,
+    max_of: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_t L·m [B, 1], statistics [n_stats, B, 1]); ``chunk_terms(valid, m, *inputs)`` gives a chunk's
-    per-token loss and {statistic row: per-row value}; row 0 is Σ_t m."""
-    rows, cols = inputs[0].shape
+    """(Σ_t L·m [B, 1], statistics [n_stats, B, 1]); ``chunk_terms(*inputs)`` gives a chunk's per-token
+    loss and {statistic row: per-token value (float or bool)}; row 0 is Σ_t m.  ``max_of = (row, of)``
+    also writes the max over valid tokens of statistic ``of`` into ``row`` (NaN skipped; 0 without any)."""
+    x = inputs[0]
+    rows, cols = x.shape
     dtype = compute_dtype(*inputs)
-    loss_partials = torch.empty(rows, 1, dtype=dtype, device=inputs[0].device)
-    stats = torch.zeros(n_stats, rows, 1, dtype=dtype, device=inputs[0].device)
+    loss_partials = torch.empty(rows, 1, dtype=dtype, device=x.device)
+    stats = torch.zeros(n_stats, rows, 1, dtype=dtype, device=x.device)
     for rs in _row_slices(rows, cols):
-        valid, m, chunk = _masked_chunk(mask, rs, dtype, inputs)
-        loss, row_stats = chunk_terms(valid, m, *chunk)
-        loss_partials[rs, 0] = _row_dot(loss, m)
+        m, keep = _mask_chunk(mask, rs, dtype)
+        loss, row_terms = chunk_terms(*(None if t is None else t[rs].to(dtype) for t in inputs))
+        loss_partials[rs, 0] = _row_dot(loss, m, keep)
         stats[0, rs, 0] = m.sum(-1)
-        for index, value in row_stats.items():
-            stats[index, rs, 0] = value
+        for index, value in row_terms.items():
+            stats[index, rs, 0] = _row_dot(value, m, keep)
+        if max_of is not None and cols:
+            valid_values = _keep(row_terms[max_of[1]], keep)
+            stats[max_of[0], rs, 0] = valid_values.nan_to_num_(nan=0.0).amax(-1)
     return loss_partials, stats
 
 
 def _backward(
-    grad_partials: torch.Tensor, inputs: tuple[torch.Tensor, ...], mask: torch.Tensor, derivative: Callable
+    grad_partials: torch.Tensor, inputs: tuple[torch.Tensor | None, ...], mask: torch.Tensor,
+    derivative: Callable,
 ) -> torch.Tensor:
-    """∂/∂inputs[0] [B, T] in its dtype: g_b·m·derivative(*inputs) at valid positions, exactly 0 elsewhere."""
+    """∂/∂inputs[0] [B, T] in its dtype: g_b·m·derivative(*inputs) at valid positions, exactly 0 elsewhere
+    (also where g_b is not finite: the product is zeroed at masked positions by a bitwise and)."""
     x = inputs[0]
     rows, cols = x.shape
     dtype = compute_dtype(*inputs)
@@ -81,8 +130,12 @@ def _backward(
     # One partial per row on this path (a forward and its backward always share a backend).
     g = grad_partials.sum(-1, keepdim=True).to(dtype)
     for rs in _row_slices(rows, cols):
-        valid, m, chunk = _masked_chunk(mask, rs, dtype, inputs)
-        grad[rs] = torch.where(valid, g[rs] * m * derivative(*chunk), 0.0)
+        m, keep = _mask_chunk(mask, rs, dtype)
+        scaled = derivative(*(None if t is None else t[rs].to(dtype) for t in inputs)) * (m * g[rs])
+        if grad.dtype == dtype:  # written in place: no [B, T] copy
+            torch.bitwise_and(scaled.view(keep.dtype), keep, out=grad[rs].view(keep.dtype))
+        else:
+            grad[rs] = _keep(scaled, keep)
     return grad
 
 
@@ -115,8 +168,23 @@ def policy_terms(lp, old, adv, clip_low, clip_high, dual_clip):
     if dual_clip is not None:
         bound = neg_adv * dual_clip
         lower = (adv < 0) & (loss > bound)
-        loss = torch.where(lower, bound, loss)
+        loss = choose(lower, bound, loss)
     return loss, log_ratio, ratio, clipped, lower, raw
+
+
+def policy_derivative(lp, old, adv, clip_low, clip_high, dual_clip):
+    """∂L/∂lp per token: −A·r on unclipped tokens inside the log-ratio clamp, else 0; NaN stays NaN
+    (comparisons with NaN are False, so a NaN token is neither clipped nor outside the clamp)."""
+    raw = lp - old
+    ratio = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    neg_adv = -adv
+    loss1 = neg_adv * ratio
+    loss2 = neg_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    flat = loss2 > loss1  # clipped
+    if dual_clip is not None:
+        flat |= (adv < 0) & (torch.maximum(loss1, loss2) > neg_adv * dual_clip)
+    flat |= raw.abs() > LOG_RATIO_CLAMP
+    return unless(loss1, flat)
 
 
 def _policy_fwd(
@@ -128,22 +196,15 @@ def _policy_fwd(
     clip_high: float,
     dual_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    def chunk_terms(valid, m, lp, old, adv):
+    def chunk_terms(lp, old, adv):
         loss, log_ratio, ratio, clipped, lower, _ = policy_terms(lp, old, adv, clip_low, clip_high, dual_clip)
-        row_stats = {
-            P_CLIP: _row_dot(clipped, m),
-            P_NEG_LOG_RATIO: -_row_dot(log_ratio, m),
-            P_RATIO: _row_dot(ratio, m),
-            # NaN ratios are skipped here as in the kernel; the finishing step restores the NaN.
-            P_RATIO_MAX: (
-                torch.where(valid & (ratio > 0), ratio, 0.0).amax(-1) if ratio.shape[-1] else ratio.new_zeros(ratio.shape[:-1])
-            ),
-        }
+        row_terms = {P_CLIP: clipped, P_NEG_LOG_RATIO: -log_ratio, P_RATIO: ratio}
         if lower is not None:
-            row_stats[P_CLIP_LOWER] = _row_dot(lower, m)
-        return loss, row_stats
+            row_terms[P_CLIP_LOWER] = lower
+        return loss, row_terms
 
-    return _forward((logprobs, old_logprobs, advantages), mask, POLICY_STATS, chunk_terms)
+    inputs = (logprobs, old_logprobs, advantages)
+    return _forward(inputs, mask, POLICY_STATS, chunk_terms, max_of=(P_RATIO_MAX, P_RATIO))
 
 
 def _policy_bwd(
@@ -157,12 +218,7 @@ def _policy_bwd(
     dual_clip: float | None,
 ) -> torch.Tensor:
     def derivative(lp, old, adv):
-        _, _, ratio, clipped, lower, raw = policy_terms(lp, old, adv, clip_low, clip_high, dual_clip)
-        unclipped = ~clipped if lower is None else ~(clipped | lower)
-        in_clamp = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
-        # ∂L/∂lp = −A·r on unclipped tokens inside the log-ratio clamp; NaN stays NaN (comparisons
-        # with NaN are False, so a NaN token is "unclipped" and its NaN product survives).
-        return torch.where(unclipped & (in_clamp | raw.isnan()), -adv * ratio, 0.0)
+        return policy_derivative(lp, old, adv, clip_low, clip_high, dual_clip)
 
     return _backward(grad_partials, (logprobs, old_logprobs, advantages), mask, derivative)
 
@@ -180,7 +236,7 @@ def value_terms(v, v_old, ret, clip):
     err_clipped = v_clipped - ret
     loss_clipped = 0.5 * err_clipped * err_clipped
     clipped = loss_clipped > loss
-    return torch.where(clipped, loss_clipped, loss), torch.where(clipped, 0.0, err), clipped
+    return choose(clipped, loss_clipped, loss), unless(err, clipped), clipped
 
 
 def _value_fwd(
@@ -190,9 +246,9 @@ def _value_fwd(
     mask: torch.Tensor,
     clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    def chunk_terms(valid, m, v, v_old, ret):
+    def chunk_terms(v, v_old, ret):
         loss, _, clipped = value_terms(v, v_old, ret, clip)
-        return loss, ({} if clipped is None else {V_CLIP: _row_dot(clipped, m)})
+        return loss, ({} if clipped is None else {V_CLIP: clipped})
 
     return _forward((values, old_values, returns), mask, VALUE_STATS, chunk_terms)
 
