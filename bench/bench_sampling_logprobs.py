@@ -4,11 +4,13 @@ definition in ``bench/baselines/sampling_logprobs.py`` that the tests also check
 
 Ours: the Triton kernels of ``rlhf_kernels/ops/sampling_logprobs.py`` on CUDA (a radix search over the
 row, no sort), the PyTorch path of ``rlhf_kernels/ops/cpu/sampling_logprobs.py`` on CPU (torch.topk
-leaders, radix fallback).  Labels are drawn from vLLM's masked distribution, as a rollout's tokens are,
-and each implementation is checked against the baseline before it is timed.
+leaders, then a mass histogram for a wide nucleus).  Labels are drawn from vLLM's masked
+distribution, as a rollout's tokens are, and each implementation is checked against the baseline
+before it is timed.
 
 Minimal traffic: forward reads the logits once (N·V·b bytes); backward reads them once and writes the
-gradient once (2·N·V·b).  The kernels' forward reads the row 2 + 8·[top-k] + 8·[top-p] times.
+gradient once (2·N·V·b).  The kernels' forward reads the row at most 2 + 8·[top-k] + 8·[top-p] times
+(``python -m bench.sampling_logprobs_passes`` counts them on these logits).
 """
 
 from __future__ import annotations

@@ -188,6 +188,16 @@ def test_top_p_keeps_the_token_that_crosses_p(backend, device):
         _assert_values(lp, torch.tensor(want, dtype=torch.float64), 1e-6, f"top_p={top_p}")
 
 
+def test_min_p_stricter_than_top_k(backend, device):
+    # min-p keeps fewer tokens than top-k: the top-k search ends below the min-p floor (the kernels
+    # start it from the digits the floor shares with the row maximum)
+    logits = _logits((4, 67), torch.float32, device)
+    logits[1] = logits[1].round()  # ties at the k-th value
+    _check(logits, _labels((4,), 67, device), (1.0, 30, 1.0, 0.3))
+    _check(logits, _labels((4,), 67, device), (0.8, 40, 0.9, 0.1))
+    _check(logits, _labels((4,), 67, device), (1.0, 3, 1.0, 0.001))
+
+
 def test_minus_inf_logits(backend, device):
     logits = _logits((5, 40), torch.float32, device)
     logits[:, ::3] = -math.inf  # 14 masked entries per row
@@ -283,6 +293,38 @@ def test_torch_path_radix_fallback(monkeypatch, leaders):
         logits = _logits((5, 300), torch.float32, "cpu", scale=0.5)
         _check(logits, _labels((5,), 300, "cpu"), (1.0, 0, 0.9, 0.0))
         _check(logits.double(), _labels((5,), 300, "cpu"), (0.7, 0, 0.8, 0.001))
+
+
+def test_torch_path_mass_histogram():
+    # a vocabulary ≥ WIDE_HISTOGRAM_MIN_VOCAB: rows the 256 leaders leave undecided take the histogram of
+    # the mass over x' − m; flat rows (nuclei of thousands), ties across a bucket, −inf entries, min-p
+    vocab = cpu.WIDE_HISTOGRAM_MIN_VOCAB + 3
+    logits = _logits((4, vocab), torch.float32, "cpu", scale=0.5)
+    logits[1, :5000] = logits[1, 5000:10000]  # ties
+    logits[2, ::7] = -math.inf
+    labels = logits.argmax(-1)
+    labels[3] = 11
+    with _dispatch.use_backend("torch"):
+        for settings in ((1.0, 0, 0.9, 0.0), (0.6, 0, 0.5, 0.0), (1.0, 0, 0.95, 0.2)):
+            _check(logits, labels, settings)
+        # float64, the boundary far down (x' − m ≈ −13.8, bucket 884): a token off would move lse by 2e-8
+        spread = torch.linspace(0.0, -600.0, vocab, dtype=torch.float64).repeat(2, 1)
+        _check(spread, torch.tensor([700, 5000]), (1.0, 0, 1 - 1e-6, 0.0))
+        nan_row = logits[:2].clone()
+        nan_row[0, 9] = math.nan
+        got = sampling_logprobs(nan_row, labels[:2], top_p=0.9)
+        assert got[0].isnan() and got[1].isfinite()
+
+
+def test_radix_select_two_passes_of_int32_keys():
+    # the 65536-bucket search of int32 keys (long rows) on short rows, against sorted keys
+    values = torch.randn(5, 300) * 10
+    values[0, :100] = values[0, 100:200]  # ties
+    values[1, :50] = -math.inf
+    keys = cpu.sort_keys(values)
+    for k in (1, 2, 150, 300):
+        got = cpu._select_int32(keys, torch.ones(5, 300, dtype=torch.float64), torch.full((5, 1), float(k)))
+        assert torch.equal(got, keys.long().sort(-1, descending=True).values[:, k - 1 : k])
 
 
 def test_radix_select_is_the_kth_key():

@@ -25,9 +25,11 @@ there, and no NaN reaches the logits.
 
 The threshold is found without sorting: x' maps to an order-preserving integer key (the float's bits,
 magnitude flipped for negatives; ±0 share a key), and a radix search fixes the key of t four bits per
-streaming pass, counting (top-k) or summing e^{x'−m} (top-p) above 16 candidate keys at once.  A row
-in fp32 takes 1 pass (max, Σe, NaN check) + 8 (top-k, if on) + 8 (top-p, if on) + 1 (lse, entropy):
-every pass reads the row, nothing of size V is written.
+streaming pass, counting (top-k) or summing e^{x'−m} (top-p) above 16 candidate keys at once.  Digits
+that the lower bound (min-p / top-k threshold) shares with the row maximum take no pass, and a count
+stops once the candidate holds exactly k keys.  A row in fp32 takes 1 pass (max, Σe, NaN check) + at
+most 8 (top-k, if on) + at most 8 (top-p, if on) + 1 (lse, entropy): every pass reads the row, nothing
+of size V is written.
 """
 
 from __future__ import annotations
@@ -82,40 +84,57 @@ if triton is not None:
 
     @triton.jit
     def _radix_select(
-        base, stride_xv, V, inv_temperature, m_ref, floor, target,
+        base, stride_xv, V, inv_temperature, m_ref, floor, ceiling, target,
         BY_MASS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
         KEY_BITS: tl.constexpr,
     ):
-        """The largest key T with W(T) ≥ target, where W(T) = #{key ≥ T} (BY_MASS off) or
-        Σ_{key ≥ T, key ≥ floor} e^{x'−m} (BY_MASS on; the target is then relative to W(−∞)).
-        Starts from the smallest key and fixes 4 bits per pass: candidate d (0..15) is the prefix
-        with digit d; digit 0 always qualifies (it did in the previous pass), so T is always defined."""
+        """A key with the kept set of T, the largest key with W(T) ≥ target, where W(T) = #{key ≥ T}
+        (BY_MASS off) or Σ_{key ≥ T, key ≥ floor} e^{x'−m} (BY_MASS on; the target is then relative
+        to W(floor)); ``ceiling`` ≥ every key.  Returns T, or a key T' ≤ T with no key in [T', T),
+        or a key ≤ floor where T < floor.
+
+        Fixes 4 bits per pass from the top: digits that floor and ceiling share are T's (floor ≤ T ≤
+        ceiling, or the answer is ≤ floor anyway) and take no pass; candidate d (0..15) is the prefix
+        with digit d, digit 0 taken where none qualifies.  A count stops once W(prefix) = target:
+        then no key lies in [prefix, T)."""
         digits = tl.arange(0, _RADIX)
         prefix = tl.full((), 1, KEY) << (KEY_BITS - 1)  # the smallest key
+        offset_floor = floor ^ prefix  # floor − smallest key: its digits in unsigned order
+        spread = floor ^ ceiling
+        unscaled = floor == floor  # the mass target is scaled by W(prefix) = W(floor) at the first pass
+        done = floor != floor  # a count reached its target
         for level in tl.static_range(KEY_BITS // _RADIX_BITS):
             shift = KEY_BITS - _RADIX_BITS * (level + 1)
+            shared = (spread >> shift) == 0  # true for the first levels only
+            searched = ~(shared | done)
             candidates = prefix + (digits.to(KEY) << shift)  # wraps to the right key in two's complement
             totals = tl.zeros((_RADIX,), ACC)
-            for start in range(0, V, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                x = _load_scaled(base, offs, stride_xv, V, inv_temperature, ACC)
-                key = _sort_key(x, KEY, KEY_BITS)
-                if BY_MASS:
-                    weight = tl.where((key >= floor) & (offs < V), tl.exp(x - m_ref), 0.0)
-                else:
-                    weight = (offs < V).to(ACC)
-                above = key[None, :] >= candidates[:, None]
-                totals += tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
-            if BY_MASS:
-                if level == 0:  # candidate 0 is the smallest key: W(−∞), the surviving mass
-                    target = target * tl.sum(tl.where(digits == 0, totals, 0.0), axis=0)
+            if searched:
+                for start in range(0, V, BLOCK):
+                    offs = start + tl.arange(0, BLOCK)
+                    x = _load_scaled(base, offs, stride_xv, V, inv_temperature, ACC)
+                    key = _sort_key(x, KEY, KEY_BITS)
+                    if BY_MASS:
+                        weight = tl.where((key >= floor) & (offs < V), tl.exp(x - m_ref), 0.0)
+                    else:
+                        weight = (offs < V).to(ACC)
+                    above = key[None, :] >= candidates[:, None]
+                    totals += tl.sum(tl.where(above, weight[None, :], 0.0), axis=1)
+            if BY_MASS:  # candidate 0 ≤ floor: W(candidate 0) is the surviving mass
+                first = searched & unscaled
+                target = tl.where(first, target * tl.sum(tl.where(digits == 0, totals, 0.0), axis=0), target)
+                unscaled = unscaled & ~searched
             chosen = tl.max(tl.where(totals >= target, digits, 0), axis=0)
+            if not BY_MASS:
+                at_chosen = tl.sum(tl.where(digits == chosen, totals, 0.0), axis=0)
+                done = done | (searched & (at_chosen == target))
+            chosen = tl.where(searched, chosen, tl.where(shared, (offset_floor >> shift) & (_RADIX - 1), 0))
             prefix = prefix + (chosen.to(KEY) << shift)
         return prefix
 
-    # Reads the N·V logits 2 + 8·(top-k on) + 8·(top-p on) times (fp32; twice the selection passes in
-    # fp64); writes 5 values per row.  top_k = 1 must stay a runtime int (Triton specialises ints equal
-    # to 1 into constants, and the kernel converts it to a float).
+    # Reads the N·V logits at most 2 + 8·(top-k on) + 8·(top-p on) times (fp32; twice the selection
+    # passes in fp64); writes 5 values per row.  top_k = 1 must stay a runtime int (Triton specialises
+    # ints equal to 1 into constants, and the kernel converts it to a float).
     @triton.jit(do_not_specialize=["top_k"])
     def _sampling_logprobs_fwd_kernel(
         logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, mass_ptr, lse_ptr, threshold_ptr,
@@ -150,16 +169,17 @@ if triton is not None:
 
         # The threshold key: min-p, then top-k, then top-p among the survivors.
         threshold = _sort_key(m + scalar_arg(log_min_p_hi, log_min_p_mid, log_min_p_lo, ACC), KEY, KEY_BITS)
+        ceiling = _sort_key(m, KEY, KEY_BITS)
         if HAS_TOP_K:
             kth = _radix_select(
-                base, stride_xv, V, inv_temperature, m_ref, threshold, top_k.to(ACC),
+                base, stride_xv, V, inv_temperature, m_ref, threshold, ceiling, top_k.to(ACC),
                 False, SELECT_BLOCK, ACC, KEY, KEY_BITS,
             )
             threshold = tl.maximum(threshold, kth)
         if HAS_TOP_P:
             top_p = scalar_arg(top_p_hi, top_p_mid, top_p_lo, ACC)
             nucleus = _radix_select(
-                base, stride_xv, V, inv_temperature, m_ref, threshold, top_p,
+                base, stride_xv, V, inv_temperature, m_ref, threshold, ceiling, top_p,
                 True, SELECT_BLOCK, ACC, KEY, KEY_BITS,
             )
             threshold = tl.maximum(threshold, nucleus)
@@ -364,7 +384,8 @@ def sampling_logprobs_fwd(
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [N], entropy [N] or [0], mask_mass [N], lse over the kept set [N], threshold key [N]
-    int64) for logits [..., V] and labels [N]; fp32 (fp64 for fp64 logits)."""
+    int64: the kept set is {key ≥ it}; a top-k-only kernel key may lie below the k-th key, with no key
+    between) for logits [..., V] and labels [N]; fp32 (fp64 for fp64 logits)."""
     return _dispatch.route(FAMILY, logits.device, triton=_fwd_triton, torch=cpu.sampling_logprobs_fwd_torch)(
         logits, labels, inv_temperature, top_k, top_p, log_min_p, ignore_index, with_entropy
     )
@@ -470,8 +491,8 @@ def sampling_logprobs(
     Example: logits [[ln 4, ln 3, ln 2, ln 1]] with top_k=2 keep the first two tokens (q = 4/7, 3/7):
     label 1 gives log(3/7) = −0.847, label 2 gives −inf, and mask_mass is 7/10.
 
-    Reads the logits 2 + 8·[top-k on] + 8·[top-p on] times (fp32) and never sorts a row; the backward
-    reads them once and writes the gradient once.  Labels are range-checked as in
+    Reads the logits at most 2 + 8·[top-k on] + 8·[top-p on] times (fp32) and never sorts a row; the
+    backward reads them once and writes the gradient once.  Labels are range-checked as in
     ``logprobs_from_logits`` (a host sync on CUDA, ``set_index_checks(False)`` turns it off).
     """
     logits = _check_logits(logits)
