@@ -9,7 +9,8 @@ a multiple of theirs, and its peak memory as a fraction of eager's.  Before a sh
 checked against the float64 oracle (rlhf_kernels.reference) on its first rows.
 
 Issue 15 cases, ours against ours: the extra statistics of ``linear_token_stats`` (Σp², top-1 match, mean
-logit; target ≤ 10% over plain log-probs), labelled rows only (half the labels ``ignore_index``: the time
+logit; target ≤ 10% over plain log-probs; the top-8 log-probs and tokens), labelled rows only (half the
+labels ``ignore_index``: the time
 should roughly halve) and ``batch_invariant=True``, each with plain ``linear_logprobs`` as the baseline.
 """
 
@@ -54,6 +55,12 @@ def _stats(hidden, weight, labels):
     return out.logprobs, out.sum_sq_probs, out.mean_logit
 
 
+def _topk(hidden, weight, labels):
+    """Log-probs plus the 8 most likely tokens' log-probs (differentiable) and ids (issue 15 item 1)."""
+    out = linear_token_stats(hidden, weight, labels, top_k=8)
+    return out.logprobs, out.topk_logprobs
+
+
 def _invariant(hidden, weight, labels):
     return linear_logprobs(hidden, weight, labels, batch_invariant=True)
 
@@ -65,6 +72,7 @@ def _issue15_cases(bench: Bench, hidden, weight, labels, flops_fwd: int, name: s
     plain = "rlhf_kernels logprobs"
     _modes(bench, case, plain, _ours(False), hidden, weight, labels, flops_fwd, None)
     _modes(bench, case, "+ Σp², top-1, mean logit", _stats, hidden, weight, labels, flops_fwd, plain)
+    _modes(bench, case, "+ top-8", _topk, hidden, weight, labels, flops_fwd, plain)
     _modes(bench, case, "batch_invariant", _invariant, hidden, weight, labels, flops_fwd, plain)
     half = labels.clone()
     half[::2] = -100
@@ -188,6 +196,7 @@ def issue15_ratios(n: int = 256, hidden_size: int = 256, vocab: int = 32000, rep
         "entropy + Σp², top-1, mean": lambda: tuple(o for o in linear_token_stats(
             hidden, weight, labels, entropy=True, sum_sq_probs=True, top1_match=True, mean_logit=True
         ) if o is not None),
+        "top_k=8": lambda: _topk(hidden, weight, labels),
         "half the labels ignored": lambda: linear_logprobs(hidden, weight, half),
         "batch_invariant": lambda: _invariant(hidden, weight, labels),
     }

@@ -20,6 +20,7 @@ from rlhf_kernels.ops import linear_logprobs as ops
 from rlhf_kernels.ops.cpu import linear_logprobs as cpu_ops
 from rlhf_kernels.ops.linear_logprobs import LinearLogprobs, linear_logprobs, linear_token_stats
 from rlhf_kernels.reference import linear_logprobs as ref
+from rlhf_kernels.reference.token_stats import transformed_logits
 
 # Inputs are exact in every dtype (the oracle multiplies the same rounded values in float64), so forward
 # errors come from fp32 accumulation alone.  Gradients are returned in the input dtype; the Triton path
@@ -47,12 +48,13 @@ def _assert_close(actual, expected, tol, what):
     assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (tol {tol:g})"
 
 
-def _assert_grad_close(actual, expected, rtol, what):
-    """Error relative to the tensor's largest gradient entry (gradients are sums of signed terms)."""
+def _assert_grad_close(actual, expected, rtol, what, floor=1e-30):
+    """Error relative to the tensor's largest gradient entry (gradients are sums of signed terms), or to
+    ``floor`` where the exact gradient is 0 and rounding leaves noise."""
     assert actual is not None, f"{what}: no gradient"
     actual, expected = actual.double().cpu(), expected.double().cpu()
     assert actual.shape == expected.shape, what
-    scale = expected.abs().max() + 1e-30
+    scale = expected.abs().max() + floor
     err = ((actual - expected).abs() / scale).max().item()
     assert err <= rtol, f"{what}: max scaled error {err:.3g} (tol {rtol:g})"
 
@@ -363,6 +365,16 @@ def test_token_stats_masked_entries_and_ignored_rows(backend, device):
         assert value[2].isnan().item() and not bool(value[[0, 3, 4]].isnan().any()), name
 
 
+def test_top1_match_alone(backend, device):
+    """top1_match without Σp² or the entropy (the PyTorch path's log-sum-exp-only fold keeps no row
+    maximum: it must take the exponentials' fold): 1 where the label is the argmax, 0 elsewhere."""
+    hidden, weight = torch.randn(6, 4, device=device), torch.randn(5, 4, device=device)
+    labels = (hidden @ weight.T).argmax(-1)
+    labels[::2] = (labels[::2] + 1) % 5
+    top1 = linear_token_stats(hidden, weight, labels, top1_match=True).top1_match
+    assert top1.tolist() == [0.0, 1.0] * 3
+
+
 def test_token_stats_match_token_stats_from_logits(backend, device):
     """The same numbers as rk.token_stats_from_logits on the (exact) materialised logits."""
     hidden, weight, b, labels = _inputs((4, 6), 40, 333, torch.float32, device)
@@ -400,11 +412,202 @@ def test_token_stats_gradcheck_float64_torch_path():
     labels = torch.tensor([1, -100, 4, 0])
     with _dispatch.use_backend("torch"):
         def fn(h, w, b):
-            lp, ent, sq, _, mean, _ = ops.linear_logprobs_fwd(h, w, b, labels, 1.25, -100, True, 1.5, 2.0,
-                                                              True, True, True)
+            lp, ent, sq, _, mean, *_ = ops.linear_logprobs_fwd(h, w, b, labels, 1.25, -100, True, 1.5, 2.0,
+                                                               True, True, True)
             return lp, ent, sq, mean
 
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-k log-probabilities and their tokens (issue 15 item 1)
+# --------------------------------------------------------------------------------------------------
+def _check_topk(hidden, weight, bias, labels, top_k, tol, grad_rtol, *, exact_indices=True, **options):
+    """topk_logprobs / topk_indices against the oracle (token_stats' on the fp64 logits), and the hidden /
+    weight / bias gradients of w·logprobs + Σ u·topk_logprobs.  Without ``exact_indices`` (inputs where
+    fp32 rounding may reorder near-ties), each chosen token's oracle log-prob must match the oracle's
+    value at its rank instead."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    got = linear_token_stats(leaves[0], leaves[1], labels, bias=leaves[2], top_k=top_k, **options)
+    oracle = [None if t is None else t.detach().cpu().double().requires_grad_()
+              for t in (hidden, weight, bias)]
+    want = ref.linear_token_stats(oracle[0], oracle[1], labels.cpu(), bias=oracle[2], top_k=top_k, **options)
+    shape = (*labels.shape, top_k)
+    assert got.topk_logprobs.shape == got.topk_indices.shape == shape
+    assert got.topk_logprobs.dtype == torch.float32 and got.topk_indices.dtype == torch.int64
+    values, indices = got.topk_logprobs.detach().cpu(), got.topk_indices.cpu()
+    expect = want.topk_logprobs.detach()
+    if exact_indices:
+        assert torch.equal(indices, want.topk_indices), "topk_indices"
+    else:  # a valid ranking: the oracle's log-probs at our tokens are its top-k values
+        log_p = torch.log_softmax(
+            transformed_logits(oracle[0].detach() @ oracle[1].detach().T
+                                   + (0 if bias is None else oracle[2].detach()), **options), dim=-1)
+        kept = labels.cpu() != -100
+        _assert_close(log_p.gather(-1, indices)[kept], expect[kept], tol, "oracle log p at topk_indices")
+    finite = torch.isfinite(expect)
+    assert torch.equal(values[~finite].double(), expect[~finite]), "topk_logprobs (infinite entries)"
+    _assert_close(values[finite], expect[finite], tol, "topk_logprobs")
+    ignored = labels.cpu() == -100
+    assert bool((indices[ignored] == 0).all()) and bool((values[ignored] == 0).all())
+    u_up = torch.randn(shape, dtype=torch.float64)
+    # a −inf top-k log-prob (a masked token) still has a gradient: w·(1 − 0) at its logit
+    (got.logprobs.sum() + (u_up.to(got.topk_logprobs.device).float() * got.topk_logprobs).sum()).backward()
+    (want.logprobs.sum() + (u_up * want.topk_logprobs).sum()).backward()
+    for name, leaf, oracle_leaf in zip(("hidden", "weight", "bias"), leaves, oracle, strict=True):
+        if leaf is not None:
+            assert leaf.grad.dtype == hidden.dtype, name
+            # V = 1: the exact gradient is 0, fp32 leaves ~1e-8 (g + w − (g + w)·p rounded)
+            _assert_grad_close(leaf.grad, oracle_leaf.grad, grad_rtol, f"d_{name}",
+                               floor=1.0 if weight.shape[0] == 1 else 1e-30)
+    return got
+
+
+TOPK_CASES = [
+    # (leading shape, H, V, k, options)
+    ((1,), 5, 1, 1, dict()),  # V = 1: the one token, log-prob 0
+    ((7,), 33, 17, 17, dict(temperature=0.7, logit_scale=1.7)),  # k = V
+    ((9,), 16, 17, 5, dict()),
+    ((2, 5), 19, 130, 40, dict(softcap=2.0, logit_scale=1.3, temperature=1.2)),  # k = 64: the launcher test
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: f"{c[0]}-H{c[1]}-V{c[2]}-k{c[3]}-{sorted(c[4])}")
+def test_topk_matches_oracle(backend, device, dtype, case):
+    lead, hidden_size, vocab, top_k, options = case
+    hidden, weight, b, labels = _inputs(lead, hidden_size, vocab, dtype, device)
+    _check_topk(hidden, weight, b, labels, top_k, FWD_TOL[dtype], GRAD_RTOL[dtype], exact_indices=False,
+                **options)
+
+
+def test_topk_across_chunks_and_splits(backend, device, monkeypatch):
+    """Several vocabulary chunks (PyTorch path) and splits with several tiles each (Triton path): the
+    running top-k crosses chunk and tile borders, and the split merge keeps the global order."""
+    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * 40 * 16)  # 40-column chunks, 16 rows
+    hidden, weight, b, labels = _inputs((37,), 40, 300, torch.float32, device)
+    if device != "cpu" or backend == "triton":
+        cfg = ops._launch_config(37, 300, 40, torch.float32, hidden.device, top_k=20)
+        assert cfg.vocab_splits > 1 and cfg.tiles_per_split > 1
+    _check_topk(hidden, weight, b, labels, 20, 2e-5, 2e-5, exact_indices=False, softcap=4.0)
+
+
+def test_topk_ties_go_to_the_smaller_index(backend, device, monkeypatch):
+    """Exact ties (repeated weight rows: equal logits) broken towards the smaller token, inside a chunk
+    or tile and across chunks, tiles and splits; -inf bias entries beyond the finite ones (k larger
+    than the unmasked vocabulary in some rows) are taken smallest index first, with log-prob −inf."""
+    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 4 * 24 * 8)  # 24-column chunks
+    vocab, hidden_size = 90, 8
+    # small dyadic numbers: every product and sum is exact, so equal weight rows give equal logits
+    base = torch.randint(-4, 5, (6, hidden_size)) / 4
+    weight = base[torch.randint(0, 6, (vocab,))].to(device)  # 6 distinct logits per row, each repeated
+    hidden = (torch.randint(-4, 5, (11, hidden_size)) / 4).to(device)
+    labels = torch.randint(0, vocab, (11,), device=device)
+    labels[3] = -100
+    _check_topk(hidden, weight, None, labels, 40, 2e-5, 2e-5)
+    b = torch.full((vocab,), float("-inf"), device=device)
+    b[torch.randperm(vocab)[:9]] = 0.0  # 9 finite entries; k = 33 takes 24 masked ones
+    labels = torch.where(b[labels.clamp(min=0)] == 0, labels, -100)
+    got = _check_topk(torch.randn(11, hidden_size, device=device), torch.randn(vocab, hidden_size,
+                      device=device), b, labels, 33, 2e-5, 2e-5)
+    assert bool((got.topk_logprobs[labels != -100][:, 9:] == float("-inf")).all())
+
+
+def test_topk_known_values(backend, device):
+    """logits [0, 0, ln 2], label 2, k = 2: log-probs [ln ½, ln ¼] at tokens [2, 0] (0 before 1)."""
+    weight = torch.tensor([[0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]], device=device)
+    stats = linear_token_stats(torch.tensor([[1.0, 0.0]], device=device), weight,
+                               torch.tensor([2], device=device), top_k=2)
+    assert stats.topk_indices.tolist() == [[2, 0]]
+    assert torch.allclose(stats.topk_logprobs.cpu(), torch.tensor([[math.log(0.5), math.log(0.25)]]))
+
+
+def test_topk_nan_row_and_batch_invariance(backend, device):
+    """NaN in a row gives NaN top-k log-probs there (indices still in [0, V)), the other rows unchanged;
+    under batch_invariant=True a row's top-k and d_hidden are bitwise the same alone and in a batch."""
+    hidden, weight, b, labels = _inputs((12,), 20, 70, torch.float32, device, ignore_frac=0.0)
+    first = linear_token_stats(hidden, weight, labels, bias=b, top_k=6, batch_invariant=True)
+    hidden[4, 1] = float("nan")
+    got = linear_token_stats(hidden, weight, labels, bias=b, top_k=6, batch_invariant=True)
+    assert bool(got.topk_logprobs[4].isnan().all())
+    assert bool(((got.topk_indices >= 0) & (got.topk_indices < 70)).all())
+    rest = torch.arange(12, device=device) != 4
+    assert torch.equal(got.topk_logprobs[rest], first.topk_logprobs[rest])
+    assert torch.equal(got.topk_indices[rest], first.topk_indices[rest])
+
+    def row_results(rows):
+        h = hidden[rows].clone().requires_grad_()
+        stats = linear_token_stats(h, weight, labels[rows], bias=b, top_k=6, batch_invariant=True)
+        (stats.topk_logprobs * torch.linspace(-1, 1, 6, device=device)).sum().backward()
+        return stats.topk_logprobs[:2], stats.topk_indices[:2], h.grad[:2]
+
+    for one, many in zip(row_results(torch.arange(2)), row_results(torch.arange(12) != 4), strict=True):
+        assert torch.equal(one, many)
+
+
+def test_topk_float64_matches_oracle(backend, device):
+    """fp64 through the registered op with logit_scale, soft cap and 1/τ not fp32 numbers: top-k values and
+    gradients within 1e-12 of the oracle, indices equal."""
+    hidden, weight, b, labels = _inputs((9,), 21, 103, torch.float64, device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    out = ops.linear_logprobs_fwd(*leaves, labels, 1 / 0.7, -100, False, 0.7, 0.7, False, False, False,
+                                  False, 7)
+    topk_logprobs, topk_indices = out[5], out[6]
+    oracle = [t.detach().cpu().requires_grad_() for t in (hidden, weight, b)]
+    want = ref.linear_token_stats(*oracle[:2], labels.cpu(), bias=oracle[2], temperature=0.7,
+                                  logit_scale=0.7, softcap=0.7, top_k=7)
+    assert topk_logprobs.dtype == torch.float64
+    assert torch.equal(topk_indices.cpu(), want.topk_indices)
+    _assert_close(topk_logprobs.detach(), want.topk_logprobs.detach(), 1e-12, "topk_logprobs")
+    u_up = torch.randn(9, 7, dtype=torch.float64)
+    (u_up.to(device) * topk_logprobs).sum().backward()
+    (u_up * want.topk_logprobs).sum().backward()
+    for name, leaf, expect in zip(("hidden", "weight", "bias"), leaves, oracle, strict=True):
+        _assert_grad_close(leaf.grad, expect.grad, 1e-12, f"d_{name}")
+
+
+def test_topk_gradcheck_float64_torch_path():
+    hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 4, 0])
+    with _dispatch.use_backend("torch"):
+        def fn(h, w, b):
+            out = ops.linear_logprobs_fwd(h, w, b, labels, 1.25, -100, True, 1.5, 2.0, True, False, True,
+                                          False, 3)
+            return out[0], out[1], out[5]
+
+        assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("top_k", [1, 64])
+def test_stats_launcher_writes_every_topk_slot(top_k):
+    """Each split's top-k set (NaN / -1 filled first): the split's k largest x' and their entries, in
+    any order; a split narrower than k fills its own entries, then −inf at indices ≥ V."""
+    n, hidden_size, vocab = 70, 16, 150
+    hidden, weight, b, labels = _inputs((n,), hidden_size, vocab, torch.float32, TRITON_DEVICE)
+    # k = 64 (the largest): more than the last split holds (fp32 top-k tiles of 32: splits of 64, 64, 22)
+    cfg = ops._launch_config(n, vocab, hidden_size, torch.float32, hidden.device, top_k=top_k)
+    assert cfg.vocab_splits > 1 and n > cfg.block_n
+    partials = torch.full((6, cfg.vocab_splits, n), float("nan"))
+    top_values = torch.full((cfg.vocab_splits, n, top_k), float("nan"))
+    top_index = torch.full((cfg.vocab_splits, n, top_k), -1, dtype=torch.int64)
+    ops._launch_stats_out(partials, hidden, weight, b, labels, 0.9, 0, False, top_values=top_values,
+                          top_index=top_index)
+    z = (hidden.double() @ weight.double().T + b.double()) * 0.9
+    span = cfg.tiles_per_split * cfg.block_v
+    for split in range(cfg.vocab_splits):
+        zk = z[:, split * span : (split + 1) * span]
+        kept = min(top_k, zk.shape[1])
+        want = torch.sort(zk, dim=1, descending=True, stable=True)
+        got_index, order = top_index[split].sort(dim=1)
+        got_values = top_values[split].gather(1, order)
+        want_index, want_order = (want.indices[:, :kept] + split * span).sort(dim=1)
+        assert torch.equal(got_index[:, :kept], want_index), f"split {split}"
+        want_values = want.values[:, :kept].gather(1, want_order)
+        _assert_close(got_values[:, :kept], want_values, 2e-5, f"split {split}")
+        assert bool((got_index[:, kept:] >= vocab).all()), f"split {split}: empty slots"
+        assert bool((got_values[:, kept:] == float("-inf")).all()), f"split {split}: empty slots"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,7 +823,7 @@ def test_stats_launcher_never_projects_ignored_row_tiles():
     _assert_close(h[~ignored], want_h[~ignored], 2e-5, "entropy")
 
 
-@pytest.mark.parametrize("mode", ["logprobs", "entropy", "all+batch_invariant"])
+@pytest.mark.parametrize("mode", ["logprobs", "entropy", "all+batch_invariant", "top-k"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True)])
 def test_bwd_launcher_writes_every_output(monkeypatch, needs, mode):
     """d_hidden, d_weight and d_bias over three vocabulary chunks and two row blocks, against G in float64
@@ -643,6 +846,12 @@ def test_bwd_launcher_writes_every_output(monkeypatch, needs, mode):
     onehot = torch.nn.functional.one_hot(labels_cpu.clamp(min=0), vocab).double()
     G = g[:, None] * (onehot - p) - eta[:, None] * p * (log_p + entropy[:, None])
     G = inv_t * (G + 2 * rho[:, None] * p * (p - sum_sq[:, None]) + r[:, None] / vocab)
+    # top-k: Σ_k w_k (1[j = i_k] − p_j) for 9 distinct tokens per row, spread over every chunk and tile
+    topk_indices = torch.rand(n, vocab).argsort(dim=1)[:, :9]
+    w_topk = torch.randn(n, 9, dtype=torch.float64)
+    if mode == "top-k":
+        spread = torch.zeros(n, vocab, dtype=torch.float64).scatter_(1, topk_indices, w_topk)
+        G += inv_t * (spread - w_topk.sum(dim=1, keepdim=True) * p)
     G[ignored] = 0.0
 
     grads = cpu_ops.empty_grads(hidden, weight, b, *needs)
@@ -651,6 +860,8 @@ def test_bwd_launcher_writes_every_output(monkeypatch, needs, mode):
     to = lambda t: t.float().to(TRITON_DEVICE)  # noqa: E731
     grad_entropy = to(eta) if mode != "logprobs" else hidden.new_empty(0)
     extras = (to(rho), to(r / vocab), to(sum_sq), 1.0, 0.0, True) if invariant else ()
+    if mode == "top-k":
+        extras = (None, None, None, 1.0, 0.0, False, to(w_topk), topk_indices.to(TRITON_DEVICE))
     ops._launch_bwd_out(*grads, to(g), grad_entropy, hidden, weight, b, labels, to(torch.logsumexp(z, -1)),
                         to(entropy), inv_t, -100, 0, *extras)
     wants = (G @ w64, G.T @ h64, G.sum(dim=0))
@@ -761,7 +972,10 @@ BAD_STATS = [
     (dict(top1_match=None), TypeError, r"top1_match must be a bool; got NoneType"),
     (dict(entropy="yes"), TypeError, r"entropy must be a bool; got str"),
     (dict(batch_invariant=0), TypeError, r"batch_invariant must be a bool"),
-    (dict(top_k=4), TypeError, r"unexpected keyword argument 'top_k'"),  # not available here (yet)
+    (dict(top_k=-1), ValueError, r"top_k must be 0 \(off\) or in \[1, min\(64, V = 10\)\]; got -1"),
+    (dict(top_k=11), ValueError, r"top_k must be 0 \(off\) or in \[1, min\(64, V = 10\)\]; got 11"),
+    (dict(top_k=65, weight=torch.randn(100, 8), bias=None), ValueError, r"min\(64, V = 100\)\]; got 65"),
+    (dict(top_k=2.0), TypeError, r"top_k must be a Python int"),
     (dict(labels=torch.full((2, 3), 10)), ValueError, r"labels must lie in \[0, 10\)"),
 ]
 
@@ -839,9 +1053,20 @@ def test_opcheck_torch_path():
                               (h, w, b, labels, 1.0, 0, True, -100, True))
         torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_stats_torch.default,
                               (h, w, b, labels, 0.5, 3, True, 1.3, 2.0, True, True, -100, True))
-        _, ent, sq, _, _, lse = ops.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True, *extras)
+        _, ent, sq, *_, lse = ops.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True, *extras)
         args = (torch.randn(6), torch.randn(6), h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True,
                 torch.randn(6), torch.randn(6), sq, 1.3, 2.0, True)
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd.default, args)
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd_torch.default, args[:11] + args[12:])
+        # the top-k (issue 15): k = 4 log-probs and tokens, and their upstream gradient
+        top = (*extras, 4)
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_fwd.default,
+                              (hidden, weight, bias, labels, 0.7, -100, False, *top))
+        torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_stats_torch.default,
+                              (h, w, b, labels, 0.5, 0, False, 1.3, 2.0, False, False, -100, False, 4))
+        _, ent, sq, _, _, _, topk_indices, lse = ops.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True,
+                                                                          *top)
+        args = args[:6] + (lse, ent) + args[8:17] + (sq, 1.3, 2.0, True, torch.randn(6, 4), topk_indices)
         torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd.default, args)
         torch.library.opcheck(torch.ops.rlhf_kernels.linear_logprobs_bwd_torch.default, args[:11] + args[12:])
 

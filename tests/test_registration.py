@@ -287,17 +287,27 @@ def _linear_logprobs_samples(device: str) -> dict[str, list[tuple]]:
         (hidden, weight, None, labels, 1.0, -100, True),
         (hidden, weight, bias, labels, 1 / 0.7, -100, False),
         (hidden, weight, bias, labels, 1 / 0.7, -100, True, *extras),
+        (hidden, weight, bias, labels, 1 / 0.7, -100, False, *extras, 4),  # top_k = 4
     ]
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
     stats = [(h, w, None, labels, 1.0, 0, True), (h, w, b, labels, 2.0, 5, False, -100, True)]  # internal
-    stats_torch = [stats[0], (h, w, b, labels, 2.0, 5, True, 1.3, 2.0, True, True, -100, True)]
-    _, ent, sum_sq, _, _, lse = OPS.linear_logprobs_fwd(h, w, b, labels, 1.0, -100, True, *extras)
+    stats_torch = [
+        stats[0],
+        (h, w, b, labels, 2.0, 5, True, 1.3, 2.0, True, True, -100, True),
+        (h, w, b, labels, 2.0, 0, False, 1.3, 2.0, False, False, -100, False, 4),
+    ]
+    _, ent, sum_sq, _, _, _, topk_indices, lse = OPS.linear_logprobs_fwd(
+        h, w, b, labels, 1.0, -100, True, *extras, 4
+    )
     g, ge = torch.randn(6, device=device), torch.randn(6, device=device)
     gq, gm = torch.randn(6, device=device), torch.randn(6, device=device)
+    gk = torch.randn(6, 4, device=device)
     bwd = [
         (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True),
         (g, g.new_empty(0), h, w, None, labels, lse, ent, 1.0, -100, 0, 13, True, False, False),
         (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0, True),
+        (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0, True,
+         gk, topk_indices),
     ]
     bwd_torch = [args[:11] + args[12:] for args in bwd]
     return {

@@ -245,6 +245,41 @@ def linear_logprobs_cases() -> list[Case]:
             )
         )
     cases += linear_logprobs_issue15_cases()
+    cases += linear_logprobs_topk_cases()
+    return cases
+
+
+def linear_logprobs_topk_cases() -> list[Case]:
+    """Issue 15: the top-k (k = 64, the largest) in the forward's running per-row set, and its one-hot
+    gradient terms in the backward kernel."""
+    from rlhf_kernels.ops.linear_logprobs import linear_token_stats
+
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        e = _size(dtype)
+        label = f"{SHORT[dtype]} N={N} H={H} V={V} top_k=64"
+
+        def make(dtype=dtype):
+            return empty(N, H, dtype=dtype), empty(V, H, dtype=dtype), empty(N, dtype=torch.int64)
+
+        cases.append(Case(
+            "linear_logprobs", "linear_token_stats", label, make,
+            lambda h, w, y: linear_token_stats(h, w, y, top_k=64),
+            (N * H + V * H) * e + N * 8 + N * 4 + N * 64 * 12, ci=dtype == torch.bfloat16,
+        ))
+
+        def make_bwd(dtype=dtype):
+            return (empty(N), empty(N, H, dtype=dtype), empty(V, H, dtype=dtype), empty(N, dtype=torch.int64),
+                    empty(N), empty(N, 64), empty(N, 64, dtype=torch.int64))
+
+        cases.append(Case(
+            "linear_logprobs", "linear_logprobs_bwd", label, make_bwd,
+            lambda g, h, w, y, lse, gk, idx: _ops().linear_logprobs_bwd(
+                g, g.new_empty(0), h, w, None, y, lse, lse, 1.0, -100, 0, V, True, True, False,
+                None, None, None, 1.0, 0.0, False, gk, idx),
+            (N * H + V * H) * e + N * 8 * 2 + N * 64 * 12 + N * H * 4 + V * H * e,
+            ci=False,
+        ))
     return cases
 
 

@@ -92,13 +92,39 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs_v, mask=col_ok, other=0.0).to(ACC)[None, :]
         return acc
 
+    @triton.jit
+    def _topk_merge_rows(top_v, top_i, z, offs, avail, NO_INDEX):
+        """Merges a tile's entries (z [BLOCK_N, BLOCK_V] at vocabulary entries offs [BLOCK_V], where
+        ``avail``) into each row's running top-k set (top_v, top_i [BLOCK_N, BLOCK_TOPK], unordered;
+        slots past k hold +inf, so they are never the worst; empty slots −inf at indices ≥ V), in the
+        order larger value, then smaller index (token_stats' ``_topk_merge``, per row).  One round per
+        entry that enters some row's set: after a split's first tiles, most tiles end after one
+        comparison.  NO_INDEX: an index above every real and empty-slot one."""
+        cand_v = tl.max(tl.where(avail, z, float("-inf")), axis=1)
+        cand_i = tl.min(tl.where(avail & (z == cand_v[:, None]), offs[None, :], NO_INDEX), axis=1)
+        worst_v = tl.min(top_v, axis=1)
+        worst_i = tl.max(tl.where(top_v == worst_v[:, None], top_i, -1), axis=1)
+        enter = (cand_i < NO_INDEX) & ((cand_v > worst_v) | ((cand_v == worst_v) & (cand_i < worst_i)))
+        while tl.max(enter.to(tl.int32), axis=0) > 0:
+            replace = enter[:, None] & (top_i == worst_i[:, None])
+            top_v = tl.where(replace, cand_v[:, None], top_v)
+            top_i = tl.where(replace, cand_i[:, None], top_i)
+            # a row whose best remaining entry did not enter is done: later ones are no better
+            avail = avail & enter[:, None] & (offs[None, :] != cand_i[:, None])
+            cand_v = tl.max(tl.where(avail, z, float("-inf")), axis=1)
+            cand_i = tl.min(tl.where(avail & (z == cand_v[:, None]), offs[None, :], NO_INDEX), axis=1)
+            worst_v = tl.min(top_v, axis=1)
+            worst_i = tl.max(tl.where(top_v == worst_v[:, None], top_i, -1), axis=1)
+            enter = (cand_i < NO_INDEX) & ((cand_v > worst_v) | ((cand_v == worst_v) & (cand_i < worst_i)))
+        return top_v, top_i
+
     # Reads the labelled rows of hidden [N, H] once per vocabulary split and weight [V, H] once per row
     # block (each weight tile once per wave from HBM, see the program order); writes 6 · splits · N
-    # accumulators.
+    # accumulators (and 2k · splits · N for the top-k).
     @triton.jit
     def _linear_logprobs_fwd_kernel(
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, order_ptr, count_ptr,
-        max_ptr, sum_ptr, tsum_ptr, label_logit_ptr, qsum_ptr, total_ptr,
+        max_ptr, sum_ptr, tsum_ptr, label_logit_ptr, qsum_ptr, total_ptr, topk_val_ptr, topk_idx_ptr,
         stride_hn, stride_hk, stride_wv, stride_wk,
         N, V, H, label_offset,
         scale_hi, scale_mid, scale_lo, cap_hi, cap_mid, cap_lo,
@@ -107,7 +133,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_ENTROPY: tl.constexpr, HAS_SUM_SQ: tl.constexpr, HAS_MEAN: tl.constexpr,
-        DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+        TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
     ):
         # Split-fastest order: programs running together share a row block (its hidden rows stay in L2)
         # and walk the weight in step (each weight tile is read from HBM once per wave).
@@ -126,6 +152,10 @@ if triton is not None:
         q = tl.zeros((BLOCK_N,), ACC)  # Σ e^{2(x' − m)}; stays 0 without HAS_SUM_SQ
         total = tl.zeros((BLOCK_N,), ACC)  # Σ x'; stays 0 without HAS_MEAN
         z_label = tl.zeros((BLOCK_N,), ACC)
+        slots = tl.arange(0, BLOCK_TOPK)
+        top_v = tl.where(slots < TOP_K, float("-inf"), float("inf")).to(ACC)[None, :] + tl.zeros(
+            (BLOCK_N, BLOCK_TOPK), ACC)  # the running top-k x' (unordered); +inf: no slot
+        top_i = V + slots[None, :] + tl.zeros((BLOCK_N, BLOCK_TOPK), tl.int32)  # empty slots: ≥ V
         first_tile = split * tiles_per_split
         last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_V))
         last_tile = tl.where(busy, last_tile, first_tile)  # only ignored rows: no tile at all
@@ -143,6 +173,10 @@ if triton is not None:
             z = tl.where(col_ok[None, :], z, float("-inf"))
             is_label = (offs_v[None, :] == label[:, None]) & col_ok[None, :]
             z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+            if TOP_K > 0:
+                top_v, top_i = _topk_merge_rows(
+                    top_v, top_i, z, offs_v, row_ok[:, None] & col_ok[None, :], V + BLOCK_TOPK
+                )
             m_new = tl.maximum(m, tl.max(z, axis=1))
             # Reference point for this tile's exponentials; stays finite while a row is all -inf.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,6 +199,11 @@ if triton is not None:
         tl.store(label_logit_ptr + out, z_label, mask=row_ok)
         tl.store(qsum_ptr + out, q, mask=row_ok)
         tl.store(total_ptr + out, total, mask=row_ok)
+        if TOP_K > 0:
+            top_out = out[:, None] * TOP_K + slots[None, :]
+            top_ok = row_ok[:, None] & (slots < TOP_K)[None, :]
+            tl.store(topk_val_ptr + top_out, top_v, mask=top_ok)
+            tl.store(topk_idx_ptr + top_out, top_i.to(tl.int64), mask=top_ok)
 
     # Per vocabulary chunk: reads the labelled rows of hidden [N, H] once per column block and the chunk's
     # weight rows once per row block; writes G [N, chunk] in the input dtype (zero rows for ignored
@@ -174,7 +213,7 @@ if triton is not None:
         grad_logits_ptr, grad_bias_ptr,
         hidden_ptr, weight_ptr, bias_ptr, labels_ptr, order_ptr, count_ptr,
         lse_ptr, entropy_ptr, sum_sq_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_sum_sq_ptr,
-        grad_mean_ptr,
+        grad_mean_ptr, grad_topk_ptr, grad_topk_sum_ptr, topk_idx_ptr,
         stride_gn, stride_gbn, stride_hn, stride_hk, stride_wv, stride_wk,
         N, H, chunk_width, label_offset,
         scale_hi, scale_mid, scale_lo, cap_hi, cap_mid, cap_lo,
@@ -183,7 +222,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_SUM_SQ: tl.constexpr, HAS_GRAD_MEAN: tl.constexpr,
-        WRITE_GRAD_BIAS: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
+        TOP_K: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr, DOT_MODE: tl.constexpr, ACC: tl.constexpr,
     ):
         # Grouped order (as in a tiled matrix product): GROUP_N row blocks sweep the chunk's vocabulary
         # tiles together, so both operands of the programs in flight stay in L2.
@@ -226,11 +265,24 @@ if triton is not None:
             coef_p -= 2.0 * g_q * tl.load(sum_sq_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         if HAS_GRAD_MEAN:  # the upstream gradient of the mean logit, already divided by V
             g_mean_over_v = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-        grad, _ = _grad_terms(
+        if TOP_K > 0:  # the top-k log-probs' upstream gradients w, here Σ_k w_k (TOP_K 0: none)
+            coef_p -= tl.load(grad_topk_sum_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+        grad, slope = _grad_terms(
             x, offs_v[None, :], (label - label_offset)[:, None], lse, entropy, g, coef_p, g_h, g_q,
             g_mean_over_v, scale, cap, inv_cap, inv_t,
             HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
         )
+        if TOP_K > 0:
+            # the one-hot terms w_k·1[j = i_k], in ACC before the one rounding: slot by slot, a tile
+            # operation only where some row of the tile has its k-th entry in this tile
+            tile_start = pid_v * BLOCK_V
+            for slot in range(TOP_K):
+                at = rows * TOP_K + slot
+                index = tl.load(topk_idx_ptr + at, mask=row_ok, other=-1) - label_offset
+                inside = row_ok & (index >= tile_start) & (index < tile_start + BLOCK_V)
+                if tl.max(inside.to(tl.int32), axis=0) > 0:
+                    w = tl.load(grad_topk_ptr + at, mask=inside, other=0.0).to(ACC)
+                    grad += tl.where(offs_v[None, :] == index[:, None], w[:, None] * slope, 0.0)
         grad = tl.where(ignored[:, None], 0.0, grad)
 
         g_ptrs = grad_logits_ptr + rows[:, None] * stride_gn + offs_v[None, :]
@@ -288,6 +340,11 @@ _INTERPRETER_SPLITS = 4
 _INVARIANT_SPLITS = 16
 # batch_invariant: columns of d_hidden per program of the fixed-tile d_hidden product.
 _GRAD_HIDDEN_BLOCK_H = 64
+# Forward with a top-k: rows per tile, so that 64 slots of (value, index) per row fit in registers
+# beside the logits tile (64 x 64 x 2 words over 8 warps: 32 registers per thread; over 4 warps the
+# 64 x 64 tile spilled 24 B in bf16 and 120 B in fp32, python -m bench.static).
+_TOPK_BLOCK_N = 64
+_TOPK_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -315,6 +372,9 @@ class LinearLogprobsConfig:
     dot_mode: how the kernels call tl.dot (see _dot): 0 native, 1 full-precision fp32/fp64, 2 bf16
         widened to fp32 (the interpreter), 3 an in-order broadcast product (batch_invariant in the
         interpreter).
+    block_topk: slots of the forward's running top-k per row (the next power of two >= k; 0 without).
+        A top-k keeps block_n x block_topk values and indices in registers beside the logits tile: the
+        forward then takes the statistics' narrower tiles and at most _TOPK_BLOCK_N rows per tile.
     """
 
     block_n: int
@@ -327,14 +387,17 @@ class LinearLogprobsConfig:
     bwd_chunk_v: int
     group_n: int
     dot_mode: int
+    block_topk: int = 0
 
 
 def _launch_config(
     n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
-    batch_invariant: bool = False, statistics: bool = False,
+    batch_invariant: bool = False, statistics: bool = False, top_k: int = 0,
 ) -> LinearLogprobsConfig:
-    """``statistics``: a soft cap, Σp² or the mean logit (or their gradients) are on."""
+    """``statistics``: a soft cap, Σp² or the mean logit (or their gradients) are on; ``top_k``: the
+    forward keeps a running top-k (0: none)."""
     element = dtype.itemsize
+    statistics = statistics or top_k > 0
     # fp32 products in full precision unless the user allowed TF32 for torch's matmuls (see _dot).
     full_precision = dtype == torch.float64 or (
         dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -345,7 +408,8 @@ def _launch_config(
     else:
         dot_mode = 2 if dtype == torch.bfloat16 and interpreted else int(full_precision)
     tile = 128 if element <= 4 else 64
-    block_n = tile if batch_invariant else pow2_between(n_rows, 16, tile)
+    rows_tile = min(tile, _TOPK_BLOCK_N) if top_k else tile
+    block_n = rows_tile if batch_invariant else pow2_between(n_rows, 16, rows_tile)
     # Register budget 255/thread, no spills (bench/static/budgets.py, python -m bench.static): one CTA
     # of 8 warps per SM by design.  At 128x128 tiles the entropy epilogue spilled (bf16, K = 64: 4 B;
     # fp32 without TF32, whose products keep fp32 operands: 8 B on triton 3.9, 572 B on 3.6), hence
@@ -353,6 +417,8 @@ def _launch_config(
     # statistics (a soft cap, Σp², the mean: two more accumulators, tanh and its slope) 128 x 128 spilled
     # too (forward 8 B bf16 / 24 B fp32, backward 52 B bf16): vocabulary tiles halved for them as well.
     widest = tile // (2 if (dot_mode == 1 and element == 4) or statistics else 1)
+    if top_k and dot_mode == 1 and element == 4:
+        widest //= 2  # full-precision fp32 with a top-k spilled 16 B at 64 x 64 tiles (8 warps)
     block_v = pow2_between(vocab_size, 16, widest)
     # full-precision fp32 with the statistics spilled 12 B even at 32-wide vocabulary tiles: K = 16
     deepest = 32 if element == 2 else 128 // element // (2 if statistics and dot_mode == 1 else 1)
@@ -372,7 +438,7 @@ def _launch_config(
         chunk *= 2
     return LinearLogprobsConfig(
         block_n=block_n, block_v=block_v, block_k=block_k,
-        num_warps=8 if block_n * block_v >= 128 * 64 else 4, num_stages=3 if element == 2 else 2,
+        num_warps=8 if block_n * block_v >= 128 * 64 or top_k else 4, num_stages=3 if element == 2 else 2,
         vocab_splits=splits, tiles_per_split=tiles_per_split, bwd_chunk_v=chunk, group_n=8,
-        dot_mode=dot_mode,
+        dot_mode=dot_mode, block_topk=pow2_between(top_k, 2, _TOPK_MAX) if top_k else 0,
     )

@@ -68,7 +68,7 @@ from .._validation import (
 from ._launch import acc_dtype, cdiv, triton, without_autocast, wrap_triton
 from ._linear_logprobs_kernels import _GRAD_HIDDEN_BLOCK_H, LinearLogprobsConfig, _launch_config
 from .cpu import linear_logprobs as cpu
-from .token_stats import TokenStats, _scalars
+from .token_stats import TOP_K_MAX, TokenStats, _scalars
 
 if triton is not None:
     from ._linear_logprobs_kernels import (
@@ -99,16 +99,20 @@ def _launch_stats_out(
     inv_temperature: float, vocab_start: int, with_entropy: bool, logit_scale: float = 1.0,
     softcap: float = 0.0, with_sum_sq: bool = False, with_mean: bool = False,
     ignore_index: int | None = None, batch_invariant: bool = False,
+    top_values: Tensor | None = None, top_index: Tensor | None = None,
 ) -> None:
     """Writes the per-split row accumulators (cpu.ACCUMULATORS) into ``partials`` [6, vocab_splits, N]
-    (compute dtype; t, q and the total are 0 unless requested).  With ``ignore_index``, a row tile of
-    ignored rows only holds the accumulators of no entry (m = −inf, the rest 0)."""
+    (compute dtype; t, q and the total are 0 unless requested), and into ``top_values`` / ``top_index``
+    [vocab_splits, N, k] each split's top-k x' and entries, unordered (unfilled: −inf at an index ≥ V).
+    With ``ignore_index``, a row tile of ignored rows holds the accumulators of no entry."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
+    top_k = 0 if top_values is None else top_values.shape[-1]
     cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device, batch_invariant,
-                         softcap > 0 or with_sum_sq or with_mean)
+                         softcap > 0 or with_sum_sq or with_mean, top_k)
     assert partials.shape == (6, cfg.vocab_splits, n_rows) and partials.is_contiguous()
     assert partials.dtype == compute_dtype(hidden)
+    assert not top_k or top_values.shape == top_index.shape == (cfg.vocab_splits, n_rows, top_k)
     if n_rows == 0:
         return
     order, count = _row_order(labels, ignore_index)
@@ -116,6 +120,7 @@ def _launch_stats_out(
     wrap_triton(_linear_logprobs_fwd_kernel)[grid](
         hidden, weight, weight if bias is None else bias, labels,
         labels if order is None else order, labels if count is None else count, *partials.unbind(0),
+        partials if top_values is None else top_values, labels if top_index is None else top_index,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         n_rows, vocab_size, hidden_size, vocab_start,
         *_scalars(hidden, logit_scale, softcap, inv_temperature),
@@ -123,36 +128,49 @@ def _launch_stats_out(
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, HAS_ORDER=order is not None, HAS_SOFTCAP=softcap > 0,
         HAS_ENTROPY=with_entropy, HAS_SUM_SQ=with_sum_sq, HAS_MEAN=with_mean,
-        DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TOP_K=top_k, BLOCK_TOPK=max(cfg.block_topk, 2), DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _merge_splits(partials: Tensor, in_order: bool) -> tuple[Tensor, ...]:
-    """The merged row accumulators from [6, splits, N] partials; ``in_order``: the splits' sums taken
-    one split after another (elementwise additions, whose result cannot depend on N)."""
+def _merge_splits(
+    partials: Tensor, in_order: bool, top_values: Tensor, top_index: Tensor, vocab_size: int
+) -> tuple[Tensor, ...]:
+    """The merged row accumulators from [6, splits, N] partials, then the top-k x' and indices [N, k] (or
+    [0]) merged from the splits' sets by a row-wise sort (exact); ``in_order``: the splits' sums taken one
+    split after another (elementwise additions, whose result cannot depend on N)."""
     m, s, t, z_label, q, total = partials.unbind(0)
     m_all = m.amax(dim=0)
     q = cpu.rebase_sq(m, s, q, m_all)
     s, t = cpu.rebase(m, s, t, m_all)
     add = (lambda x: functools.reduce(torch.add, x.unbind(0))) if in_order else (lambda x: x.sum(dim=0))
-    return m_all, add(s), add(t), add(z_label), add(q), add(total)
+    if top_values.numel():
+        splits, n_rows, top_k = top_values.shape
+        candidates = lambda x: x.permute(1, 0, 2).reshape(n_rows, splits * top_k)  # noqa: E731
+        top_values, top_index = cpu.merge_topk(candidates(top_values), candidates(top_index), top_k)
+        top_index.clamp_(max=vocab_size - 1)  # a NaN row may keep empty slots (index ≥ V)
+    return m_all, add(s), add(t), add(z_label), add(q), add(total), top_values, top_index
 
 
 def _launch_stats(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
     vocab_start: int, with_entropy: bool, logit_scale: float = 1.0, softcap: float = 0.0,
     with_sum_sq: bool = False, with_mean: bool = False, ignore_index: int | None = None,
-    batch_invariant: bool = False,
+    batch_invariant: bool = False, top_k: int = 0,
 ) -> tuple[Tensor, ...]:
     """Allocating wrapper, with the arguments and results of ``rlhf_kernels::linear_logprobs_stats_torch``:
-    the merged row accumulators (cpu.ACCUMULATORS) [N]."""
+    the merged row accumulators (cpu.ACCUMULATORS) [N], then the top-k x' and indices [N, k] or [0]."""
     n_rows = hidden.shape[0]
     cfg = _launch_config(n_rows, weight.shape[0], hidden.shape[1], hidden.dtype, hidden.device,
-                         batch_invariant, softcap > 0 or with_sum_sq or with_mean)
-    partials = hidden.new_empty((6, cfg.vocab_splits, n_rows), dtype=compute_dtype(hidden))
+                         batch_invariant, softcap > 0 or with_sum_sq or with_mean, top_k)
+    acc, top_shape = compute_dtype(hidden), (cfg.vocab_splits, n_rows, top_k) if top_k else (0,)
+    partials = hidden.new_empty((6, cfg.vocab_splits, n_rows), dtype=acc)
+    top_values = hidden.new_empty(top_shape, dtype=acc)
+    top_index = labels.new_empty(top_shape, dtype=torch.int64)
     _launch_stats_out(partials, hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy,
-                      logit_scale, softcap, with_sum_sq, with_mean, ignore_index, batch_invariant)
-    return _merge_splits(partials, batch_invariant)
+                      logit_scale, softcap, with_sum_sq, with_mean, ignore_index, batch_invariant,
+                      *((top_values, top_index) if top_k else ()))
+    return _merge_splits(partials, batch_invariant, top_values, top_index, weight.shape[0])
 
 
 def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -189,10 +207,12 @@ def _launch_bwd_out(
     labels: Tensor, lse: Tensor, entropy: Tensor, inv_temperature: float, ignore_index: int, vocab_start: int,
     grad_sum_sq: Tensor | None = None, grad_mean_over_v: Tensor | None = None, sum_sq: Tensor | None = None,
     logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False,
+    grad_topk: Tensor | None = None, topk_indices: Tensor | None = None,
 ) -> None:
     """Writes d_hidden [N, H] (compute dtype), d_weight [V, H] and d_bias [V], each as allocated by
     :func:`cpu.empty_grads`: a [0] output is not wanted.  grad_entropy is [0] when H has no gradient;
-    grad_sum_sq (with the forward's sum_sq) and grad_mean_over_v (r / V) are None when absent."""
+    grad_sum_sq (with the forward's sum_sq), grad_mean_over_v (r / V) and grad_topk [N, k] (with the
+    forward's topk_indices [N, k], global ids) are None when absent."""
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     need_hidden, need_weight = d_hidden.dim() == 2, d_weight.dim() == 2
@@ -204,14 +224,18 @@ def _launch_bwd_out(
         d_bias.zero_()
         return
     present = lambda x: x is not None and x.numel() > 0  # noqa: E731
+    with_topk = present(grad_topk) and present(topk_indices)
     cfg = _launch_config(n_rows, vocab_size, hidden_size, hidden.dtype, hidden.device, batch_invariant,
-                         softcap > 0 or present(grad_sum_sq) or present(grad_mean_over_v))
+                         softcap > 0 or present(grad_sum_sq) or present(grad_mean_over_v) or with_topk)
     row_blocks = cdiv(n_rows, cfg.block_n)
     acc = compute_dtype(hidden)
     bias_partial = hidden.new_empty((row_blocks if write_bias else 0, vocab_size), dtype=acc)
     order, count = _row_order(labels, ignore_index)
     per_row = [entropy, sum_sq, grad_logprobs, grad_entropy, grad_sum_sq, grad_mean_over_v]
     per_row = [x if present(x) else lse for x in per_row]  # placeholders where a flag is off
+    top_k = topk_indices.shape[1] if with_topk else 0
+    per_row += [grad_topk.contiguous(), grad_topk.sum(dim=1), topk_indices.contiguous()] if with_topk else [
+        lse, lse, labels]
     buffer = hidden.new_empty((n_rows, min(cfg.bwd_chunk_v, vocab_size)))
     for begin in range(0, vocab_size, cfg.bwd_chunk_v):
         width = min(cfg.bwd_chunk_v, vocab_size - begin)
@@ -229,7 +253,7 @@ def _launch_bwd_out(
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
             HAS_BIAS=bias is not None, HAS_ORDER=True, HAS_SOFTCAP=softcap > 0,
             HAS_GRAD_ENTROPY=present(grad_entropy), HAS_GRAD_SUM_SQ=present(grad_sum_sq),
-            HAS_GRAD_MEAN=present(grad_mean_over_v), WRITE_GRAD_BIAS=write_bias,
+            HAS_GRAD_MEAN=present(grad_mean_over_v), TOP_K=top_k, WRITE_GRAD_BIAS=write_bias,
             DOT_MODE=cfg.dot_mode, ACC=acc_dtype(hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         grad_chunk = buffer[:, :width]
@@ -258,12 +282,6 @@ def _launch_bwd(
 # ---------------------------------------------------------------------------------------------------
 # Routing ops (what autograd and torch.compile see) and autograd.
 # ---------------------------------------------------------------------------------------------------
-def _route_stats(hidden: Tensor, *args) -> tuple[Tensor, ...]:
-    return _dispatch.route(
-        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
-    )(hidden, *args)
-
-
 @kernel_op("linear_logprobs_stats")
 def linear_logprobs_stats(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
@@ -272,10 +290,10 @@ def linear_logprobs_stats(
     """Row accumulators (m, s, t, z_label) [N] over this weight's vocabulary rows; labels are global ids,
     this weight's row j is vocabulary entry vocab_start + j (z_label is 0 where the label is elsewhere).
     With ``ignore_index``, rows labelled with it are skipped (m = −inf, s = t = z_label = 0)."""
-    m, s, t, z_label, _, _ = _route_stats(
-        hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, 1.0, 0.0, False, False,
-        ignore_index, batch_invariant,
-    )
+    m, s, t, z_label, *_ = _dispatch.route(
+        FAMILY, hidden.device, triton=_launch_stats, torch=cpu.linear_logprobs_stats_torch
+    )(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, 1.0, 0.0, False, False,
+      ignore_index, batch_invariant)
     return m, s, t, z_label
 
 
@@ -284,14 +302,19 @@ def linear_logprobs_fwd(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temperature: float,
     ignore_index: int, with_entropy: bool, logit_scale: float = 1.0, softcap: float = 0.0,
     with_sum_sq: bool = False, with_top1: bool = False, with_mean: bool = False,
-    batch_invariant: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logprobs, entropy, sum_sq_probs, top1_match, mean_logit [N] or [0], lse [N]) for hidden [N, H],
-    weight [V, H], labels [N]; softcap 0 means none."""
-    acc = _route_stats(
-        hidden, weight, bias, labels, inv_temperature, 0, with_entropy, logit_scale, softcap, with_sum_sq,
-        with_mean, ignore_index, batch_invariant,
-    )
+    batch_invariant: bool = False, top_k: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, sum_sq_probs, top1_match, mean_logit [N] or [0], topk_logprobs [N, k] or [0],
+    topk_indices [N, k] int64 or [0], lse [N]) for hidden [N, H], weight [V, H], labels [N] (as
+    token_stats_fwd); softcap 0 means none, top_k 0 no top-k."""
+    args = (hidden, weight, bias, labels, inv_temperature, 0, with_entropy, logit_scale, softcap)
+    rest = (with_mean, ignore_index, batch_invariant, top_k)
+    # The PyTorch path's log-sum-exp-only fold keeps no row maximum for top-1 to compare with: with
+    # top1_match it takes the exponentials' fold (whose Σp² is then dropped).
+    acc = _dispatch.route(
+        FAMILY, hidden.device, triton=lambda: _launch_stats(*args, with_sum_sq, *rest),
+        torch=lambda: cpu.linear_logprobs_stats_torch(*args, with_sum_sq or with_top1, *rest),
+    )()
     return cpu.finalize_stats(
         acc, labels, weight.shape[0], ignore_index, with_entropy, with_sum_sq, with_top1, with_mean
     )
@@ -304,10 +327,12 @@ def linear_logprobs_bwd(
     vocab_total: int, need_hidden: bool, need_weight: bool, need_bias: bool,
     grad_sum_sq: Tensor | None = None, grad_mean: Tensor | None = None, sum_sq: Tensor | None = None,
     logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False,
+    grad_topk: Tensor | None = None, topk_indices: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d_hidden [N, H] in the compute dtype, d_weight [V, H], d_bias [V]); each is [0] when not needed.
-    grad_entropy is [0] when the entropy has no gradient, grad_sum_sq / grad_mean None when those have
-    none; lse, entropy and sum_sq are the global (all-rank) row values.  An out-of-range label produced a
+    grad_entropy is [0] when the entropy has no gradient, grad_sum_sq / grad_mean / grad_topk (with the
+    forward's topk_indices [N, k]) None when those have none; lse, entropy and sum_sq are the global
+    (all-rank) row values.  An out-of-range label produced a
     NaN log-prob: its gradient is NaN too, never a number."""
     valid = ((labels >= 0) & (labels < vocab_total)) | (labels == ignore_index)
     grad_logprobs = torch.where(valid, grad_logprobs, float("nan")).contiguous()
@@ -316,30 +341,34 @@ def linear_logprobs_bwd(
         grad_logprobs, grad_entropy.contiguous(), hidden, weight, bias, labels, lse, entropy,
         inv_temperature, ignore_index, vocab_start, need_hidden, need_weight, need_bias,
         None if grad_sum_sq is None else grad_sum_sq.contiguous(), grad_mean_over_v, sum_sq,
-        logit_scale, softcap, batch_invariant,
+        logit_scale, softcap, batch_invariant, None if grad_topk is None else grad_topk.contiguous(),
+        topk_indices,
     )
 
 
 def save_for_backward(ctx, hidden, weight, bias, labels, lse, entropy, inv_temperature: float,
                       ignore_index: int, vocab_start: int, vocab_total: int, sum_sq=None,
-                      logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False) -> None:
+                      logit_scale: float = 1.0, softcap: float = 0.0, batch_invariant: bool = False,
+                      topk_indices=None) -> None:
     """What :func:`backward_grads` reads, for both autograd wirings (this one and parallel.py's)."""
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy,
-                          lse.new_empty(0) if sum_sq is None else sum_sq)
+                          lse.new_empty(0) if sum_sq is None else sum_sq,
+                          topk_indices if topk_indices is not None and topk_indices.dim() == 2 else None)
     ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
     ctx.vocab_start, ctx.vocab_total = vocab_start, vocab_total
     ctx.transform = (logit_scale, softcap, batch_invariant)
     ctx.set_materialize_grads(False)
 
 
-def backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq=None, grad_mean=None):
+def backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq=None, grad_mean=None, grad_topk=None):
     """(d_hidden in the compute dtype or None, d_weight or None, d_bias or None)."""
-    hidden, weight, bias, labels, lse, entropy, sum_sq = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, entropy, sum_sq, topk_indices = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
-    # sum_sq_probs and mean_logit are [0] when not requested: their gradient is then no gradient
+    # sum_sq_probs, mean_logit and the top-k are [0] when not requested: their gradient is then none
     grad_sum_sq, grad_mean = (g if g is not None and g.numel() else None for g in (grad_sum_sq, grad_mean))
-    upstream = (grad_logprobs, grad_entropy, grad_sum_sq, grad_mean)
+    grad_topk = grad_topk if topk_indices is not None else None
+    upstream = (grad_logprobs, grad_entropy, grad_sum_sq, grad_mean, grad_topk)
     if all(g is None for g in upstream) or not (need_hidden or need_weight or need_bias):
         return None, None, None
     if grad_logprobs is None:
@@ -351,26 +380,29 @@ def backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq=None, grad_mean
         ctx.inv_temperature, ctx.ignore_index, ctx.vocab_start, ctx.vocab_total,
         need_hidden, need_weight, need_bias, grad_sum_sq, grad_mean,
         None if grad_sum_sq is None else sum_sq, *ctx.transform,
+        grad_topk, None if grad_topk is None else topk_indices,
     )
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
             d_bias if need_bias else None)
 
 
-_FWD_DEFAULTS = (1.0, 0.0, False, False, False, False)  # logit_scale ... batch_invariant
+_FWD_DEFAULTS = (1.0, 0.0, False, False, False, False, 0)  # logit_scale ... batch_invariant, top_k
 
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.n_inputs = len(inputs)
     inputs = tuple(inputs) + _FWD_DEFAULTS[len(inputs) - 7 :]
     hidden, weight, bias, labels, inv_temperature, ignore_index, _, logit_scale, softcap = inputs[:9]
-    _, entropy, sum_sq, top1, _, lse = output
-    ctx.mark_non_differentiable(top1, lse)
+    _, entropy, sum_sq, top1, _, _, topk_indices, lse = output
+    ctx.mark_non_differentiable(top1, topk_indices, lse)
     save_for_backward(ctx, hidden, weight, bias, labels, lse, entropy, inv_temperature, ignore_index,
-                      0, weight.shape[0], sum_sq, logit_scale, softcap, inputs[12])
+                      0, weight.shape[0], sum_sq, logit_scale, softcap, inputs[12], topk_indices)
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, grad_sum_sq, _grad_top1, grad_mean, _grad_lse):
-    d_hidden, d_weight, d_bias = backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq, grad_mean)
+def _backward(ctx, grad_logprobs, grad_entropy, grad_sum_sq, _grad_top1, grad_mean, grad_topk, _grad_index,
+              _grad_lse):
+    d_hidden, d_weight, d_bias = backward_grads(ctx, grad_logprobs, grad_entropy, grad_sum_sq, grad_mean,
+                                                grad_topk)
     if d_hidden is not None:
         d_hidden = d_hidden.to(ctx.saved_tensors[0].dtype)  # the one rounding of d_hidden
     return (d_hidden, d_weight, d_bias) + (None,) * (ctx.n_inputs - 3)
@@ -509,6 +541,7 @@ def linear_token_stats(
     sum_sq_probs: bool = False,
     top1_match: bool = False,
     mean_logit: bool = False,
+    top_k: int = 0,
     ignore_index: int = -100,
     batch_invariant: bool = False,
 ) -> TokenStats:
@@ -522,30 +555,42 @@ def linear_token_stats(
             before the temperature, as Gemma-2).
         entropy: H = −Σ p log p.  sum_sq_probs: Σ p² (verl's optimal-token baseline).  top1_match: 1.0
             where the label's logit is the row's maximum (ties count), else 0.0.  mean_logit: Σ x'/V.
-            (token_stats' top-k is not available here yet.)
+        top_k: 0, or 1 ≤ k ≤ min(64, V): the k largest log p per position, descending, and their token
+            indices (int64; ties go to the smaller index), as token_stats_from_logits.
 
     Returns:
-        :class:`rlhf_kernels.TokenStats`: ``logprobs`` [...] and the requested fields [...] float32
-        (topk fields None).  Differentiable with respect to hidden, weight and bias through logprobs,
-        entropy, sum_sq_probs and mean_logit (gradients: this module's docstring); top1_match is not.
+        :class:`rlhf_kernels.TokenStats`: ``logprobs`` [...] and the requested fields, [...] or [..., k]
+        for the top-k, float32 (float64 for float64 inputs); fields not requested are None.
+        Differentiable with respect to hidden, weight and bias through logprobs, entropy, sum_sq_probs,
+        mean_logit and topk_logprobs (gradients: this module's docstring, plus Σ_k w_k (1[j = i_k] − p_j)
+        for upstream w of the top-k log-probs); top1_match and topk_indices are not.
 
     Example: hidden [[1, 0]], weight [[0, 0], [0, 0], [ln 2, 0]] (logits [0, 0, ln 2]), labels [2] give
-    logprobs [ln ½], sum_sq_probs [0.375], top1_match [1.0], mean_logit [ln 2 / 3].
+    logprobs [ln ½], sum_sq_probs [0.375], top1_match [1.0], mean_logit [ln 2 / 3], and with top_k=2
+    topk_logprobs [[ln ½, ln ¼]], topk_indices [[2, 0]].
     """
     logit_scale = check_positive("logit_scale", logit_scale)
     softcap = 0.0 if softcap is None else check_positive("softcap", softcap)
     flags = tuple(_check_bool(name, value) for name, value in (
         ("entropy", entropy), ("sum_sq_probs", sum_sq_probs), ("top1_match", top1_match),
         ("mean_logit", mean_logit), ("batch_invariant", batch_invariant)))
+    top_k = check_int("top_k", top_k)
     hidden2d, flat_labels, inv_temperature, ignore_index = _prepare(
         hidden, weight, labels, bias, temperature, ignore_index
     )
+    vocab_size = weight.shape[0]
+    if not 0 <= top_k <= min(TOP_K_MAX, vocab_size):
+        raise ValueError(
+            f"top_k must be 0 (off) or in [1, min({TOP_K_MAX}, V = {vocab_size})]; got {top_k}"
+        )
     out = linear_logprobs_fwd(
         hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, flags[0], logit_scale, softcap,
-        *flags[1:],
+        *flags[1:], top_k,
     )
     shape = labels.shape
     fields = [out[0].view(shape)] + [o.view(shape) if on else None for o, on in zip(out[1:5], flags)]
+    if top_k:
+        fields += [out[5].view(*shape, top_k), out[6].view(*shape, top_k)]
     return TokenStats(*fields)
 
 

@@ -50,7 +50,7 @@ def linear_token_stats(
     **options,
 ) -> TokenStats:
     """``token_stats_from_logits``'s oracle on the float64 logits h Wᵀ + b (``options``: temperature,
-    logit_scale, softcap, entropy, sum_sq_probs, top1_match, mean_logit); differentiable in float64."""
+    logit_scale, softcap, entropy, sum_sq_probs, top1_match, mean_logit, top_k); differentiable in float64."""
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()

@@ -34,8 +34,13 @@ INVARIANT_ROWS = 256
 # Row accumulators, in this order: running max m, s = Σ e^{x'−m}, t = Σ e^{x'−m}(x'−m), the label's x',
 # q = Σ e^{2(x'−m)}, total = Σ x'.  t, q, total stay 0 unless requested.
 ACCUMULATORS = ("max", "sum", "tsum", "label_logit", "qsum", "total")
-# Outputs of the forward: (logprobs, entropy, sum_sq_probs, top1_match, mean_logit, lse).
-Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# With a top-k, two more: the k largest x' per row (descending) and their vocabulary entries (int64).
+# Outputs of the forward: token_stats' (logprobs, entropy, sum_sq_probs, top1_match, mean_logit,
+# topk_logprobs, topk_indices, lse).
+Outputs = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,10 +86,11 @@ def finalize_stats(
     acc: tuple[torch.Tensor, ...], labels: torch.Tensor, vocab_total: int, ignore_index: int,
     with_entropy: bool, with_sum_sq: bool, with_top1: bool, with_mean: bool,
 ) -> Outputs:
-    """(logprobs, entropy, sum_sq_probs, top1_match, mean_logit [N] or [0], lse [N]) from the merged
-    accumulators (:data:`ACCUMULATORS`).  top1_match compares the label's x' with the row max: both are
-    the same rounded value when the label is the argmax, so the test is exact."""
-    m, s, t, z_label, q, total = acc
+    """(logprobs, entropy, sum_sq_probs, top1_match, mean_logit [N] or [0], topk_logprobs, topk_indices
+    [N, k] or [0], lse [N]) from the merged accumulators (:data:`ACCUMULATORS`, then the top-k x' and
+    indices [N, k] or [0]).  top1_match compares the label's x' with the row max: both are the same
+    rounded value when the label is the argmax, so the test is exact."""
+    m, s, t, z_label, q, total, top_values, top_index = acc
     logprobs, entropy, lse = finalize(m, s, t, z_label, labels, vocab_total, ignore_index, with_entropy)
     ignored = labels == ignore_index
     empty = lambda: lse.new_empty(0)  # noqa: E731  (one each: a custom op's outputs may not alias)
@@ -94,7 +100,39 @@ def finalize_stats(
         valid = (labels >= 0) & (labels < vocab_total) & ~lse.isnan()
         top1 = torch.where(ignored, 0.0, torch.where(valid, (z_label == m).to(lse.dtype), float("nan")))
     mean = torch.where(ignored, 0.0, total / vocab_total) if with_mean else empty()
-    return logprobs, entropy, sum_sq, top1, mean, lse
+    if top_values.numel():
+        kept = ~ignored.unsqueeze(1)
+        topk_logprobs = torch.where(kept, top_values - lse.unsqueeze(1), 0.0)
+        topk_indices = torch.where(kept, top_index, 0)
+    else:
+        topk_logprobs, topk_indices = empty(), top_index.new_empty(0)
+    return logprobs, entropy, sum_sq, top1, mean, topk_logprobs, topk_indices, lse
+
+
+def chunk_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of z [n, width] (k ≤ width) and their columns, as a set in which
+    ties at the k-th value went to the smaller columns (torch.topk leaves that choice to the
+    implementation).  Rows where an entry equal to the k-th value was left out take a stable sort: on the
+    CPU those rows only, elsewhere every row (selecting them would sync)."""
+    values, index = z.topk(k, dim=1)
+    kth = values[:, -1:]
+    short = (z == kth).sum(dim=1) > (values == kth).sum(dim=1)
+    rows = short.nonzero().squeeze(1) if z.device.type == "cpu" else None
+    if rows is None or rows.numel():
+        tied = z if rows is None else z[rows]
+        order = torch.sort(tied, dim=1, descending=True, stable=True)
+        if rows is None:
+            return order.values[:, :k], order.indices[:, :k]
+        values[rows], index[rows] = order.values[:, :k], order.indices[:, :k]
+    return values, index
+
+
+def merge_topk(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of candidate sets [n, c] (distinct indices per row) in the order value descending, then
+    index ascending (NaN first, as torch.sort): a sort by index, then a stable sort by value."""
+    index, by_index = index.sort(dim=1)
+    values, by_value = values.gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    return values[:, :k], index.gather(1, by_value[:, :k])
 
 
 def empty_grads(
@@ -158,8 +196,9 @@ def _logits_chunk(h, w, b, logit_scale, softcap, inv_temperature, with_slope=Fal
 
 
 def _fold(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, logit_scale, softcap,
-          with_sum_sq, with_mean, batch_invariant):
-    """The row accumulators (:data:`ACCUMULATORS`) over every row of ``hidden``."""
+          with_sum_sq, with_mean, batch_invariant, top_k=0):
+    """The row accumulators (:data:`ACCUMULATORS`) over every row of ``hidden``, then the top-k x' and
+    their indices [N, k] (or [0]): each chunk's top-k merged into the running set, chunk after chunk."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     acc = compute_dtype(hidden)
     m = torch.full((n_rows,), float("-inf"), dtype=acc, device=hidden.device)
@@ -167,13 +206,23 @@ def _fold(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entro
     rows_per_chunk, vocab_per_chunk = chunk_sizes(n_rows, vocab_size, hidden.shape[1], batch_invariant)
     local = labels.long() - vocab_start
     exponentials = with_entropy or with_sum_sq
+    top_values = m.new_empty(n_rows, 0)
+    top_index = labels.new_empty(n_rows, 0, dtype=torch.int64)
     for v0 in range(0, vocab_size, vocab_per_chunk):
         width = min(vocab_per_chunk, vocab_size - v0)
+        if top_k:  # the running set grows to k entries over the first chunks
+            kept = min(top_k, top_values.shape[1] + width)
+            merged_values, merged_index = m.new_empty(n_rows, kept), top_index.new_empty(n_rows, kept)
         w = weight[v0 : v0 + width].to(acc)  # an alias for weights in the compute dtype: only read
         b = None if bias is None else bias[v0 : v0 + width].to(acc)
         for r, n, h in _row_chunks(hidden, rows_per_chunk, batch_invariant):
             z, _ = _logits_chunk(h, w, b, logit_scale, softcap, inv_temperature)
             z = z[:n]
+            if top_k:  # before z is overwritten below
+                values, index = chunk_topk(z, min(top_k, width))
+                merged_values[r], merged_index[r] = merge_topk(
+                    torch.cat((top_values[r], values), 1), torch.cat((top_index[r], index + v0), 1), kept
+                )
             col = local[r] - v0
             hit = (col >= 0) & (col < width)
             z_hit = z.gather(1, col.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
@@ -196,7 +245,8 @@ def _fold(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entro
             if with_sum_sq:
                 q[r] = rebase_sq(m[r], s[r], q[r], m_new)
             z.sub_(m_ref.unsqueeze(1))  # z − m in place (the chunk's own product): one chunk alive besides e
-            e = z.exp()
+            # without the entropy, z − m is not needed again: the exponentials overwrite it (no allocation)
+            e = z.exp() if with_entropy else z.exp_()
             s[r] = s_old + e.sum(dim=1)
             if with_sum_sq:
                 q[r] += torch.linalg.vector_norm(e, dim=1).square_()
@@ -206,7 +256,11 @@ def _fold(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entro
                 t[r] = t_old + e.mul_(z.clamp_(min=torch.finfo(acc).min)).sum(dim=1)
             m[r] = m_new
             del z, e  # before the next chunk's are allocated
-    return m, s, t, z_label, q, total
+        if top_k:
+            top_values, top_index = merged_values, merged_index
+    if not top_k:
+        top_values, top_index = m.new_empty(0), top_index.new_empty(0)
+    return m, s, t, z_label, q, total, top_values, top_index
 
 
 @without_autocast
@@ -224,51 +278,65 @@ def _stats(
     with_mean: bool = False,
     ignore_index: int | None = None,
     batch_invariant: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    extras = (logit_scale, softcap, with_sum_sq, with_mean, batch_invariant)
+    top_k: int = 0,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]:
+    extras = (logit_scale, softcap, with_sum_sq, with_mean, batch_invariant, top_k)
     active = active_rows(labels, ignore_index)
     if active is None:
         return _fold(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, *extras)
     part = _fold(hidden[active], weight, bias, labels[active], inv_temperature, vocab_start, with_entropy,
                  *extras)
-    out = _stats_fake(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy)
-    for full, value, neutral in zip(out, part, (float("-inf"), 0, 0, 0, 0, 0), strict=True):
-        full.fill_(neutral)[active] = value  # an ignored row holds the accumulators of no entry at all
+    out = _stats_fake(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, top_k=top_k)
+    for full, value, neutral in zip(out, part, (float("-inf"), 0, 0, 0, 0, 0, 0, 0), strict=True):
+        if full.numel():  # an ignored row holds the accumulators of no entry at all
+            full.fill_(neutral)[active] = value
     return out
 
 
-def _stats_fake(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, *rest):
+def _stats_fake(hidden, weight, bias, labels, inv_temperature, vocab_start, with_entropy, logit_scale=1.0,
+                softcap=0.0, with_sum_sq=False, with_mean=False, ignore_index=None, batch_invariant=False,
+                top_k=0):
     out = hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden))
-    return (out,) + tuple(torch.empty_like(out) for _ in range(5))
+    top = (hidden.shape[0], top_k) if top_k else (0,)
+    return (out,) + tuple(torch.empty_like(out) for _ in range(5)) + (
+        out.new_empty(top), out.new_empty(top, dtype=torch.int64))
 
 
 def _grad_chunk(h, w, b, lse, entropy, g, eta, q2, coef, r_mean, col, width, logit_scale, softcap,
-                inv_temperature):
+                inv_temperature, topk_w=None, topk_col=None):
     """G·dx'/dx for one chunk (rows of h × entries of w): with p = e^{x' − lse},
-    G = p·(coef + 2q·p) − η·p·(log p + H) + r/V + g·1[j = y], coef = −g − 2q·S (upstream gradients g, η,
-    q2 = 2q, r_mean = r/V per row, each [rows, 1] or None; folded with the constant slope by the caller
-    when there is no soft cap)."""
+    G = p·(coef + 2q·p) − η·p·(log p + H) + r/V + g·1[j = y] + Σ_k w_k·1[j = i_k],
+    coef = −g − 2q·S − Σ_k w_k (upstream gradients g, η, q2 = 2q, r_mean = r/V per row, each [rows, 1] or
+    None, and topk_w = w [rows, k] at the chunk's columns topk_col; folded with the constant slope by the
+    caller when there is no soft cap)."""
     logp, slope = _logits_chunk(h, w, b, logit_scale, softcap, inv_temperature, with_slope=True)
     logp.sub_(lse)
-    p = logp.exp()
+    # One chunk-sized temporary at most besides the product: p overwrites log p unless the entropy or
+    # Σp² needs a second buffer, and G overwrites p (r/V added in the same pass).
+    p = logp.exp_() if eta is None and q2 is None else logp.exp()
     if eta is not None:
         # p·(log p + H), with log p = -inf clamped so that masked entries give 0, not NaN
         logp.clamp_(min=torch.finfo(logp.dtype).min).add_(entropy).mul_(p).mul_(eta)
-    grad = p.mul_(coef if q2 is None else torch.addcmul(coef, p, q2))  # p, turned into G in place
+    factor = coef if q2 is None else torch.addcmul(coef, p, q2, out=logp if eta is None else None)
+    grad = p.mul_(factor) if r_mean is None else torch.addcmul(r_mean, p, factor, out=p)
     if eta is not None:
         grad.sub_(logp)
-    del logp
-    if r_mean is not None:
-        grad.add_(r_mean)
+    del logp, factor
     hit = ((col >= 0) & (col < width)).unsqueeze(1)
     grad.scatter_add_(1, col.clamp(0, width - 1).unsqueeze(1), torch.where(hit, g, 0.0))
+    if topk_w is not None:  # top-k entries outside the chunk add 0 at a clamped column
+        hit = (topk_col >= 0) & (topk_col < width)
+        grad.scatter_add_(1, topk_col.clamp(0, width - 1), torch.where(hit, topk_w, 0.0))
     return grad if slope is None else grad.mul_(slope)
 
 
 def _bwd_rows(grads, hidden, weight, bias, labels, lse, entropy, sum_sq, inv_temperature, ignore_index,
               vocab_start, need_hidden, need_weight, need_bias, logit_scale, softcap, batch_invariant):
     """(d_hidden, d_weight, d_bias) over every row of ``hidden`` (ignored rows send zero)."""
-    grad_logprobs, grad_entropy, grad_sum_sq, grad_mean_over_v = grads
+    grad_logprobs, grad_entropy, grad_sum_sq, grad_mean_over_v, grad_topk, topk_indices = grads
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     acc = compute_dtype(hidden)
@@ -290,6 +358,11 @@ def _bwd_rows(grads, hidden, weight, bias, labels, lse, entropy, sum_sq, inv_tem
         coef = coef - q2 * sum_sq
     if grad_mean_over_v.numel():
         r_mean = grad_mean_over_v.to(acc) * c
+    topk_w = topk_local = None
+    if grad_topk.numel():
+        topk_w = grad_topk.to(acc) * c.unsqueeze(1)
+        coef = coef - topk_w.sum(dim=1)
+        topk_local = topk_indices - vocab_start
     column = lambda x, r: None if x is None else x[r].unsqueeze(1)  # noqa: E731
     for v0 in range(0, vocab_size, vocab_per_chunk):
         width = min(vocab_per_chunk, vocab_size - v0)
@@ -303,8 +376,9 @@ def _bwd_rows(grads, hidden, weight, bias, labels, lse, entropy, sum_sq, inv_tem
             pad = (0, 0, 0, h.shape[0] - n)  # zero coefficients on padded rows: zero gradient there
             per_row = [None if x is None else F.pad(column(x, r), pad)
                        for x in (lse, entropy if eta is not None else None, g, eta, q2, coef, r_mean)]
+            top = [None, None] if topk_w is None else [F.pad(topk_w[r], pad), F.pad(topk_local[r] - v0, pad)]
             grad = _grad_chunk(h, w, b, *per_row, F.pad(local[r] - v0, pad[2:]), width, logit_scale,
-                               softcap, inv_temperature)
+                               softcap, inv_temperature, *top)
             # an ignored (or padded) row's G is 0 whatever its logits hold, NaN included
             grad.masked_fill_(F.pad(kept[r], pad[2:]).unsqueeze(1) == 0, 0.0)
             if need_hidden and batch_invariant:  # the same fixed-shape product for every chunk
@@ -345,17 +419,21 @@ def _bwd(
     logit_scale: float = 1.0,
     softcap: float = 0.0,
     batch_invariant: bool = False,
+    grad_topk: torch.Tensor | None = None,
+    topk_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     need_bias = need_bias and bias is not None
     empty = lse.new_empty(0)
+    if grad_topk is None or topk_indices is None:
+        grad_topk, topk_indices = empty, labels.new_empty(0, dtype=torch.int64)
     per_row = [grad_logprobs, grad_entropy, empty if grad_sum_sq is None else grad_sum_sq,
-               empty if grad_mean_over_v is None else grad_mean_over_v, lse, entropy,
+               empty if grad_mean_over_v is None else grad_mean_over_v, grad_topk, topk_indices, lse, entropy,
                empty if sum_sq is None else sum_sq]
     active = active_rows(labels, ignore_index)
     rows = (hidden, labels) if active is None else (hidden[active], labels[active])
     if active is not None:
         per_row = [x[active] if x.numel() else x for x in per_row]
-    grads, (lse, entropy, sum_sq) = per_row[:4], per_row[4:]
+    grads, (lse, entropy, sum_sq) = per_row[:6], per_row[6:]
     d_hidden, d_weight, d_bias = _bwd_rows(
         grads, rows[0], weight, bias, *rows[1:], lse, entropy, sum_sq, inv_temperature, ignore_index,
         vocab_start, need_hidden, need_weight, need_bias, logit_scale, softcap, batch_invariant,
