@@ -68,7 +68,7 @@ from .._validation import (
 from ._launch import acc_dtype, cdiv, triton, without_autocast, wrap_triton
 from ._linear_logprobs_kernels import _GRAD_HIDDEN_BLOCK_H, LinearLogprobsConfig, _launch_config
 from .cpu import linear_logprobs as cpu
-from .token_stats import TOP_K_MAX, TokenStats, _scalars
+from .token_stats import TokenStats, _scalars, check_top_k
 
 if triton is not None:
     from ._linear_logprobs_kernels import (
@@ -574,15 +574,10 @@ def linear_token_stats(
     flags = tuple(_check_bool(name, value) for name, value in (
         ("entropy", entropy), ("sum_sq_probs", sum_sq_probs), ("top1_match", top1_match),
         ("mean_logit", mean_logit), ("batch_invariant", batch_invariant)))
-    top_k = check_int("top_k", top_k)
     hidden2d, flat_labels, inv_temperature, ignore_index = _prepare(
         hidden, weight, labels, bias, temperature, ignore_index
     )
-    vocab_size = weight.shape[0]
-    if not 0 <= top_k <= min(TOP_K_MAX, vocab_size):
-        raise ValueError(
-            f"top_k must be 0 (off) or in [1, min({TOP_K_MAX}, V = {vocab_size})]; got {top_k}"
-        )
+    top_k = check_top_k(top_k, weight.shape[0])
     out = linear_logprobs_fwd(
         hidden2d, weight, bias, flat_labels, inv_temperature, ignore_index, flags[0], logit_scale, softcap,
         *flags[1:], top_k,

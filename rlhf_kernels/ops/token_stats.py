@@ -52,6 +52,16 @@ from .logprobs import _check_logits, check_flag, forward_row_layout, label_vocab
 
 FAMILY = "token_stats"
 TOP_K_MAX = cpu.TOP_K_MAX
+
+
+def check_top_k(top_k: object, vocab_size: int) -> int:
+    """``top_k``: 0 (off) or 1 ≤ k ≤ min(TOP_K_MAX, V) (also used by ``linear_token_stats``)."""
+    top_k = check_int("top_k", top_k)
+    if not 0 <= top_k <= min(TOP_K_MAX, vocab_size):
+        raise ValueError(
+            f"top_k must be 0 (off) or in [1, min({TOP_K_MAX}, V = {vocab_size})]; got {top_k}"
+        )
+    return top_k
 _dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
 
 
@@ -562,12 +572,8 @@ def token_stats_from_logits(
     logit_scale = check_positive("logit_scale", logit_scale)
     softcap = 0.0 if softcap is None else check_positive("softcap", softcap)
     ignore_index = check_int("ignore_index", ignore_index)
-    top_k = check_int("top_k", top_k)
     vocab_size = logits.shape[-1]
-    if not 0 <= top_k <= min(TOP_K_MAX, vocab_size):
-        raise ValueError(
-            f"top_k must be 0 (off) or in [1, min({TOP_K_MAX}, V = {vocab_size})]; got {top_k}"
-        )
+    top_k = check_top_k(top_k, vocab_size)
     check_flag("batch_invariant", batch_invariant)
     flags = (bool(entropy), bool(sum_sq_probs), bool(top1_match), bool(mean_logit))
     if process_group is not None and (flags[2] or flags[3] or top_k):
