@@ -298,6 +298,25 @@ def test_preference_pairs_are_the_reward_models_comparisons():
         ),
         (["--algo", "grpo", "--group_size", "3"], "--rollout_batch 16 must be a multiple of --group_size 3"),
         (["--algo", "dpo", "--dpo_loss_type", "nope"], "--dpo_loss_type must be one of sigmoid"),
+        (
+            ["--algo", "grpo", "--policy_loss", "gspo", "--fused_loss", "true"],
+            "--policy_loss gspo cannot be fused (its ratio is per sequence)",
+        ),
+        (
+            ["--algo", "rloo", "--policy_loss", "clip_cov", "--fused_loss", "true"],
+            "--policy_loss clip_cov cannot be fused",
+        ),
+        (
+            ["--algo", "rloo", "--policy_loss", "bypass_mode", "--fused_loss", "true"],
+            "--policy_loss bypass_mode cannot be fused",
+        ),
+        (["--algo", "dpo", "--fused_loss", "true"], "--fused_loss applies to ppo and the critic-free"),
+        (
+            ["--algo", "grpo", "--rollout_rs", "token_k1", "--rollout_rs_threshold", "0.5"],
+            "--rollout_rs token_k1 keeps ratios in [1/u, u]: --rollout_rs_threshold must be > 1; got 0.5",
+        ),
+        (["--algo", "dpo", "--rollout_rs", "seq_mean_k3"], "--rollout_rs applies to ppo and the critic-free"),
+        (["--rollout_rs", "token_k9"], "--rollout_rs must be one of none, token_k1"),
     ],
 )
 def test_a_bad_algorithm_flag_is_one_line_before_any_work(tmp_path, capsys, argv, message):
@@ -381,3 +400,228 @@ def test_the_ops_the_algorithms_use_exist():
     names = ("compute_advantages", "get_policy_loss", "rollout_correction", "dpo_loss", "simpo_loss")
     names += ("orpo_loss", "kto_loss", "ranking_hinge_loss", "broadcast_to_tokens", "bypass_mode_policy_loss")
     assert all(callable(getattr(rlhf_kernels, n)) for n in names)
+
+
+# --------------------------------------------------------------------------------------------------
+# --fused_loss: rlhf_kernels.linear_policy_loss in the trainer
+# --------------------------------------------------------------------------------------------------
+def _minibatch(cfg, model, B=6, seed=0):
+    """A minibatch as the trainer slices it from a rollout: sampled responses of ``model``, perturbed old
+    and reference log-probs (ratios away from 1, some clipped), random advantages, returns, IS weights."""
+    from rlhf_kernels.trainer.model import generate
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts = LabelerTask(cfg).sample_prompts(B, gen)
+    responses, response_mask = generate(
+        model, prompts.ids, prompts.mask, max_new_tokens=cfg.max_new_tokens, generator=gen
+    )
+    ids, mask = join(prompts, responses, response_mask)
+    labels = response_labels(responses, response_mask)
+    with torch.no_grad():
+        out = model(ids, mask, labels, return_values=True)
+    noise = lambda scale: torch.randn(labels.shape, generator=gen) * scale  # noqa: E731
+    return dict(
+        ids=ids,
+        mask=mask,
+        labels=labels,
+        response_mask=response_mask,
+        old_logprobs=torch.where(response_mask, out.logprobs + noise(0.3), 0.0),
+        ref_logprobs=torch.where(response_mask, out.logprobs + noise(0.2), 0.0),
+        old_values=out.values[:, -labels.shape[1] - 1 : -1] + noise(0.1),
+        advantages=noise(1.0),
+        returns=noise(1.0),
+        is_weights=torch.rand(labels.shape, generator=gen) + 0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "algo, overrides",
+    [
+        ("ppo", dict(clip_high=0.28, dual_clip=3.0)),
+        ("grpo", dict(loss_agg="seq-mean-token-mean")),
+        ("grpo", dict(policy_loss="cispo")),
+        ("reinforce", dict(loss_agg="seq-mean-token-sum")),  # gpg
+    ],
+)
+def test_fused_loss_gives_the_unfused_loss_terms_and_gradients(algo, overrides):
+    """One minibatch from one state: ``--fused_loss`` (linear_policy_loss from the hidden states) against
+    the log-probs path (lm_head → logprobs_from_logits → the policy loss, entropy, kl_loss): loss and every
+    logged term within 1e-5 relative, every gradient within 1e-4 relative + 1e-6 of the largest (fp32 on
+    CPU: both paths sum the same fp32 products in a different order, ~1e-7 per op, and the loss is a mean
+    over a few hundred tokens; the gradients of the attention key bias are 0 in exact arithmetic — softmax
+    ignores a shift — so both paths hold rounding noise there, hence the absolute part)."""
+    from rlhf_kernels.trainer.critic_free import critic_free_loss, fused_critic_free_loss
+    from rlhf_kernels.trainer.ppo import fused_loss_kwargs, ppo_loss
+
+    cfg = make_config("micro", algo=algo, ent_coef=0.01, kl_loss_coef=0.1, rollout_is="token", **overrides)
+    assert algorithm_problems(cfg) == []
+    torch.manual_seed(0)
+    model = PolicyValueModel(cfg)
+    mb = _minibatch(cfg, model)
+    ppo = algo == "ppo"
+    default = {"ppo": "ppo", "reinforce": "gpg"}.get(algo, "vanilla")
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        kwargs = dict(policy_loss=fused_loss_kwargs(cfg, mb, default)) if fused else dict(return_entropy=True)
+        out = model(mb["ids"], mb["mask"], mb["labels"], return_values=ppo, **kwargs)
+        if ppo:
+            loss, terms = ppo_loss(cfg, out, mb)
+        elif fused:
+            loss, terms = fused_critic_free_loss(cfg, out, mb, default)
+        else:
+            loss, terms = critic_free_loss(cfg, out.logprobs, out.entropy, mb, default)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), {k: v.detach() for k, v in terms.items()}, grads))
+    (loss, terms, grads), (fused_loss, fused_terms, fused_grads) = results
+    assert list(fused_terms) == list(terms)  # the same metrics, in the same order
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-7)
+    for key in terms:
+        torch.testing.assert_close(fused_terms[key], terms[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert terms["kl_loss"] > 0 and terms["entropy"] > 0 and grads.keys() == fused_grads.keys()
+    assert ("value_head.weight" in grads) == ppo
+    largest = max(g.abs().max() for g in grads.values())
+    for key in grads:
+        torch.testing.assert_close(fused_grads[key], grads[key], rtol=1e-4, atol=1e-6 * largest, msg=key)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_a_fused_loss_step_updates_the_parameters_as_the_unfused_one(base, tmp_path, algo):
+    """One PPO step (4 AdamW updates on 2 minibatches × 2 epochs) from the same SFT/reward state, with and
+    without --fused_loss: the same rollout, the step's metrics within 5e-5 relative (+1e-7: approx_kl is a
+    mean of near-cancelling terms) — the later minibatches start from parameters that already differ by
+    the first update's rounding — and the parameter updates within 1e-3 of each tensor's largest update.
+    Excluded: the attention key bias, whose gradient is 0 in exact arithmetic (so AdamW scales each path's
+    rounding noise up to a step of order lr·|noise|/(|noise| + eps); its difference is bounded by lr)."""
+    overrides = dict(algo=algo, ppo_steps=1, ent_coef=0.01, kl_loss_coef=0.1)
+    if algo == "grpo":
+        overrides["rollout_is"] = "token"
+    _run_from(base, tmp_path / "plain", **overrides)
+    _run_from(base, tmp_path / "fused", fused_loss=True, **overrides)
+    (plain,), (fused,) = _records(tmp_path / "plain"), _records(tmp_path / "fused")
+    assert plain.keys() == fused.keys()
+    for key in plain.keys() - TIMING:
+        if isinstance(plain[key], float):
+            assert fused[key] == pytest.approx(plain[key], rel=5e-5, abs=1e-7), key
+        else:
+            assert fused[key] == plain[key], key
+    for key in ("score", "gold", "kl", "tokens"):  # the rollout itself is the same code path: bit-identical
+        assert fused[key] == plain[key]
+    sft = ckpt.load(tmp_path / "plain" / "checkpoints" / "sft.pt")["model"]
+    after = [ckpt.load(tmp_path / d / "checkpoints" / "ppo.pt")["policy"] for d in ("plain", "fused")]
+    cfg = make_config("micro")
+    D = cfg.d_model
+    for key, start in sft.items():
+        if not start.is_floating_point():
+            continue
+        moved_plain, moved_fused = after[0][key] - start, after[1][key] - start
+        if key.endswith("attn.qkv.bias"):
+            assert (moved_fused - moved_plain).abs().max() <= 2 * cfg.ppo_lr * 4  # 4 steps of at most ~lr
+            keep = torch.ones(3 * D, dtype=torch.bool)
+            keep[D : 2 * D] = False  # the key bias
+            moved_plain, moved_fused = moved_plain[keep], moved_fused[keep]
+        scale = moved_plain.abs().max()
+        assert (moved_fused - moved_plain).abs().max() <= 1e-3 * scale, key
+
+
+def test_a_fused_loss_run_resumes_bit_identically(base, tmp_path):
+    """--fused_loss on the micro preset (grpo): halted after step 2, resumed, the same as uninterrupted."""
+    full = _run_from(base, tmp_path / "full", algo="grpo", fused_loss=True, ent_coef=0.01)
+    start_from(base[0], tmp_path / "cut")
+    with pytest.raises(SystemExit, match="halted after PPO step 2"):
+        train(
+            _micro(
+                tmp_path / "cut", resume=True, algo="grpo", fused_loss=True, ent_coef=0.01, halt_after_step=2
+            )
+        )
+    cut = train(_micro(tmp_path / "cut", resume=True, algo="grpo", fused_loss=True, ent_coef=0.01))
+    assert cut["resumed_from"] == "ppo" and math.isfinite(full["ppo_gold"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
+    records = _records(tmp_path / "full")
+    assert strip(_records(tmp_path / "cut")) == strip(records) and all("entropy" in r for r in records)
+    weights = [ckpt.load(tmp_path / d / "checkpoints" / "ppo.pt")["policy"] for d in ("cut", "full")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The Σπ² estimators and gdpo
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused_lm_head", [True, False])
+def test_the_model_returns_sum_pi_squared_from_its_log_prob_pass(fused_lm_head):
+    cfg = make_config("micro", fused_lm_head=fused_lm_head)
+    torch.manual_seed(0)
+    model = PolicyValueModel(cfg).eval()
+    mb = _minibatch(cfg, model, B=5)
+    with torch.no_grad():
+        out = model(mb["ids"], mb["mask"], mb["labels"], temperature=0.7, return_sum_sq_probs=True)
+        plain = model(mb["ids"], mb["mask"], mb["labels"], temperature=0.7)
+        R = mb["labels"].shape[1]
+        hidden = model.backbone(mb["ids"], mb["mask"])[:, -R - 1 : -1]
+        probs = (model.lm_head(hidden).double() / 0.7).softmax(-1)
+    expected = torch.where(mb["response_mask"], probs.square().sum(-1), 0.0)
+    torch.testing.assert_close(out.sum_sq_probs.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.logprobs, plain.logprobs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["optimal_token_baseline", "tir_optimal_token_baseline", "gdpo"])
+def test_the_sum_pi_squared_estimators_and_gdpo_train(base, tmp_path, estimator, monkeypatch):
+    """The estimators that needed Σπ² (or one score per reward model) run on the micro preset, with the
+    rollout's own inputs: Σπ² of the old-log-prob pass, the IS weights, the reward models' scores."""
+    seen = {}
+    original = rlhf_kernels.compute_advantages
+
+    def recording(name, *args, **kwargs):
+        seen[name] = kwargs
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(rlhf_kernels, "compute_advantages", recording)
+    summary = _run_from(base, tmp_path, algo="grpo", adv_estimator=estimator, rollout_is="token", ppo_steps=2)
+    assert math.isfinite(summary["ppo_gold"]) and len(_records(tmp_path)) == 2
+    kwargs = seen[estimator]
+    if estimator == "gdpo":
+        scores = kwargs["reward_scores"]
+        assert (
+            scores.shape == (16, 2) and len(kwargs["reward_weights"]) == 2 and bool(scores.isfinite().all())
+        )
+        assert not torch.equal(scores[:, 0], scores[:, 1])  # two reward models, two components
+    else:
+        cfg = make_config("micro")
+        sum_sq, old = kwargs["sum_pi_squared"], kwargs["old_log_probs"]
+        assert old.shape == sum_sq.shape == (16, cfg.max_new_tokens)
+        assert kwargs["rollout_is_weights"].shape == old.shape  # --rollout_is token reaches the estimator
+        tokens = sum_sq > 0  # the response tokens (Σπ² is 0 at padded positions)
+        assert int(tokens.sum()) >= 16 and bool((sum_sq[~tokens] == 0).all())
+        # 1/V ≤ Σπ² ≤ 1 on the response tokens, and Σπ² ≥ π(label)².
+        on = sum_sq[tokens]
+        assert bool(((on >= 1 / cfg.vocab_size - 1e-6) & (on <= 1 + 1e-6)).all())
+        assert bool((on + 1e-6 >= old[tokens].exp().square()).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# --rollout_rs: rollout_correction's rejection
+# --------------------------------------------------------------------------------------------------
+def test_rollout_rejection_drops_the_rejected_tokens_from_the_loss(base, tmp_path, monkeypatch):
+    """The generation's log-probs of every other response are shifted by 0.5 (|log ratio| 0.5 > log 1.5):
+    ``--rollout_rs token_k1 --rollout_rs_threshold 1.5`` rejects exactly those responses' tokens, logs the
+    fractions, and the step's loss is that of the kept half (it changes; without --rollout_is the shifted
+    log-probs reach nothing else)."""
+    from rlhf_kernels.trainer.ppo import PPOTrainer
+
+    original = PPOTrainer.generate_rollout
+
+    def shifted(self, step):
+        prompts, responses, response_mask, logprobs = original(self, step)
+        shift = torch.where(torch.arange(len(responses))[:, None] % 2 == 0, 0.5, 0.0)
+        return prompts, responses, response_mask, torch.where(response_mask, logprobs + shift, 0.0)
+
+    monkeypatch.setattr(PPOTrainer, "generate_rollout", shifted)
+    _run_from(base, tmp_path / "plain", algo="grpo", ppo_steps=1)
+    _run_from(
+        base, tmp_path / "rs", algo="grpo", ppo_steps=1, rollout_rs="token_k1", rollout_rs_threshold=1.5
+    )
+    (plain,), (rs,) = _records(tmp_path / "plain"), _records(tmp_path / "rs")
+    assert "rc_rollout_rs_masked_fraction" not in plain
+    assert rs["rc_rollout_rs_seq_masked_fraction"] == 0.5
+    assert 0.2 < rs["rc_rollout_rs_masked_fraction"] < 0.8
+    assert rs["score"] == plain["score"] and rs["loss"] != plain["loss"]

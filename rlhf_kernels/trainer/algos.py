@@ -72,12 +72,9 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 # Estimators whose inputs the trainer does not produce.
-UNSUPPORTED_ESTIMATORS = {
-    "gae": "a value head (use --algo ppo)",
-    "optimal_token_baseline": "the rollout's Σπ² per token, which the trainer does not compute",
-    "tir_optimal_token_baseline": "the rollout's Σπ² per token, which the trainer does not compute",
-    "gdpo": "one score per reward component, which the trainer combines before the estimator",
-}
+UNSUPPORTED_ESTIMATORS = {"gae": "a value head (use --algo ppo)"}
+# Estimators that read Σ_v π(v)² per token: the rollout's old-log-prob forward computes it in the same pass.
+SUM_PI_SQUARED_ESTIMATORS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 # What the trainer passes to a policy loss; a loss needing any other keyword cannot run here.
 OFFERED_LOSS_KWARGS = ("clip_low", "clip_high", "dual_clip", "is_weights", "loss_agg", "normalizer")
 
@@ -143,10 +140,15 @@ def algorithm_problems(cfg: TrainConfig) -> list[str]:
             f"(--algo {cfg.algo} samples group_size responses per prompt)"
         )
     if not sampled:
-        for flag, default in (("policy_loss", "auto"), ("rollout_is", "none")):
+        for flag, default in (("policy_loss", "auto"), ("rollout_is", "none"), ("rollout_rs", "none")):
             if getattr(cfg, flag) != default:
                 out.append(f"--{flag} applies to ppo and the critic-free algorithms, not --algo {cfg.algo}")
-    elif cfg.policy_loss not in ("auto", "bypass_mode"):
+    elif cfg.rollout_rs.endswith("k1") and cfg.rollout_rs_threshold <= 1:
+        out.append(
+            f"--rollout_rs {cfg.rollout_rs} keeps ratios in [1/u, u]: --rollout_rs_threshold must be > 1; "
+            f"got {cfg.rollout_rs_threshold}"
+        )
+    if sampled and cfg.policy_loss not in ("auto", "bypass_mode"):
         from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
 
         params = inspect.signature(POLICY_LOSSES[cfg.policy_loss]).parameters.values()
@@ -159,6 +161,36 @@ def algorithm_problems(cfg: TrainConfig) -> list[str]:
             out.append(
                 f"--policy_loss {cfg.policy_loss} needs {', '.join(missing)}, which the trainer does not set"
             )
+    if cfg.fused_loss:
+        out += fused_loss_problems(cfg)
+    return out
+
+
+def fused_loss_problems(cfg: TrainConfig) -> list[str]:
+    """What ``--fused_loss`` (``rlhf_kernels.linear_policy_loss``) cannot do with the other flags."""
+    from rlhf_kernels.ops.linear_policy_loss import LINEAR_POLICY_LOSSES
+
+    algo = ALGORITHMS[cfg.algo]
+    if algo.family not in ("ppo", "critic_free"):
+        return [f"--fused_loss applies to ppo and the critic-free algorithms, not --algo {cfg.algo}"]
+    out = []
+    name = cfg.policy_loss
+    if name == "auto":
+        name = {"ppo": "vanilla", "reinforce": "gpg"}.get(cfg.algo, "vanilla")
+    if name not in LINEAR_POLICY_LOSSES:
+        why = {
+            "gspo": "its ratio is per sequence",
+            "geo_mean": "its ratio is per sequence",
+            "clip_cov": "it selects tokens over the whole batch first",
+            "kl_cov": "it selects tokens over the whole batch first",
+            "bypass_mode": "it computes its own weights from the generation's log-probs",
+        }.get(name, "linear_policy_loss does not implement it")
+        out.append(
+            f"--fused_loss fuses the token-level losses {', '.join(LINEAR_POLICY_LOSSES)}; --policy_loss "
+            f"{name} cannot be fused ({why})"
+        )
+    if cfg.fsdp:
+        out.append("--fused_loss is not supported with --fsdp (untested: the lm_head weight is sharded)")
     return out
 
 

@@ -75,6 +75,12 @@ def _loss_agg_modes() -> tuple:
     return tuple(rlhf_kernels.LOSS_AGG_MODES)
 
 
+def _rejection_options() -> tuple:
+    from rlhf_kernels.ops.rollout_correction import REJECTION_OPTIONS
+
+    return ("none", *REJECTION_OPTIONS)
+
+
 def _kl_estimators() -> tuple:
     import rlhf_kernels
 
@@ -276,6 +282,12 @@ class TrainConfig:
     kl_loss_estimator: str = _opt(
         "ppo", "k3", "estimator of the kl_loss term", Allowed(choices=_kl_estimators)
     )
+    fused_loss: bool = _opt(
+        "ppo",
+        False,
+        "policy loss (+ entropy bonus, + kl_loss) straight from the hidden states and the lm_head weight "
+        "(rlhf_kernels.linear_policy_loss: token-level losses; logits never materialised)",
+    )
     gamma: float = _opt("ppo", 1.0, "GAE discount", UNIT)
     lam: float = _opt("ppo", 0.95, "GAE λ", UNIT)
     kl_ctl: str = _opt("ppo", "adaptive", "KL coefficient controller", Allowed(choices=("adaptive", "fixed")))
@@ -323,6 +335,16 @@ class TrainConfig:
         Allowed(choices=("none", "token", "sequence")),
     )
     rollout_is_threshold: float = _opt("algo", 2.0, "truncation of those weights (TIS)", POSITIVE)
+    rollout_rs: str = _opt(
+        "algo",
+        "none",
+        "rollout correction: rejection sampling (rlhf_kernels.REJECTION_OPTIONS): tokens or sequences whose "
+        "training/rollout mismatch statistic is out of rollout_rs_threshold's bounds leave the loss",
+        Allowed(choices=_rejection_options),
+    )
+    rollout_rs_threshold: float = _opt(
+        "algo", 2.0, "its bound: k1 keeps ratios in [1/u, u] (u > 1); k2/k3 keep statistic <= u", POSITIVE
+    )
     pref_beta: float = _opt(
         "algo", 0.1, "β of dpo, orpo and kto (simpo: 20·pref_beta, its usual 2.0)", POSITIVE
     )

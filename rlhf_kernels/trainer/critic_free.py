@@ -5,14 +5,17 @@ One step (per rank):
 
 1. rollout: ``rollout_batch / group_size`` prompts, ``group_size`` samples each (``reinforce``: one each);
    ``remax`` also decodes each prompt greedily, its baseline;
-2. score (no grad): the policy's log-probs (no value head), the reference's, the reward ensemble's score;
-   ``token_level_rewards`` puts −β·KL on every token and the score on the last, as in PPO;
+2. score (no grad): the policy's log-probs (no value head; with Σπ² per token from the same pass for the
+   optimal-token-baseline estimators), the reference's, the reward ensemble's score (gdpo: each reward
+   model's too); ``token_level_rewards`` puts −β·KL on every token and the score on the last, as in PPO;
+   ``--rollout_rs`` rejects tokens from the loss (``rollout_correction``'s rejection);
 3. advantages: ``rlhf_kernels.compute_advantages(<estimator>, ...)`` over the prompts' uid index
    (``--adv_estimator``, default the algorithm's own); ``reinforce``: A = s − b, s = Σ_t r, b a moving
    average of the batch mean of s (``--baseline_decay``), broadcast to the tokens;
 4. update: ``ppo_epochs`` passes over minibatches, loss = ``--policy_loss`` (auto: ``vanilla``, the clipped
    ratio; ``gpg``, −A·log π, for reinforce) with the rollout-correction weights of ``--rollout_is``,
-   − ent_coef · entropy (+ kl_loss_coef · kl_loss).
+   − ent_coef · entropy (+ kl_loss_coef · kl_loss); ``--fused_loss``: all three from
+   ``rlhf_kernels.linear_policy_loss`` on the hidden states.
 
 The value head is frozen and left out of the optimizer: no value optimiser state exists.
 """
@@ -25,11 +28,12 @@ import torch
 
 import rlhf_kernels
 
-from .algos import estimator_of, samples_per_prompt
+from .algos import SUM_PI_SQUARED_ESTIMATORS, estimator_of, samples_per_prompt
 from .model import PolicyValueModel, response_labels
 from .ppo import (
     PPO_SEED,
     PPOTrainer,
+    logprob_temperature,
     policy_outputs,
     policy_term,
     rollout_mismatch,
@@ -78,12 +82,24 @@ class CriticFreeTrainer(PPOTrainer):
         rt, cfg = self.rt, self.cfg
         ids, mask = join(prompts, responses, response_mask)
         labels = response_labels(responses, response_mask)
-        old_logprobs, _ = policy_outputs(rt, cfg, self.policy, ids, mask, labels, values=False)
+        out = dict(ids=ids, mask=mask, labels=labels)
+        if self.estimator in SUM_PI_SQUARED_ESTIMATORS:  # Σπ² from the same pass as the old log-probs
+            with rt.autocast():
+                policy = self.policy(
+                    ids, mask, labels, temperature=logprob_temperature(cfg), return_sum_sq_probs=True
+                )
+            old_logprobs, out["sum_pi_squared"] = policy.logprobs, policy.sum_sq_probs
+        else:
+            old_logprobs, _ = policy_outputs(rt, cfg, self.policy, ids, mask, labels, values=False)
         ref_logprobs, _ = policy_outputs(rt, cfg, self.ref, ids, mask, labels, values=False)
-        scores = self.reward(ids, mask, rt)
-        out = dict(ids=ids, mask=mask, labels=labels, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+        if self.estimator == "gdpo" and hasattr(self.reward, "raw_scores"):  # one score per reward model
+            raw = self.reward.raw_scores(ids, mask, rt)
+            scores, out["reward_scores"] = self.reward.combine(raw), self.reward.standardised(raw)
+        else:
+            scores = self.reward(ids, mask, rt)
+        out.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
         if rollout_logprobs is not None:
-            out["is_weights"], out["mismatch"] = rollout_mismatch(
+            out["is_weights"], out["loss_mask"], out["mismatch"] = rollout_mismatch(
                 cfg, old_logprobs, rollout_logprobs, response_mask
             )
         return {**out, "scores": scores}
@@ -101,7 +117,7 @@ class CriticFreeTrainer(PPOTrainer):
             rewards, kl_mean = self.token_rewards(
                 batch["scores"], batch["old_logprobs"], batch["ref_logprobs"], response_mask
             )
-            advantages, returns, extra = self.advantages(step, prompts, rewards, response_mask)
+            advantages, returns, extra = self.advantages(step, prompts, rewards, response_mask, batch)
         return dict(
             batch,
             response_mask=response_mask,
@@ -114,8 +130,9 @@ class CriticFreeTrainer(PPOTrainer):
             **extra,
         )
 
-    def advantages(self, step: int, prompts: Prompts, rewards, response_mask):
-        """(advantages, returns, extra batch entries) of the estimator."""
+    def advantages(self, step: int, prompts: Prompts, rewards, response_mask, batch: dict):
+        """(advantages, returns, extra batch entries) of the estimator; ``batch``: the scored rollout
+        (Σπ², the reward components, the rollout-correction weights some estimators read)."""
         cfg, name = self.cfg, self.estimator
         if name is None:  # reinforce: s − b, b the moving average of the batch mean score
             seq = rewards.sum(-1)
@@ -135,6 +152,14 @@ class CriticFreeTrainer(PPOTrainer):
             kwargs["norm_adv_by_std_in_grpo"] = cfg.norm_adv_by_std
         if name == "reinforce_plus_plus":
             return (*rlhf_kernels.compute_advantages(name, rewards, response_mask, gamma=cfg.gamma), {})
+        if name in SUM_PI_SQUARED_ESTIMATORS:  # verl's inputs: the old log-probs, Σπ², the IS weights
+            kwargs = dict(
+                old_log_probs=batch["old_logprobs"],
+                sum_pi_squared=batch["sum_pi_squared"],
+                rollout_is_weights=batch.get("is_weights"),
+            )
+        if name == "gdpo" and "reward_scores" in batch:
+            kwargs.update(reward_scores=batch["reward_scores"], reward_weights=self.reward.weights)
         if "index" not in _estimator_params(name):
             return (*rlhf_kernels.compute_advantages(name, rewards, response_mask), {})
         return (*rlhf_kernels.compute_advantages(name, rewards, response_mask, index, **kwargs), {})
@@ -150,7 +175,26 @@ class CriticFreeTrainer(PPOTrainer):
 
     def minibatch_loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.forward(mb, values=False)
+        if out.policy_loss is not None:
+            return fused_critic_free_loss(self.cfg, out, mb, self.default_loss)
         return critic_free_loss(self.cfg, out.logprobs, out.entropy, mb, self.default_loss)
+
+
+def fused_critic_free_loss(cfg, out, mb, default_loss: str):
+    """``--fused_loss``: ``linear_policy_loss``'s loss and metrics (``out.policy_loss``) as the terms of
+    :func:`critic_free_loss`; the policy loss's metrics the fused op does not report (``vanilla``'s
+    ``ratio_mean`` / ``ratio_max``) come from ``policy_term`` on its detached log-probs (O(B·T), no
+    lm_head work).  ``entropy`` is logged only with an entropy bonus (the op skips it otherwise)."""
+    loss, metrics = out.policy_loss
+    with torch.no_grad():
+        _, pg = policy_term(cfg, out.logprobs, mb, default=default_loss)
+    terms = {"pg_loss": metrics["pg_loss"]}
+    if "entropy" in metrics:
+        terms["entropy"] = metrics["entropy"]
+    terms.update({k: metrics.get(k, v).float() for k, v in pg.items() if v.dim() == 0})
+    if "kl_loss" in metrics:
+        terms["kl_loss"] = metrics["kl_loss"]
+    return loss, terms
 
 
 def critic_free_loss(cfg, logprobs, entropy, mb, default_loss: str):

@@ -201,6 +201,8 @@ class ModelOutput(NamedTuple):
     logprobs: torch.Tensor | None  # [B, R] fp32: log π(labels) for the last R positions
     entropy: torch.Tensor | None  # [B, R] fp32
     values: torch.Tensor | None  # [B, T] fp32: value-head output at every position
+    sum_sq_probs: torch.Tensor | None = None  # [B, R] fp32: Σ_v π(v)² at the label positions (0: padded)
+    policy_loss: tuple | None = None  # (loss, metrics) of rlhf_kernels.linear_policy_loss (--fused_loss)
 
 
 class PolicyValueModel(nn.Module):
@@ -238,20 +240,64 @@ class PolicyValueModel(nn.Module):
         temperature: float = 1.0,
         return_entropy: bool = False,
         return_values: bool = False,
+        return_sum_sq_probs: bool = False,
+        policy_loss: dict | None = None,
     ) -> ModelOutput:
         """Log-probs of ``labels`` [B, R] (the last R tokens of ``input_ids``, IGNORE_INDEX where padded),
-        read from the hidden states one position earlier, and/or the value head at every position."""
+        read from the hidden states one position earlier, and/or the value head at every position.
+
+        ``return_sum_sq_probs``: also Σ_v π(v)² per label position (the optimal-token-baseline estimators'
+        input), from the same pass over the lm_head.  ``policy_loss``: the keywords of
+        ``rlhf_kernels.linear_policy_loss`` after ``mask`` (old_logprobs, advantages, mask, loss, ...):
+        the policy loss straight from the hidden states and the lm_head weight (``--fused_loss``), inside
+        this forward (so DDP sees the lm_head used); ``logprobs`` are then its detached log-probs,
+        ``entropy`` None and ``policy_loss`` its (loss, metrics)."""
         hidden = self.backbone(input_ids, attention_mask)
-        logprobs = entropy = values = None
+        logprobs = entropy = values = sum_sq = fused = None
         if labels is not None:
             R = labels.shape[1]
-            result = self.token_logprobs(
-                hidden[:, -R - 1 : -1], labels, temperature=temperature, return_entropy=return_entropy
-            )
-            logprobs, entropy = result if return_entropy else (result, None)
+            head = hidden[:, -R - 1 : -1]
+            if policy_loss is not None:
+                loss, metrics, logprobs = self.fused_policy_loss(head, labels, temperature, policy_loss)
+                fused = (loss, metrics)
+            elif return_sum_sq_probs:
+                logprobs, entropy, sum_sq = self.token_stats(head, labels, temperature, return_entropy)
+            else:
+                result = self.token_logprobs(
+                    head, labels, temperature=temperature, return_entropy=return_entropy
+                )
+                logprobs, entropy = result if return_entropy else (result, None)
         if return_values:
             values = self.value_head(hidden).squeeze(-1).float()
-        return ModelOutput(logprobs, entropy, values)
+        return ModelOutput(logprobs, entropy, values, sum_sq, fused)
+
+    def fused_policy_loss(self, hidden, labels, temperature: float, kwargs: dict):
+        """``rlhf_kernels.linear_policy_loss`` of the lm_head over ``hidden``: (loss, metrics, logprobs)."""
+        bias = self.lm_head.bias
+        return rlhf_kernels.linear_policy_loss(
+            hidden,
+            self.lm_head.weight.to(hidden.dtype),
+            labels,
+            bias=None if bias is None else bias.to(hidden.dtype),
+            temperature=temperature,
+            ignore_index=IGNORE_INDEX,
+            return_logprobs=True,
+            **kwargs,
+        )
+
+    def token_stats(self, hidden, labels, temperature: float, return_entropy: bool):
+        """(logprobs, entropy or None, Σπ²) of ``labels``: ``linear_token_stats`` (fused head) or
+        ``token_stats_from_logits``, one pass either way."""
+        kwargs = dict(
+            temperature=temperature, ignore_index=IGNORE_INDEX, entropy=return_entropy, sum_sq_probs=True
+        )
+        if self.cfg.fused_lm_head:
+            weight, bias = self.lm_head.weight.to(hidden.dtype), self.lm_head.bias
+            bias = None if bias is None else bias.to(hidden.dtype)
+            stats = rlhf_kernels.linear_token_stats(hidden, weight, labels, bias=bias, **kwargs)
+        else:
+            stats = rlhf_kernels.token_stats_from_logits(self.lm_head(hidden), labels, **kwargs)
+        return stats.logprobs, stats.entropy, stats.sum_sq_probs
 
     def token_logprobs(
         self,

@@ -44,11 +44,12 @@ EVAL_SEED = 4
 GEN_CHUNK = 1024
 # What a PPO minibatch takes from the rollout.
 MINIBATCH_KEYS = ("ids", "mask", "labels", "response_mask", "old_logprobs", "old_values", "ref_logprobs")
-MINIBATCH_KEYS += ("advantages", "returns", "rollout_logprobs", "is_weights")
+MINIBATCH_KEYS += ("advantages", "returns", "rollout_logprobs", "is_weights", "loss_mask")
 # The rollout-correction diagnostics logged every step (training forward vs generation, both of the policy
 # that sampled): rlhf_kernels.rollout_correction's metrics, prefixed "rc_".
 ROLLOUT_CORRECTION_METRICS = ("kl", "k3_kl", "log_ppl_abs_diff", "chi2_token", "chi2_seq")
 ROLLOUT_CORRECTION_METRICS += ("rollout_is_mean", "rollout_is_eff_sample_size")
+ROLLOUT_CORRECTION_METRICS += ("rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction")  # --rollout_rs
 
 
 def frozen_copy(model: PolicyValueModel) -> PolicyValueModel:
@@ -125,18 +126,15 @@ def policy_term(
     a POLICY_LOSSES name) with the rollout-correction weights ``mb["is_weights"]`` when set; ``bypass_mode``
     takes the generation's log-probs as the old ones and computes its own weights."""
     mask = mb["response_mask"]
-    clip_high = cfg.clip_high if cfg.clip_high > 0 else None
-    dual_clip = cfg.dual_clip if cfg.dual_clip > 0 else None
-    name = default if cfg.policy_loss == "auto" else cfg.policy_loss
+    clips = clip_params(cfg)
+    name = loss_name(cfg, default)
     if name == "ppo":
         return rlhf_kernels.ppo_policy_loss(
             logprobs,
             mb["old_logprobs"],
             mb["advantages"],
             mask,
-            clip_low=cfg.clip,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
+            **clips,
             loss_agg=cfg.loss_agg,
             is_weights=mb.get("is_weights"),
         )
@@ -148,14 +146,10 @@ def policy_term(
             mask,
             level=None if cfg.rollout_is == "none" else cfg.rollout_is,
             threshold=cfg.rollout_is_threshold,
-            clip_low=cfg.clip,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
+            **clips,
             loss_agg=cfg.loss_agg,
         )
-    offered = dict(
-        clip_low=cfg.clip, clip_high=clip_high, dual_clip=dual_clip, is_weights=mb.get("is_weights")
-    )
+    offered = dict(**clips, is_weights=mb.get("is_weights"))
     fn = rlhf_kernels.get_policy_loss(name)
     accepted = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in offered.items() if k in accepted}
@@ -164,19 +158,61 @@ def policy_term(
     return fn(logprobs, mb["old_logprobs"], mb["advantages"], mask, **kwargs)
 
 
+def clip_params(cfg: TrainConfig) -> dict:
+    """The policy losses' clip keywords of the flags (clip_high, dual_clip: 0 is off)."""
+    return dict(
+        clip_low=cfg.clip,
+        clip_high=cfg.clip_high if cfg.clip_high > 0 else None,
+        dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
+    )
+
+
+def loss_name(cfg: TrainConfig, default: str) -> str:
+    """The policy loss ``--policy_loss`` means (``auto``: ``default``)."""
+    return default if cfg.policy_loss == "auto" else cfg.policy_loss
+
+
+def fused_loss_kwargs(cfg: TrainConfig, mb: dict[str, torch.Tensor], default: str = "ppo") -> dict:
+    """``--fused_loss``: the keywords of ``rlhf_kernels.linear_policy_loss`` for the minibatch ``mb`` that
+    give :func:`policy_term`'s loss (``ppo`` is its ``vanilla``), the entropy bonus and the kl_loss term
+    (``config.fused_loss_problems`` refused every loss it cannot fuse before any work)."""
+    name = loss_name(cfg, default)
+    name = "vanilla" if name == "ppo" else name
+    accepted = inspect.signature(rlhf_kernels.get_policy_loss(name)).parameters
+    kwargs = dict(
+        old_logprobs=mb["old_logprobs"],
+        advantages=mb["advantages"],
+        mask=mb["response_mask"],
+        loss=name,
+        loss_params={k: v for k, v in clip_params(cfg).items() if k in accepted},
+        is_weights=mb.get("is_weights"),
+        entropy_coef=cfg.ent_coef,
+        loss_agg=cfg.loss_agg,
+    )
+    if cfg.kl_loss_coef > 0:
+        kwargs.update(
+            ref_logprobs=mb["ref_logprobs"], kl_coef=cfg.kl_loss_coef, kl_estimator=cfg.kl_loss_estimator
+        )
+    return kwargs
+
+
 def rollout_mismatch(
     cfg: TrainConfig, logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
     """``rollout_correction`` of the training forward's log-probs against the generation's (KV cache):
-    the importance weights of ``--rollout_is`` (None when off) and the mismatch metrics of every step."""
-    weights, _, metrics = rlhf_kernels.rollout_correction(
+    the importance weights of ``--rollout_is`` (None when off), the mask of the tokens ``--rollout_rs``
+    keeps (None when off) and the mismatch metrics of every step."""
+    rs = cfg.rollout_rs != "none"
+    weights, keep, metrics = rlhf_kernels.rollout_correction(
         logprobs,
         rollout_logprobs,
         mask,
         level=None if cfg.rollout_is == "none" else cfg.rollout_is,
         threshold=cfg.rollout_is_threshold,
+        rejection={cfg.rollout_rs: cfg.rollout_rs_threshold} if rs else None,
     )
-    return weights, {f"rc_{k}": metrics[k].float() for k in ROLLOUT_CORRECTION_METRICS if k in metrics}
+    metrics = {f"rc_{k}": metrics[k].float() for k in ROLLOUT_CORRECTION_METRICS if k in metrics}
+    return weights, keep if rs else None, metrics
 
 
 def ppo_loss(
@@ -186,11 +222,12 @@ def ppo_loss(
 
         ppo_policy_loss + vf_coef · ppo_value_loss − ent_coef · entropy (+ kl_loss_coef · kl_loss)
 
-    ``out`` is the policy/value forward of the minibatch ``mb`` (a slice of the rollout).  Returns the
-    loss and its terms (0-dim tensors, nothing read on the host)."""
+    ``out`` is the policy/value forward of the minibatch ``mb`` (a slice of the rollout); with
+    ``--fused_loss`` it carries ``linear_policy_loss``'s (policy − ent_coef · entropy + kl_loss_coef ·
+    kl_loss, metrics) and the value loss is added to it.  Returns the loss and its terms (0-dim tensors,
+    nothing read on the host)."""
     mask = mb["response_mask"]
     values = out.values[:, -mask.shape[1] - 1 : -1]  # the value of the state before each response token
-    pg_loss, pg = policy_term(cfg, out.logprobs, mb)
     vf_loss, vf = rlhf_kernels.ppo_value_loss(
         values,
         mb["old_values"],
@@ -199,6 +236,17 @@ def ppo_loss(
         clip=cfg.vf_clip if cfg.vf_clip > 0 else None,
         loss_agg=cfg.loss_agg,
     )
+    if out.policy_loss is not None:
+        fused, metrics = out.policy_loss
+        terms = {"pg_loss": metrics["pg_loss"], "vf_loss": vf_loss}
+        if "entropy" in metrics:  # computed only with an entropy bonus
+            terms["entropy"] = metrics["entropy"]
+        terms.update({key: metrics[key] for key in ("clipfrac", "approx_kl") if key in metrics})
+        terms["vf_clipfrac"] = vf["clipfrac"]
+        if "kl_loss" in metrics:
+            terms["kl_loss"] = metrics["kl_loss"]
+        return fused + cfg.vf_coef * vf_loss, terms
+    pg_loss, pg = policy_term(cfg, out.logprobs, mb)
     entropy = rlhf_kernels.agg_loss(out.entropy, mask, cfg.loss_agg)
     loss = pg_loss + cfg.vf_coef * vf_loss
     if cfg.ent_coef != 0:
@@ -347,7 +395,9 @@ class PPOTrainer:
             ids, mask = join(prompts, responses, response_mask)
             labels = response_labels(responses, response_mask)
             old_logprobs, old_values = policy_outputs(rt, cfg, self.policy, ids, mask, labels, values=True)
-            is_weights, mismatch = rollout_mismatch(cfg, old_logprobs, rollout_logprobs, response_mask)
+            is_weights, loss_mask, mismatch = rollout_mismatch(
+                cfg, old_logprobs, rollout_logprobs, response_mask
+            )
             ref_logprobs, _ = policy_outputs(rt, cfg, self.ref, ids, mask, labels, values=False)
             scores = self.reward(ids, mask, rt)
             gold = self.task.gold(prompts.topic, responses, response_mask)
@@ -360,7 +410,9 @@ class PPOTrainer:
             )
             if cfg.whiten_advantages:
                 # over the global batch under DDP: one all_reduce of the per-rank statistics
-                advantages = rlhf_kernels.masked_whiten(advantages, response_mask, process_group=rt.process_group)
+                advantages = rlhf_kernels.masked_whiten(
+                    advantages, response_mask, process_group=rt.process_group
+                )
             seq_kl = sequence_kl(old_logprobs, ref_logprobs, response_mask)
         return dict(
             ids=ids,
@@ -379,6 +431,7 @@ class PPOTrainer:
             seq_kl=seq_kl,
             rollout_logprobs=rollout_logprobs,
             is_weights=is_weights,
+            loss_mask=loss_mask,
             mismatch=mismatch,
         )
 
@@ -387,16 +440,21 @@ class PPOTrainer:
     def minibatch_size(self) -> int:
         return self.cfg.minibatch
 
+    default_loss = "ppo"  # what --policy_loss auto means
+
     def forward(self, mb: dict[str, torch.Tensor], *, values: bool) -> ModelOutput:
-        """The training forward of a minibatch: log-probs and entropy (and the values)."""
+        """The training forward of a minibatch: log-probs and entropy (and the values); with
+        ``--fused_loss`` the policy loss from the hidden states instead of the log-probs and entropy."""
+        fused = fused_loss_kwargs(self.cfg, mb, self.default_loss) if self.cfg.fused_loss else None
         with self.rt.autocast():
             return self.ddp(
                 mb["ids"],
                 mb["mask"],
                 mb["labels"],
                 temperature=logprob_temperature(self.cfg),
-                return_entropy=True,
+                return_entropy=fused is None,
                 return_values=values,
+                policy_loss=fused,
             )
 
     def minibatch_loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -415,6 +473,8 @@ class PPOTrainer:
             order = rt.to_device(torch.randperm(len(batch["labels"]), generator=self.batch_gen))
             for index in order.split(self.minibatch_size()):
                 mb = {key: batch[key][index] for key in self.MINIBATCH_KEYS if batch.get(key) is not None}
+                if "loss_mask" in mb:  # --rollout_rs: the rejected tokens leave every term of the loss
+                    mb["response_mask"] = mb.pop("loss_mask")
                 loss, terms = self.minibatch_loss(mb)
                 grad_norm = optimizer_step(self.optimizer, self.policy, loss, cfg.max_grad_norm)
                 for key, value in {**terms, "loss": loss, "grad_norm": grad_norm}.items():

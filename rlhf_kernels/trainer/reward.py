@@ -268,10 +268,25 @@ class RewardEnsemble:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> torch.Tensor:
-        total = torch.zeros(ids.shape[0], device=ids.device)
-        for model, w, mu, sd in zip(self.models, self.weights, self.means, self.stds):
-            total = total + w * (sequence_scores(model, ids, mask, rt)[0].float() - mu) / sd
+        return self.combine(self.raw_scores(ids, mask, rt))
+
+    @torch.no_grad()
+    def raw_scores(self, ids: torch.Tensor, mask: torch.Tensor, rt: Runtime) -> torch.Tensor:
+        """[B, K]: each reward model's score sᵢ."""
+        return torch.stack([sequence_scores(model, ids, mask, rt)[0].float() for model in self.models], -1)
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """Σ wᵢ · (sᵢ − μᵢ) / σᵢ of :meth:`raw_scores` ([B, K] → [B]), summed in the models' order."""
+        total = torch.zeros(raw.shape[0], device=raw.device)
+        for s, w, mu, sd in zip(raw.unbind(-1), self.weights, self.means, self.stds):
+            total = total + w * (s - mu) / sd
         return total
+
+    def standardised(self, raw: torch.Tensor) -> torch.Tensor:
+        """[B, K]: (sᵢ − μᵢ) / σᵢ, gdpo's reward components (weighted by ``weights`` after its group
+        normalisation)."""
+        means, stds = (torch.tensor(v, device=raw.device) for v in (self.means, self.stds))
+        return (raw - means) / stds
 
     def scorer(self, rt: Runtime):
         def score(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
