@@ -119,6 +119,8 @@ def guarded_launches():
 
 
 def _flat(result):
+    if result is None:  # a TokenStats field that was not requested
+        return []
     if isinstance(result, torch.Tensor):
         return [result]
     if isinstance(result, dict):
@@ -161,6 +163,12 @@ def _strided(shape, dtype=torch.float32, layout="sliced"):
 def _mask(shape):
     m = torch.rand(shape) < 0.6
     return m
+
+
+def _labels(shape, vocab, ignored=0.3):
+    """Labels in [0, vocab) with about ``ignored`` of them -100 (the labelled-rows-first paths)."""
+    labels = torch.randint(0, vocab, shape)
+    return torch.where(torch.rand(shape) < ignored, -100, labels)
 
 
 B, T, V = 3, 7, 37  # odd sizes: every block has a partial tail
@@ -219,6 +227,96 @@ CASES = {
                            lambda s: rk.ranking_hinge_loss(s), ("s",)),
     "pointwise_reward_loss": (lambda: dict(p=torch.randn(T), t=torch.randn(T)),
                               lambda p, t: rk.pointwise_reward_loss(p, t), ("p", "t")),
+    "token_stats": (
+        lambda: dict(logits=_strided((B, V), layout="transposed"), labels=_labels((B,), V)),
+        lambda logits, labels: rk.token_stats_from_logits(
+            logits, labels, temperature=0.7, softcap=5.0, entropy=True, sum_sq_probs=True, top1_match=True,
+            mean_logit=True, top_k=3),
+        ("logits",),
+    ),
+    "policy_loss_token": (
+        lambda: dict(lp=_strided((B, T)), old=torch.randn(B, T), adv=torch.randn(B, T), mask=_mask((B, T))),
+        lambda lp, old, adv, mask: rk.sapo_policy_loss(lp, old, adv, mask), ("lp",),
+    ),
+    # Kernels added in issue 15 and after (sampling, ratings, token statistics from hidden states, the
+    # batch-invariant d_hidden product, the distillation row kernel).
+    "sampling_logprobs": (
+        lambda: dict(logits=_strided((B, V)), labels=_labels((B,), V)),
+        lambda logits, labels: rk.sampling_logprobs(
+            logits, labels, temperature=0.7, top_k=9, top_p=0.8, min_p=0.01, return_entropy=True,
+            return_mask_mass=True),
+        ("logits",),
+    ),
+    "sampling_logprobs_top_p": (
+        lambda: dict(logits=_strided((2, 3, V), layout="transposed"), labels=torch.randint(0, V, (2, 3))),
+        lambda logits, labels: rk.sampling_logprobs(logits, labels, top_p=0.5), ("logits",),
+    ),
+    "elo_ratings": (
+        lambda: dict(w=torch.randint(-1, 7, (2, 19)), l=torch.randint(0, 8, (2, 19)), s=torch.rand(2, 19),
+                     init=1000 + 50 * torch.randn(2, 7)),
+        lambda w, l, s, init: rk.elo_ratings(w, l, 7, k=16.0, initial=init, scores=s), (),
+    ),
+    "linear_token_stats": (
+        lambda: dict(hidden=_strided((B, 5, 24)), weight=torch.randn(V, 24), bias=torch.randn(V),
+                     labels=_labels((B, 5), V)),
+        lambda hidden, weight, bias, labels: rk.linear_token_stats(
+            hidden, weight, labels, bias=bias, temperature=0.7, logit_scale=0.5, softcap=4.0, entropy=True,
+            sum_sq_probs=True, top1_match=True, mean_logit=True),
+        ("hidden", "weight", "bias"),
+    ),
+    "linear_logprobs_batch_invariant": (
+        lambda: dict(hidden=_strided((B, 5, 24), layout="transposed"), weight=torch.randn(V, 24),
+                     labels=_labels((B, 5), V)),
+        lambda hidden, weight, labels: rk.linear_logprobs(hidden, weight, labels, return_entropy=True,
+                                                          batch_invariant=True),
+        ("hidden", "weight"),
+    ),
+    "linear_token_stats_batch_invariant": (
+        lambda: dict(hidden=torch.randn(B, 5, 24), weight=torch.randn(V, 24), labels=_labels((B, 5), V)),
+        lambda hidden, weight, labels: rk.linear_token_stats(hidden, weight, labels, sum_sq_probs=True,
+                                                             mean_logit=True, batch_invariant=True),
+        ("hidden",),
+    ),
+    "linear_distill_loss": (
+        lambda: dict(sh=_strided((B, 5, 24)), sw=torch.randn(V, 24), sb=torch.randn(V),
+                     th=torch.randn(B, 5, 16), tw=torch.randn(V, 16), labels=_labels((B, 5), V)),
+        lambda sh, sw, sb, th, tw, labels: [
+            rk.linear_distill_loss(sh, sw, th, tw, labels, divergence=divergence, beta=0.3, temperature=0.7,
+                                   student_bias=sb)
+            for divergence in ("forward_kl", "reverse_kl", "jsd")],
+        ("sh", "sw", "sb"),
+    ),
+}
+
+# The kernels each case must launch; test_every_kernel_is_guarded checks that together they are every
+# ``@triton.jit`` kernel of the package.
+KERNELS = {
+    "logprobs": ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
+    "logprobs_inplace": ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
+    "entropy": ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
+    "linear_logprobs": ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"),
+    "gae": ("_gae_fwd_kernel",),
+    "whiten": ("_whiten_pivot_kernel", "_whiten_moments_kernel", "_whiten_apply_kernel"),
+    "token_rewards": ("_token_rewards_fwd_kernel",),
+    "kl_penalty": ("_kl_penalty_fwd_kernel", "_kl_penalty_bwd_kernel"),
+    "kl_loss": ("_kl_penalty_fwd_kernel",),
+    "ppo_policy_loss": ("_ppo_policy_loss_fwd_kernel", "_ppo_policy_loss_bwd_kernel"),
+    "ppo_value_loss": ("_ppo_value_loss_fwd_kernel", "_ppo_value_loss_bwd_kernel"),
+    "pairwise_reward_loss": ("_pairwise_reward_fwd_kernel", "_pairwise_reward_bwd_kernel"),
+    "ranking_reward_loss": ("_ranking_fwd_kernel", "_ranking_bwd_kernel"),
+    "ranking_hinge_loss": ("_ranking_fwd_kernel", "_ranking_bwd_kernel"),
+    "pointwise_reward_loss": ("_pointwise_reward_fwd_kernel", "_pointwise_reward_bwd_kernel"),
+    "token_stats": ("_token_stats_fwd_kernel", "_token_stats_bwd_kernel"),
+    "policy_loss_token": ("_policy_loss_token_fwd_kernel", "_policy_loss_token_bwd_kernel"),
+    "sampling_logprobs": ("_sampling_logprobs_fwd_kernel", "_sampling_logprobs_bwd_kernel"),
+    "sampling_logprobs_top_p": ("_sampling_logprobs_fwd_kernel", "_sampling_logprobs_bwd_kernel"),
+    "elo_ratings": ("_elo_fwd_kernel",),
+    "linear_token_stats": ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"),
+    "linear_logprobs_batch_invariant": ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel",
+                                        "_linear_logprobs_grad_hidden_kernel"),
+    "linear_token_stats_batch_invariant": ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel",
+                                           "_linear_logprobs_grad_hidden_kernel"),
+    "linear_distill_loss": ("_linear_distill_rows_kernel",),
 }
 
 
@@ -230,9 +328,26 @@ def test_kernels_stay_in_bounds(case):
         return
     with guarded_launches() as launched:
         out, grads = _run(make_inputs, fn, grad_names)
-    assert launched, f"{case}: no Triton kernel ran"
+    missing = set(KERNELS[case]) - set(launched)
+    assert not missing, f"{case}: kernels {sorted(missing)} did not run (launched: {sorted(set(launched))})"
     for i, (a, b) in enumerate(zip(out + grads, expected_out + expected_grads)):
         assert _same(a, b), f"{case}: output/gradient {i} changed under the guard (read outside a tensor?)"
+
+
+def test_every_kernel_is_guarded():
+    """Every ``@triton.jit`` kernel of the package (a jitted function named ``*_kernel``) is launched by
+    some case above, so a new kernel without a guard case fails here."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(rk.__file__).parent
+    pattern = re.compile(r"@triton\.jit[^\n]*\n(?:\s*@[^\n]*\n)*\s*def (_\w+_kernel)\(")
+    kernels = {name for path in root.rglob("*.py") for name in pattern.findall(path.read_text())}
+    assert len(kernels) >= 30, f"the scan found only {sorted(kernels)}"
+    assert set(KERNELS) == set(CASES)
+    covered = {name for names in KERNELS.values() for name in names}
+    assert not kernels - covered, f"kernels without an out-of-bounds guard case: {sorted(kernels - covered)}"
+    assert not covered - kernels, f"KERNELS names kernels that do not exist: {sorted(covered - kernels)}"
 
 
 @interpreter_only

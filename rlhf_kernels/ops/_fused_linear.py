@@ -172,6 +172,7 @@ def chunked_linear_loss(
     grad_weight: bool = True,
     grad_hidden: bool = True,
     grad_weight_accumulation: str = "float32",
+    active_rows: Tensor | None = None,
 ) -> tuple[list[tuple], Tensor | None, Tensor | None, Tensor | None]:
     """Runs ``chunk_fn`` on the logits of each chunk of rows and forms the three gradients on the way.
 
@@ -195,6 +196,9 @@ def chunked_linear_loss(
             "weight_dtype": each chunk's product is added straight into a d_weight in the weight's dtype
             (``addmm`` with β = 1, fp32 accumulation inside the product: one rounding per chunk, Liger's
             way), saving the 4·V·H-byte accumulator for bf16/fp16 weights.  The same for fp32/fp64 weights.
+        active_rows: optional [N] bool: rows that count (e.g. labels ≠ ignore_index).  ``chunk_fn`` must
+            give the others a zero logits gradient; the d_weight product reads their hidden states as 0,
+            so a NaN or inf there (padding) never reaches d_weight (0 · NaN would).
 
     Returns:
         (outputs of each chunk in order, d_hidden [N, H] in hidden's dtype, d_weight [V, H] in weight's
@@ -242,6 +246,8 @@ def chunked_linear_loss(
                 d_hidden.index_copy_(0, rows, d_rows.to(hidden.dtype))
             del d_rows
         if d_weight is not None:
+            if active_rows is not None:
+                h = torch.where(active_rows[rows].unsqueeze(-1), h, 0.0)
             if mixed and d_weight.dtype == acc:  # bf16/fp16 operands into the fp32 accumulator (cuBLAS)
                 torch.addmm(d_weight, grad.T, h, out_dtype=acc, out=d_weight)
             elif d_weight.dtype != acc:  # straight into the weight's dtype; off CUDA, G rounded as on CUDA

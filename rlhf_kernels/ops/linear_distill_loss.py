@@ -79,24 +79,25 @@ if triton is not None:
 
     @triton.jit
     def _divergence_terms(s, t, lse_s, lse_t, log_beta, log1m_beta, DIVERGENCE: tl.constexpr):
-        """(p_S, p_T, d, p_T-side term) of a block; d as in the module docstring (0 where p_S = 0)."""
+        """(p_S, p_T, d, p_T-side term) of a block; d as in the module docstring (0 where p_S = 0).  The
+        guards test p == 0 (not p > 0) so that a NaN row stays NaN."""
         log_ps = s - lse_s
         log_pt = t - lse_t
         ps = tl.exp(log_ps)
         pt = tl.exp(log_pt)
         if DIVERGENCE == 0:
             d = tl.zeros_like(ps)
-            teacher_term = tl.where(pt > 0, pt * (log_pt - log_ps), 0.0)
+            teacher_term = tl.where(pt == 0, 0.0, pt * (log_pt - log_ps))
         elif DIVERGENCE == 1:
-            d = tl.where(ps > 0, log_ps - log_pt, 0.0)
+            d = tl.where(ps == 0, 0.0, log_ps - log_pt)
             teacher_term = tl.zeros_like(ps)
         else:
             a = log_ps + log1m_beta
             b = log_pt + log_beta
             hi = tl.maximum(a, b)
             log_m = hi + tl.log(1.0 + tl.exp(tl.minimum(a, b) - hi))  # NaN only where both are -inf (p = 0)
-            d = tl.where(ps > 0, log_ps - log_m, 0.0)
-            teacher_term = tl.where(pt > 0, pt * (log_pt - log_m), 0.0)
+            d = tl.where(ps == 0, 0.0, log_ps - log_m)
+            teacher_term = tl.where(pt == 0, 0.0, pt * (log_pt - log_m))
         return ps, pt, d, teacher_term
 
     # Reads the two [n, V] rows twice (three times with NEED_GRAD), writes n floats and the n·V gradient.
@@ -137,7 +138,7 @@ if triton is not None:
             t = tl.load(t_base + offs * stride_tv, mask=offs < V, other=float("-inf")).to(ACC)
             ps, pt, d, teacher_term = _divergence_terms(s, t, lse_s, lse_t, log_beta, log1m_beta, DIVERGENCE)
             teacher_sum += tl.sum(teacher_term, axis=0)
-            kl_student += tl.sum(tl.where(ps > 0, ps * d, 0.0), axis=0)
+            kl_student += tl.sum(tl.where(ps == 0, 0.0, ps * d), axis=0)
         if DIVERGENCE == 0:
             loss = teacher_sum
         elif DIVERGENCE == 1:
@@ -294,6 +295,7 @@ def _distill(
         hidden, weight, bias, _fused_linear.row_chunks(n_rows, rows_per_chunk), chunk_fn,
         inv_temperature=problem.inv_temperature, need_grad=need_grad, grad_weight=grad_weight,
         grad_hidden=grad_hidden, grad_weight_accumulation=problem.grad_weight_accumulation,
+        active_rows=problem.labels != problem.ignore_index,
     )
     if d_hidden is not None and problem.group is not None:  # hidden feeds every rank's vocabulary slice
         dist.all_reduce(d_hidden, group=problem.group)

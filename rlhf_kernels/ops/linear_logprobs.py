@@ -237,6 +237,9 @@ def _launch_bwd_out(
     per_row += [grad_topk.contiguous(), grad_topk.sum(dim=1), topk_indices.contiguous()] if with_topk else [
         lse, lse, labels]
     buffer = hidden.new_empty((n_rows, min(cfg.bwd_chunk_v, vocab_size)))
+    # d_weight = Gᵀ·hidden over every row: an ignored row has G = 0, but 0 · NaN would carry a NaN (or inf)
+    # of its hidden state into d_weight, so the product reads ignored rows as 0 (one [N, H] copy).
+    hidden_rows = torch.where((labels != ignore_index)[:, None], hidden, 0.0) if need_weight else hidden
     for begin in range(0, vocab_size, cfg.bwd_chunk_v):
         width = min(cfg.bwd_chunk_v, vocab_size - begin)
         grid = (row_blocks * cdiv(width, cfg.block_v),)
@@ -258,7 +261,7 @@ def _launch_bwd_out(
         )
         grad_chunk = buffer[:, :width]
         if need_weight:
-            torch.mm(grad_chunk.T, hidden, out=d_weight[begin : begin + width])
+            torch.mm(grad_chunk.T, hidden_rows, out=d_weight[begin : begin + width])
         if need_hidden and batch_invariant:
             _add_product_fixed_tiles(d_hidden, grad_chunk, weight_rows, cfg)
         elif need_hidden:

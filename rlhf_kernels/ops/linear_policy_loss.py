@@ -180,7 +180,7 @@ def _policy_loss(hidden, weight, bias, labels, old, adv, weights, mask, ref, set
     outputs, d_hidden, d_weight, d_bias = chunked_linear_loss(
         hidden, weight, bias, row_chunks(n_tokens, chunk_rows), chunk_fn,
         inv_temperature=inv_temperature, need_grad=need_grad, grad_weight=grad_weight,
-        grad_hidden=grad_hidden, grad_weight_accumulation=accumulation,
+        grad_hidden=grad_hidden, grad_weight_accumulation=accumulation, active_rows=valid,
     )
     columns = list(zip(*outputs)) if outputs else [[]] * 5
     empty = m.new_zeros(0)

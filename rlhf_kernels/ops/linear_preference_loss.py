@@ -172,6 +172,7 @@ def _preference(
         hidden, weight, bias, [rows for rows, _ in chunks], chunk_fn, need_grad=need_grad,
         grad_weight=grad_weight, grad_hidden=grad_hidden,
         grad_weight_accumulation=problem.grad_weight_accumulation,
+        active_rows=labels != problem.ignore_index,
     )
     seq_logps = placeholder.clone()
     for (_, ids), (values,) in zip(chunks, outputs):
@@ -185,6 +186,27 @@ def _preference(
 # ---------------------------------------------------------------------------------------------------
 # Public function.
 # ---------------------------------------------------------------------------------------------------
+def _reference_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                     ignore_index: int) -> Tensor:
+    """Σ_t log π_ref per sequence [S], no gradient: the fused head (``linear_logprobs``), or for a float64
+    head (which ``linear_logprobs`` does not take) the chunk driver's forward in float64."""
+    if hidden.dtype != torch.float64:
+        return linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index).sum(dim=-1)
+    flat_labels = labels.reshape(-1)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    rows = _fused_linear.plan_chunk_rows(hidden2d.shape[0], weight.shape[0], device=hidden.device,
+                                         dtype=torch.float64)
+
+    def chunk_fn(logits: Tensor, chunk) -> tuple[Tensor]:
+        return (logprobs_fwd(logits, flat_labels[chunk], 1.0, ignore_index, False, False)[0],)
+
+    outputs, *_ = _fused_linear.chunked_linear_loss(
+        hidden2d, weight, bias, _fused_linear.row_chunks(hidden2d.shape[0], rows), chunk_fn, need_grad=False
+    )
+    token_logps = torch.cat([out[0] for out in outputs]) if outputs else hidden2d.new_zeros(0)
+    return token_logps.view(labels.shape).sum(dim=-1)
+
+
 def _check_head(prefix: str, hidden: object, weight: object, bias: object, labels: Tensor) -> None:
     _fused_linear.check_head(hidden, weight, bias, prefix=prefix, ndim=3,
                              layout="[S, T, H] (S padded sequences of T tokens)")
@@ -304,8 +326,8 @@ def linear_preference_loss(
     elif has_ref_head:
         _check_head("ref_", ref_hidden, ref_weight, ref_bias, labels)
         with torch.no_grad():
-            ref = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), labels, bias=ref_bias,
-                                  ignore_index=ignore_index).sum(dim=-1).to(acc)
+            ref = _reference_logps(ref_hidden.detach(), ref_weight.detach(), ref_bias, labels, ignore_index)
+            ref = ref.to(acc)
     else:
         ref = None
     problem = _Problem(flat_labels, n_seq, seq_len, paired, loss, loss_kwargs, ref,

@@ -447,7 +447,8 @@ def is_correction(
             coefficient = torch.where(keep, log_ratio.exp(), 0.0)
             rejected = ~keep
         if sequence:
-            filter_ratio = (rejected[:, 0] | ~b.row_valid).to(b.dtype).mean()
+            flags = (rejected[:, 0] | ~b.row_valid).to(b.dtype)  # mean over rows; 0 for B = 0 (empty rule)
+            filter_ratio = flags.sum() / max(flags.shape[0], 1)
         else:
             filter_ratio = token_mean(rejected)
         vllm_kl = token_mean(rollout - old)

@@ -206,7 +206,8 @@ if triton is not None:
         safe_label = tl.where(in_range, label, 0)
         x_label = tl.load(base + safe_label * stride_xv).to(ACC) * inv_temperature
         label_finite = (_sort_key(x_label, KEY, KEY_BITS) >= threshold) & (x_label > float("-inf"))
-        logprob = tl.where(label_finite, x_label - lse, float("-inf"))
+        # (x'_y − m) − log s, not x'_y − lse: lse = m + log s rounds log s away when |m| ≫ 1 (1e4, 1e30)
+        logprob = tl.where(label_finite, (x_label - m_ref) - log_s, float("-inf"))
         logprob = tl.where(in_range & ~bad, logprob, float("nan"))
         tl.store(logprobs_ptr + row, tl.where(ignored, 0.0, logprob))
         mass = tl.where(bad, float("nan"), s / s_all)

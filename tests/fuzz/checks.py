@@ -137,3 +137,14 @@ def index_checks(enabled: bool):
         yield
     finally:
         _dispatch.set_index_checks(before)
+
+
+def lse_absorbs_tied_maxima(logits: torch.Tensor, temperature: float) -> bool:
+    """Some row (of logits / temperature) has >= 2 entries at its maximum m, with fp32(m + log 2) == m (|m| >= ~2^24·log 2)."""
+    x = logits.detach().to(torch.float32).reshape(-1, logits.shape[-1]) / temperature
+    if x.numel() == 0:
+        return False
+    m = x.amax(-1, keepdim=True)
+    ties = (x == m).sum(-1) >= 2
+    absorbed = (m.squeeze(-1) + 0.6931472) == m.squeeze(-1)
+    return bool((ties & absorbed & m.squeeze(-1).isfinite()).any())

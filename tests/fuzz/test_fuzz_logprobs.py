@@ -17,6 +17,7 @@ from .checks import (
     call,
     index_checks,
     leaf,
+    lse_absorbs_tied_maxima,
     snapshot,
     upstream_for,
 )
@@ -67,17 +68,6 @@ def _inputs(case):
     return logits, labels.to(case["label_dtype"])
 
 
-def _lse_absorbs_tied_maxima(logits: torch.Tensor, temperature: float) -> bool:
-    """Some row has >= 2 entries at its maximum m, with fp32(m + log 2) == m (|m| >= ~2^24·log 2)."""
-    x = logits.detach().to(torch.float32).reshape(-1, logits.shape[-1]) / temperature
-    if x.numel() == 0:
-        return False
-    m = x.amax(-1, keepdim=True)
-    ties = (x == m).sum(-1) >= 2
-    absorbed = (m.squeeze(-1) + 0.6931472) == m.squeeze(-1)
-    return bool((ties & absorbed & m.squeeze(-1).isfinite()).any())
-
-
 @fuzz_settings(30)
 @given(case=logprob_cases())
 def test_logprobs_from_logits(backend, case):
@@ -118,7 +108,7 @@ def test_logprobs_from_logits(backend, case):
                                           temperature=case["temperature"], ignore_index=case["ignore_index"])
         (grad,) = torch.autograd.grad(outputs, [x], [u.to(o.dtype) for o, u in zip(outputs, up)])
         assert grad.dtype == logits.dtype
-        if _lse_absorbs_tied_maxima(logits, case["temperature"]):
+        if lse_absorbs_tied_maxima(logits, case["temperature"]):
             # Documented limitation (docs/logprobs.md, "Limitations"): the backward reads log p = x/τ − lse
             # with lse in fp32; with two or more tied maxima so large that lse = m + log s rounds to m, the
             # tied entries' p is read as 1.  Asserted as such: finite, and exact everywhere else.

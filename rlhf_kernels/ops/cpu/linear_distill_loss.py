@@ -21,7 +21,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 def _plogq(p: Tensor, log_ratio: Tensor) -> Tensor:
     """p · log_ratio with 0 where p = 0 (masked entries: 0 · (−inf − x) is 0, not NaN)."""
-    return torch.where(p > 0, p * log_ratio, 0.0)
+    return torch.where(p == 0, 0.0, p * log_ratio)  # p == 0, not p > 0: NaN stays NaN
 
 
 def row_terms(
@@ -34,13 +34,13 @@ def row_terms(
         teacher_sum = _plogq(pt, log_pt - log_ps).sum(dim=-1)
         return ps, pt, None, torch.stack((teacher_sum, torch.zeros_like(teacher_sum)))
     if divergence == "reverse_kl":  # KL(S ‖ T); ∂/∂s = p_S (d − KL), d = log p_S − log p_T
-        d = torch.where(ps > 0, log_ps - log_pt, 0.0)
+        d = torch.where(ps == 0, 0.0, log_ps - log_pt)
         kl_student = (ps * d).sum(dim=-1)
         return ps, pt, d, torch.stack((torch.zeros_like(kl_student), kl_student))
     # generalised JSD: β KL(T ‖ M) + (1 − β) KL(S ‖ M); ∂/∂s = (1 − β) p_S (d − KL(S ‖ M)),
     # d = log p_S − log M
     log_m = torch.logaddexp(log_ps + math.log1p(-beta), log_pt + math.log(beta))
-    d = torch.where(ps > 0, log_ps - log_m, 0.0)
+    d = torch.where(ps == 0, 0.0, log_ps - log_m)
     return ps, pt, d, torch.stack((_plogq(pt, log_pt - log_m).sum(dim=-1), (ps * d).sum(dim=-1)))
 
 

@@ -280,7 +280,8 @@ def _sampling_logprobs_fwd(
         label = safe[rows].unsqueeze(-1)
         x_label = x.gather(-1, label)
         label_finite = kept.gather(-1, label) & (x_label > -math.inf)
-        logprob = torch.where(label_finite, x_label - row_lse, -math.inf)
+        # (x'_y − m) − log s, not x'_y − lse: lse = m + log s rounds log s away when |m| ≫ 1 (1e4, 1e30)
+        logprob = torch.where(label_finite, (x_label - m_ref) - s.log(), -math.inf)
         logprob = torch.where(bad, math.nan, logprob).squeeze(-1)
         logprobs[rows] = torch.where(in_range[rows], logprob, math.nan)
         if with_entropy:
