@@ -79,3 +79,31 @@ def _seed():
 def pytest_collection_modifyitems(config, items):
     """``pytest -m gpu_smoke``: the GPU smoke selection of tests/gpu_smoke.py (docs/gpu.md)."""
     mark_smoke(items)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_workers(worker, world: int, what: str, monkeypatch, timeout_s: float = 240) -> None:
+    """Runs ``worker(rank, world, port)`` in ``world`` spawned processes (gloo over loopback on a free
+    port); a worker's exception fails the test, and so does not finishing within ``timeout_s``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    context = mp.spawn(worker, args=(world, _free_port()), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=5):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} workers did not finish within {timeout_s:g} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, 9)

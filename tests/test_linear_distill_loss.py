@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import os
-import socket
-import time
 import warnings
 
 import pytest
@@ -20,6 +17,7 @@ from conftest import (
     assert_compiles_for_sm90,
     assert_grad_close,
     backend_device,
+    run_gloo_workers,
 )
 
 from rlhf_kernels import _dispatch
@@ -386,23 +384,5 @@ def _tp_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vocab_parallel_two_processes(monkeypatch):
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.spawn(_tp_worker, args=(2, _free_port()), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not context.join(timeout=5):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail("vocabulary-parallel workers did not finish within 240 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, 9)
+    run_gloo_workers(_tp_worker, 2, "vocabulary-parallel", monkeypatch)

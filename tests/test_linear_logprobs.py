@@ -6,12 +6,10 @@ import dataclasses
 import datetime
 import math
 import os
-import socket
-import time
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE
+from conftest import HAS_CUDA, TRITON_DEVICE, run_gloo_workers
 
 import rlhf_kernels as rk  # noqa: F401  (registers every family)
 from rlhf_kernels import _dispatch, modules
@@ -1229,26 +1227,8 @@ def _tp_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vocab_parallel_two_processes(monkeypatch):
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.spawn(_tp_worker, args=(2, _free_port()), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not context.join(timeout=5):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail("vocabulary-parallel workers did not finish within 240 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, 9)
+    run_gloo_workers(_tp_worker, 2, "vocabulary-parallel", monkeypatch)
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])

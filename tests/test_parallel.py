@@ -8,13 +8,10 @@ linear_logprobs is tested in tests/test_linear_logprobs.py.
 from __future__ import annotations
 
 import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, run_gloo_workers
 
 from rlhf_kernels import _dispatch
 from rlhf_kernels.ops.logprobs import entropy_from_logits, logprobs_from_logits
@@ -132,26 +129,8 @@ def _worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vocab_sharded_logits_two_processes(monkeypatch):
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.spawn(_worker, args=(WORLD, _free_port()), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not context.join(timeout=5):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail("vocabulary-sharded workers did not finish within 240 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, 9)
+    run_gloo_workers(_worker, WORLD, "vocabulary-sharded", monkeypatch)
 
 
 def test_process_group_must_be_a_process_group():

@@ -6,13 +6,10 @@ concatenated batch."""
 from __future__ import annotations
 
 import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_compiles_for_sm90, backend_device
+from conftest import HAS_CUDA, assert_compiles_for_sm90, backend_device, run_gloo_workers
 from test_gae import pattern_mask
 
 from bench.baselines.whiten import openrlhf_normalize, verl_masked_whiten
@@ -338,26 +335,8 @@ def _global_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_whiten_across_two_processes_equals_the_concatenated_batch(monkeypatch):
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.spawn(_global_worker, args=(2, _free_port()), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not context.join(timeout=5):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail("whitening workers did not finish within 240 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, 9)
+    run_gloo_workers(_global_worker, 2, "whitening", monkeypatch)
 
 
 def test_whiten_process_group_errors():
