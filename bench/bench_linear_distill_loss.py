@@ -17,7 +17,7 @@ from rlhf_kernels.ops.linear_distill_loss import linear_distill_loss
 from rlhf_kernels.reference import linear_distill_loss as reference
 
 from .baselines import linear_distill_loss as peers
-from .harness import Bench
+from .harness import Bench, measure_head_loss_modes
 
 FAMILY = "linear_distill_loss"
 BETA = 0.5
@@ -69,25 +69,11 @@ def _check_against_oracle(student_hidden, student_weight, teacher_hidden, teache
 
 def _modes(bench: Bench, case: str, impl: str, fn, inputs, flops_fwd: int, baseline: str | None,
            fwd: bool = True):
-    """Times forward (no grad) and forward+backward of ``fn``; returns the fwd+bwd row."""
-    hidden, weight, *rest = inputs
-    h = hidden.detach().requires_grad_()
-    w = weight.detach().requires_grad_()
-
-    def forward():
-        with torch.no_grad():
-            return fn(h, w, *rest)
-
-    def fwd_bwd():
-        h.grad = w.grad = None
-        fn(h, w, *rest).backward()
-
-    if fwd:
-        bench.measure(FAMILY, case, impl, "fwd", forward, flops=flops_fwd, baseline=baseline)
-    flops = flops_fwd + 2 * 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0]
-    row = bench.measure(FAMILY, case, impl, "fwd+bwd", fwd_bwd, flops=flops, baseline=baseline)
-    h.grad = w.grad = None
-    return row
+    """Forward and forward+backward of ``fn``; returns the fwd+bwd row."""
+    (n, h_size), vocab = inputs[0].shape, inputs[1].shape[0]
+    flops_bwd = 2 * 2 * n * h_size * vocab  # the student's d_hidden and d_weight products
+    return measure_head_loss_modes(bench, FAMILY, case, impl, fn, inputs, flops_fwd, flops_fwd + flops_bwd,
+                                   baseline, fwd)
 
 
 def run(bench: Bench) -> None:

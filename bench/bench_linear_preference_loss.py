@@ -20,7 +20,7 @@ from rlhf_kernels.reference import linear_preference_loss as reference
 
 from .baselines import linear_preference_loss as peers
 from .baselines.preference_losses import BETA
-from .harness import Bench
+from .harness import Bench, measure_head_loss_modes
 
 FAMILY = "linear_preference_loss"
 
@@ -74,24 +74,9 @@ def _check_against_oracle(hidden, weight, labels, ref_logps) -> None:
 
 def _modes(bench: Bench, case: str, impl: str, fn, inputs, flops_fwd: int, baseline: str | None,
            fwd: bool = True):
-    """Times forward (no grad) and forward+backward of ``fn``; returns the fwd+bwd row."""
-    hidden, weight, *rest = inputs
-    h = hidden.detach().requires_grad_()
-    w = weight.detach().requires_grad_()
-
-    def forward():
-        with torch.no_grad():
-            return fn(h, w, *rest)
-
-    def fwd_bwd():
-        h.grad = w.grad = None
-        fn(h, w, *rest).backward()
-
-    if fwd:
-        bench.measure(FAMILY, case, impl, "fwd", forward, flops=flops_fwd, baseline=baseline)
-    row = bench.measure(FAMILY, case, impl, "fwd+bwd", fwd_bwd, flops=3 * flops_fwd, baseline=baseline)
-    h.grad = w.grad = None
-    return row
+    """Forward and forward+backward of ``fn``; returns the fwd+bwd row."""
+    return measure_head_loss_modes(bench, FAMILY, case, impl, fn, inputs, flops_fwd,
+                                   3 * flops_fwd, baseline, fwd)
 
 
 def run(bench: Bench) -> None:

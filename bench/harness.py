@@ -369,6 +369,30 @@ def measure_loss_modes(bench: Bench, family: str, case: str, impl: str, fn, x: t
     x.grad = None
 
 
+def measure_head_loss_modes(bench: Bench, family: str, case: str, impl: str, fn, inputs: tuple,
+                            flops_fwd: int, flops_fwd_bwd: int, baseline: str | None,
+                            fwd: bool = True) -> Row:
+    """Times ``fn(hidden, weight, *rest)`` (a 0-dim loss from an lm_head's inputs) forward only (unless
+    ``fwd`` is False) and forward+backward with gradients to hidden and weight; returns the fwd+bwd row."""
+    hidden, weight, *rest = inputs
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            return fn(h, w, *rest)
+
+    def fwd_bwd():
+        h.grad = w.grad = None
+        fn(h, w, *rest).backward()
+
+    if fwd:
+        bench.measure(family, case, impl, "fwd", forward, flops=flops_fwd, baseline=baseline)
+    row = bench.measure(family, case, impl, "fwd+bwd", fwd_bwd, flops=flops_fwd_bwd, baseline=baseline)
+    h.grad = w.grad = None
+    return row
+
+
 def with_compiled(bench: Bench, impls: dict) -> dict:
     """Adds torch.compile of each eager peer (skipped with --quick on CPU, where compiling dominates, and
     with ``--compile-baselines none``)."""
