@@ -16,6 +16,11 @@ import os
 from setuptools import setup
 
 
+# The C++ CPU extension's sources: rlhf_kernels/_ext.py's _SOURCES["cpp"] (this file imports nothing of the
+# package; tests/test_ext.py checks that the two lists agree).
+_CPU_SOURCES = ("cpu_bindings.cpp", "gae.cpp", "policy_losses.cpp", "advantages.cpp")
+
+
 def _extensions() -> dict:
     if os.environ.get("RLHF_KERNELS_BUILD_EXT", "0").strip() != "1":
         return {}
@@ -25,8 +30,8 @@ def _extensions() -> dict:
     csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
     modules = [
         CppExtension(
-            "rlhf_kernels._gae_cpp",
-            [os.path.join("csrc", "gae.cpp")],
+            "rlhf_kernels._cpu_cpp",
+            [os.path.join("csrc", name) for name in _CPU_SOURCES],
             include_dirs=[csrc],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],

@@ -8,8 +8,7 @@
 // rows per vector, and the results are copied out row by row.
 // Semantics: csrc/gae_common.h (shared with the CUDA kernel).
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gae.h"
 #include "gae_common.h"
 
 namespace rlhf_kernels {
@@ -167,10 +167,3 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, co
 }
 
 }  // namespace rlhf_kernels
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rlhf_kernels C++ CPU kernels (GAE)";
-  m.def("gae_forward", &rlhf_kernels::gae_forward_cpu, "GAE advantages and returns (CPU, fp32 out)",
-        pybind11::arg("rewards"), pybind11::arg("values"), pybind11::arg("mask"), pybind11::arg("gamma"),
-        pybind11::arg("lam"), pybind11::arg("carry"));
-}

@@ -83,7 +83,7 @@ def test_no_build_or_load_at_import():
 def test_build_failure_warns_once_and_falls_back(fresh_ext, tmp_path):
     broken = tmp_path / "csrc"
     broken.mkdir()
-    for name in ("gae.cpp", "gae_common.h", "gae_cuda.cu", "gae_cuda_binding.cpp"):
+    for name in {name for names in _ext._SOURCES.values() for name in names} | set(_ext._HEADERS):
         (broken / name).write_text("#error deliberately broken source\n")
     fresh_ext.setenv("RLHF_KERNELS_CSRC", str(broken))
     fresh_ext.setenv("RLHF_KERNELS_CACHE", str(tmp_path / "cache"))
@@ -177,3 +177,16 @@ def test_find_cuda_home_errors_name_what_is_wrong(tmp_path):
     lonely.write_text("")
     with pytest.raises(RuntimeError, match="set CUDA_HOME"):
         _ext.find_cuda_home({}, which=lambda _: str(lonely), default_roots=())
+
+
+def test_setup_builds_the_sources_the_loader_builds():
+    """setup.py (which imports nothing of the package) lists the C++ CPU sources again: the same ones."""
+    import ast
+
+    tree = ast.parse((CSRC.parent / "setup.py").read_text())
+    listed = next(
+        ast.literal_eval(node.value) for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_CPU_SOURCES"
+    )
+    assert tuple(listed) == _ext._SOURCES["cpp"]
+    assert all((CSRC / name).is_file() for names in _ext._SOURCES.values() for name in names)

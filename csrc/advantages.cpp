@@ -1,0 +1,2 @@
+// advantages on CPU tensors.
+#include "advantages.h"

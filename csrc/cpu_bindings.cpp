@@ -1,0 +1,16 @@
+// The C++ CPU extension module.  Only this file includes torch/extension.h (pybind11 and torch's type
+// casters: ~20 s of compile on its own); each kernel file includes ATen only and declares its functions
+// in its header, whose bind_<family>() this file calls.
+#define RLHF_KERNELS_BINDINGS
+#include <torch/extension.h>
+
+#include "advantages.h"
+#include "gae.h"
+#include "policy_losses.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlhf_kernels C++ CPU kernels (GAE, policy losses, advantage estimators)";
+  rlhf_kernels::bind_gae(m);
+  rlhf_kernels::bind_policy_losses(m);
+  rlhf_kernels::bind_advantages(m);
+}

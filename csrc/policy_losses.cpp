@@ -1,0 +1,2 @@
+// policy_losses on CPU tensors.
+#include "policy_losses.h"
