@@ -7,10 +7,12 @@
 #include "advantages.h"
 #include "gae.h"
 #include "policy_losses.h"
+#include "policy_selection.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf_kernels C++ CPU kernels (GAE, policy losses, advantage estimators)";
   rlhf_kernels::bind_gae(m);
   rlhf_kernels::bind_policy_losses(m);
+  rlhf_kernels::bind_policy_selection(m);
   rlhf_kernels::bind_advantages(m);
 }

@@ -36,10 +36,10 @@ from types import ModuleType
 
 # backend -> (sources, module prebuilt by setup.py); headers are hashed too.
 _SOURCES: dict[str, tuple[str, ...]] = {
-    "cpp": ("cpu_bindings.cpp", "gae.cpp", "policy_losses.cpp", "advantages.cpp"),
+    "cpp": ("cpu_bindings.cpp", "gae.cpp", "policy_losses.cpp", "policy_selection.cpp", "advantages.cpp"),
     "cuda": ("gae_cuda_binding.cpp", "gae_cuda.cu"),
 }
-_HEADERS = ("gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "advantages.h")
+_HEADERS = ("gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "policy_selection.h", "advantages.h")
 _PREBUILT = {"cpp": "rlhf_kernels._cpu_cpp", "cuda": "rlhf_kernels._gae_cuda"}
 _FAMILIES: dict[str, tuple[str, ...]] = {"gae": ("cpp", "cuda")}
 

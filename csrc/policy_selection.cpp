@@ -1,0 +1,2 @@
+// policy_selection on CPU tensors.
+#include "policy_selection.h"
