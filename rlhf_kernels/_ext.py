@@ -17,7 +17,8 @@ If an extension cannot be built or loaded, :func:`unavailable_reason` says why, 
 issued once per extension, and the "auto" backend falls back to the next one (Triton or PyTorch);
 nothing raises.  ``RLHF_KERNELS_EXT=0`` turns the extensions off without a warning.
 
-Families with extension kernels: ``gae`` (``cpp`` and ``cuda``).
+Families with extension kernels: ``gae`` (``cpp`` and ``cuda``), ``policy_losses`` and ``ppo_losses``
+(``cpp``: the token-level policy-loss core).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "cpp": ("cpu_bindings.cpp", "gae.cpp", "policy_losses.cpp", "policy_selection.cpp", "advantages.cpp"),
     "cuda": ("gae_cuda_binding.cpp", "gae_cuda.cu"),
 }
-_HEADERS = ("gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "policy_selection.h", "advantages.h")
+_HEADERS = ("gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "policy_losses_impl.h", "policy_selection.h", "advantages.h")
 _PREBUILT = {"cpp": "rlhf_kernels._cpu_cpp", "cuda": "rlhf_kernels._gae_cuda"}
-_FAMILIES: dict[str, tuple[str, ...]] = {"gae": ("cpp", "cuda")}
+_FAMILIES: dict[str, tuple[str, ...]] = {
+    "gae": ("cpp", "cuda"), "policy_losses": ("cpp",), "ppo_losses": ("cpp",),
+}
 
 # No -march=native: the cache folder may be shared by machines of different CPUs.  No fast-math: NaN
 # must propagate.  -fopenmp makes at::parallel_for run in parallel (torch ships the OpenMP runtime).

@@ -21,6 +21,14 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def backend(request):
+    """Every test once per backend: the PyTorch path, the C++ kernel (csrc/policy_losses.cpp, the default on
+    CPU) and the Triton kernels (interpreted on CPU)."""
+    with _dispatch.use_backend(request.param):
+        yield request.param
+
 NAMES = tuple(pl.POLICY_LOSSES)
 FWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float64: 1e-12}

@@ -20,6 +20,15 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def backend(request):
+    """Every test once per backend: the PyTorch path, the C++ kernel (csrc/policy_losses.cpp, the default on
+    CPU) and the Triton kernels (interpreted on CPU)."""
+    with _dispatch.use_backend(request.param):
+        yield request.param
+
+
 # Inputs are exact in every dtype (the oracle sees the same rounded values), so forward errors come from
 # fp32 arithmetic alone; gradients are additionally rounded to the input dtype.
 FWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-12}

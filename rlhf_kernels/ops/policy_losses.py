@@ -40,7 +40,7 @@ if triton is not None:
     from ._policy_variants import _load_tokens, _token_terms
 
 FAMILY = "policy_losses"
-_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
+_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("cpp", "torch"))
 
 _VARIANT_CODE = {name: code for code, name in enumerate(cpu.TOKEN_VARIANTS)}
 Tensor = torch.Tensor
@@ -223,7 +223,8 @@ def policy_loss_token_fwd(
     """(Σ L·w·m [B, chunks], [Σm, Σ clip·m, Σ clip_lower·m, Σ kl·m, Σ r·m, max r] [6, B, chunks]) of the
     token-level variant ``variant`` (a name in TOKEN_VARIANTS) with its scalars ``params``."""
     return _dispatch.route(
-        FAMILY, logprobs.device, triton=_launch_fwd, torch=cpu.policy_loss_token_fwd_torch
+        FAMILY, logprobs.device, triton=_launch_fwd, cpp=cpu.policy_loss_token_fwd_cpp,
+        torch=cpu.policy_loss_token_fwd_torch,
     )(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
 
 
@@ -235,7 +236,8 @@ def policy_loss_token_bwd(
 ) -> torch.Tensor:
     """∂/∂logprobs [B, T] (logprobs' dtype) given the gradient of the forward's loss partial sums."""
     return _dispatch.route(
-        FAMILY, logprobs.device, triton=_launch_bwd, torch=cpu.policy_loss_token_bwd_torch
+        FAMILY, logprobs.device, triton=_launch_bwd, cpp=cpu.policy_loss_token_bwd_cpp,
+        torch=cpu.policy_loss_token_bwd_torch,
     )(grad_partials, logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
 
 

@@ -65,7 +65,7 @@ from .cpu.ppo_losses import LOG_RATIO_CLAMP, P_MASK, P_RATIO_MAX, POLICY_STATS, 
 from .kl import kl_loss  # noqa: F401  (re-export: kl_loss lives in ops/kl.py)
 
 FAMILY = "ppo_losses"
-_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
+_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("cpp", "torch"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,7 +412,8 @@ def ppo_policy_loss_fwd(
     """(Σ L·m partial sums [B, chunks], statistics [6, B, chunks]: Σm, Σ clipped·m, Σ dual-clipped·m,
     Σ −ℓ·m, Σ r·m, max r), in fp32 (fp64 for fp64 inputs)."""
     return _dispatch.route(
-        FAMILY, logprobs.device, triton=_launch_policy_fwd, torch=cpu.ppo_policy_loss_fwd_torch
+        FAMILY, logprobs.device, triton=_launch_policy_fwd, cpp=cpu.ppo_policy_loss_fwd_cpp,
+        torch=cpu.ppo_policy_loss_fwd_torch,
     )(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
 
 
@@ -423,7 +424,8 @@ def ppo_policy_loss_bwd(
 ) -> torch.Tensor:
     """∂/∂logprobs [B, T] (logprobs' dtype) given the gradient of the forward's loss partial sums."""
     return _dispatch.route(
-        FAMILY, logprobs.device, triton=_launch_policy_bwd, torch=cpu.ppo_policy_loss_bwd_torch
+        FAMILY, logprobs.device, triton=_launch_policy_bwd, cpp=cpu.ppo_policy_loss_bwd_cpp,
+        torch=cpu.ppo_policy_loss_bwd_torch,
     )(grad_partials, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip)
 
 
@@ -434,7 +436,8 @@ def ppo_value_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ L·m partial sums [B, chunks], statistics [2, B, chunks]: Σm, Σ clipped·m)."""
     return _dispatch.route(
-        FAMILY, values.device, triton=_launch_value_fwd, torch=cpu.ppo_value_loss_fwd_torch
+        FAMILY, values.device, triton=_launch_value_fwd, cpp=cpu.ppo_value_loss_fwd_cpp,
+        torch=cpu.ppo_value_loss_fwd_torch,
     )(values, old_values, returns, mask, clip)
 
 
@@ -445,7 +448,8 @@ def ppo_value_loss_bwd(
 ) -> torch.Tensor:
     """∂/∂values [B, T] (values' dtype) given the gradient of the forward's loss partial sums."""
     return _dispatch.route(
-        FAMILY, values.device, triton=_launch_value_bwd, torch=cpu.ppo_value_loss_bwd_torch
+        FAMILY, values.device, triton=_launch_value_bwd, cpp=cpu.ppo_value_loss_bwd_cpp,
+        torch=cpu.ppo_value_loss_bwd_torch,
     )(grad_partials, values, old_values, returns, mask, clip)
 
 

@@ -1,5 +1,6 @@
 """The PyTorch path of the token-level policy-loss core (any device), registered as
-``policy_loss_token_fwd_torch`` / ``policy_loss_token_bwd_torch``.
+``policy_loss_token_fwd_torch`` / ``policy_loss_token_bwd_torch``, and the registered ops of its C++ kernel
+(csrc/policy_losses.cpp, the "cpp" backend: the default on CPU).
 
 The math of every variant is documented in ``rlhf_kernels/ops/policy_losses.py``; here each variant is a
 pair of small functions of one chunk of tokens: its forward gives (L, {statistic row: per-token value})
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _ext
 from ..._registration import torch_op
 from ..._validation import compute_dtype
 from .ppo_losses import (
@@ -323,3 +325,31 @@ def kl_cov_selection(logprobs, advantages, mask, ratio):
 
 policy_loss_token_fwd_torch = torch_op("policy_loss_token_fwd_torch", _fwd, fake=_partials_fake(POLICY_STATS))
 policy_loss_token_bwd_torch = torch_op("policy_loss_token_bwd_torch", _bwd, fake=_grad_fake)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The C++ CPU kernel of the same core (csrc/policy_losses.cpp): every variant's per-token math in one pass
+# per direction, registered as ``policy_loss_token_fwd_cpp`` / ``policy_loss_token_bwd_cpp``.
+# ---------------------------------------------------------------------------------------------------
+def _cpp_fwd(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, aux: Tensor | None,
+    is_weights: Tensor | None, variant: str, params: list[float],
+) -> tuple[Tensor, Tensor]:
+    code = TOKEN_VARIANTS.index(variant)
+    return tuple(_ext.load("cpp").policy_loss_token_fwd(
+        logprobs, old_logprobs, advantages, mask, aux, is_weights, code, params
+    ))
+
+
+def _cpp_bwd(
+    grad_partials: Tensor, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+    aux: Tensor | None, is_weights: Tensor | None, variant: str, params: list[float],
+) -> Tensor:
+    code = TOKEN_VARIANTS.index(variant)
+    return _ext.load("cpp").policy_loss_token_bwd(
+        grad_partials, logprobs, old_logprobs, advantages, mask, aux, is_weights, code, params
+    )
+
+
+policy_loss_token_fwd_cpp = torch_op("policy_loss_token_fwd_cpp", _cpp_fwd, fake=_partials_fake(POLICY_STATS))
+policy_loss_token_bwd_cpp = torch_op("policy_loss_token_bwd_cpp", _cpp_bwd, fake=_grad_fake)

@@ -1,5 +1,6 @@
 """The PyTorch path of the PPO policy and value losses (any device), registered as
-``ppo_policy_loss_fwd_torch`` / ``_bwd_torch`` and ``ppo_value_loss_fwd_torch`` / ``_bwd_torch``.
+``ppo_policy_loss_fwd_torch`` / ``_bwd_torch`` and ``ppo_value_loss_fwd_torch`` / ``_bwd_torch``, and the
+registered ops ``*_cpp`` of their C++ kernel (csrc/policy_losses.cpp, shared with the policy-loss core).
 
 The math is documented in ``rlhf_kernels/ops/ppo_losses.py``; this is the same math in row chunks
 sized for the L2 cache (32K tokens: 128 KiB fp32 temporaries), with one partial sum per row
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ... import _ext
 from ..._registration import torch_op
 from ..._validation import compute_dtype
 
@@ -266,6 +268,63 @@ def _value_bwd(
 
     return _backward(grad_partials, (values, old_values, returns), mask, derivative)
 
+
+# ---------------------------------------------------------------------------------------------------
+# The C++ CPU kernel (csrc/policy_losses.cpp, the "cpp" backend, the default on CPU): the policy loss is the
+# token-level core's "vanilla" variant (code 0) without weights, the value loss its code 11.
+# ---------------------------------------------------------------------------------------------------
+VANILLA_CODE = 0  # TOKEN_VARIANTS.index("vanilla") in ops/cpu/policy_losses.py (which imports this module)
+VALUE_CODE = 11
+
+
+def _inf_if_none(value: float | None) -> float:
+    return float("inf") if value is None else value
+
+
+def _policy_fwd_cpp(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip_low: float, clip_high: float, dual_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    params = [clip_low, clip_high, _inf_if_none(dual_clip)]
+    return tuple(_ext.load("cpp").policy_loss_token_fwd(
+        logprobs, old_logprobs, advantages, mask, None, None, VANILLA_CODE, params
+    ))
+
+
+def _policy_bwd_cpp(
+    grad_partials: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
+) -> torch.Tensor:
+    params = [clip_low, clip_high, _inf_if_none(dual_clip)]
+    return _ext.load("cpp").policy_loss_token_bwd(
+        grad_partials, logprobs, old_logprobs, advantages, mask, None, None, VANILLA_CODE, params
+    )
+
+
+def _value_fwd_cpp(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    partials, stats = _ext.load("cpp").policy_loss_token_fwd(
+        values, old_values, returns, mask, None, None, VALUE_CODE, [_inf_if_none(clip)]
+    )
+    return partials, stats[:VALUE_STATS].clone()
+
+
+def _value_bwd_cpp(
+    grad_partials: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+    mask: torch.Tensor, clip: float | None,
+) -> torch.Tensor:
+    return _ext.load("cpp").policy_loss_token_bwd(
+        grad_partials, values, old_values, returns, mask, None, None, VALUE_CODE, [_inf_if_none(clip)]
+    )
+
+
+ppo_policy_loss_fwd_cpp = torch_op(
+    "ppo_policy_loss_fwd_cpp", _policy_fwd_cpp, fake=_partials_fake(POLICY_STATS)
+)
+ppo_policy_loss_bwd_cpp = torch_op("ppo_policy_loss_bwd_cpp", _policy_bwd_cpp, fake=_grad_fake)
+ppo_value_loss_fwd_cpp = torch_op("ppo_value_loss_fwd_cpp", _value_fwd_cpp, fake=_partials_fake(VALUE_STATS))
+ppo_value_loss_bwd_cpp = torch_op("ppo_value_loss_bwd_cpp", _value_bwd_cpp, fake=_grad_fake)
 
 ppo_policy_loss_fwd_torch = torch_op(
     "ppo_policy_loss_fwd_torch", _policy_fwd, fake=_partials_fake(POLICY_STATS)
