@@ -58,7 +58,7 @@
 namespace rlhf_kernels {
 namespace {
 
-bool use_avx2() {
+bool cpu_has_avx2() {
 #if RLHF_PL_HAS_AVX2
   static const bool supported = __builtin_cpu_supports("avx2");
   return supported;
@@ -67,7 +67,28 @@ bool use_avx2() {
 #endif
 }
 
+bool force_baseline = false;  // vector_isa("baseline"): tests run both builds on an AVX2 machine
+
+bool use_avx2() { return cpu_has_avx2() && !force_baseline; }
+
 }  // namespace
+
+std::string policy_losses_vector_isa(const std::string& choice) {
+  TORCH_CHECK(choice.empty() || choice == "auto" || choice == "baseline",
+              "vector_isa: choice must be '', 'auto' or 'baseline'; got '", choice, "'");
+  if (choice == "baseline") force_baseline = true;
+  if (choice == "auto") force_baseline = false;
+  return use_avx2() ? "avx2" : "baseline";
+}
+
+at::Tensor policy_losses_vector_math(const at::Tensor& x, const std::string& fn) {
+  const int64_t code = fn == "exp" ? 0 : (fn == "exp_small" ? 1 : (fn == "log" ? 2 : -1));
+  TORCH_CHECK(code >= 0, "vector_math: fn must be 'exp', 'exp_small' or 'log'; got '", fn, "'");
+#if RLHF_PL_HAS_AVX2
+  if (use_avx2()) return avx2::vector_math(x, code);
+#endif
+  return baseline::vector_math(x, code);
+}
 
 std::tuple<at::Tensor, at::Tensor> policy_loss_token_fwd_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -28,6 +29,14 @@ at::Tensor policy_loss_token_bwd_cpu(
     const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& aux,
     const std::optional<at::Tensor>& is_weights, int64_t variant, const std::vector<double>& params);
 
+// The vector width in use ("avx2" or "baseline"); "baseline" forces the 16-byte build, "auto" restores the
+// run-time choice, "" only reports.
+std::string policy_losses_vector_isa(const std::string& choice);
+
+// For tests: the fp32 path's vector exp ("exp"), small-argument exp ("exp_small") or log ("log") of a
+// contiguous fp32 tensor, with the current vector width.
+at::Tensor policy_losses_vector_math(const at::Tensor& x, const std::string& fn);
+
 #ifdef RLHF_KERNELS_BINDINGS
 inline void bind_policy_losses(pybind11::module_& m) {
   namespace py = pybind11;
@@ -39,6 +48,10 @@ inline void bind_policy_losses(pybind11::module_& m) {
         "token-level policy-loss core, backward: d/d logprobs [B, T]", py::arg("grad_partials"),
         py::arg("logprobs"), py::arg("old_logprobs"), py::arg("advantages"), py::arg("mask"), py::arg("aux"),
         py::arg("is_weights"), py::arg("variant"), py::arg("params"));
+  m.def("policy_losses_vector_isa", &policy_losses_vector_isa, "the vector width of the policy-loss kernel",
+        py::arg("choice") = "");
+  m.def("policy_losses_vector_math", &policy_losses_vector_math, "the kernel's vector exp / log (tests)",
+        py::arg("x"), py::arg("fn"));
 }
 #endif
 

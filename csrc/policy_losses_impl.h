@@ -693,5 +693,26 @@ at::Tensor backward_as(const at::Tensor& grad_partials, const at::Tensor& logpro
   return grad;
 }
 
+// The vector exp (fn 0), exp for |x| ≤ 64 (fn 1) and log (fn 2) of the fp32 path applied to a contiguous
+// fp32 tensor (tests check them against float64 over their whole range).
+inline at::Tensor vector_math(const at::Tensor& x, int64_t fn) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "vector_math: a contiguous fp32 CPU tensor expected");
+  at::Tensor out = at::empty_like(x);
+  const float* src = x.const_data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  alignas(32) float buffer[kWidth<float>];
+  for (int64_t i = 0; i < n; i += kWidth<float>) {
+    const int64_t count = std::min<int64_t>(kWidth<float>, n - i);
+    for (int64_t j = 0; j < kWidth<float>; ++j) buffer[j] = j < count ? src[i + j] : 1.0f;
+    Vec<float> v = load(buffer);
+    v = fn == 0 ? exp_lanes(v) : (fn == 1 ? exp_small_lanes(v) : log_lanes(v));
+    store(buffer, v);
+    std::memcpy(dst + i, buffer, static_cast<size_t>(count) * sizeof(float));
+  }
+  return out;
+}
+
 }  // namespace RLHF_PL_NS
 }  // namespace rlhf_kernels
