@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "advantages.h"
+#include "cpu_common.h"
 #include "gae.h"
 #include "policy_losses.h"
 #include "policy_selection.h"
@@ -15,4 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   rlhf_kernels::bind_policy_losses(m);
   rlhf_kernels::bind_policy_selection(m);
   rlhf_kernels::bind_advantages(m);
+  m.def("release_cached_outputs", &rlhf_kernels::release_cached_outputs,
+        "frees the output blocks kept for reuse (csrc/cpu_common.h); returns their bytes");
+  m.def("cached_output_bytes", &rlhf_kernels::cached_output_bytes, "bytes of output blocks kept for reuse");
 }

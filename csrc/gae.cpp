@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_common.h"
 #include "gae.h"
 #include "gae_common.h"
 
@@ -128,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, co
               "gae_forward: CPU tensors expected");
   const int64_t B = rewards.size(0), T = rewards.size(1);
   auto opts = rewards.options().dtype(at::kFloat);
-  at::Tensor advantages = at::empty({B, T}, opts);
-  at::Tensor returns = at::empty({B, T}, opts);
+  at::Tensor advantages = empty_output({B, T}, opts);
+  at::Tensor returns = empty_output({B, T}, opts);
   if (B == 0 || T == 0) return {advantages, returns};
 
   const int64_t strides[6] = {rewards.stride(0), rewards.stride(1), values.stride(0),

@@ -260,6 +260,14 @@ def unavailable_reason(family: str, backend: str) -> str | None:
     return _get(backend)[1]
 
 
+def release_cpu_cache() -> int:
+    """Frees the output blocks the C++ CPU kernels keep for reuse (large outputs come from recycled
+    huge-page blocks, at most ``$RLHF_KERNELS_CPU_CACHE_MB`` MiB kept, default 256; see csrc/cpu_common.h);
+    returns how many bytes were kept.  Builds nothing: 0 when the extension is not loaded."""
+    module = _loaded.get("cpp", (None, None))[0]
+    return 0 if module is None else int(module.release_cached_outputs())
+
+
 def _reset() -> None:
     """Forgets loaded/failed extensions (tests), so that the next call tries again."""
     with _lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -190,3 +191,42 @@ def test_setup_builds_the_sources_the_loader_builds():
     )
     assert tuple(listed) == _ext._SOURCES["cpp"]
     assert all((CSRC / name).is_file() for names in _ext._SOURCES.values() for name in names)
+
+
+def test_large_outputs_recycle_their_blocks_and_release_frees_them():
+    """csrc/cpu_common.h: a freed output of >= 4 MiB is kept and reused for the next one of that size (no
+    page faults from the second training step on); release_cpu_cache() frees what is kept."""
+    module = _ext.load("cpp")
+    assert module is not None
+    from rlhf_kernels.ops.cpu.policy_losses import _cpp_bwd
+
+    lp, old, adv = torch.randn(512, 2048), torch.randn(512, 2048), torch.randn(512, 2048)  # 4 MiB gradient
+    mask = torch.ones(512, 2048, dtype=torch.bool)
+    g = torch.ones(512, 1)
+    _ext.release_cpu_cache()
+    first = _cpp_bwd(g, lp, old, adv, mask, None, None, "gpg", [])
+    address = first.data_ptr()
+    assert address % (1 << 21) == 0  # huge-page aligned
+    torch.testing.assert_close(first, -adv)
+    del first
+    assert module.cached_output_bytes() == 4 << 20
+    second = _cpp_bwd(g, lp, old, adv, mask, None, None, "gpg", [])
+    assert second.data_ptr() == address and module.cached_output_bytes() == 0
+    torch.testing.assert_close(second, -adv)  # fully rewritten: nothing of the old contents survives
+    second.resize_(2, 3)  # an ordinary CPU tensor
+    del second
+    assert _ext.release_cpu_cache() == 4 << 20 and module.cached_output_bytes() == 0
+
+
+def test_output_cache_can_be_turned_off(tmp_path):
+    code = (
+        "import torch\n"
+        "from rlhf_kernels import _ext\n"
+        "from rlhf_kernels.ops.cpu.policy_losses import _cpp_bwd\n"
+        "x = torch.randn(512, 2048)\n"
+        "g = _cpp_bwd(torch.ones(512, 1), x, x, x, x > 0, None, None, 'gpg', [])\n"
+        "del g\n"
+        "assert _ext.load('cpp').cached_output_bytes() == 0\n"
+    )
+    env = dict(os.environ, RLHF_KERNELS_CPU_CACHE_MB="0")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
