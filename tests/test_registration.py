@@ -24,6 +24,7 @@ from test_linear_distill_loss import registration_samples as _linear_distill_sam
 from test_ratings import registration_samples as _ratings_samples
 
 import rlhf_kernels.ops
+from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
 from rlhf_kernels.ops.sampling_logprobs import sampling_logprobs
 from rlhf_kernels import (
     _dispatch,
@@ -566,6 +567,13 @@ COMPILE_CASES: dict[str, tuple[Callable, Callable]] = {
         ),
         lambda b, t, d: ((*_policy_args(b, t, d), _mask(b, t, d)), (0,)),
     ),
+    **{
+        f"{name}_policy_loss(is_weights)": (
+            lambda lp, old, adv, m, w, name=name: POLICY_LOSSES[name](lp, old, adv, m, is_weights=w)[0],
+            lambda b, t, d: ((*_policy_args(b, t, d), _mask(b, t, d), torch.rand(b, t, device=d) * 2), (0,)),
+        )
+        for name in ("gspo", "sapo", "dppo_kl", "geo_mean", "kl_cov")
+    },
     "ppo_value_loss": (
         lambda v, old, ret, m: ppo_value_loss(v, old, ret, m),
         lambda b, t, d: (
@@ -632,6 +640,17 @@ def _check_compiled_equals_eager(name: str, device: str) -> None:
 def test_compile_fullgraph_dynamic_torch_path_cpu(name):
     torch._dynamo.reset()
     with _dispatch.use_backend("torch"):
+        _check_compiled_equals_eager(name, "cpu")
+
+
+# The public functions of the families with a C++ CPU kernel (csrc/), traced with that kernel.
+CPP_COMPILE_CASES = sorted(n for n in COMPILE_CASES if "policy_loss" in n or n.startswith(("ppo_", "compute_gae")))
+
+
+@pytest.mark.parametrize("name", CPP_COMPILE_CASES)
+def test_compile_fullgraph_dynamic_cpp_path_cpu(name):
+    torch._dynamo.reset()
+    with _dispatch.use_backend("cpp"):
         _check_compiled_equals_eager(name, "cpu")
 
 
