@@ -644,7 +644,9 @@ def test_compile_fullgraph_dynamic_torch_path_cpu(name):
 
 
 # The public functions of the families with a C++ CPU kernel (csrc/), traced with that kernel.
-CPP_COMPILE_CASES = sorted(n for n in COMPILE_CASES if "policy_loss" in n or n.startswith(("ppo_", "compute_gae")))
+CPP_COMPILE_CASES = sorted(
+    n for n in COMPILE_CASES if "policy_loss" in n or n.startswith(("ppo_", "compute_gae"))
+)
 
 
 @pytest.mark.parametrize("name", CPP_COMPILE_CASES)
