@@ -15,7 +15,6 @@ import os
 
 from setuptools import setup
 
-
 # The C++ CPU extension's sources: rlhf_kernels/_ext.py's _SOURCES["cpp"] (this file imports nothing of the
 # package; tests/test_ext.py checks that the two lists agree).
 _CPU_SOURCES = ("cpu_bindings.cpp", "gae.cpp", "policy_losses.cpp", "policy_selection.cpp", "advantages.cpp")

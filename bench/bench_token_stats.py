@@ -76,14 +76,21 @@ def run(bench: Bench) -> None:
             case = f"N={n} V={vocab} {str(dtype).replace('torch.', '')}"
             bytes_per_pass = logits.numel() * logits.element_size()
             plain = logprobs_from_logits(logits, labels)
-            _time(bench, case, BASELINE, lambda x: logprobs_from_logits(x, labels), logits, bytes_per_pass)
+            # the closures bind this iteration's labels / name / options as defaults: they must not see
+            # the loop's later rebinding, nor the ``del`` below
+            _time(
+                bench, case, BASELINE, lambda x, y=labels: logprobs_from_logits(x, y), logits, bytes_per_pass
+            )
             for name, options in VARIANTS.items():
                 if "softcap" not in options:  # the soft cap changes the log-probs themselves
                     got = token_stats_from_logits(logits, labels, **options).logprobs
-                    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+                    torch.testing.assert_close(
+                        got, plain, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+                    )
                 _time(
-                    bench, case, name, lambda x, o=options: token_stats_from_logits(x, labels, **o), logits,
-                    bytes_per_pass,
+                    bench, case, name,
+                    lambda x, y=labels, o=options: token_stats_from_logits(x, y, **o),
+                    logits, bytes_per_pass,
                 )
             del logits, labels, plain
             if bench.device.type == "cuda":

@@ -114,13 +114,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from .ops.aggregation import LOSS_AGG_MODES, agg_loss
     from .ops.gae import compute_gae
     from .ops.kl import KL_CORRECTIONS, KL_ESTIMATORS, kl_loss, kl_penalty
-    from .ops.linear_logprobs import linear_logprobs, linear_token_stats
     from .ops.linear_distill_loss import linear_distill_loss
+    from .ops.linear_logprobs import linear_logprobs, linear_token_stats
     from .ops.linear_policy_loss import LINEAR_POLICY_LOSSES, linear_policy_loss
     from .ops.linear_preference_loss import linear_preference_loss
     from .ops.logprobs import entropy_from_logits, logprobs_from_logits
     from .ops.policy_losses import (
         POLICY_LOSSES,
+        bypass_mode_policy_loss,
         cispo_policy_loss,
         clip_cov_policy_loss,
         dppo_kl_policy_loss,
@@ -136,16 +137,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     )
     from .ops.ppo_losses import ppo_policy_loss, ppo_value_loss
     from .ops.preference_losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+    from .ops.ratings import bradley_terry, elo_ratings
     from .ops.reward_losses import (
         pairwise_reward_loss,
         pointwise_reward_loss,
         ranking_hinge_loss,
         ranking_reward_loss,
     )
-    from .ops.policy_losses import bypass_mode_policy_loss
-    from .ops.ratings import bradley_terry, elo_ratings
-    from .ops.sampling_logprobs import sampling_logprobs
     from .ops.rollout_correction import REJECTION_OPTIONS, is_correction, off_policy_mask, rollout_correction
+    from .ops.sampling_logprobs import sampling_logprobs
     from .ops.token_rewards import token_level_rewards
     from .ops.token_stats import TokenStats, token_stats_from_logits
     from .ops.whiten import masked_whiten

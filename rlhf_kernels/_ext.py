@@ -40,7 +40,10 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "cpp": ("cpu_bindings.cpp", "gae.cpp", "policy_losses.cpp", "policy_selection.cpp", "advantages.cpp"),
     "cuda": ("gae_cuda_binding.cpp", "gae_cuda.cu"),
 }
-_HEADERS = ("gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "policy_losses_impl.h", "policy_selection.h", "advantages.h")
+_HEADERS = (
+    "gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "policy_losses_impl.h", "policy_selection.h",
+    "advantages.h",
+)
 _PREBUILT = {"cpp": "rlhf_kernels._cpu_cpp", "cuda": "rlhf_kernels._gae_cuda"}
 _FAMILIES: dict[str, tuple[str, ...]] = {
     "gae": ("cpp", "cuda"), "policy_losses": ("cpp",), "ppo_losses": ("cpp",),
@@ -158,7 +161,9 @@ def _has_toolkit(root: Path) -> bool:
 
 
 def find_cuda_home(
-    environ: dict[str, str] | None = None, which=None, default_roots: tuple[Path, ...] = (Path("/usr/local/cuda"),)
+    environ: dict[str, str] | None = None,
+    which=None,
+    default_roots: tuple[Path, ...] = (Path("/usr/local/cuda"),),
 ) -> Path:
     """The CUDA toolkit root the CUDA extension builds against (the folder with ``bin/nvcc`` and
     ``include/cuda_runtime.h``), found the way ``torch.utils.cpp_extension`` looks for it, but checked.

@@ -166,7 +166,9 @@ def test_compile_fullgraph_dynamic_triton_path():
 
 
 def test_estimator_names_and_errors():
-    assert KL_ESTIMATORS == ("k1", "abs", "k2", "k3", "low_var_kl", "k1+", "abs+", "k2+", "k3+", "low_var_kl+")
+    assert KL_ESTIMATORS == (
+        "k1", "abs", "k2", "k3", "low_var_kl", "k1+", "abs+", "k2+", "k3+", "low_var_kl+"
+    )
     assert check_estimator("low_var_kl") == "k3"
     assert check_estimator("low_var_kl+") == "k3+" and check_estimator("k2+") == "k2"
     x = torch.zeros(3)

@@ -61,14 +61,18 @@ class _GuardedStorage:
         item = t.element_size()
         assert GUARD % item == 0
         out = torch.empty(0, dtype=t.dtype)
-        return out.set_(self.buffer.untyped_storage(), GUARD // item + t.storage_offset(), t.shape, t.stride())
+        return out.set_(
+            self.buffer.untyped_storage(), GUARD // item + t.storage_offset(), t.shape, t.stride()
+        )
 
     def check_and_write_back(self, kernel: str) -> None:
         before, after = self.buffer[:GUARD], self.buffer[GUARD + self.nbytes :]
         middle = self.buffer[GUARD : GUARD + self.nbytes]
         assert bool((before == SENTINEL).all()), f"{kernel} wrote before a tensor's storage"
         assert bool((after == SENTINEL).all()), f"{kernel} wrote past the end of a tensor's storage"
-        assert bool((middle[~self.owned] == SENTINEL).all()), f"{kernel} wrote into a gap between a view's elements"
+        assert bool((middle[~self.owned] == SENTINEL).all()), (
+            f"{kernel} wrote into a gap between a view's elements"
+        )
         _byte_view(self.original)[self.owned] = middle[self.owned]
 
 
@@ -193,8 +197,12 @@ CASES = {
                                                                 return_entropy=True),
         ("hidden", "weight", "bias"),
     ),
-    "gae": (lambda: dict(rewards=_strided((B, T)), values=_strided((B, T), layout="transposed"), mask=_mask((B, T))),
-            lambda rewards, values, mask: rk.compute_gae(rewards, values, mask, 0.9, 0.95), ()),
+    "gae": (
+        lambda: dict(
+            rewards=_strided((B, T)), values=_strided((B, T), layout="transposed"), mask=_mask((B, T))
+        ),
+        lambda rewards, values, mask: rk.compute_gae(rewards, values, mask, 0.9, 0.95), (),
+    ),
     "whiten": (lambda: dict(x=_strided((B, T)), mask=_mask((B, T))),
                lambda x, mask: (rk.masked_whiten(x, mask), rk.masked_whiten(x, mask, dim=-1)), ()),
     "token_rewards": (
@@ -209,7 +217,9 @@ CASES = {
     "kl_loss": (lambda: dict(lp=_strided((B, T)), ref=torch.randn(B, T), mask=_mask((B, T))),
                 lambda lp, ref, mask: rk.kl_loss(lp, ref, mask, estimator="k3+"), ("lp",)),
     "ppo_policy_loss": (
-        lambda: dict(lp=_strided((B, T)), old=torch.randn(B, T), adv=torch.randn(B, 1).expand(B, T), mask=_mask((B, T))),
+        lambda: dict(
+            lp=_strided((B, T)), old=torch.randn(B, T), adv=torch.randn(B, 1).expand(B, T), mask=_mask((B, T))
+        ),
         lambda lp, old, adv, mask: rk.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0), ("lp",),
     ),
     "ppo_value_loss": (

@@ -62,7 +62,8 @@ def _check(fn, oracle, tensors: dict, kwargs: dict, dtype: torch.dtype, *, posit
     originals = {k: v.clone() for k, v in tensors.items()}
 
     def call(f, inputs):
-        return f(*(inputs[k] for k in positional), **{k: v for k, v in inputs.items() if k not in positional}, **kwargs)
+        named = {k: v for k, v in inputs.items() if k not in positional}
+        return f(*(inputs[k] for k in positional), **named, **kwargs)
 
     loss, metrics = call(fn, leaves)
     want, want_metrics = call(oracle, oracle_leaves)
@@ -115,7 +116,9 @@ def test_dpo_weighted_combination(dtype):
     torch.manual_seed(1)
     pairs = _pairs(29, dtype)
     types, weights = ["sigmoid", "bco_pair", "sft", "sigmoid_norm"], [0.8, 0.2, 1.0, 1 / 3]
-    loss, _ = _check(dpo_loss, ref.dpo_loss, pairs, dict(loss_type=types, loss_weights=weights, beta=BETA), dtype)
+    loss, _ = _check(
+        dpo_loss, ref.dpo_loss, pairs, dict(loss_type=types, loss_weights=weights, beta=BETA), dtype
+    )
     separate = sum(w * dpo_loss(**pairs, loss_type=t, beta=BETA)[0] for t, w in zip(types, weights))
     assert_close(loss, separate, FWD_TOL[dtype], "sum of the weighted single losses")
 
@@ -138,7 +141,9 @@ def test_dpo_sft_without_reference():
     pairs = _pairs(11, torch.float64)
     tensors = {k: pairs[k] for k in ("chosen_logps", "rejected_logps", "chosen_lengths")}
     _, metrics = _check(dpo_loss, ref.dpo_loss, tensors, dict(loss_type="sft", beta=BETA), torch.float64)
-    assert_close(metrics["rewards/chosen"], BETA * pairs["chosen_logps"].mean(), 1e-6, "reference-free reward")
+    assert_close(
+        metrics["rewards/chosen"], BETA * pairs["chosen_logps"].mean(), 1e-6, "reference-free reward"
+    )
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
@@ -164,7 +169,9 @@ def test_extreme_log_ratios_stay_finite():
         if loss_type == "discopop":  # e^{1e4} is the loss itself: inf, not NaN
             assert not loss.isnan()
         else:
-            assert torch.isfinite(loss) and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all(), loss_type
+            assert (
+                torch.isfinite(loss) and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+            ), loss_type
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +186,9 @@ POLICY_ONLY = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_len
 def test_cpo_matches_oracle(loss_type, alpha, dtype):
     torch.manual_seed(5)
     pairs = {k: v for k, v in _pairs(23, dtype).items() if k in POLICY_ONLY}
-    kwargs = dict(loss_type=loss_type, alpha=alpha, beta=BETA, label_smoothing=EPS, simpo_gamma=0.7, cpo_alpha=1 / 3)
+    kwargs = dict(
+        loss_type=loss_type, alpha=alpha, beta=BETA, label_smoothing=EPS, simpo_gamma=0.7, cpo_alpha=1 / 3
+    )
     _check(cpo_loss, ref.cpo_loss, pairs, kwargs, dtype)
 
 
@@ -282,7 +291,8 @@ def test_empty_batches():
 def test_nan_in_nan_out():
     for name, fn, tensors, kwargs in _every_function(5, torch.float32):
         first = next(iter(tensors))
-        poisoned = dict(tensors, **{first: tensors[first].clone().index_fill_(0, torch.tensor([2]), float("nan"))})
+        nan_first = tensors[first].clone().index_fill_(0, torch.tensor([2]), float("nan"))
+        poisoned = dict(tensors, **{first: nan_first})
         loss, _ = fn(**poisoned, **kwargs)
         assert loss.isnan(), name
 
@@ -291,7 +301,9 @@ def test_compile_fullgraph_no_host_sync():
     """fullgraph=True fails on a graph break, which any host sync (.item(), a data-dependent branch) is."""
     torch.manual_seed(11)
     for name, fn, tensors, kwargs in _every_function(13, torch.float32):
-        compiled = torch.compile(lambda t, fn=fn, kwargs=kwargs: fn(**t, **kwargs), fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(
+            lambda t, fn=fn, kwargs=kwargs: fn(**t, **kwargs), fullgraph=True, backend="aot_eager"
+        )
         loss, metrics = compiled(tensors)
         want, want_metrics = fn(**tensors, **kwargs)
         assert_close(loss, want, 1e-6, name)
@@ -318,11 +330,17 @@ def _bad_inputs():
     yield lambda: dpo_loss(c, r, refs[0], None, loss_type=["sft", "hinge"]), "'hinge' needs reference"
     yield lambda: dpo_loss(c, r, *refs, loss_type="ipo"), "'ipo' needs chosen_lengths"
     yield lambda: dpo_loss(c, r, *refs, loss_type="sigmoid_norm", chosen_lengths=n), "needs rejected_lengths"
-    yield lambda: dpo_loss(c, r, *refs, loss_type="ipo", chosen_lengths=n, rejected_lengths=n[:2]), "rejected_lengths must have shape"
+    yield (
+        lambda: dpo_loss(c, r, *refs, loss_type="ipo", chosen_lengths=n, rejected_lengths=n[:2]),
+        "rejected_lengths must have shape",
+    )
     yield lambda: dpo_loss(c, r, *refs, loss_type="sft", chosen_lengths=n > 0), "integer or floating tensor"
     yield lambda: dpo_loss(c, r, *refs, loss_type="exo_pair"), "label_smoothing must be in (0, 1)"
     yield lambda: dpo_loss(c, r, *refs, loss_type="robust", label_smoothing=0.5), "[0, 0.5)"
-    yield lambda: dpo_loss(c, r, *refs, loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), "one weight per loss type"
+    yield (
+        lambda: dpo_loss(c, r, *refs, loss_type=["sigmoid", "hinge"], loss_weights=[1.0]),
+        "one weight per loss type",
+    )
     yield lambda: dpo_loss(c, r, *refs, convention="verl"), "convention must be one of"
     yield lambda: dpo_loss(c.long(), r, *refs), "chosen_logps must be a floating tensor"
     yield lambda: dpo_loss(c[None], r[None], refs[0][None], refs[1][None]), "chosen_logps must be 1-D"

@@ -26,10 +26,10 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
-
 from peers.cases import TOL, close, grad_close, leaf
 from peers.conftest import trl_peer  # noqa: F401  (fixture: TRL imported first, without placeholders)
 from peers.placeholders import import_peer
+
 from rlhf_kernels.ops.preference_losses import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
@@ -103,17 +103,18 @@ def _dpo_case(dtype):
 
 def _trl_dpo(peers, completion_mask, per_token, ref, loss_types, weights, beta, eps, tau):
     """DPOTrainer._compute_loss reads, besides the logging state: beta, loss_types, loss_weights (set
-    by DPOTrainer.__init__ to 1.0 each when not given), label_smoothing, args.discopop_tau, ld_alpha (None: plain sums), f_divergence_type ("reverse_kl":
-    standard DPO), use_weighting (False)."""
+    by DPOTrainer.__init__ to 1.0 each when not given), label_smoothing, args.discopop_tau, ld_alpha
+    (None: plain sums), f_divergence_type ("reverse_kl": standard DPO), use_weighting (False)."""
     per_token = leaf(per_token)
     shift_mask = completion_mask[:, 1:]
     trainer = _trainer_state(
-        beta=beta, loss_types=loss_types, loss_weights=weights or [1.0] * len(loss_types), label_smoothing=eps,
-        args=types.SimpleNamespace(discopop_tau=tau), ld_alpha=None, f_divergence_type="reverse_kl",
-        use_weighting=False,
+        beta=beta, loss_types=loss_types, loss_weights=weights or [1.0] * len(loss_types),
+        label_smoothing=eps, args=types.SimpleNamespace(discopop_tau=tau), ld_alpha=None,
+        f_divergence_type="reverse_kl", use_weighting=False,
     )
     inputs = {
-        "input_ids": torch.randint(0, V, completion_mask.shape), "attention_mask": torch.ones_like(completion_mask),
+        "input_ids": torch.randint(0, V, completion_mask.shape),
+        "attention_mask": torch.ones_like(completion_mask),
         "completion_mask": completion_mask, "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:],
     }
     model = _model(lambda ids: _outputs(per_token * shift_mask))
@@ -129,18 +130,23 @@ def _ours_dpo(completion_mask, per_token, ref, loss_types, weights, beta, eps, t
     lengths = completion_mask.sum(1)
     loss, metrics = dpo_loss(
         logps[:B], logps[B:], ref[:B], ref[B:], beta=beta, loss_type=loss_types, loss_weights=weights,
-        label_smoothing=eps, discopop_tau=tau, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:], **options,
+        label_smoothing=eps, discopop_tau=tau, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+        **options,
     )
     (grad,) = torch.autograd.grad(loss, per_token)
     return loss, grad, metrics
 
 
-DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+DPO_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+    "logps/rejected",
+)
 
 
 @pytest.mark.parametrize(
     "loss_types, weights",
-    [([t], None) for t in DPO_LOSS_TYPES] + [(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]), (["ipo", "hinge"], [0.5, 2.0])],
+    [([t], None) for t in DPO_LOSS_TYPES]
+    + [(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]), (["ipo", "hinge"], [0.5, 2.0])],
     ids=[t for t in DPO_LOSS_TYPES] + ["mpo", "ipo+hinge"],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -177,7 +183,8 @@ def test_dpo_matches_openrlhf(preference_peers, ipo):
         convention="openrlhf",
     )
     close(loss, want, TOL[torch.float64], "loss")
-    for got, expected, name in zip(torch.autograd.grad(loss, (ours_c, ours_r)), want_grads, ("chosen", "rejected")):
+    grads = torch.autograd.grad(loss, (ours_c, ours_r))
+    for got, expected, name in zip(grads, want_grads, ("chosen", "rejected")):
         grad_close(got, expected, GRAD_TOL, f"grad {name}")
     close(metrics["rewards/chosen"], chosen_rewards.mean(), 1e-6, "rewards/chosen")
     close(metrics["rewards/rejected"], rejected_rewards.mean(), 1e-6, "rewards/rejected")
@@ -213,13 +220,15 @@ def test_cpo_matches_trl(preference_peers, loss_type, alpha):
     cpo = preference_peers.CPOTrainer
     labels, _ = _labels(_completion_mask(2 * B))
     logits = torch.randn(2 * B, T, V, dtype=torch.float64)
-    hyper = dict(beta=1 / 3, label_smoothing=0.1 if loss_type in ("sigmoid", "simpo") else 0.0, simpo_gamma=0.7)
+    hyper = dict(
+        beta=1 / 3, label_smoothing=0.1 if loss_type in ("sigmoid", "simpo") else 0.0, simpo_gamma=0.7
+    )
     cpo_alpha = 0.5
 
     peer_logits = leaf(logits)
     trainer = types.SimpleNamespace(
-        alpha=alpha, loss_type=loss_type, cpo_alpha=cpo_alpha, aux_loss_enabled=False, accelerator=_accelerator(),
-        **hyper,
+        alpha=alpha, loss_type=loss_type, cpo_alpha=cpo_alpha, aux_loss_enabled=False,
+        accelerator=_accelerator(), **hyper,
     )
     trainer.cpo_loss = lambda c, r: cpo.cpo_loss(trainer, c, r)
     averaged = cpo.get_batch_logps(peer_logits, labels, average_log_prob=loss_type in ("ipo", "simpo"))
@@ -233,8 +242,8 @@ def test_cpo_matches_trl(preference_peers, loss_type, alpha):
     our_logits = leaf(logits)
     summed, lengths = _summed_and_lengths(cpo, our_logits, labels)
     loss, metrics = cpo_loss(
-        summed[:B], summed[B:], lengths[:B], lengths[B:], loss_type=loss_type, alpha=alpha, cpo_alpha=cpo_alpha,
-        **hyper,
+        summed[:B], summed[B:], lengths[:B], lengths[B:], loss_type=loss_type, alpha=alpha,
+        cpo_alpha=cpo_alpha, **hyper,
     )
     (grad,) = torch.autograd.grad(loss, our_logits)
     close(loss, want, TOL[torch.float64], "loss")
@@ -317,5 +326,7 @@ def test_kto_matches_trl(preference_peers, loss_type):
     (grad,) = torch.autograd.grad(loss, our_per_token)
     close(loss, want, TOL[torch.float64], "loss")
     grad_close(grad, want_grad, GRAD_TOL, "grad")
-    for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+    for name in (
+        "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"
+    ):
         close(metrics[name], torch.tensor(want_metrics[name], dtype=torch.float64), 1e-5, name)

@@ -24,8 +24,6 @@ from test_linear_distill_loss import registration_samples as _linear_distill_sam
 from test_ratings import registration_samples as _ratings_samples
 
 import rlhf_kernels.ops
-from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
-from rlhf_kernels.ops.sampling_logprobs import sampling_logprobs
 from rlhf_kernels import (
     _dispatch,
     _ext,
@@ -47,6 +45,8 @@ from rlhf_kernels import (
     ranking_reward_loss,
     token_level_rewards,
 )
+from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
+from rlhf_kernels.ops.sampling_logprobs import sampling_logprobs
 
 # Every family's module registers its ops on import (rlhf_kernels itself imports them lazily).
 for _module in pkgutil.walk_packages(rlhf_kernels.ops.__path__, prefix="rlhf_kernels.ops."):
@@ -118,7 +118,8 @@ def _token_stats_samples(device: str) -> dict[str, list[tuple]]:
         (g, torch.randn(5, device=device), torch.randn(5, device=device), torch.randn(5, device=device),
          torch.randn(5, 4, device=device), x, labels, lse, ent, sq, idx, 1.5, 3.0, 1 / 0.7, -100),
         (g, e, e, e, e, x, labels, lse2, e, e, e, 1.0, 0.0, 1.0, -100),
-        (g, e, e, e, e, x, labels, lse2, e, e, e, 1.0, 0.0, 1.0, -100, 3, 20),  # a vocabulary shard: columns [3, 14) of 20
+        # a vocabulary shard: columns [3, 14) of 20
+        (g, e, e, e, e, x, labels, lse2, e, e, e, 1.0, 0.0, 1.0, -100, 3, 20),
     ]
     fwd = [
         (logits, labels, 1.5, 3.0, 1 / 0.7, -100, True, True, True, True, 4),
@@ -167,7 +168,9 @@ def _policy_losses_samples(device: str) -> dict[str, list[tuple]]:
         (lp, old, adv, mask, seq, None, "gspo", [0.2, 0.2]),
         (lp, old, adv, mask, None, None, "dro", [0.3]),
     ]
-    partials, _ = OPS.policy_loss_token_fwd_torch(lp.detach(), old, adv, mask, None, None, "cispo", [0.2, 0.2])
+    partials, _ = OPS.policy_loss_token_fwd_torch(
+        lp.detach(), old, adv, mask, None, None, "cispo", [0.2, 0.2]
+    )
     g = torch.randn_like(partials)
     bwd = [
         (g, lp.detach(), old, adv, mask, None, w, "cispo", [0.2, 0.28]),
@@ -312,9 +315,10 @@ def _linear_logprobs_samples(device: str) -> dict[str, list[tuple]]:
     bwd = [
         (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True),
         (g, g.new_empty(0), h, w, None, labels, lse, ent, 1.0, -100, 0, 13, True, False, False),
-        (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0, True),
-        (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0, True,
-         gk, topk_indices),
+        (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0,
+         True),
+        (g, ge, h, w, b, labels, lse, ent, 1.0, -100, 0, 13, True, True, True, gq, gm, sum_sq, 1.3, 2.0,
+         True, gk, topk_indices),
     ]
     bwd_torch = [args[:11] + args[12:] for args in bwd]
     return {

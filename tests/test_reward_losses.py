@@ -474,7 +474,9 @@ def test_opcheck_torch_path():
     registered = torch.ops.rlhf_kernels
     with _dispatch.use_backend("torch"):
         for margin in (None, torch.rand(7)):
-            torch.library.opcheck(registered.pairwise_reward_loss_fwd.default, (chosen, rejected, margin, 0.5))
+            torch.library.opcheck(
+                registered.pairwise_reward_loss_fwd.default, (chosen, rejected, margin, 0.5)
+            )
             detached = (chosen.detach(), rejected.detach(), margin, 0.5)
             torch.library.opcheck(registered.pairwise_reward_loss_fwd_torch.default, detached)
             bwd = (torch.randn(2, 1), chosen.detach(), rejected.detach(), margin, 0.5)

@@ -90,7 +90,9 @@ BUDGETS: dict[str, Budget | WhenSet] = {
     # One 1-warp program per league looping over its comparisons: latency-bound, no residency target.
     "_linear_distill_rows_kernel": ROW,
     "_linear_logprobs_grad_hidden_kernel": TILE,
-    "_sampling_logprobs_fwd_kernel": Budget(96, "row selection: a [16, 1024] comparison tile per pass; 3 CTAs of 8 warps per SM"),
+    "_sampling_logprobs_fwd_kernel": Budget(
+        96, "row selection: a [16, 1024] comparison tile per pass; 3 CTAs of 8 warps per SM"
+    ),
     "_sampling_logprobs_bwd_kernel": ROW,
     "_elo_fwd_kernel": Budget(64, "sequential Elo scan, one 1-warp program per league: latency-bound"),
 }

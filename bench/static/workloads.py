@@ -832,8 +832,12 @@ def sampling_logprobs_cases() -> list[Case]:
             "sampling_logprobs",
             "sampling_logprobs_bwd",
             f"bf16 [{N}, {V}] +grad entropy",
-            lambda: (*logprobs_bwd_args(empty(N, V, dtype=torch.bfloat16), True), empty(N, dtype=torch.int64)),
-            lambda g, ge, x, y, lse, ent, thr: _ops().sampling_logprobs_bwd(g, ge, x, y, lse, ent, thr, 1.25, -100),
+            lambda: (
+                *logprobs_bwd_args(empty(N, V, dtype=torch.bfloat16), True), empty(N, dtype=torch.int64)
+            ),
+            lambda g, ge, x, y, lse, ent, thr: _ops().sampling_logprobs_bwd(
+                g, ge, x, y, lse, ent, thr, 1.25, -100
+            ),
             2 * N * V * 2 + 2 * N * 8 + 4 * N * 4,
             ci=True,
         )

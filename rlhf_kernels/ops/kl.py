@@ -332,8 +332,8 @@ def kl_penalty(
         ref_logprobs: same shape, under the reference policy; any of the same dtypes.
         estimator: ``"k1"`` (lp − ref), ``"abs"`` (|lp − ref|), ``"k2"`` (½(lp − ref)²) or ``"k3"``
             / ``"low_var_kl"`` (clamp(e^d − d − 1, −10, 10) with d = clamp(ref − lp, −20, 20));
-            with a trailing ``+`` (``"k3+"``, verl's straight-through names): the value of the named estimator, the gradient
-            of k2 (∂/∂lp = lp − ref).
+            with a trailing ``+`` (``"k3+"``, verl's straight-through names): the value of the named
+            estimator, the gradient of k2 (∂/∂lp = lp − ref).
         old_logprobs: optional, same shape: the log-probabilities of the policy that sampled the tokens.
             When given, the importance-weighted unbiased KL gradient (OpenRLHF's ``unbiased_gradient``):
             the value of ``estimator``, the gradient w·(lp − ref) with w = min(e^{lp − old}, 10), detached

@@ -639,8 +639,8 @@ def ranking_hinge_loss(seq_scores: torch.Tensor, *, mask: torch.Tensor | None = 
     Returns:
         0-dim fp32 loss (fp64 for fp64), differentiable with respect to ``seq_scores`` (derivative
         1[s_j > s_i] per pair: 0 at ties).  A prompt with no valid pair contributes 0 to the mean
-        (which is over all B prompts; 0 when B = 0).  Masked responses add nothing and get exactly zero gradient,
-        whatever they hold; a NaN score in a valid pair makes the loss NaN.
+        (which is over all B prompts; 0 when B = 0).  Masked responses add nothing and get exactly zero
+        gradient, whatever they hold; a NaN score in a valid pair makes the loss NaN.
     """
     seq_scores, mask = _ranking_inputs("seq_scores", seq_scores, mask)
     pair_sums, _ = ranking_loss_fwd(seq_scores, mask, True)

@@ -131,7 +131,11 @@ def cpo_loss(
         if loss_type == "simpo":
             x = x - simpo_gamma / beta
         per_pair = -(1 - eps) * _logsig(beta * x) - eps * _logsig(-beta * x)
-    nll = -c.sum() / _f64(chosen_lengths).sum().clamp(min=1) if cpo_alpha != 0 else torch.zeros((), dtype=torch.float64)
+    nll = (
+        -c.sum() / _f64(chosen_lengths).sum().clamp(min=1)
+        if cpo_alpha != 0
+        else torch.zeros((), dtype=torch.float64)
+    )
     metrics = _paired_metrics(beta * u_c, beta * u_r, s_c, s_r)
     metrics["nll_loss"] = nll.detach()
     return _mean(per_pair) + cpo_alpha * nll, metrics

@@ -302,7 +302,11 @@ def _policy_bwd_cpp(
 
 
 def _value_fwd_cpp(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     partials, stats = _ext.load("cpp").policy_loss_token_fwd(
         values, old_values, returns, mask, None, None, VALUE_CODE, [_inf_if_none(clip)]
