@@ -1,2 +1,497 @@
-// policy_selection on CPU tensors.
+// The policy losses' token selections (clip_cov, kl_cov) and row pre-passes (gspo, geo_mean) on CPU
+// tensors, each one or two passes over [B, T] instead of a chain of whole-tensor torch ops.
+//
+// The tokens are walked in "pieces": up to kChunk positions of one row, converted to the compute dtype
+// S (fp32, or fp64 when an input is fp64) into small buffers (any input dtype, any strides).  Sums over
+// the batch are summed per piece (kLanes independent partial sums in S) and then over the pieces in
+// their row-major order in fp64: the result does not depend on the number of threads.  Masked
+// positions are never read into a sum (a select, so NaN or inf there is ignored); NaN at a valid
+// position propagates as in the PyTorch code (ops/cpu/policy_losses.py), whose expressions are
+// evaluated here in the same order and dtype.
+//
+// clip_cov  pass 1: the masked sums; pass 2: the pieces in row-major order, a round of them at a time
+//           (several threads: one piece each), each listing its eligible positions until the budget is
+//           met: with the default ratio (2e-4) the first few pieces hold the budget and the rest of the
+//           batch is never read.  e^{lp − old} is evaluated only where the covariance is in range.
+// kl_cov    pass 1: the sums over m > 0; pass 2: each thread keeps candidates (covariance, index) in a
+//           buffer of 2k + kChunk; when it is full, nth_element keeps the best k and the k-th becomes
+//           the bar a later token must pass (one compare per token): O(N + k·log(N/k)) expected, and
+//           O(N) for any ratio up to 1; the threads' candidates are merged with one more nth_element.  The order is total (NaN above +inf, −0 = +0, equal values by
+//           lower flat index), so the selected set is unique and thread-independent.
+// gspo, geo_mean  one pass over the rows, rows in parallel.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "cpu_common.h"
 #include "policy_selection.h"
+
+namespace rlhf_kernels {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // positions per piece: 4 fp64 buffers = 32 KiB
+constexpr int64_t kLanes = 8;     // independent partial sums per accumulator
+// Work of fewer tokens than this stays on the calling thread (~0.1-0.3 ms of work: waking threads
+// on a busy machine costs more, see csrc/gae.cpp).
+constexpr int64_t kGrainTokens = int64_t{1} << 17;
+
+// ---------------------------------------------------------------------------------------------------
+// Inputs: a [B, T] tensor read a row segment at a time, converted to S.
+// ---------------------------------------------------------------------------------------------------
+template <typename S>
+using Loader = void (*)(const char* src, int64_t stride, int64_t n, S* dst);
+
+template <typename In, typename S>
+void load_as(const char* src, int64_t stride, int64_t n, S* dst) {
+  const In* p = reinterpret_cast<const In*>(src);
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(p[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(p[i * stride]);
+  }
+}
+
+template <typename S>
+Loader<S> loader_for(at::ScalarType dtype, const char* name) {
+  switch (dtype) {
+    case at::kFloat: return &load_as<float, S>;
+    case at::kDouble: return &load_as<double, S>;
+    case at::kHalf: return &load_as<at::Half, S>;
+    case at::kBFloat16: return &load_as<at::BFloat16, S>;
+    case at::kBool: return &load_as<uint8_t, S>;  // one byte, 0 or 1
+    case at::kByte: return &load_as<uint8_t, S>;
+    case at::kChar: return &load_as<int8_t, S>;
+    case at::kShort: return &load_as<int16_t, S>;
+    case at::kInt: return &load_as<int32_t, S>;
+    case at::kLong: return &load_as<int64_t, S>;
+    default: TORCH_CHECK(false, "policy selection: unsupported dtype for ", name, ": ", dtype);
+  }
+  return nullptr;
+}
+
+template <typename S>
+struct Input {
+  const char* data;
+  int64_t stride_b, stride_t, elem;
+  Loader<S> load;
+
+  Input(const at::Tensor& t, const char* name)
+      : data(static_cast<const char*>(t.const_data_ptr())),
+        stride_b(t.stride(0)),
+        stride_t(t.stride(1)),
+        elem(static_cast<int64_t>(t.element_size())),
+        load(loader_for<S>(t.scalar_type(), name)) {}
+
+  // Positions [t0, t0 + n) of row b into dst.
+  void read(int64_t b, int64_t t0, int64_t n, S* dst) const {
+    load(data + (b * stride_b + t0 * stride_t) * elem, stride_t, n, dst);
+  }
+};
+
+// The pieces of a [B, T] batch in row-major order: piece p is row p / per_row, positions
+// [t0, t0 + n) with t0 = (p % per_row)·kChunk.
+struct Pieces {
+  int64_t B, T, per_row, count;
+  Pieces(int64_t B_, int64_t T_) : B(B_), T(T_), per_row((T_ + kChunk - 1) / kChunk), count(B_ * per_row) {}
+  int64_t row(int64_t p) const { return p / per_row; }
+  int64_t start(int64_t p) const { return (p % per_row) * kChunk; }
+  int64_t size(int64_t p) const { return std::min(kChunk, T - start(p)); }
+  // Pieces per parallel task so that a task reads at least kGrainTokens tokens.
+  int64_t grain() const { return std::max<int64_t>(1, kGrainTokens / std::min(T, kChunk)); }
+};
+
+// Scratch buffers of one task: `count` arrays of kChunk values.
+template <typename S>
+struct Buffers {
+  std::vector<S> data;
+  explicit Buffers(int count) : data(static_cast<size_t>(count) * kChunk) {}
+  S* operator[](int i) { return data.data() + static_cast<size_t>(i) * kChunk; }
+};
+
+// acc[j] += term(i) over i < n, i ≡ j (mod kLanes): independent chains the compiler can overlap.
+template <typename S, typename Term>
+inline void accumulate(S* acc, int64_t n, Term term) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += term(i + j);
+  }
+  for (; i < n; ++i) acc[i % kLanes] += term(i);
+}
+
+template <typename S>
+inline double lanes_total(const S* acc) {
+  double total = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) total += static_cast<double>(acc[j]);
+  return total;
+}
+
+at::ScalarType compute_type(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t->scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+void check_inputs(const char* what, const at::Tensor& first, std::initializer_list<const at::Tensor*> others) {
+  TORCH_CHECK(first.dim() == 2, what, ": [B, T] tensors expected, got ", first.dim(), " dimensions");
+  TORCH_CHECK(first.device().is_cpu(), what, ": CPU tensors expected");
+  TORCH_CHECK(at::isFloatingType(first.scalar_type()), what, ": floating tensors expected");
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK(t->sizes() == first.sizes(), what, ": every tensor must have the shape ", first.sizes());
+    TORCH_CHECK(t->device().is_cpu(), what, ": CPU tensors expected");
+  }
+}
+
+// Zeros of shape [B, T] in S (huge pages advised), filled in parallel.
+template <typename S>
+at::Tensor zeros_output(const at::Tensor& like, int64_t B, int64_t T) {
+  at::Tensor out = empty_output({B, T}, like.options().dtype(c10::CppTypeToScalarType<S>::value));
+  S* data = out.mutable_data_ptr<S>();
+  at::parallel_for(0, B * T, 4 * kGrainTokens, [&](int64_t begin, int64_t end) {
+    std::memset(data + begin, 0, static_cast<size_t>(end - begin) * sizeof(S));  // all-zero bits are 0.0
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Pass 1 of clip_cov / kl_cov: Σ A·w, Σ lp·w and Σ w over the batch, w = m where m ≠ 0 (clip_cov) or
+// w = [m > 0] (kl_cov); products at other positions are never added.
+// ---------------------------------------------------------------------------------------------------
+struct BatchSums {
+  double adv = 0.0, lp = 0.0, weight = 0.0;
+};
+
+template <typename S, bool kIndicator>
+BatchSums batch_sums(const Input<S>& lp, const Input<S>& adv, const Input<S>& mask, const Pieces& pieces) {
+  std::vector<BatchSums> partial(static_cast<size_t>(pieces.count));
+  at::parallel_for(0, pieces.count, pieces.grain(), [&](int64_t p_begin, int64_t p_end) {
+    Buffers<S> buf(3);
+    S *l = buf[0], *a = buf[1], *m = buf[2];
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t b = pieces.row(p), t0 = pieces.start(p), n = pieces.size(p);
+      lp.read(b, t0, n, l);
+      adv.read(b, t0, n, a);
+      mask.read(b, t0, n, m);
+      S sa[kLanes] = {}, sl[kLanes] = {};
+      double sw[kLanes] = {};  // Σw in fp64 (it also sets clip_cov's budget): exact for 0/1 masks
+      const S zero = 0;
+      if (kIndicator) {
+        accumulate(sa, n, [&](int64_t i) { return m[i] > 0 ? a[i] : zero; });
+        accumulate(sl, n, [&](int64_t i) { return m[i] > 0 ? l[i] : zero; });
+        accumulate(sw, n, [&](int64_t i) { return m[i] > 0 ? 1.0 : 0.0; });
+      } else {
+        accumulate(sa, n, [&](int64_t i) { return m[i] != 0 ? a[i] * m[i] : zero; });
+        accumulate(sl, n, [&](int64_t i) { return m[i] != 0 ? l[i] * m[i] : zero; });
+        accumulate(sw, n, [&](int64_t i) { return static_cast<double>(m[i]); });
+      }
+      BatchSums& out = partial[static_cast<size_t>(p)];
+      out.adv = lanes_total(sa);
+      out.lp = lanes_total(sl);
+      out.weight = lanes_total(sw);
+    }
+  });
+  BatchSums total;
+  for (const BatchSums& s : partial) {
+    total.adv += s.adv;
+    total.lp += s.lp;
+    total.weight += s.weight;
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// clip_cov
+// ---------------------------------------------------------------------------------------------------
+template <typename S>
+struct ClipCovTerms {
+  S mean_adv, mean_lp, lower, upper, ratio_lo, ratio_hi;
+};
+
+// The eligible positions of one piece, in order, at most `cap` of them; returns how many.
+template <typename S>
+int64_t clip_cov_eligible(const S* l, const S* o, const S* a, const S* m, int64_t n, const ClipCovTerms<S>& c,
+                          int64_t cap, int32_t* positions) {
+  int64_t found = 0;
+  for (int64_t i = 0; i < n && found < cap; ++i) {
+    if (!(m[i] > 0)) continue;
+    const S cov = (a[i] - c.mean_adv) * (l[i] - c.mean_lp);
+    if (!(cov > c.lower && cov < c.upper)) continue;  // NaN: not eligible
+    const S ratio = std::exp(l[i] - o[i]);
+    const S clamped = ratio < c.ratio_lo ? c.ratio_lo : (ratio > c.ratio_hi ? c.ratio_hi : ratio);  // NaN stays
+    const S neg_adv = -a[i];
+    if (neg_adv * clamped > neg_adv * ratio) continue;  // clipped (loss2 > loss1)
+    positions[found++] = static_cast<int32_t>(i);
+  }
+  return found;
+}
+
+template <typename S>
+at::Tensor clip_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                                   const at::Tensor& advantages, const at::Tensor& mask, double clip_low,
+                                   double clip_high, double ratio, double lower, double upper) {
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  at::Tensor out = zeros_output<S>(logprobs, B, T);
+  if (B == 0 || T == 0) return out;
+  const Input<S> lp(logprobs, "logprobs"), old(old_logprobs, "old_logprobs"), adv(advantages, "advantages"),
+      m_in(mask, "mask");
+  const Pieces pieces(B, T);
+  const BatchSums sums = batch_sums<S, false>(lp, adv, m_in, pieces);
+  // verl's masked_mean: Σ x·m / (Σm + 1e-8), each step in S as the PyTorch path.
+  const S denominator = static_cast<S>(sums.weight) + static_cast<S>(1e-8);
+  const ClipCovTerms<S> terms{static_cast<S>(sums.adv) / denominator, static_cast<S>(sums.lp) / denominator,
+                              static_cast<S>(lower), static_cast<S>(upper), static_cast<S>(1.0 - clip_low),
+                              static_cast<S>(1.0 + clip_high)};
+  const double budget_f = std::floor(ratio * sums.weight);  // max(⌊ratio·Σm⌋, 1); NaN selects nothing
+  int64_t remaining = std::isnan(budget_f) ? 0 : static_cast<int64_t>(std::min(std::max(budget_f, 1.0), double(B * T)));
+
+  // Rounds of `width` consecutive pieces, one per task; a single piece per round on one thread or for
+  // a small batch.
+  const int64_t threads = at::get_num_threads();
+  const int64_t width = (threads > 1 && B * T >= kGrainTokens) ? 4 * threads : 1;
+  std::vector<int32_t> positions(static_cast<size_t>(width * kChunk));
+  std::vector<int64_t> found(static_cast<size_t>(width));
+  S* selected = out.mutable_data_ptr<S>();
+  for (int64_t first = 0; first < pieces.count && remaining > 0; first += width) {
+    const int64_t round = std::min(width, pieces.count - first);
+    const int64_t cap = remaining;
+    at::parallel_for(0, round, 1, [&](int64_t j_begin, int64_t j_end) {
+      Buffers<S> buf(4);
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        const int64_t p = first + j, b = pieces.row(p), t0 = pieces.start(p), n = pieces.size(p);
+        m_in.read(b, t0, n, buf[3]);
+        lp.read(b, t0, n, buf[0]);
+        old.read(b, t0, n, buf[1]);
+        adv.read(b, t0, n, buf[2]);
+        found[j] = clip_cov_eligible(buf[0], buf[1], buf[2], buf[3], n, terms, cap, positions.data() + j * kChunk);
+      }
+    });
+    for (int64_t j = 0; j < round && remaining > 0; ++j) {
+      const int64_t p = first + j, take = std::min(found[j], remaining);
+      S* row = selected + pieces.row(p) * T + pieces.start(p);
+      for (int64_t i = 0; i < take; ++i) row[positions[j * kChunk + i]] = S(1);
+      remaining -= take;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kl_cov
+// ---------------------------------------------------------------------------------------------------
+// An unsigned key with the order of the values, NaN above +inf and −0 equal to +0.
+template <typename S>
+struct OrderKey;
+
+template <>
+struct OrderKey<float> {
+  using type = uint32_t;
+  static type of(float v) {
+    if (std::isnan(v)) return std::numeric_limits<type>::max();
+    if (v == 0.0f) v = 0.0f;
+    type u;
+    std::memcpy(&u, &v, sizeof(u));
+    return (u >> 31) ? ~u : (u | (type{1} << 31));
+  }
+};
+
+template <>
+struct OrderKey<double> {
+  using type = uint64_t;
+  static type of(double v) {
+    if (std::isnan(v)) return std::numeric_limits<type>::max();
+    if (v == 0.0) v = 0.0;
+    type u;
+    std::memcpy(&u, &v, sizeof(u));
+    return (u >> 63) ? ~u : (u | (type{1} << 63));
+  }
+};
+
+template <typename S>
+struct Candidate {
+  typename OrderKey<S>::type key;
+  int64_t index;  // flat b·T + t
+};
+
+// The selection order: a larger value first, equal values by lower flat index.
+template <typename S>
+inline bool ranks_before(const Candidate<S>& x, const Candidate<S>& y) {
+  return x.key > y.key || (x.key == y.key && x.index < y.index);
+}
+
+template <typename S>
+at::Tensor kl_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+                                 double ratio) {
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  at::Tensor out = zeros_output<S>(logprobs, B, T);
+  if (B == 0 || T == 0) return out;
+  const Input<S> lp(logprobs, "logprobs"), adv(advantages, "advantages"), m_in(mask, "mask");
+  const Pieces pieces(B, T);
+  const BatchSums sums = batch_sums<S, true>(lp, adv, m_in, pieces);
+  const double valid = sums.weight;  // an exact count
+  if (valid == 0.0) return out;
+  const int64_t k = static_cast<int64_t>(std::min(std::max(std::floor(valid * ratio), 1.0), valid));
+  const S denominator = static_cast<S>(valid);
+  const S mean_adv = static_cast<S>(sums.adv) / denominator, mean_lp = static_cast<S>(sums.lp) / denominator;
+
+  using Key = typename OrderKey<S>::type;
+  std::vector<Candidate<S>> candidates;
+  std::mutex merge;
+  const size_t capacity = static_cast<size_t>(2 * k + kChunk);
+  at::parallel_for(0, pieces.count, pieces.grain(), [&](int64_t p_begin, int64_t p_end) {
+    // This task's candidates: once `capacity` are kept, nth_element keeps the best k and their worst
+    // becomes the bar.  The scan visits indices in increasing order, so a later value equal to the
+    // bar ranks after it: a token is kept iff its key is above the bar's.
+    std::vector<Candidate<S>> kept;
+    kept.reserve(std::min(capacity, static_cast<size_t>((p_end - p_begin) * kChunk)));
+    bool has_bar = false;
+    Key bar = 0;
+    Buffers<S> buf(4);
+    S *l = buf[0], *a = buf[1], *m = buf[2], *cov = buf[3];
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t b = pieces.row(p), t0 = pieces.start(p), n = pieces.size(p);
+      m_in.read(b, t0, n, m);
+      lp.read(b, t0, n, l);
+      adv.read(b, t0, n, a);
+      for (int64_t i = 0; i < n; ++i) cov[i] = (a[i] - mean_adv) * (l[i] - mean_lp);
+      const int64_t base = b * T + t0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!(m[i] > 0)) continue;
+        const Key key = OrderKey<S>::of(cov[i]);
+        if (has_bar && !(key > bar)) continue;
+        kept.push_back({key, base + i});
+        if (kept.size() == capacity) {
+          std::nth_element(kept.begin(), kept.begin() + (k - 1), kept.end(), ranks_before<S>);
+          kept.resize(static_cast<size_t>(k));
+          bar = kept.back().key;
+          has_bar = true;
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    candidates.insert(candidates.end(), kept.begin(), kept.end());
+  });
+  TORCH_CHECK(static_cast<int64_t>(candidates.size()) >= k, "kl_cov_selection: fewer candidates than k");
+  std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), ranks_before<S>);
+  S* selected = out.mutable_data_ptr<S>();
+  for (int64_t i = 0; i < k; ++i) selected[candidates[static_cast<size_t>(i)].index] = S(1);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Row passes: out[r][b] for rows b in parallel, each row walked in pieces of kChunk.
+// ---------------------------------------------------------------------------------------------------
+template <typename RowFn>
+void for_each_row(int64_t B, int64_t T, RowFn row_fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrainTokens / std::max<int64_t>(T, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) row_fn(b);
+  });
+}
+
+template <typename S>
+at::Tensor gspo_log_ratio_impl(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& mask) {
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  at::Tensor out = at::empty({B}, logprobs.options().dtype(c10::CppTypeToScalarType<S>::value));
+  S* result = out.mutable_data_ptr<S>();
+  const Input<S> lp(logprobs, "logprobs"), old(old_logprobs, "old_logprobs"), m_in(mask, "mask");
+  for_each_row(B, T, [&](int64_t b) {
+    Buffers<S> buf(3);
+    S *l = buf[0], *o = buf[1], *m = buf[2];
+    S raw[kLanes] = {}, weight[kLanes] = {};
+    const S zero = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+      const int64_t n = std::min(kChunk, T - t0);
+      lp.read(b, t0, n, l);
+      old.read(b, t0, n, o);
+      m_in.read(b, t0, n, m);
+      accumulate(raw, n, [&](int64_t i) { return m[i] != 0 ? (l[i] - o[i]) * m[i] : zero; });
+      accumulate(weight, n, [&](int64_t i) { return m[i]; });
+    }
+    const S n_b = static_cast<S>(lanes_total(weight));
+    result[b] = static_cast<S>(lanes_total(raw)) / (n_b < S(1) ? S(1) : n_b);  // max(n_b, 1); NaN stays
+  });
+  return out;
+}
+
+template <typename S>
+at::Tensor geo_mean_row_sums_impl(const at::Tensor& advantages, const at::Tensor& mask,
+                                  const std::optional<at::Tensor>& is_weights, double log_eps) {
+  const int64_t B = advantages.size(0), T = advantages.size(1);
+  at::Tensor out = at::zeros({2, B}, advantages.options().dtype(c10::CppTypeToScalarType<S>::value));
+  S* result = out.mutable_data_ptr<S>();
+  const Input<S> adv(advantages, "advantages"), m_in(mask, "mask");
+  const bool weighted = is_weights.has_value();
+  const Input<S> w_in(weighted ? *is_weights : advantages, "is_weights");
+  const S eps = static_cast<S>(log_eps);
+  for_each_row(B, T, [&](int64_t b) {
+    Buffers<S> buf(3);
+    S *a = buf[0], *w = buf[1], *m = buf[2];
+    S adv_sum[kLanes] = {}, log_w_sum[kLanes] = {};
+    const S zero = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+      const int64_t n = std::min(kChunk, T - t0);
+      adv.read(b, t0, n, a);
+      m_in.read(b, t0, n, m);
+      accumulate(adv_sum, n, [&](int64_t i) { return m[i] != 0 ? a[i] * m[i] : zero; });
+      if (weighted) {
+        w_in.read(b, t0, n, w);
+        accumulate(log_w_sum, n, [&](int64_t i) { return m[i] != 0 ? std::log(w[i] + eps) * m[i] : zero; });
+      }
+    }
+    result[b] = static_cast<S>(lanes_total(adv_sum));
+    result[B + b] = static_cast<S>(lanes_total(log_w_sum));
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor clip_cov_selection_cpu(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                                  const at::Tensor& advantages, const at::Tensor& mask, double clip_low,
+                                  double clip_high, double ratio, double lower, double upper) {
+  check_inputs("clip_cov_selection", logprobs, {&old_logprobs, &advantages, &mask});
+  if (compute_type({&logprobs, &old_logprobs, &advantages}) == at::kDouble) {
+    return clip_cov_selection_impl<double>(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio,
+                                           lower, upper);
+  }
+  return clip_cov_selection_impl<float>(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio,
+                                        lower, upper);
+}
+
+at::Tensor kl_cov_selection_cpu(const at::Tensor& logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+                                double ratio) {
+  check_inputs("kl_cov_selection", logprobs, {&advantages, &mask});
+  if (compute_type({&logprobs, &advantages}) == at::kDouble) {
+    return kl_cov_selection_impl<double>(logprobs, advantages, mask, ratio);
+  }
+  return kl_cov_selection_impl<float>(logprobs, advantages, mask, ratio);
+}
+
+at::Tensor gspo_log_ratio_cpu(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& mask) {
+  check_inputs("gspo_log_ratio", logprobs, {&old_logprobs, &mask});
+  if (compute_type({&logprobs, &old_logprobs}) == at::kDouble) {
+    return gspo_log_ratio_impl<double>(logprobs, old_logprobs, mask);
+  }
+  return gspo_log_ratio_impl<float>(logprobs, old_logprobs, mask);
+}
+
+at::Tensor geo_mean_row_sums_cpu(const at::Tensor& advantages, const at::Tensor& mask,
+                                 const std::optional<at::Tensor>& is_weights, double log_eps) {
+  check_inputs("geo_mean_row_sums", advantages, {&mask});
+  if (is_weights.has_value()) check_inputs("geo_mean_row_sums", advantages, {&*is_weights, &mask});
+  const at::Tensor& w = is_weights.has_value() ? *is_weights : advantages;
+  if (compute_type({&advantages, &w}) == at::kDouble) {
+    return geo_mean_row_sums_impl<double>(advantages, mask, is_weights, log_eps);
+  }
+  return geo_mean_row_sums_impl<float>(advantages, mask, is_weights, log_eps);
+}
+
+}  // namespace rlhf_kernels

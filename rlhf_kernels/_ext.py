@@ -41,7 +41,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
 }
 _HEADERS = ("gae_common.h", "cpu_common.h", "gae.h", "policy_losses.h", "policy_selection.h", "advantages.h")
 _PREBUILT = {"cpp": "rlhf_kernels._cpu_cpp", "cuda": "rlhf_kernels._gae_cuda"}
-_FAMILIES: dict[str, tuple[str, ...]] = {"gae": ("cpp", "cuda")}
+_FAMILIES: dict[str, tuple[str, ...]] = {"gae": ("cpp", "cuda"), "policy_losses": ("cpp",)}
 
 # No -march=native: the cache folder may be shared by machines of different CPUs.  No fast-math: NaN
 # must propagate.  -fopenmp makes at::parallel_for run in parallel (torch ships the OpenMP runtime).

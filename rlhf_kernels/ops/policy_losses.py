@@ -32,6 +32,7 @@ from .aggregation import (
     check_token_inputs,
     chunk_totals,
 )
+from .cpu import _policy_selection as selection
 from .cpu import policy_losses as cpu
 from .cpu.ppo_losses import P_CLIP, P_CLIP_LOWER, P_MASK, P_NEG_LOG_RATIO, POLICY_STATS
 from .ppo_losses import _row_tiling, ppo_policy_loss
@@ -40,7 +41,7 @@ if triton is not None:
     from ._policy_variants import _load_tokens, _token_terms
 
 FAMILY = "policy_losses"
-_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("torch",))
+_dispatch.register_family(FAMILY, cuda=("triton", "torch"), cpu=("cpp", "torch"))
 
 _VARIANT_CODE = {name: code for code, name in enumerate(cpu.TOKEN_VARIANTS)}
 Tensor = torch.Tensor
@@ -223,7 +224,8 @@ def policy_loss_token_fwd(
     """(Σ L·w·m [B, chunks], [Σm, Σ clip·m, Σ clip_lower·m, Σ kl·m, Σ r·m, max r] [6, B, chunks]) of the
     token-level variant ``variant`` (a name in TOKEN_VARIANTS) with its scalars ``params``."""
     return _dispatch.route(
-        FAMILY, logprobs.device, triton=_launch_fwd, torch=cpu.policy_loss_token_fwd_torch
+        FAMILY, logprobs.device, triton=_launch_fwd, torch=cpu.policy_loss_token_fwd_torch,
+        cpp=cpu.policy_loss_token_fwd_torch,  # H32 stand-in: the lead's C++ core replaces it
     )(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
 
 
@@ -235,7 +237,8 @@ def policy_loss_token_bwd(
 ) -> torch.Tensor:
     """∂/∂logprobs [B, T] (logprobs' dtype) given the gradient of the forward's loss partial sums."""
     return _dispatch.route(
-        FAMILY, logprobs.device, triton=_launch_bwd, torch=cpu.policy_loss_token_bwd_torch
+        FAMILY, logprobs.device, triton=_launch_bwd, torch=cpu.policy_loss_token_bwd_torch,
+        cpp=cpu.policy_loss_token_bwd_torch,  # H32 stand-in: the lead's C++ core replaces it
     )(grad_partials, logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
 
 
@@ -480,11 +483,8 @@ def gspo_policy_loss(
     args = (logprobs, old_logprobs, advantages, mask)
     is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
     params = _clip_range(clip_low, clip_high)
-    with torch.no_grad():
-        dtype = compute_dtype(logprobs, old_logprobs, advantages)
-        m = mask.to(dtype)
-        raw = torch.where(m != 0, (logprobs.detach().to(dtype) - old_logprobs.to(dtype)) * m, 0.0)
-        seq_log_ratio = (raw.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand(raw.shape)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
+    seq_log_ratio = selection.gspo_log_ratio(logprobs, old_logprobs, mask, dtype)  # [B, 1] expanded
     return _token_loss(
         "gspo", args, params, seq_log_ratio, is_weights, loss_agg, normalizer, ("clipfrac", "approx_kl"),
         zeros=("clipfrac_lower",),
@@ -503,12 +503,12 @@ def geo_mean_policy_loss(
     is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
     partials, stats = _forward("geo_mean", args, None, None, _clip_range(clip_low, clip_high))
     row_tokens = chunk_totals(stats[P_MASK]) + cpu.GEO_MEAN_EPS
-    m = mask.to(partials.dtype)
-    row_adv = torch.where(m != 0, advantages.detach().to(partials.dtype) * m, 0.0).sum(-1) / row_tokens
-    row_loss = -row_adv * torch.exp(chunk_totals(partials) / row_tokens)
-    if is_weights is not None:
-        log_w = torch.where(m != 0, torch.log(is_weights + cpu.IS_LOG_EPS) * m, 0.0)
-        row_loss = row_loss * torch.exp(log_w.sum(-1) / row_tokens)
+    row_adv, row_log_w = selection.geo_mean_row_sums(
+        advantages, mask, is_weights, partials.dtype, cpu.IS_LOG_EPS
+    )
+    row_loss = -(row_adv / row_tokens) * torch.exp(chunk_totals(partials) / row_tokens)
+    if row_log_w is not None:
+        row_loss = row_loss * torch.exp(row_log_w / row_tokens)
     loss = row_loss.sum() / (row_loss.shape[0] if normalizer is None else normalizer)
     return loss, _metric_means(stats, ("clipfrac", "approx_kl", "clipfrac_lower"))
 
