@@ -3,8 +3,9 @@
 //
 // The tokens are walked in "pieces": up to kChunk positions of one row, converted to the compute dtype
 // S (fp32, or fp64 when an input is fp64) into small buffers (any input dtype, any strides).  Sums over
-// the batch are summed per piece (kLanes independent partial sums in S) and then over the pieces in
-// their row-major order in fp64: the result does not depend on the number of threads.  Masked
+// the batch are summed per piece (8 fp32 / 4 fp64 partial sums in S) and then over the pieces in
+// their row-major order in fp64: the result does not depend on the number of threads.  The sums
+// run on 16-byte vectors (GCC/Clang vector extension) with branch-free selects.  Masked
 // positions are never read into a sum (a select, so NaN or inf there is ignored); NaN at a valid
 // position propagates as in the PyTorch code (ops/cpu/policy_losses.py), whose expressions are
 // evaluated here in the same order and dtype.
@@ -38,7 +39,7 @@ namespace rlhf_kernels {
 namespace {
 
 constexpr int64_t kChunk = 1024;  // positions per piece: 4 fp64 buffers = 32 KiB
-constexpr int64_t kLanes = 8;     // independent partial sums per accumulator
+constexpr int64_t kPad = 16;      // buffers are zero-padded to a multiple of kPad positions
 // Work of fewer tokens than this stays on the calling thread (~0.1-0.3 ms of work: waking threads
 // on a busy machine costs more, see csrc/gae.cpp).
 constexpr int64_t kGrainTokens = int64_t{1} << 17;
@@ -90,9 +91,11 @@ struct Input {
         elem(static_cast<int64_t>(t.element_size())),
         load(loader_for<S>(t.scalar_type(), name)) {}
 
-  // Positions [t0, t0 + n) of row b into dst.
+  // Positions [t0, t0 + n) of row b into dst, then zeros up to a multiple of kPad (a zero mask there
+  // keeps the padding out of every sum).
   void read(int64_t b, int64_t t0, int64_t n, S* dst) const {
     load(data + (b * stride_b + t0 * stride_t) * elem, stride_t, n, dst);
+    for (int64_t i = n; i % kPad != 0; ++i) dst[i] = S(0);
   }
 };
 
@@ -116,22 +119,56 @@ struct Buffers {
   S* operator[](int i) { return data.data() + static_cast<size_t>(i) * kChunk; }
 };
 
-// acc[j] += term(i) over i < n, i ≡ j (mod kLanes): independent chains the compiler can overlap.
-template <typename S, typename Term>
-inline void accumulate(S* acc, int64_t n, Term term) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += term(i + j);
+// 16-byte vectors of S (4 fp32 or 2 fp64 lanes: SSE2 on x86-64, NEON on ARM) with the GCC/Clang vector
+// extension: comparisons give lane masks, and `mask ? x : y` is a branch-free select.
+template <typename S>
+struct Simd {
+  typedef S Vec __attribute__((vector_size(16)));
+  static constexpr int64_t kWidth = 16 / static_cast<int64_t>(sizeof(S));
+  static Vec load(const S* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
   }
-  for (; i < n; ++i) acc[i % kLanes] += term(i);
-}
+  static void store(S* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+// Independent vector accumulators of a sum (their latencies overlap): 16 fp32 or 8 fp64 lanes.
+constexpr int64_t kAccumulators = 4;
+static_assert(kPad % (kAccumulators * Simd<float>::kWidth) == 0 && kPad % (kAccumulators * Simd<double>::kWidth) == 0,
+              "padding covers an accumulator step");
 
 template <typename S>
-inline double lanes_total(const S* acc) {
-  double total = 0.0;
-  for (int64_t j = 0; j < kLanes; ++j) total += static_cast<double>(acc[j]);
-  return total;
-}
+struct Sum {
+  typename Simd<S>::Vec acc[kAccumulators] = {};
+
+  // acc += term(i) for i = 0, W, 2W, ... below n rounded up to kPad (term(i) is the vector of the W
+  // positions from i; the buffers are zero-padded).
+  template <typename Term>
+  void add(int64_t n, Term term) {
+    constexpr int64_t W = Simd<S>::kWidth;
+    typename Simd<S>::Vec a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];  // in registers
+    for (int64_t i = 0; i < n; i += kAccumulators * W) {
+      a0 += term(i);
+      a1 += term(i + W);
+      a2 += term(i + 2 * W);
+      a3 += term(i + 3 * W);
+    }
+    acc[0] = a0;
+    acc[1] = a1;
+    acc[2] = a2;
+    acc[3] = a3;
+  }
+
+  // The lanes summed in a fixed order, in fp64.
+  double total() const {
+    double t = 0.0;
+    for (int64_t h = 0; h < kAccumulators; ++h) {
+      for (int64_t j = 0; j < Simd<S>::kWidth; ++j) t += static_cast<double>(acc[h][j]);
+    }
+    return t;
+  }
+};
 
 at::ScalarType compute_type(std::initializer_list<const at::Tensor*> tensors) {
   for (const at::Tensor* t : tensors) {
@@ -171,6 +208,8 @@ struct BatchSums {
 
 template <typename S, bool kIndicator>
 BatchSums batch_sums(const Input<S>& lp, const Input<S>& adv, const Input<S>& mask, const Pieces& pieces) {
+  using V = Simd<S>;
+  using Vec = typename V::Vec;
   std::vector<BatchSums> partial(static_cast<size_t>(pieces.count));
   at::parallel_for(0, pieces.count, pieces.grain(), [&](int64_t p_begin, int64_t p_end) {
     Buffers<S> buf(3);
@@ -180,22 +219,28 @@ BatchSums batch_sums(const Input<S>& lp, const Input<S>& adv, const Input<S>& ma
       lp.read(b, t0, n, l);
       adv.read(b, t0, n, a);
       mask.read(b, t0, n, m);
-      S sa[kLanes] = {}, sl[kLanes] = {};
-      double sw[kLanes] = {};  // Σw in fp64 (it also sets clip_cov's budget): exact for 0/1 masks
-      const S zero = 0;
+      // Σw per piece in S: exact for 0/1 masks (at most kChunk / 8 terms per lane).
+      Sum<S> sa, sl, sw;
+      const Vec zero = {}, one = zero + S(1);
       if (kIndicator) {
-        accumulate(sa, n, [&](int64_t i) { return m[i] > 0 ? a[i] : zero; });
-        accumulate(sl, n, [&](int64_t i) { return m[i] > 0 ? l[i] : zero; });
-        accumulate(sw, n, [&](int64_t i) { return m[i] > 0 ? 1.0 : 0.0; });
+        sa.add(n, [&](int64_t i) { return V::load(m + i) > zero ? V::load(a + i) : zero; });
+        sl.add(n, [&](int64_t i) { return V::load(m + i) > zero ? V::load(l + i) : zero; });
+        sw.add(n, [&](int64_t i) { return V::load(m + i) > zero ? one : zero; });
       } else {
-        accumulate(sa, n, [&](int64_t i) { return m[i] != 0 ? a[i] * m[i] : zero; });
-        accumulate(sl, n, [&](int64_t i) { return m[i] != 0 ? l[i] * m[i] : zero; });
-        accumulate(sw, n, [&](int64_t i) { return static_cast<double>(m[i]); });
+        sa.add(n, [&](int64_t i) {
+          const Vec w = V::load(m + i);
+          return w != zero ? V::load(a + i) * w : zero;
+        });
+        sl.add(n, [&](int64_t i) {
+          const Vec w = V::load(m + i);
+          return w != zero ? V::load(l + i) * w : zero;
+        });
+        sw.add(n, [&](int64_t i) { return V::load(m + i); });
       }
       BatchSums& out = partial[static_cast<size_t>(p)];
-      out.adv = lanes_total(sa);
-      out.lp = lanes_total(sl);
-      out.weight = lanes_total(sw);
+      out.adv = sa.total();
+      out.lp = sl.total();
+      out.weight = sw.total();
     }
   });
   BatchSums total;
@@ -300,6 +345,13 @@ struct OrderKey<float> {
     std::memcpy(&u, &v, sizeof(u));
     return (u >> 31) ? ~u : (u | (type{1} << 31));
   }
+  static float value(type key) {
+    if (key == std::numeric_limits<type>::max()) return std::numeric_limits<float>::quiet_NaN();
+    const type u = (key >> 31) ? (key & ~(type{1} << 31)) : ~key;
+    float v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  }
 };
 
 template <>
@@ -311,6 +363,13 @@ struct OrderKey<double> {
     type u;
     std::memcpy(&u, &v, sizeof(u));
     return (u >> 63) ? ~u : (u | (type{1} << 63));
+  }
+  static double value(type key) {
+    if (key == std::numeric_limits<type>::max()) return std::numeric_limits<double>::quiet_NaN();
+    const type u = (key >> 63) ? (key & ~(type{1} << 63)) : ~key;
+    double v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
   }
 };
 
@@ -342,17 +401,24 @@ at::Tensor kl_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& a
   const S mean_adv = static_cast<S>(sums.adv) / denominator, mean_lp = static_cast<S>(sums.lp) / denominator;
 
   using Key = typename OrderKey<S>::type;
+  using V = Simd<S>;
+  using Vec = typename V::Vec;
+  using Lanes = decltype(Vec{} > Vec{});
+  const Vec zero = {};
   std::vector<Candidate<S>> candidates;
   std::mutex merge;
-  const size_t capacity = static_cast<size_t>(2 * k + kChunk);
+  const size_t capacity = static_cast<size_t>(2 * k + 64);
   at::parallel_for(0, pieces.count, pieces.grain(), [&](int64_t p_begin, int64_t p_end) {
     // This task's candidates: once `capacity` are kept, nth_element keeps the best k and their worst
     // becomes the bar.  The scan visits indices in increasing order, so a later value equal to the
-    // bar ranks after it: a token is kept iff its key is above the bar's.
+    // bar ranks after it: a token is kept iff its key is above the bar's.  The bar's value (NaN
+    // until there is a bar) filters first: c <= bar_value (false for NaN) cannot pass.
     std::vector<Candidate<S>> kept;
     kept.reserve(std::min(capacity, static_cast<size_t>((p_end - p_begin) * kChunk)));
     bool has_bar = false;
     Key bar = 0;
+    S bar_scalar = std::numeric_limits<S>::quiet_NaN();
+    Vec bar_value = zero + bar_scalar;
     Buffers<S> buf(4);
     S *l = buf[0], *a = buf[1], *m = buf[2], *cov = buf[3];
     for (int64_t p = p_begin; p < p_end; ++p) {
@@ -360,10 +426,20 @@ at::Tensor kl_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& a
       m_in.read(b, t0, n, m);
       lp.read(b, t0, n, l);
       adv.read(b, t0, n, a);
-      for (int64_t i = 0; i < n; ++i) cov[i] = (a[i] - mean_adv) * (l[i] - mean_lp);
+      Lanes passing = {};  // a lane is nonzero where a valid token may pass the bar: above it, or NaN
+      for (int64_t i = 0; i < n; i += V::kWidth) {
+        const Vec c = (V::load(a + i) - mean_adv) * (V::load(l + i) - mean_lp);
+        V::store(cov + i, c);
+        passing |= (V::load(m + i) > zero) & ~(c <= bar_value);
+      }
+      if (has_bar) {
+        bool any = false;
+        for (int64_t j = 0; j < V::kWidth; ++j) any |= passing[j] != 0;
+        if (!any) continue;  // the usual case once the bar is set: one vector pass per piece
+      }
       const int64_t base = b * T + t0;
       for (int64_t i = 0; i < n; ++i) {
-        if (!(m[i] > 0)) continue;
+        if (!(m[i] > 0) || cov[i] <= bar_scalar) continue;
         const Key key = OrderKey<S>::of(cov[i]);
         if (has_bar && !(key > bar)) continue;
         kept.push_back({key, base + i});
@@ -371,6 +447,8 @@ at::Tensor kl_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& a
           std::nth_element(kept.begin(), kept.begin() + (k - 1), kept.end(), ranks_before<S>);
           kept.resize(static_cast<size_t>(k));
           bar = kept.back().key;
+          bar_scalar = OrderKey<S>::value(bar);
+          bar_value = zero + bar_scalar;
           has_bar = true;
         }
       }
@@ -388,35 +466,41 @@ at::Tensor kl_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& a
 // ---------------------------------------------------------------------------------------------------
 // Row passes: out[r][b] for rows b in parallel, each row walked in pieces of kChunk.
 // ---------------------------------------------------------------------------------------------------
-template <typename RowFn>
+// row_fn(b, buffers) for each row b, rows in parallel; `buffers` holds 3 scratch arrays per task.
+template <typename S, typename RowFn>
 void for_each_row(int64_t B, int64_t T, RowFn row_fn) {
   const int64_t grain = std::max<int64_t>(1, kGrainTokens / std::max<int64_t>(T, 1));
   at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t b = b_begin; b < b_end; ++b) row_fn(b);
+    Buffers<S> buf(3);
+    for (int64_t b = b_begin; b < b_end; ++b) row_fn(b, buf);
   });
 }
 
 template <typename S>
 at::Tensor gspo_log_ratio_impl(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& mask) {
+  using V = Simd<S>;
+  using Vec = typename V::Vec;
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   at::Tensor out = at::empty({B}, logprobs.options().dtype(c10::CppTypeToScalarType<S>::value));
   S* result = out.mutable_data_ptr<S>();
   const Input<S> lp(logprobs, "logprobs"), old(old_logprobs, "old_logprobs"), m_in(mask, "mask");
-  for_each_row(B, T, [&](int64_t b) {
-    Buffers<S> buf(3);
+  for_each_row<S>(B, T, [&](int64_t b, Buffers<S>& buf) {
     S *l = buf[0], *o = buf[1], *m = buf[2];
-    S raw[kLanes] = {}, weight[kLanes] = {};
-    const S zero = 0;
+    Sum<S> raw, weight;
+    const Vec zero = {};
     for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
       const int64_t n = std::min(kChunk, T - t0);
       lp.read(b, t0, n, l);
       old.read(b, t0, n, o);
       m_in.read(b, t0, n, m);
-      accumulate(raw, n, [&](int64_t i) { return m[i] != 0 ? (l[i] - o[i]) * m[i] : zero; });
-      accumulate(weight, n, [&](int64_t i) { return m[i]; });
+      raw.add(n, [&](int64_t i) {
+        const Vec w = V::load(m + i);
+        return w != zero ? (V::load(l + i) - V::load(o + i)) * w : zero;
+      });
+      weight.add(n, [&](int64_t i) { return V::load(m + i); });
     }
-    const S n_b = static_cast<S>(lanes_total(weight));
-    result[b] = static_cast<S>(lanes_total(raw)) / (n_b < S(1) ? S(1) : n_b);  // max(n_b, 1); NaN stays
+    const S n_b = static_cast<S>(weight.total());
+    result[b] = static_cast<S>(raw.total()) / (n_b < S(1) ? S(1) : n_b);  // max(n_b, 1); NaN stays
   });
   return out;
 }
@@ -424,6 +508,8 @@ at::Tensor gspo_log_ratio_impl(const at::Tensor& logprobs, const at::Tensor& old
 template <typename S>
 at::Tensor geo_mean_row_sums_impl(const at::Tensor& advantages, const at::Tensor& mask,
                                   const std::optional<at::Tensor>& is_weights, double log_eps) {
+  using V = Simd<S>;
+  using Vec = typename V::Vec;
   const int64_t B = advantages.size(0), T = advantages.size(1);
   at::Tensor out = at::zeros({2, B}, advantages.options().dtype(c10::CppTypeToScalarType<S>::value));
   S* result = out.mutable_data_ptr<S>();
@@ -431,23 +517,29 @@ at::Tensor geo_mean_row_sums_impl(const at::Tensor& advantages, const at::Tensor
   const bool weighted = is_weights.has_value();
   const Input<S> w_in(weighted ? *is_weights : advantages, "is_weights");
   const S eps = static_cast<S>(log_eps);
-  for_each_row(B, T, [&](int64_t b) {
-    Buffers<S> buf(3);
+  for_each_row<S>(B, T, [&](int64_t b, Buffers<S>& buf) {
     S *a = buf[0], *w = buf[1], *m = buf[2];
-    S adv_sum[kLanes] = {}, log_w_sum[kLanes] = {};
-    const S zero = 0;
+    Sum<S> adv_sum, log_w_sum;
+    const Vec zero = {};
     for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
       const int64_t n = std::min(kChunk, T - t0);
       adv.read(b, t0, n, a);
       m_in.read(b, t0, n, m);
-      accumulate(adv_sum, n, [&](int64_t i) { return m[i] != 0 ? a[i] * m[i] : zero; });
+      adv_sum.add(n, [&](int64_t i) {
+        const Vec v = V::load(m + i);
+        return v != zero ? V::load(a + i) * v : zero;
+      });
       if (weighted) {
         w_in.read(b, t0, n, w);
-        accumulate(log_w_sum, n, [&](int64_t i) { return m[i] != 0 ? std::log(w[i] + eps) * m[i] : zero; });
+        for (int64_t i = 0; i < n; ++i) w[i] = m[i] != 0 ? std::log(w[i] + eps) : S(0);  // masked: never read
+        log_w_sum.add(n, [&](int64_t i) {
+          const Vec v = V::load(m + i);
+          return v != zero ? V::load(w + i) * v : zero;
+        });
       }
     }
-    result[b] = static_cast<S>(lanes_total(adv_sum));
-    result[B + b] = static_cast<S>(lanes_total(log_w_sum));
+    result[b] = static_cast<S>(adv_sum.total());
+    result[B + b] = static_cast<S>(log_w_sum.total());
   });
   return out;
 }
