@@ -133,6 +133,45 @@ struct Simd {
   static void store(S* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 };
 
+// log(x) on 4 fp32 lanes: Cephes' logf (x = 2^e·(1 + f), f in [√½ − 1, √2 − 1), log(1 + f) by a
+// degree-9 polynomial; relative error below 1e-7, like the vectorised log torch runs).  Lanes that are
+// not normal positive finite numbers (0, negative, subnormal, inf, NaN) take std::log, so every special
+// value is the C library's.
+inline Simd<float>::Vec log_lanes(Simd<float>::Vec x) {
+  using Vec = Simd<float>::Vec;
+  typedef int32_t Ints __attribute__((vector_size(16)));
+  Ints bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const Ints normal = (x >= std::numeric_limits<float>::min()) & (x <= std::numeric_limits<float>::max());
+  Ints exponent = ((bits >> 23) & 0xff) - 126;
+  const Ints mantissa_bits = (bits & 0x007fffff) | 0x3f000000;  // in [0.5, 1)
+  Vec m;
+  std::memcpy(&m, &mantissa_bits, sizeof(m));
+  const Ints below = m < 0.707106781186547524f;  // √½
+  exponent += below;                              // −1 where below
+  m = (below ? m + m : m) - 1.0f;
+  const Vec e = __builtin_convertvector(exponent, Vec);
+  const Vec z = m * m;
+  Vec y = Vec{} + 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += e * -2.12194440e-4f;
+  y += z * -0.5f;
+  Vec result = m + y;
+  result += e * 0.693359375f;
+  for (int64_t j = 0; j < Simd<float>::kWidth; ++j) {
+    if (!normal[j]) result[j] = std::log(x[j]);
+  }
+  return result;
+}
+
 // Independent vector accumulators of a sum (their latencies overlap): 16 fp32 or 8 fp64 lanes.
 constexpr int64_t kAccumulators = 4;
 static_assert(kPad % (kAccumulators * Simd<float>::kWidth) == 0 && kPad % (kAccumulators * Simd<double>::kWidth) == 0,
@@ -463,6 +502,24 @@ at::Tensor kl_cov_selection_impl(const at::Tensor& logprobs, const at::Tensor& a
   return out;
 }
 
+// w[i] = log(w[i] + eps) where m[i] ≠ 0, else 0, for the padded n positions.
+inline void log_weights(float* w, const float* m, int64_t n, float eps) {
+  using V = Simd<float>;
+  const V::Vec zero = {};
+  for (int64_t i = 0; i < n; i += V::kWidth) {
+    const auto valid = V::load(m + i) != zero;
+    if (!(valid[0] | valid[1] | valid[2] | valid[3])) {  // a masked stretch (padding): no logarithm
+      V::store(w + i, zero);
+      continue;
+    }
+    V::store(w + i, valid ? log_lanes(V::load(w + i) + eps) : zero);
+  }
+}
+
+inline void log_weights(double* w, const double* m, int64_t n, double eps) {
+  for (int64_t i = 0; i < n; ++i) w[i] = m[i] != 0 ? std::log(w[i] + eps) : 0.0;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Row passes: out[r][b] for rows b in parallel, each row walked in pieces of kChunk.
 // ---------------------------------------------------------------------------------------------------
@@ -531,7 +588,7 @@ at::Tensor geo_mean_row_sums_impl(const at::Tensor& advantages, const at::Tensor
       });
       if (weighted) {
         w_in.read(b, t0, n, w);
-        for (int64_t i = 0; i < n; ++i) w[i] = m[i] != 0 ? std::log(w[i] + eps) : S(0);  // masked: never read
+        log_weights(w, m, n, eps);  // masked positions: 0
         log_w_sum.add(n, [&](int64_t i) {
           const Vec v = V::load(m + i);
           return v != zero ? V::load(w + i) * v : zero;
