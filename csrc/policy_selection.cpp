@@ -2,24 +2,24 @@
 // tensors, each one or two passes over [B, T] instead of a chain of whole-tensor torch ops.
 //
 // The tokens are walked in "pieces": up to kChunk positions of one row, converted to the compute dtype
-// S (fp32, or fp64 when an input is fp64) into small buffers (any input dtype, any strides).  Sums over
-// the batch are summed per piece (8 fp32 / 4 fp64 partial sums in S) and then over the pieces in
-// their row-major order in fp64: the result does not depend on the number of threads.  The sums
-// run on 16-byte vectors (GCC/Clang vector extension) with branch-free selects.  Masked
-// positions are never read into a sum (a select, so NaN or inf there is ignored); NaN at a valid
-// position propagates as in the PyTorch code (ops/cpu/policy_losses.py), whose expressions are
-// evaluated here in the same order and dtype.
+// S (fp32, or fp64 when an input is fp64) into small zero-padded buffers (any input dtype, any
+// strides).  Sums run on 16-byte vectors (GCC/Clang vector extension, branch-free selects; 16 fp32 or
+// 8 fp64 partial sums per piece), then over the pieces in their row-major order in fp64: the result
+// does not depend on the number of threads.  Masked positions are never read into a sum (a select, so
+// NaN or inf there is ignored); NaN at a valid position propagates as in the PyTorch code
+// (ops/cpu/policy_losses.py), whose expressions are evaluated here in the same order and dtype.
 //
 // clip_cov  pass 1: the masked sums; pass 2: the pieces in row-major order, a round of them at a time
 //           (several threads: one piece each), each listing its eligible positions until the budget is
 //           met: with the default ratio (2e-4) the first few pieces hold the budget and the rest of the
-//           batch is never read.  e^{lp − old} is evaluated only where the covariance is in range.
-// kl_cov    pass 1: the sums over m > 0; pass 2: each thread keeps candidates (covariance, index) in a
-//           buffer of 2k + kChunk; when it is full, nth_element keeps the best k and the k-th becomes
-//           the bar a later token must pass (one compare per token): O(N + k·log(N/k)) expected, and
-//           O(N) for any ratio up to 1; the threads' candidates are merged with one more nth_element.  The order is total (NaN above +inf, −0 = +0, equal values by
+//           batch is never read again.  e^{lp − old} is evaluated only where the covariance is in range.
+// kl_cov    pass 1: the sums over m > 0; pass 2: each thread keeps candidates (covariance, flat index)
+//           in a buffer of 2k + 64; when it is full, nth_element keeps the best k and the k-th becomes
+//           the bar a later token must pass (a vector compare skips pieces where none can):
+//           O(N + k·log(N/k)) expected, O(N) for any ratio up to 1; the threads' candidates are merged
+//           with one more nth_element.  The order is total (NaN above +inf, −0 = +0, equal values by
 //           lower flat index), so the selected set is unique and thread-independent.
-// gspo, geo_mean  one pass over the rows, rows in parallel.
+// gspo, geo_mean  one pass over the rows, rows in parallel; geo_mean's logarithm on fp32 vectors.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,7 +38,7 @@
 namespace rlhf_kernels {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // positions per piece: 4 fp64 buffers = 32 KiB
+constexpr int64_t kChunk = 1024;  // positions per piece: 4 fp64 buffers are 32 KiB (L1)
 constexpr int64_t kPad = 16;      // buffers are zero-padded to a multiple of kPad positions
 // Work of fewer tokens than this stays on the calling thread (~0.1-0.3 ms of work: waking threads
 // on a busy machine costs more, see csrc/gae.cpp).
@@ -134,9 +134,9 @@ struct Simd {
 };
 
 // log(x) on 4 fp32 lanes: Cephes' logf (x = 2^e·(1 + f), f in [√½ − 1, √2 − 1), log(1 + f) by a
-// degree-9 polynomial; relative error below 1e-7, like the vectorised log torch runs).  Lanes that are
-// not normal positive finite numbers (0, negative, subnormal, inf, NaN) take std::log, so every special
-// value is the C library's.
+// degree-9 polynomial), within 1 ulp of the exact logarithm (tests/test_policy_selection.py; torch's
+// vectorised log is too).  Lanes that are not normal positive finite numbers (0, negative, subnormal,
+// inf, NaN) take std::log, so every special value is the C library's.
 inline Simd<float>::Vec log_lanes(Simd<float>::Vec x) {
   using Vec = Simd<float>::Vec;
   typedef int32_t Ints __attribute__((vector_size(16)));
@@ -173,9 +173,9 @@ inline Simd<float>::Vec log_lanes(Simd<float>::Vec x) {
 }
 
 // Independent vector accumulators of a sum (their latencies overlap): 16 fp32 or 8 fp64 lanes.
-constexpr int64_t kAccumulators = 4;
-static_assert(kPad % (kAccumulators * Simd<float>::kWidth) == 0 && kPad % (kAccumulators * Simd<double>::kWidth) == 0,
-              "padding covers an accumulator step");
+constexpr int64_t kAccumulators = 4;  // Sum::add names them a0..a3
+static_assert(kPad % (kAccumulators * Simd<float>::kWidth) == 0, "padding covers an accumulator step");
+static_assert(kPad % (kAccumulators * Simd<double>::kWidth) == 0, "padding covers an accumulator step");
 
 template <typename S>
 struct Sum {
