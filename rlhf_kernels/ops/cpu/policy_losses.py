@@ -325,12 +325,12 @@ def kl_cov_selection(logprobs, advantages, mask, ratio):
     mean_lp = torch.where(valid, lp, 0.0).sum() / denominator
     cov = torch.where(valid, (adv - mean_adv) * (lp - mean_lp), -torch.inf).flatten()
     valid = valid.flatten()
-    count = torch.where(n > 0, (n.to(torch.float64) * ratio).floor().clamp(min=1.0), 0.0)
+    count = torch.where(n > 0, (n.to(torch.float64) * ratio).floor().clamp(min=1.0), 0.0).to(torch.int64)
     top = torch.topk(cov, max(1, int(cov.numel() * ratio)), largest=True, sorted=True).values  # NaN first
-    last = top.gather(0, (count.to(torch.int64) - 1).clamp(min=0).view(1))  # the count-th largest value
-    nan, last_nan = cov.isnan(), last.isnan()
-    above = valid & ((cov > last) | (nan & ~last_nan))
-    tied = valid & ((cov == last) | (nan & last_nan))
+    last = top.gather(0, (count - 1).clamp(min=0).view(1)).view(())  # the count-th largest value
+    last_nan = last.isnan()
+    above = ~(cov <= last) & ~last_nan  # larger, or NaN above a number (masked: −∞, never above)
+    tied = valid & ((cov == last) | (cov.isnan() & last_nan))
     chosen = above | (tied & (tied.cumsum(0) <= count - above.sum()))
     return chosen.to(dtype).view_as(lp)
 
