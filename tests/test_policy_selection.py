@@ -15,10 +15,10 @@ from rlhf_kernels.ops.cpu.policy_losses import IS_LOG_EPS, clip_cov_selection, k
 from rlhf_kernels.reference import policy_losses as ref
 
 SHAPES = [(1, 1), (1, 17), (5, 9), (7, 130), (3, 1100)]  # 1100 > one C++ piece (1024 positions)
-DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 RATIOS = [0.0002, 0.1, 1.0]
 CLIP = dict(clip_low=0.2, clip_high=0.28, lower=0.02, upper=3.0)
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-12}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -303,7 +303,7 @@ def test_losses_equal_between_backends_and_oracle(name, dtype):
             for loss, grad, metrics in (cpp, torch_path):
                 what = f"{name} {dtype} {shape}"
                 assert_close(loss, want_loss, TOL[dtype], f"{what} loss")
-                grad_tol = 8e-3 if dtype == torch.bfloat16 else TOL[dtype]
+                grad_tol = 8e-3 if dtype in (torch.bfloat16, torch.float16) else TOL[dtype]  # grad in dtype
                 assert_grad_close(grad, want_grad, grad_tol, f"{what} grad")
                 for key, value in want_metrics.items():
                     assert_close(metrics[key], value, 2e-6, f"{what} {key}")
