@@ -361,6 +361,25 @@ def _sampling_logprobs_samples(device: str) -> dict[str, list[tuple]]:
     }
 
 
+def _policy_selection_samples(device: str) -> dict[str, list[tuple]]:
+    """The C++ passes of ops/cpu/_policy_selection.py (CPU tensors only; see _skip_reason)."""
+    lp = -torch.rand(3, 9, device=device) * 3
+    old = lp + torch.randn(3, 9, device=device) * 0.4
+    adv = torch.randn(3, 9, device=device)
+    mask = torch.rand(3, 9, device=device) < 0.7
+    mask[1] = False
+    w = torch.rand(3, 9, device=device) * 2
+    return {
+        "clip_cov_selection_cpp": [
+            (lp, old, adv, mask, 0.2, 0.28, 0.3, 0.02, 3.0),
+            (lp.double(), old.double(), adv.double(), mask.float(), 0.7, 0.3, 1.0, -1.0, 1.0),
+        ],
+        "kl_cov_selection_cpp": [(lp, adv, mask, 0.3), (lp.double(), adv.double(), mask.int(), 1.0)],
+        "gspo_log_ratio_cpp": [(lp, old, mask), (lp.t().contiguous().t(), old, mask.float())],
+        "geo_mean_row_sums_cpp": [(adv, mask, w, 1e-10), (adv.double(), mask, None, 1e-10)],
+    }
+
+
 SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _logprobs_samples,
     _token_stats_samples,
@@ -368,6 +387,7 @@ SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _advantage_samples,
     _ppo_samples,
     _policy_losses_samples,
+    _policy_selection_samples,
     _reward_samples,
     _linear_logprobs_samples,
     _ratings_samples,
@@ -432,6 +452,8 @@ def _skip_reason(name: str, device: str) -> str | None:
     if name == "gae_cuda":
         return _ext.unavailable_reason("gae", "cuda")
     if name.endswith("_cpp"):  # one C++ module for every family (test_gae checks that it builds)
+        if device != "cpu":
+            return f"{name} runs the C++ extension on CPU tensors"
         return _ext.unavailable_reason("gae", "cpp")
     return None
 

@@ -6,8 +6,9 @@ The kernel reads each input once and writes per (row, chunk of columns) Σ L·w�
 Σ clip·m, Σ clip_lower·m, Σ kl·m (and, for "vanilla", Σ r·m and max r: ``ppo_policy_loss``'s layout); the
 backward writes g·m·w·∂L/∂lp.  The loss of every token-level variant is agg(L·w, m) (``ops/aggregation.py``).
 GSPO reads its row log-ratio as an expanded [B, 1] auxiliary input, clip_cov / kl_cov their selected tokens
-(chosen on the device by ``ops/cpu/policy_losses.py``); geo_mean's kernel gives the row sums Σ ℓ*·m and its
-row-level exponential is plain torch.  Masked positions contribute exactly 0 and get exactly zero gradient.
+(chosen on the device by ``ops/cpu/policy_losses.py``; on CPU these passes run in C++,
+``ops/cpu/_policy_selection.py``); geo_mean's kernel gives the row sums Σ ℓ*·m and its row-level
+exponential is plain torch.  Masked positions contribute exactly 0 and get exactly zero gradient.
 
 Layout: Triton kernels (the variants' device functions in ``ops/_policy_variants.py``) → launch config
 (``ppo_losses._row_tiling``) → launchers → registration/autograd → public functions; the PyTorch path is
@@ -32,6 +33,7 @@ from .aggregation import (
     check_token_inputs,
     chunk_totals,
 )
+from .cpu import _policy_selection as selection
 from .cpu import policy_losses as cpu
 from .cpu.ppo_losses import P_CLIP, P_CLIP_LOWER, P_MASK, P_NEG_LOG_RATIO, POLICY_STATS
 from .ppo_losses import _row_tiling, ppo_policy_loss
@@ -482,11 +484,8 @@ def gspo_policy_loss(
     args = (logprobs, old_logprobs, advantages, mask)
     is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
     params = _clip_range(clip_low, clip_high)
-    with torch.no_grad():
-        dtype = compute_dtype(logprobs, old_logprobs, advantages)
-        m = mask.to(dtype)
-        raw = torch.where(m != 0, (logprobs.detach().to(dtype) - old_logprobs.to(dtype)) * m, 0.0)
-        seq_log_ratio = (raw.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand(raw.shape)
+    dtype = compute_dtype(logprobs, old_logprobs, advantages)
+    seq_log_ratio = selection.gspo_log_ratio(logprobs, old_logprobs, mask, dtype)  # [B, 1] expanded
     return _token_loss(
         "gspo", args, params, seq_log_ratio, is_weights, loss_agg, normalizer, ("clipfrac", "approx_kl"),
         zeros=("clipfrac_lower",),
@@ -505,12 +504,12 @@ def geo_mean_policy_loss(
     is_weights, normalizer, _ = _check(args, is_weights, loss_agg, normalizer)
     partials, stats = _forward("geo_mean", args, None, None, _clip_range(clip_low, clip_high))
     row_tokens = chunk_totals(stats[P_MASK]) + cpu.GEO_MEAN_EPS
-    m = mask.to(partials.dtype)
-    row_adv = torch.where(m != 0, advantages.detach().to(partials.dtype) * m, 0.0).sum(-1) / row_tokens
-    row_loss = -row_adv * torch.exp(chunk_totals(partials) / row_tokens)
-    if is_weights is not None:
-        log_w = torch.where(m != 0, torch.log(is_weights + cpu.IS_LOG_EPS) * m, 0.0)
-        row_loss = row_loss * torch.exp(log_w.sum(-1) / row_tokens)
+    row_adv, row_log_w = selection.geo_mean_row_sums(
+        advantages, mask, is_weights, partials.dtype, cpu.IS_LOG_EPS
+    )
+    row_loss = -(row_adv / row_tokens) * torch.exp(chunk_totals(partials) / row_tokens)
+    if row_log_w is not None:
+        row_loss = row_loss * torch.exp(row_log_w / row_tokens)
     loss = row_loss.sum() / (row_loss.shape[0] if normalizer is None else normalizer)
     return loss, _metric_means(stats, ("clipfrac", "approx_kl", "clipfrac_lower"))
 

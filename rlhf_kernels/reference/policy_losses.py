@@ -2,7 +2,8 @@
 (see docs/policy_losses.md), differentiated by autograd.  Same signatures as the public functions.
 
 Masked positions are excluded with ``torch.where``; the metrics' masked means divide by max(Σm, 1).
-clip_cov / kl_cov use the library's deterministic selection rules, written here with a sort and a loop.
+clip_cov / kl_cov use the library's deterministic selection rules, written here with a sort and a loop
+(``clip_cov_selection`` / ``kl_cov_selection``, also the oracles of the selections alone).
 """
 
 from __future__ import annotations
@@ -146,23 +147,48 @@ def _covariance(lp, adv, weights):
     return (adv - (adv * weights).sum() / n) * (lp - (lp * weights).sum() / n)
 
 
+@torch.no_grad()
+def clip_cov_selection(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, ratio, lower, upper):
+    """1.0 (float64 [B, T]) at the first max(⌊ratio·Σm⌋, 1) tokens in row-major order with m > 0, not clipped
+    and lower < (A − Ā)(lp − l̄p) < upper (means weighted by m over m ≠ 0)."""
+    lp, old, adv, _, valid = _prepare(logprobs.detach(), old_logprobs, advantages, mask, None)
+    m = torch.where(valid, mask.double(), torch.zeros_like(old))
+    r = torch.exp(lp - old)
+    clipped = -adv * torch.clamp(r, 1 - clip_low, 1 + clip_high) > -adv * r
+    cov = _covariance(_zeros_at_padding(lp, valid), _zeros_at_padding(adv, valid), m)
+    eligible = (mask.double() > 0) & ~clipped & (cov > lower) & (cov < upper)
+    budget = max(int(ratio * float(mask.double().sum())), 1)
+    selected = torch.zeros_like(old).flatten()
+    for index in torch.nonzero(eligible.flatten()).flatten()[:budget]:  # the first ones, row-major
+        selected[index] = 1.0
+    return selected.view_as(old)
+
+
+@torch.no_grad()
+def kl_cov_selection(logprobs, advantages, mask, ratio):
+    """1.0 (float64 [B, T]) at the max(⌊n·ratio⌋, 1) (none when n = 0) tokens with m > 0 of largest
+    (A − Ā)(lp − l̄p), means over those n tokens; NaN ranks above every number, equal values by lower
+    flat index (a stable sort)."""
+    lp, adv = logprobs.detach().double(), advantages.detach().double()
+    positive = mask.double() > 0
+    selected = torch.zeros_like(lp)
+    n = int(positive.sum())
+    if n:
+        cov = _covariance(lp[positive], adv[positive], torch.ones(n, dtype=torch.float64))
+        top = torch.argsort(cov, descending=True, stable=True)[: max(1, int(n * ratio))]
+        selected[positive] = torch.zeros(n, dtype=torch.float64).index_fill_(0, top, 1.0)
+    return selected
+
+
 def clip_cov_policy_loss(
     logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, clip_cov_ratio=0.0002,
     clip_cov_lb=1.0, clip_cov_ub=5.0, is_weights=None, loss_agg="token-mean", normalizer=None,
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
     low, high = _clip(clip_low, clip_high)
-    m = torch.where(valid, mask.double(), torch.zeros_like(old))
     r = torch.exp(lp - old)
     L1, L2 = -adv * r, -adv * torch.clamp(r, 1 - low, 1 + high)
-    with torch.no_grad():
-        cov = _covariance(_zeros_at_padding(lp, valid), _zeros_at_padding(adv, valid), m)
-        eligible = (mask.double() > 0) & ~(L2 > L1) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
-        budget = max(int(clip_cov_ratio * float(mask.double().sum())), 1)
-        selected = torch.zeros_like(old).flatten()
-        for index in torch.nonzero(eligible.flatten()).flatten()[:budget]:  # the first ones, row-major
-            selected[index] = 1.0
-        selected = selected.view_as(old)
+    selected = clip_cov_selection(lp, old, adv, mask, low, high, clip_cov_ratio, clip_cov_lb, clip_cov_ub)
     L = torch.maximum(L1, L2) * (1 - selected)
     metrics = _metrics(mask, clipfrac=selected, approx_kl=old - lp.detach())
     return agg_loss(_zeros_at_padding(L * w, valid), mask, loss_agg, normalizer), metrics
@@ -174,14 +200,7 @@ def kl_cov_policy_loss(
 ):
     lp, old, adv, w, valid = _prepare(logprobs, old_logprobs, advantages, mask, is_weights)
     raw = lp - old
-    with torch.no_grad():
-        positive = mask.double() > 0
-        selected = torch.zeros_like(old)
-        n = int(positive.sum())
-        if n:
-            cov = _covariance(lp.detach()[positive], adv[positive], torch.ones(n, dtype=torch.float64))
-            top = torch.argsort(cov, descending=True)[: max(1, int(n * kl_cov_ratio))]
-            selected[positive] = torch.zeros(n, dtype=torch.float64).index_fill_(0, top, 1.0)
+    selected = kl_cov_selection(lp, adv, mask, kl_cov_ratio)
     L = -adv * torch.exp(raw) + selected * ppo_kl_coef * raw.abs()
     metrics = _metrics(mask, approx_kl=raw.detach().abs())
     return agg_loss(_zeros_at_padding(L * w, valid), mask, loss_agg, normalizer), metrics

@@ -16,6 +16,7 @@ import torch
 from ... import _ext
 from ..._registration import torch_op
 from ..._validation import compute_dtype
+from . import _policy_selection as selection
 from .ppo_losses import (
     LOG_RATIO_CLAMP,
     P_CLIP,
@@ -278,7 +279,8 @@ def _bwd(
 
 
 # ---------------------------------------------------------------------------------------------------
-# clip_cov / kl_cov token selection: plain torch on the tensors' device, no host sync.
+# clip_cov / kl_cov token selection: on CPU tensors the C++ passes of ``_policy_selection`` (when the
+# family's backend is "cpp"), elsewhere plain torch on the tensors' device; no host sync either way.
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _masked_means(mask: torch.Tensor, dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -293,8 +295,11 @@ def clip_cov_selection(logprobs, old_logprobs, advantages, mask, clip_low, clip_
     """1.0 at the tokens clip_cov detaches: the first ⌊ratio·N⌋ (at least 1) in row-major order among the
     valid, unclipped tokens with lower < (A − Ā)(lp − l̄p) < upper (verl draws a random subset of them
     instead)."""
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    lp, old, adv = (t.detach().to(dtype) for t in (logprobs, old_logprobs, advantages))
+    lp, old, adv = (t.detach() for t in (logprobs, old_logprobs, advantages))
+    if selection.cpp_runs(lp.device):
+        return selection.clip_cov_selection_cpp(lp, old, adv, mask, clip_low, clip_high, ratio, lower, upper)
+    dtype = compute_dtype(lp, old, adv)
+    lp, old, adv = (t.to(dtype) for t in (lp, old, adv))
     mean_adv, mean_lp = _masked_means(mask, dtype, adv, lp)
     cov = (adv - mean_adv) * (lp - mean_lp)
     _, clipped = _surrogate(adv, (lp - old).exp(), clip_low, clip_high)
@@ -307,20 +312,29 @@ def clip_cov_selection(logprobs, old_logprobs, advantages, mask, clip_low, clip_
 @torch.no_grad()
 def kl_cov_selection(logprobs, advantages, mask, ratio):
     """1.0 at the ⌊ratio·N⌋ (at least 1; none when N = 0) valid tokens of largest (A − Ā)(lp − l̄p), means over
-    the valid tokens; one static-size top-k (k ≤ ⌊ratio·B·T⌋), no host sync."""
-    dtype = compute_dtype(logprobs, advantages)
-    lp, adv = logprobs.detach().to(dtype), advantages.detach().to(dtype)
+    the valid tokens.  Order: NaN above every number, equal values by lower flat index (b·T + t) first.
+    The PyTorch path: one static-size top-k (k ≤ ⌊ratio·B·T⌋) for the value of the last selected rank,
+    then every valid token above it and the first tied ones in flat order; no host sync."""
+    lp, adv = logprobs.detach(), advantages.detach()
+    if selection.cpp_runs(lp.device):
+        return selection.kl_cov_selection_cpp(lp, adv, mask, ratio)
+    dtype = compute_dtype(lp, adv)
+    lp, adv = lp.to(dtype), adv.to(dtype)
     valid = mask > 0
     n = valid.sum()
     denominator = n.clamp(min=1).to(dtype)
     mean_adv = torch.where(valid, adv, 0.0).sum() / denominator
     mean_lp = torch.where(valid, lp, 0.0).sum() / denominator
     cov = torch.where(valid, (adv - mean_adv) * (lp - mean_lp), -torch.inf).flatten()
-    k_max = max(1, int(cov.numel() * ratio))
-    count = torch.where(n > 0, (n.to(torch.float64) * ratio).floor().clamp(min=1.0), 0.0)
-    top = torch.topk(cov, k_max, largest=True, sorted=True).indices
-    chosen = (torch.arange(k_max, device=cov.device) < count).to(dtype)
-    return torch.zeros_like(cov).scatter_(0, top, chosen).view_as(lp)
+    valid = valid.flatten()
+    count = torch.where(n > 0, (n.to(torch.float64) * ratio).floor().clamp(min=1.0), 0.0).to(torch.int64)
+    top = torch.topk(cov, max(1, int(cov.numel() * ratio)), largest=True, sorted=True).values  # NaN first
+    last = top.gather(0, (count - 1).clamp(min=0).view(1)).view(())  # the count-th largest value
+    last_nan = last.isnan()
+    above = ~(cov <= last) & ~last_nan  # larger, or NaN above a number (masked: −∞, never above)
+    tied = valid & ((cov == last) | (cov.isnan() & last_nan))
+    chosen = above | (tied & (tied.cumsum(0) <= count - above.sum()))
+    return chosen.to(dtype).view_as(lp)
 
 
 policy_loss_token_fwd_torch = torch_op("policy_loss_token_fwd_torch", _fwd, fake=_partials_fake(POLICY_STATS))
