@@ -15,6 +15,10 @@ Gradients, for a row with upstream gradients g (of logp_y) and h (of H):
 
     ∂/∂x_j = (1/τ) · [ g·(1[j = y] − p_j) − h·p_j·(log p_j + H) ]
 
+The row sums to 0, and the label column is computed as minus the sum of the others: its g·(1 − p_y) is
+then exact to fp32 rounding where p_y is within rounding of 1 (1 − exp(x_y − lse) is 0 there, and lse
+keeps no digit of 1 − p_y once it is below the ulp of |lse|).  A label on a -inf logit gets g·(1/τ).
+
 Positions whose label equals ``ignore_index`` give 0 and receive exactly zero gradient, whatever their
 logits hold.  ``-inf`` logits are masked vocabulary entries (probability 0); ``+inf`` or NaN logits give
 NaN.  A label outside [0, V) (possible only with the range check off) gives NaN, never a wild read.
@@ -136,6 +140,15 @@ if triton is not None:
         if HAS_GRAD_ENTROPY:
             g_h = tl.load(grad_entropy_ptr + row)
             entropy = tl.load(entropy_ptr + row)
+        # The label column is written after the loop as minus the sum of the others (the row sums to 0):
+        # g·(1 − p_y) read as g − g·exp(x_y − lse) is 0 once p_y is within fp32 rounding of 1, and lse
+        # (rounded to ulps of |m|) leaves no digit of 1 − p_y; Σ_{j≠y} p_j keeps them all.
+        own = in_range & ~ignored  # the row has a label column (ignored rows are all 0, bad ones NaN)
+        label_col = tl.where(own, label, -1)
+        # A label on a -inf logit (p_y = 0) gets g exactly: the others sum to g·1 + h·0 only up to rounding,
+        # and entropy_from_logits' label 0 may be a masked entry, whose gradient must stay exactly 0.
+        label_masked = tl.load(x_base + tl.where(own, label, 0) * stride_xv) == float("-inf")
+        rest = tl.zeros((), ACC)  # Σ_{j≠y} of the row's gradient before the 1/τ
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
@@ -143,15 +156,23 @@ if triton is not None:
             x = x.to(ACC) * inv_temperature
             logp = x - lse
             p = tl.exp(logp)
-            grad = tl.where(offs == label, g_lp, 0.0) - g_lp * p
+            grad = -g_lp * p
             if HAS_GRAD_ENTROPY:
                 grad -= g_h * p * tl.where(x == float("-inf"), 0.0, logp + entropy)
+            others = in_vocab & (offs != label_col)
+            rest += tl.sum(tl.where(others, grad, 0.0), axis=0)
             grad = tl.where(ignored, 0.0, grad * inv_temperature)
             tl.store(
                 g_base + offs.to(tl.int64) * stride_gv,
                 grad.to(grad_logits_ptr.dtype.element_ty),
-                mask=in_vocab,
+                mask=others,
             )
+        # One element per row, at a column no thread stored to above: no barrier needed.
+        tl.store(
+            g_base + tl.where(own, label, 0) * stride_gv,
+            (tl.where(label_masked, g_lp, -rest) * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
+            mask=own,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
