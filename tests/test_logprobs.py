@@ -312,7 +312,9 @@ def _peaked(vocab, device):
     return logits.to(device), labels.to(device)
 
 
-@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0)])
+@pytest.mark.parametrize(
+    "dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.0)]
+)
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_label_gradient_exact_where_its_probability_rounds_to_one(
     backend, device, dtype, temperature, inplace_backward
@@ -333,7 +335,8 @@ def test_label_gradient_exact_where_its_probability_rounds_to_one(
                 logits.cpu(), labels.cpu(), g.cpu(), u.cpu() if use_entropy else None,
                 temperature=temperature, ignore_index=-100,
             )
-            _assert_grad_close(grad, want, GRAD_RTOL[dtype] * 2, f"V={logits.shape[-1]} entropy={use_entropy}")
+            what = f"V={logits.shape[-1]} entropy={use_entropy}"
+            _assert_grad_close(grad, want, GRAD_RTOL[dtype] * 2, what)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -17,7 +17,7 @@ Gradients, for a row with upstream gradients g (of logp_y) and h (of H):
 
 The row sums to 0, and the label column is computed as minus the sum of the others: its g·(1 − p_y) is
 then exact to fp32 rounding where p_y is within rounding of 1 (1 − exp(x_y − lse) is 0 there, and lse
-keeps no digit of 1 − p_y once it is below the ulp of |lse|).  A label on a -inf logit gets g·(1/τ).
+keeps no digit of 1 − p_y once it is below the ulp of |lse|).  Where p_y = 0 (a -inf logit) it is g/τ.
 
 Positions whose label equals ``ignore_index`` give 0 and receive exactly zero gradient, whatever their
 logits hold.  ``-inf`` logits are masked vocabulary entries (probability 0); ``+inf`` or NaN logits give
@@ -145,9 +145,11 @@ if triton is not None:
         # (rounded to ulps of |m|) leaves no digit of 1 − p_y; Σ_{j≠y} p_j keeps them all.
         own = in_range & ~ignored  # the row has a label column (ignored rows are all 0, bad ones NaN)
         label_col = tl.where(own, label, -1)
-        # A label on a -inf logit (p_y = 0) gets g exactly: the others sum to g·1 + h·0 only up to rounding,
-        # and entropy_from_logits' label 0 may be a masked entry, whose gradient must stay exactly 0.
-        label_masked = tl.load(x_base + tl.where(own, label, 0) * stride_xv) == float("-inf")
+        # p_y itself only decides two cases: 0 (a -inf logit) gives g exactly, where the others sum to
+        # g·1 + h·0 up to rounding (entropy_from_logits' label 0 may be a masked entry, whose gradient
+        # must stay exactly 0), and NaN (a NaN or +inf logit, or a row of -inf) gives NaN even for V = 1.
+        x_label = tl.load(x_base + tl.where(own, label, 0) * stride_xv).to(ACC) * inv_temperature
+        p_label = tl.exp(x_label - lse)
         rest = tl.zeros((), ACC)  # Σ_{j≠y} of the row's gradient before the 1/τ
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
@@ -165,12 +167,15 @@ if triton is not None:
             tl.store(
                 g_base + offs.to(tl.int64) * stride_gv,
                 grad.to(grad_logits_ptr.dtype.element_ty),
-                mask=others,
+                mask=in_vocab,
             )
-        # One element per row, at a column no thread stored to above: no barrier needed.
+        # One element per row, rewritten after every thread's stores above (a store mask that skipped it
+        # would cost the stores their vector width).
+        tl.debug_barrier()
+        label_grad = tl.where(p_label == 0.0, g_lp, tl.where(p_label == p_label, -rest, float("nan")))
         tl.store(
             g_base + tl.where(own, label, 0) * stride_gv,
-            (tl.where(label_masked, g_lp, -rest) * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
+            (label_grad * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
             mask=own,
         )
 

@@ -46,7 +46,8 @@ def logprobs_grad_oracle(logits, labels, grad_logprobs, grad_entropy, *, tempera
     own = ((labels != ignore_index) & (labels >= 0) & (labels < logits.shape[-1])).unsqueeze(-1)
     column = labels.clamp(0, max(logits.shape[-1] - 1, 0)).long().unsqueeze(-1)
     rest = grad.scatter(-1, column, 0.0).sum(-1, keepdim=True)
-    return grad.scatter(-1, column, torch.where(own, -rest, grad.gather(-1, column)))
+    at_label = grad.gather(-1, column)  # NaN stays NaN (a one-column row has no other column to carry it)
+    return grad.scatter(-1, column, torch.where(own & ~at_label.isnan(), -rest, at_label))
 
 
 def kl_penalty_oracle(logprobs, ref_logprobs, estimator="k1", *, old_logprobs=None):

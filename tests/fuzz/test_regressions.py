@@ -130,6 +130,17 @@ def test_empty_batch_kl_loss(backend, shape):
     assert rk.kl_loss(lp, torch.randn(shape), torch.ones(shape)).item() == 0.0
 
 
+def test_logprobs_forward_with_tied_huge_maxima(backend):
+    """PENDING FIX (ops/logprobs.py _logprobs_fwd_kernel; long fuzz profile): with two tied maxima so
+    large that fp32(m + log 2) = m (logits [1e30, 1e30]), the Triton forward's log-prob x_y − lse is 0
+    instead of −log 2 (the PyTorch path subtracts m first and is exact; docs/logprobs.md "Limitations"
+    says forward values are exact).  Fix: ``logprob = tl.where(in_range, (x_label - m_ref) - log_s, nan)``
+    as sampling_logprobs' forward; the backward's limitation (p read as 1) stays as documented."""
+    lp, h = rk.logprobs_from_logits(torch.tensor([[1e30, 1e30]]), torch.tensor([0]), return_entropy=True)
+    assert lp.item() == pytest.approx(-0.6931471805599453, rel=1e-6)
+    assert h.item() == pytest.approx(0.6931471805599453, rel=1e-6)
+
+
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2"])
 def test_kl_penalty_old_logprobs_keeps_infinite_value(backend, estimator):
     """PENDING FIX (ops/kl.py kl_penalty): with old_logprobs the value is kl + (kl − kl.detach())·(w − 1),

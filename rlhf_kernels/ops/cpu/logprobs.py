@@ -154,7 +154,7 @@ def logprobs_bwd_out(
 
     Per row, (1/τ)·[g·(1[j = y] − p_j) − h·p_j·(log p_j + H)] = p_j·(a + b·log p_j) + (g/τ)·1[j = y]
     with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p.  The label
-    column is then minus the sum of the others (the row sums to 0; g/τ exactly on a -inf logit), one more
+    column is then minus the sum of the others (the row sums to 0; g/τ exactly where p_y = 0), one more
     read of the chunk: read as g − g·p_y it is 0 once p_y is within fp32 rounding of 1 (module docstring
     of ``ops/logprobs.py``).
     ``grad_entropy`` is empty when the entropy has no gradient.
@@ -166,11 +166,10 @@ def logprobs_bwd_out(
     for rows, chunk in _row_chunks(logits, _rows_per_chunk(vocab_size)):
         ignored, in_range, safe = _label_terms(labels[rows], vocab_size, ignore_index)
         g = torch.where(in_range, grad_logprobs[rows], float("nan")).unsqueeze(-1) * inv_temperature
-        x = _scaled_rows(chunk, inv_temperature)
-        log_p = torch.sub(x, lse[rows].unsqueeze(-1))  # promotes
+        log_p = torch.sub(_scaled_rows(chunk, inv_temperature), lse[rows].unsqueeze(-1))  # promotes
         p = log_p.exp()
         at_label = safe.unsqueeze(-1)
-        label_masked = x.gather(-1, at_label) == float("-inf")  # p_y = 0: the label column is g exactly
+        p_label = p.gather(-1, at_label)  # 0: the label column is g exactly; NaN: a NaN row, even for V = 1
         if grad_entropy.numel():
             h = grad_entropy[rows].unsqueeze(-1) * inv_temperature
             a = -(g + h * entropy[rows].unsqueeze(-1))
@@ -181,7 +180,7 @@ def logprobs_bwd_out(
             grad = p.mul_(-g)
         dense = grad.gather(-1, at_label)  # the label column's −g·p_y − …, kept for rows without a label
         rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
-        label_grad = torch.where(label_masked, g, rest.neg_())
+        label_grad = torch.where(p_label == 0, g, torch.where(p_label.isnan(), p_label, rest.neg_()))
         grad.scatter_(-1, at_label, torch.where(in_range.unsqueeze(-1), label_grad, dense))
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         target = chunk if in_place else flat_grad[rows]

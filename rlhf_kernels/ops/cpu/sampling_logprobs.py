@@ -23,7 +23,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
-from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, _scaled_rows
+from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, _scaled_rows, rowwise
 
 # (logprobs [N], entropy [N] or [0], mask_mass [N], lse [N] over the kept set, threshold [N] int64)
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -329,6 +329,7 @@ def _sampling_logprobs_bwd(
         g = torch.where(label_finite, grad_logprobs[rows].unsqueeze(-1), 0.0)
         g = torch.where(in_range.unsqueeze(-1), g, math.nan) * inv_temperature
         log_q = torch.sub(x, row_lse)
+        q_label = torch.where(label_finite, log_q.gather(-1, label).exp(), 0.0)
         grad = flat_grad[rows] if in_place else torch.empty_like(x)
         # outside the kept set x' < t ≤ lse, so exp(log q) ≤ 1 and q·0 is 0 (never inf·0)
         if grad_entropy.numel():
@@ -339,7 +340,12 @@ def _sampling_logprobs_bwd(
             torch.mul(term.add_(g), q, out=grad).neg_()  # −q·(g + h·(log q + H))
         else:
             torch.mul(log_q.exp_().mul_(kept), -g, out=grad)
-        grad.scatter_add_(-1, label, g)
+        # the label column as minus the sum of the others (ops/sampling_logprobs.py's kernel says why);
+        # q_y = 0 gives g exactly, a NaN row (lse = NaN) NaN even at V = 1
+        at = grad.gather(-1, label)  # kept for rows without a label (NaN)
+        rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, label, 0.0))
+        label_grad = torch.where(q_label == 0, g, rest.neg_()).masked_fill_(row_lse.isnan(), math.nan)
+        grad.scatter_(-1, label, torch.where(in_range.unsqueeze(-1), label_grad, at))
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         if not in_place:
             flat_grad[rows] = grad
