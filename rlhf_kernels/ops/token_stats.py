@@ -294,29 +294,25 @@ if triton is not None:
         if HAS_GRAD_TOPK:
             w = tl.load(grad_topk_ptr + row * TOP_K + slots, mask=in_k, other=0.0)
             coef_p -= tl.sum(w, axis=0)
-        # Unsharded, the label column is written last as minus the sum of the others' softmax terms (they
-        # sum to 0 over the row, ops/logprobs.py's backward): g·(1 − p_y) read as g − g·p_y is 0 once p_y
-        # is within fp32 rounding of 1.  A shard holds no other shard's columns: it adds the one-hot in
-        # the loop as before (label_col = -1, one_hot = its column of the label).
+        # Unsharded, where p_y > 1/2, the label column is rewritten last as minus the sum of the others'
+        # softmax terms (they sum to 0 over the row; ops/logprobs.py's backward says why): g·(1 − p_y) read
+        # as g − g·p_y is 0 once p_y is within fp32 rounding of 1.  A shard holds no other shard's columns.
         own = in_range & ~ignored & (V == vocab_total)
         label_col = tl.where(own, local_label, -1)
-        one_hot = tl.where(own, -1, local_label)
-        rest = tl.zeros((), ACC)  # Σ_{j≠y} of the softmax terms
+        rest = tl.zeros((), ACC)  # Σ_{j≠y} of the softmax terms (pre-slope, without the mean's r/V)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
             x = tl.load(x_base + offs.to(tl.int64) * stride_xv, mask=in_vocab, other=float("-inf"))
             grad, slope = _softmax_terms(
-                x.to(ACC), offs, one_hot, lse, entropy, g_lp, coef_p, g_h, g_q,
+                x.to(ACC), offs, local_label, lse, entropy, g_lp, coef_p, g_h, g_q,
                 scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ,
             )
-            others = in_vocab & (offs != label_col)
-            rest += tl.sum(tl.where(others, grad, 0.0), axis=0)
+            rest += tl.sum(tl.where(in_vocab & (offs != label_col), grad, 0.0), axis=0)
             if HAS_GRAD_MEAN:
                 grad += g_mean_over_v
             grad = tl.where(ignored, 0.0, grad * slope)
             tl.store(g_base + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_vocab)
-        w_label = tl.zeros((), ACC)  # the label's own top-k term, if it is one of the k
         if HAS_GRAD_TOPK:
             # The one-hot terms w_k·1[j = i_k] touch k entries: rewrite those (indices are distinct)
             # after every thread's dense stores, recomputing the dense terms in ACC (no double rounding).
@@ -324,28 +320,26 @@ if triton is not None:
             index = tl.load(topk_idx_ptr + row * TOP_K + slots, mask=in_k, other=0)
             x = tl.load(x_base + index * stride_xv, mask=in_k, other=0.0)
             grad, slope = _grad_terms(
-                x.to(ACC), index, one_hot, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
+                x.to(ACC), index, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
                 scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
             )
             grad = tl.where(ignored, 0.0, grad + w * slope)
-            is_label = index == label_col
-            rest += tl.sum(tl.where(in_k & ~is_label, w, 0.0), axis=0)
-            w_label = tl.sum(tl.where(in_k & is_label, w, 0.0), axis=0)
+            rest += tl.sum(tl.where(in_k & (index != label_col), w, 0.0), axis=0)
             tl.store(g_base + index, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_k)
         # One element per row, rewritten after every thread's stores above (a store mask that skipped it
-        # would cost the dense stores their vector width).  p_y only decides two cases: 0 (a -inf logit)
-        # gives g + w_y exactly, and NaN (a NaN row) gives NaN even for V = 1.
+        # would cost the dense stores their vector width).
         tl.debug_barrier()
-        x_label = tl.load(x_base + tl.where(own, local_label, 0) * stride_xv).to(ACC)
-        xp_label, slope = _transform(x_label, scale, cap, inv_cap, inv_t, HAS_SOFTCAP)
-        p_label = tl.exp(xp_label - lse)
-        grad = tl.where(p_label == 0.0, g_lp + w_label, tl.where(p_label == p_label, -rest, float("nan")))
+        x_label, slope = _transform(
+            tl.load(x_base + tl.where(own, local_label, 0) * stride_xv).to(ACC), scale, cap, inv_cap, inv_t,
+            HAS_SOFTCAP,
+        )
+        grad = -rest
         if HAS_GRAD_MEAN:
             grad += g_mean_over_v
         tl.store(
             g_base + tl.where(own, local_label, 0),
             (grad * slope).to(grad_logits_ptr.dtype.element_ty),
-            mask=own,
+            mask=own & (tl.exp(x_label - lse) > 0.5),  # False for a NaN row
         )
 
 

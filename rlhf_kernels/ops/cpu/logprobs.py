@@ -153,10 +153,10 @@ def logprobs_bwd_out(
     ``logits`` itself (in place: each chunk's gradient is computed whole before it is written back).
 
     Per row, (1/τ)·[g·(1[j = y] − p_j) − h·p_j·(log p_j + H)] = p_j·(a + b·log p_j) + (g/τ)·1[j = y]
-    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p.  The label
-    column is then minus the sum of the others (the row sums to 0; g/τ exactly where p_y = 0), one more
-    read of the chunk: read as g − g·p_y it is 0 once p_y is within fp32 rounding of 1 (module docstring
-    of ``ops/logprobs.py``).
+    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p.  Where p_y > 1/2
+    the label column is then minus the sum of the others (the row sums to 0), one more read of the chunk:
+    read as g − g·p_y it is 0 once p_y is within fp32 rounding of 1 (module docstring of
+    ``ops/logprobs.py``).
     ``grad_entropy`` is empty when the entropy has no gradient.
     """
     vocab_size = logits.shape[-1]
@@ -169,7 +169,7 @@ def logprobs_bwd_out(
         log_p = torch.sub(_scaled_rows(chunk, inv_temperature), lse[rows].unsqueeze(-1))  # promotes
         p = log_p.exp()
         at_label = safe.unsqueeze(-1)
-        p_label = p.gather(-1, at_label)  # 0: the label column is g exactly; NaN: a NaN row, even for V = 1
+        rewrite = in_range.unsqueeze(-1) & (p.gather(-1, at_label) > 0.5)  # False for a NaN row
         if grad_entropy.numel():
             h = grad_entropy[rows].unsqueeze(-1) * inv_temperature
             a = -(g + h * entropy[rows].unsqueeze(-1))
@@ -178,10 +178,9 @@ def logprobs_bwd_out(
             grad = log_p.masked_fill_(log_p == float("-inf"), 0.0).mul_(-h).add_(a).mul_(p)
         else:
             grad = p.mul_(-g)
-        dense = grad.gather(-1, at_label)  # the label column's −g·p_y − …, kept for rows without a label
+        direct = grad.gather(-1, at_label).add_(g)  # g·(1 − p_y) − …: exact where p_y ≤ 1/2
         rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
-        label_grad = torch.where(p_label == 0, g, torch.where(p_label.isnan(), p_label, rest.neg_()))
-        grad.scatter_(-1, at_label, torch.where(in_range.unsqueeze(-1), label_grad, dense))
+        grad.scatter_(-1, at_label, torch.where(rewrite, rest.neg_(), direct))
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         target = chunk if in_place else flat_grad[rows]
         target.copy_(grad.view(target.shape))

@@ -329,7 +329,7 @@ def _sampling_logprobs_bwd(
         g = torch.where(label_finite, grad_logprobs[rows].unsqueeze(-1), 0.0)
         g = torch.where(in_range.unsqueeze(-1), g, math.nan) * inv_temperature
         log_q = torch.sub(x, row_lse)
-        q_label = torch.where(label_finite, log_q.gather(-1, label).exp(), 0.0)
+        rewrite = in_range.unsqueeze(-1) & label_finite & (log_q.gather(-1, label).exp() > 0.5)  # not NaN
         grad = flat_grad[rows] if in_place else torch.empty_like(x)
         # outside the kept set x' < t ≤ lse, so exp(log q) ≤ 1 and q·0 is 0 (never inf·0)
         if grad_entropy.numel():
@@ -340,12 +340,10 @@ def _sampling_logprobs_bwd(
             torch.mul(term.add_(g), q, out=grad).neg_()  # −q·(g + h·(log q + H))
         else:
             torch.mul(log_q.exp_().mul_(kept), -g, out=grad)
-        # the label column as minus the sum of the others (ops/sampling_logprobs.py's kernel says why);
-        # q_y = 0 gives g exactly, a NaN row (lse = NaN) NaN even at V = 1
-        at = grad.gather(-1, label)  # kept for rows without a label (NaN)
+        # where q_y > 1/2, the label column as minus the sum of the others (the kernel's comment says why)
+        direct = grad.gather(-1, label).add_(g)  # g·(1 − q_y) − …: exact where q_y ≤ 1/2
         rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, label, 0.0))
-        label_grad = torch.where(q_label == 0, g, rest.neg_()).masked_fill_(row_lse.isnan(), math.nan)
-        grad.scatter_(-1, label, torch.where(in_range.unsqueeze(-1), label_grad, at))
+        grad.scatter_(-1, label, torch.where(rewrite, rest.neg_(), direct))
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         if not in_place:
             flat_grad[rows] = grad

@@ -160,9 +160,9 @@ def token_stats_bwd_out(
     ``saved`` and the vocabulary shard as for the Triton launcher ``ops/token_stats.py::_launch_bwd``.
 
     Per row, G = p·(a + b·log p + c·p) + r/V + g·1[j = y] + Σ_k w_k·1[j = i_k], times dx'/dx, with
-    a = −(g + h·H + 2q·S + Σ_k w_k), b = −h, c = 2q.  Unsharded, the label column's terms but r/V are
-    minus the sum of the others' (they sum to 0 over the row; as the Triton kernel, whose comment says
-    why), one more read of the chunk.
+    a = −(g + h·H + 2q·S + Σ_k w_k), b = −h, c = 2q.  Unsharded, where p_y > 1/2, the label column's
+    terms but r/V are minus the sum of the others' (they sum to 0 over the row; the Triton kernel's
+    comment says why), one more read of the chunk.
     """
     grad_logprobs, grad_entropy, grad_sum_sq, grad_mean, grad_topk = grads
     lse, entropy, sum_sq, topk_indices = saved
@@ -177,7 +177,7 @@ def token_stats_bwd_out(
         log_p = torch.sub(x, lse[rows].unsqueeze(-1))  # x may be the logits' own memory
         p = log_p.exp()
         at_label = safe.unsqueeze(-1)
-        p_label = p.gather(-1, at_label)  # 0: the label column is g + w_y exactly; NaN: a NaN row
+        rewrite = owned.unsqueeze(-1) & (p.gather(-1, at_label) > 0.5)  # False for a NaN row
         a = -g
         if grad_topk.numel():
             a = a - grad_topk[rows].sum(dim=-1, keepdim=True)
@@ -195,15 +195,13 @@ def token_stats_bwd_out(
         if grad_sum_sq.numel():
             inner.add_(p * (2 * q))
         grad = inner.mul_(p)
+        grad.scatter_add_(-1, at_label, torch.where(owned.unsqueeze(-1), g, 0.0))
         if grad_topk.numel():
             grad.scatter_add_(-1, topk_indices[rows], grad_topk[rows])
-        if vocab_size == vocab_total:
-            at = grad.gather(-1, at_label)  # w_y where p_y = 0; kept for rows without a label (NaN)
+        if vocab_size == vocab_total:  # a shard holds no other shard's columns
+            direct = grad.gather(-1, at_label)  # exact where p_y ≤ 1/2
             rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
-            label_grad = torch.where(p_label == 0, g + at, torch.where(p_label.isnan(), p_label, rest.neg_()))
-            grad.scatter_(-1, at_label, torch.where(owned.unsqueeze(-1), label_grad, at))
-        else:  # a shard holds no other shard's columns
-            grad.scatter_add_(-1, at_label, torch.where(owned.unsqueeze(-1), g, 0.0))
+            grad.scatter_(-1, at_label, torch.where(rewrite, rest.neg_(), direct))
         if grad_mean.numel():
             grad.add_(grad_mean[rows].unsqueeze(-1) / vocab_size)
         grad.mul_(slope if slope is not None else logit_scale * inv_temperature)
