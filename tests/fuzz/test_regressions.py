@@ -74,9 +74,9 @@ def test_group_advantages_empty_without_warning():
 @pytest.mark.parametrize("entropy", [False, True])
 def test_logprobs_label_gradient_where_its_probability_rounds_to_one(backend, entropy):
     """Long fuzz profile, V = 2: the label column's g·(1 − p_y), read as g − g·exp(x_y − lse), was 0 once
-    p_y rounds to 1 in fp32 (logits [0, −37]: 1 − p_y = σ(−37) = 8.5e-17).  Now minus the sum of the
-    others: exact to fp32 rounding.  Expected values from σ in float64, not from the oracle (whose
-    one_hot − p rounds too: test_reference_logprobs_grad_label_column_below_float64_rounding)."""
+    p_y rounds to 1 in fp32 (logits [0, −37]: 1 − p_y = σ(−37) = 8.5e-17).  Now (p_y > 1/2) minus the
+    sum of the others: exact to fp32 rounding.  Expected values from σ in float64, not from the oracle
+    (whose one_hot − p rounds too: test_reference_logprobs_grad_label_column_below_float64_rounding)."""
     x = torch.tensor([[0.0, -37.0], [-50.0, 0.0]], requires_grad=True)
     lp, h = rk.logprobs_from_logits(x, torch.tensor([0, 1]), return_entropy=True)
     outputs, upstream = ((lp, h), (torch.ones(2), torch.ones(2))) if entropy else (lp, torch.ones(2))

@@ -60,6 +60,16 @@ def rowwise(reduce: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return reduce(x)
 
 
+def exact_label_column(grad: torch.Tensor, at_label: torch.Tensor, rewrite: torch.Tensor) -> None:
+    """Rewrites the label column (``at_label`` [k, 1]) of the gradient rows ``grad`` [k, V], where
+    ``rewrite`` [k, 1], as minus the sum of the other columns: the softmax terms of a row sum to 0, and
+    where p_y > 1/2 the direct g·(1 − p_y) loses the digits of 1 − p_y (0 once p_y rounds to 1; module
+    docstring of ``ops/logprobs.py``).  One more read of the rows."""
+    direct = grad.gather(-1, at_label)
+    rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
+    grad.scatter_(-1, at_label, torch.where(rewrite, rest.neg_(), direct))
+
+
 def _label_terms(
     labels: torch.Tensor, vocab_size: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,10 +163,8 @@ def logprobs_bwd_out(
     ``logits`` itself (in place: each chunk's gradient is computed whole before it is written back).
 
     Per row, (1/τ)·[g·(1[j = y] − p_j) − h·p_j·(log p_j + H)] = p_j·(a + b·log p_j) + (g/τ)·1[j = y]
-    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p.  Where p_y > 1/2
-    the label column is then minus the sum of the others (the row sums to 0), one more read of the chunk:
-    read as g − g·p_y it is 0 once p_y is within fp32 rounding of 1 (module docstring of
-    ``ops/logprobs.py``).
+    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p, and one more
+    where p_y > 1/2 for the label column (``exact_label_column``).
     ``grad_entropy`` is empty when the entropy has no gradient.
     """
     vocab_size = logits.shape[-1]
@@ -178,9 +186,8 @@ def logprobs_bwd_out(
             grad = log_p.masked_fill_(log_p == float("-inf"), 0.0).mul_(-h).add_(a).mul_(p)
         else:
             grad = p.mul_(-g)
-        direct = grad.gather(-1, at_label).add_(g)  # g·(1 − p_y) − …: exact where p_y ≤ 1/2
-        rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
-        grad.scatter_(-1, at_label, torch.where(rewrite, rest.neg_(), direct))
+        grad.scatter_add_(-1, at_label, g)
+        exact_label_column(grad, at_label, rewrite)
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         target = chunk if in_place else flat_grad[rows]
         target.copy_(grad.view(target.shape))

@@ -23,7 +23,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
-from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, _scaled_rows, rowwise
+from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, _scaled_rows, exact_label_column
 
 # (logprobs [N], entropy [N] or [0], mask_mass [N], lse [N] over the kept set, threshold [N] int64)
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -340,10 +340,8 @@ def _sampling_logprobs_bwd(
             torch.mul(term.add_(g), q, out=grad).neg_()  # −q·(g + h·(log q + H))
         else:
             torch.mul(log_q.exp_().mul_(kept), -g, out=grad)
-        # where q_y > 1/2, the label column as minus the sum of the others (the kernel's comment says why)
-        direct = grad.gather(-1, label).add_(g)  # g·(1 − q_y) − …: exact where q_y ≤ 1/2
-        rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, label, 0.0))
-        grad.scatter_(-1, label, torch.where(rewrite, rest.neg_(), direct))
+        grad.scatter_add_(-1, label, g)
+        exact_label_column(grad, label, rewrite)  # where q_y > 1/2
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         if not in_place:
             flat_grad[rows] = grad

@@ -12,7 +12,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
-from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, rowwise
+from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, exact_label_column, rowwise
 
 TOP_K_MAX = 64  # the kernels keep a per-row running top-k of at most this many slots
 
@@ -161,8 +161,7 @@ def token_stats_bwd_out(
 
     Per row, G = p·(a + b·log p + c·p) + r/V + g·1[j = y] + Σ_k w_k·1[j = i_k], times dx'/dx, with
     a = −(g + h·H + 2q·S + Σ_k w_k), b = −h, c = 2q.  Unsharded, where p_y > 1/2, the label column's
-    terms but r/V are minus the sum of the others' (they sum to 0 over the row; the Triton kernel's
-    comment says why), one more read of the chunk.
+    terms but r/V are minus the sum of the others' (``cpu/logprobs.py::exact_label_column``).
     """
     grad_logprobs, grad_entropy, grad_sum_sq, grad_mean, grad_topk = grads
     lse, entropy, sum_sq, topk_indices = saved
@@ -199,9 +198,7 @@ def token_stats_bwd_out(
         if grad_topk.numel():
             grad.scatter_add_(-1, topk_indices[rows], grad_topk[rows])
         if vocab_size == vocab_total:  # a shard holds no other shard's columns
-            direct = grad.gather(-1, at_label)  # exact where p_y ≤ 1/2
-            rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
-            grad.scatter_(-1, at_label, torch.where(rewrite, rest.neg_(), direct))
+            exact_label_column(grad, at_label, rewrite)
         if grad_mean.numel():
             grad.add_(grad_mean[rows].unsqueeze(-1) / vocab_size)
         grad.mul_(slope if slope is not None else logit_scale * inv_temperature)
