@@ -215,13 +215,14 @@ if triton is not None:
                 tl.store(topk_idx_ptr + row * TOP_K + r, tl.where(ignored, 0, index))
 
     @triton.jit
-    def _softmax_terms(
-        x, offs, label, lse, entropy, g_lp, coef_p, g_h, g_q,
+    def _grad_terms(
+        x, offs, label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
         scale, cap, inv_cap, inv_t,
         HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_SUM_SQ: tl.constexpr,
+        HAS_GRAD_MEAN: tl.constexpr,
     ):
-        """(G_j without the mean and top-k one-hot terms, dx'_j/dx_j) for raw logits x: the terms
-        that sum to 0 over a row (the label's one-hot only where ``label`` is its column)."""
+        """(G_j without the top-k one-hot terms (module docstring), dx'_j/dx_j) for raw logits x: the
+        gradient is their product.  Without the mean's r/V, G sums to 0 over a row."""
         xp, slope = _transform(x, scale, cap, inv_cap, inv_t, HAS_SOFTCAP)
         logp = xp - lse
         p = tl.exp(logp)
@@ -230,23 +231,9 @@ if triton is not None:
             grad -= g_h * tl.where(xp == float("-inf"), 0.0, p * (logp + entropy))
         if HAS_GRAD_SUM_SQ:
             grad += 2.0 * g_q * p * p
-        return grad, slope
-
-    @triton.jit
-    def _grad_terms(
-        x, offs, label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
-        scale, cap, inv_cap, inv_t,
-        HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_SUM_SQ: tl.constexpr,
-        HAS_GRAD_MEAN: tl.constexpr,
-    ):
-        """G_j · dx'_j/dx_j (module docstring) without the top-k one-hot terms, for raw logits x."""
-        grad, slope = _softmax_terms(
-            x, offs, label, lse, entropy, g_lp, coef_p, g_h, g_q, scale, cap, inv_cap, inv_t,
-            HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ,
-        )
         if HAS_GRAD_MEAN:
             grad += g_mean_over_v
-        return grad * slope, slope
+        return grad, slope
 
     # Reads the N·V logits once, writes the N·V gradient once (plus k elements per row rewritten).
     @triton.jit
@@ -304,9 +291,9 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
             x = tl.load(x_base + offs.to(tl.int64) * stride_xv, mask=in_vocab, other=float("-inf"))
-            grad, slope = _softmax_terms(
-                x.to(ACC), offs, local_label, lse, entropy, g_lp, coef_p, g_h, g_q,
-                scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ,
+            grad, slope = _grad_terms(
+                x.to(ACC), offs, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
+                scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, False,
             )
             rest += tl.sum(tl.where(in_vocab & (offs != label_col), grad, 0.0), axis=0)
             if HAS_GRAD_MEAN:
@@ -323,7 +310,7 @@ if triton is not None:
                 x.to(ACC), index, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
                 scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
             )
-            grad = tl.where(ignored, 0.0, grad + w * slope)
+            grad = tl.where(ignored, 0.0, (grad + w) * slope)
             rest += tl.sum(tl.where(in_k & (index != label_col), w, 0.0), axis=0)
             tl.store(g_base + index, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_k)
         # One element per row, rewritten after every thread's stores above (a store mask that skipped it
