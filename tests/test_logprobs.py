@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HAS_CUDA, TRITON_DEVICE, assert_close, assert_compiles_for_sm90
+from fuzz.oracles import logprobs_grad_oracle
 
 import rlhf_kernels as rk
 from bench.baselines.logprobs import eager_logprobs, verl_entropy_from_logits
@@ -294,6 +295,53 @@ def test_label_on_masked_entry_gives_minus_inf(backend, device):
     logits[:, 4] = float("-inf")
     lp = rk.logprobs_from_logits(logits, torch.tensor([4, 5], device=device))
     assert lp[0].item() == float("-inf") and torch.isfinite(lp[1]).item()
+
+
+# Rows whose label holds all the probability but 4.5e-5 … 8e-40 of it (found by the long fuzz profile:
+# logits [0, −37]): the label column's g·(1 − p_y), read as g − g·exp(x_y − lse), was 0 there (or kept
+# few digits: lse carries ulps of |m|).  Now (p_y > 1/2) minus the sum of the others: exact to fp32.
+PEAKED_ROWS = [[0.0, -37.0], [5.0, -5.0], [50.0, -10.0], [3.0, -30.0], [-90.0, 0.0], [-20.0, -45.0]]
+PEAKED_LABELS = [0, 0, 0, 0, 1, 0]
+
+
+def _peaked(vocab, device):
+    """3 rows of ``vocab`` logits: the label at 4, the others 12 to 40 below it."""
+    logits = -12.0 - 28.0 * torch.rand(3, vocab)
+    labels = torch.randint(0, vocab, (3,))
+    logits[torch.arange(3), labels] = 4.0
+    return logits.to(device), labels.to(device)
+
+
+@pytest.mark.parametrize(
+    "dtype, temperature, inplace_backward",
+    [
+        (torch.float32, 1.0, False),
+        (torch.float32, 1.0, True),
+        (torch.float32, 0.7, False),
+        (torch.bfloat16, 1.0, True),
+    ],
+)
+def test_label_gradient_exact_where_its_probability_rounds_to_one(
+    backend, device, dtype, temperature, inplace_backward
+):
+    cases = [(torch.tensor(PEAKED_ROWS, device=device), torch.tensor(PEAKED_LABELS, device=device))]
+    cases += [_peaked(vocab, device) for vocab in (17, 5000)]  # 5000: a row of two blocks of 4096
+    for logits, labels in cases:
+        logits = logits.to(dtype)
+        for use_entropy in (False, True):
+            x = logits.clone().requires_grad_()
+            lp, h = rk.logprobs_from_logits(
+                x, labels, temperature=temperature, return_entropy=True, inplace_backward=inplace_backward
+            )
+            g = torch.rand(lp.shape, device=device) + 0.5
+            u = torch.rand(h.shape, device=device) - 0.5 if use_entropy else None
+            (grad,) = torch.autograd.grad((lp, h) if use_entropy else lp, x, (g, u) if use_entropy else g)
+            want = logprobs_grad_oracle(
+                logits.cpu(), labels.cpu(), g.cpu(), u.cpu() if use_entropy else None,
+                temperature=temperature, ignore_index=-100,
+            )
+            what = f"V={logits.shape[-1]} entropy={use_entropy}"
+            _assert_grad_close(grad, want, GRAD_RTOL[dtype] * 2, what)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from conftest import HAS_CUDA, assert_close, assert_compiles_for_sm90
+from fuzz.oracles import logprobs_grad_oracle
 
 from bench.baselines.sampling_logprobs import vllm_masked_logits
 from rlhf_kernels import _dispatch
@@ -162,6 +163,31 @@ def test_label_outside_kept_set_is_minus_inf_with_finite_gradient(backend, devic
     assert x.grad.isfinite().all()
     assert (x.grad[:, 2:] == 0).all(), "entries outside the kept set receive no gradient"
     _check(logits, labels, (1.0, 2, 1.0, 0.0))
+
+
+def test_label_gradient_exact_where_its_probability_rounds_to_one(backend, device):
+    """The label holds all the kept mass but 4.5e-5 … 8e-40 of it: the label column's g·(1 − q_y), read
+    as g − g·q_y, was 0 or kept few digits (ops/logprobs.py's backward, found by the long fuzz profile).
+    With top-k = 2 the third token is dropped; without filters the op is logprobs_from_logits, whose
+    oracle with an exact label column covers the rows beyond float64's rounding of q_y too."""
+    logits = torch.tensor([[5.0, -5.0, -30.0], [40.0, 20.0, -9.0], [-5.0, 5.0, -30.0]], device=device)
+    x = logits.clone().requires_grad_()
+    labels = torch.tensor([0, 0, 1], device=device)
+    lp = sampling_logprobs(x, labels, top_k=2)
+    leaf = logits.detach().cpu().double().requires_grad_()
+    w = torch.rand(3) + 0.5
+    (grad,) = torch.autograd.grad(lp, x, w.to(device))
+    (want,) = torch.autograd.grad(ref.sampling_logprobs(leaf, labels.cpu(), top_k=2), leaf, w.double())
+    _assert_grad_close(grad, want, GRAD_RTOL[torch.float32] * 2, atol=0.0)
+    logits = torch.tensor([[0.0, -37.0], [50.0, -10.0], [-90.0, 0.0]], device=device)
+    for use_entropy in (False, True):
+        x = logits.clone().requires_grad_()
+        lp, h = sampling_logprobs(x, labels, return_entropy=True)
+        u = torch.rand(3) - 0.5 if use_entropy else None
+        outputs, upstream = ((lp, h), (w.to(device), u.to(device))) if use_entropy else (lp, w.to(device))
+        (grad,) = torch.autograd.grad(outputs, x, upstream)
+        want = logprobs_grad_oracle(logits.cpu(), labels.cpu(), w, u, temperature=1.0, ignore_index=-100)
+        _assert_grad_close(grad, want, GRAD_RTOL[torch.float32] * 2, atol=0.0)
 
 
 def test_ties_are_kept_whole(backend, device):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HAS_CUDA, TRITON_DEVICE, assert_close
+from fuzz.oracles import logprobs_grad_oracle
 
 from rlhf_kernels import _dispatch
 from rlhf_kernels.ops import token_stats as ops
@@ -133,6 +134,30 @@ def test_logprobs_only_equals_logprobs_from_logits(backend, device):
     labels = _labels((6,), 129, device)
     got = _check(logits, labels, temperature=0.6)
     assert_close(got.logprobs, rk.logprobs_from_logits(logits, labels, temperature=0.6), 2e-6, "logprobs")
+
+
+# Rows whose label holds all the probability but 4.5e-5 … 2e-9 of it (the float64 autograd oracle keeps
+# ≥ 6 digits of 1 − p_y there): the label column's g·(1 − p_y), read as g − g·p_y, was 0 or kept few
+# digits (ops/logprobs.py's backward, found by the long fuzz profile).  With the top-k the label is one
+# of the k (its w·(1 − p_y) as well); the mean logit's r/V would hide the tiny terms, so it is left out.
+TRANSFORMS = {"softcap": 30.0, "logit_scale": 1.25, "temperature": 1.1}  # the gap of [3, -18]: 21 → 20.7
+
+
+@pytest.mark.parametrize(
+    "options", [{}, TRANSFORMS, {"top_k": 2, "entropy": True, "sum_sq_probs": True}], ids=["", "softcap", "k"]
+)
+def test_label_gradient_exact_where_its_probability_rounds_to_one(backend, device, options):
+    rows = [[5.0, -5.0], [3.0, -18.0], [-20.0, -41.0], [40.0, 20.0], [-5.0, 5.0]]
+    logits = torch.tensor(rows, device=device)
+    _check(logits, torch.tensor([0, 0, 0, 0, 1], device=device), **options)
+    # beyond float64's rounding of p_y: the oracle's label column as minus the sum of the others
+    logits = torch.tensor([[0.0, -37.0], [50.0, -10.0], [-90.0, 0.0]], device=device, requires_grad=True)
+    labels = torch.tensor([0, 0, 1], device=device)
+    g = torch.rand(3, device=device) + 0.5
+    (grad,) = torch.autograd.grad(token_stats_from_logits(logits, labels).logprobs, logits, g)
+    want = logprobs_grad_oracle(logits.detach().cpu(), labels.cpu(), g.cpu(), None, temperature=1.0,
+                                ignore_index=-100)
+    _assert_grad_close(grad, want, GRAD_RTOL[torch.float32] * 2)
 
 
 @pytest.mark.parametrize("vocab", [50257])

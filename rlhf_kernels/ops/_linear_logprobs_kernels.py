@@ -272,6 +272,7 @@ if triton is not None:
             g_mean_over_v, scale, cap, inv_cap, inv_t,
             HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
         )
+        grad = grad * slope
         if TOP_K > 0:
             # the one-hot terms w_k·1[j = i_k], in ACC before the one rounding: slot by slot, a tile
             # operation only where some row of the tile has its k-th entry in this tile

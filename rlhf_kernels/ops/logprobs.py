@@ -15,6 +15,10 @@ Gradients, for a row with upstream gradients g (of logp_y) and h (of H):
 
     ∂/∂x_j = (1/τ) · [ g·(1[j = y] − p_j) − h·p_j·(log p_j + H) ]
 
+The row sums to 0: where p_y > 1/2 the label column is computed as minus the sum of the others, so that
+its g·(1 − p_y) stays exact to fp32 rounding where p_y is within rounding of 1 (1 − exp(x_y − lse) is 0
+there, and lse keeps no digit of 1 − p_y once it is below the ulp of |lse|).
+
 Positions whose label equals ``ignore_index`` give 0 and receive exactly zero gradient, whatever their
 logits hold.  ``-inf`` logits are masked vocabulary entries (probability 0); ``+inf`` or NaN logits give
 NaN.  A label outside [0, V) (possible only with the range check off) gives NaN, never a wild read.
@@ -136,6 +140,16 @@ if triton is not None:
         if HAS_GRAD_ENTROPY:
             g_h = tl.load(grad_entropy_ptr + row)
             entropy = tl.load(entropy_ptr + row)
+        # Where p_y > 1/2 the label column is rewritten after the loop as minus the sum of the others (the
+        # row sums to 0): g·(1 − p_y) read as g − g·exp(x_y − lse) is 0 once p_y is within fp32 rounding
+        # of 1, and lse (rounded to ulps of |m|) keeps no digit of 1 − p_y then; Σ_{j≠y} keeps them all.
+        # Below 1/2 the direct form is exact and the sum would carry the rounding of the row's largest terms.
+        own = in_range & ~ignored  # the row has a label column (ignored rows are all 0, bad ones NaN)
+        label_col = tl.where(own, label, -1)
+        x_label = tl.load(x_base + tl.where(own, label, 0) * stride_xv).to(ACC) * inv_temperature
+        rewrite = own & (tl.exp(x_label - lse) > 0.5)  # False for a NaN row
+        rest = tl.zeros((), ACC)  # Σ_{j≠y} of the row's gradient before the 1/τ
+        tl.debug_barrier()  # x_label is read before any thread writes the in-place gradient over it
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
@@ -146,12 +160,21 @@ if triton is not None:
             grad = tl.where(offs == label, g_lp, 0.0) - g_lp * p
             if HAS_GRAD_ENTROPY:
                 grad -= g_h * p * tl.where(x == float("-inf"), 0.0, logp + entropy)
+            rest += tl.sum(tl.where(in_vocab & (offs != label_col), grad, 0.0), axis=0)
             grad = tl.where(ignored, 0.0, grad * inv_temperature)
             tl.store(
                 g_base + offs.to(tl.int64) * stride_gv,
                 grad.to(grad_logits_ptr.dtype.element_ty),
                 mask=in_vocab,
             )
+        # One element per row, rewritten after every thread's stores above (a store mask that skipped it
+        # would cost the stores their vector width).
+        tl.debug_barrier()
+        tl.store(
+            g_base + tl.where(own, label, 0) * stride_gv,
+            (-rest * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
+            mask=rewrite,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

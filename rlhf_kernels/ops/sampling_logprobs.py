@@ -248,6 +248,13 @@ if triton is not None:
         if HAS_GRAD_ENTROPY:
             g_h = tl.load(grad_entropy_ptr + row)
             entropy = tl.load(entropy_ptr + row)
+        # Where q_y > 1/2 the label column is rewritten last as minus the sum of the others (the row sums
+        # to 0; ops/logprobs.py's backward says why): g·(1 − q_y) read as g − g·q_y is 0 once q_y rounds
+        # to 1.  (q_y > 1/2 implies the label is kept and finite.)
+        own = in_range & ~ignored
+        label_col = tl.where(own, label, -1)
+        rewrite = own & label_finite & (tl.exp(x_label - lse) > 0.5)  # False for a NaN row
+        rest = tl.zeros((), ACC)  # Σ_{j≠y} of the row's gradient before the 1/τ
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             x = _load_scaled(x_base, offs, stride_xv, V, inv_temperature, ACC)
@@ -257,8 +264,16 @@ if triton is not None:
             grad = tl.where(offs == label, g, 0.0) - g * q
             if HAS_GRAD_ENTROPY:
                 grad -= g_h * q * tl.where(kept & (x > float("-inf")), log_q + entropy, 0.0)
+            rest += tl.sum(tl.where((offs < V) & (offs != label_col), grad, 0.0), axis=0)
             grad = tl.where(ignored, 0.0, grad * inv_temperature)
             tl.store(g_base + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
+        # rewritten after every thread's stores (a store mask that skipped it would cost them their width)
+        tl.debug_barrier()
+        tl.store(
+            g_base + tl.where(own, label, 0),
+            (-rest * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
+            mask=rewrite,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

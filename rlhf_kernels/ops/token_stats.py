@@ -221,7 +221,8 @@ if triton is not None:
         HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_SUM_SQ: tl.constexpr,
         HAS_GRAD_MEAN: tl.constexpr,
     ):
-        """G_j · dx'_j/dx_j (module docstring) without the top-k one-hot terms, for raw logits x."""
+        """(G_j without the top-k one-hot terms (module docstring), dx'_j/dx_j) for raw logits x: the
+        gradient is their product.  Without the mean's r/V, G sums to 0 over a row."""
         xp, slope = _transform(x, scale, cap, inv_cap, inv_t, HAS_SOFTCAP)
         logp = xp - lse
         p = tl.exp(logp)
@@ -232,7 +233,7 @@ if triton is not None:
             grad += 2.0 * g_q * p * p
         if HAS_GRAD_MEAN:
             grad += g_mean_over_v
-        return grad * slope, slope
+        return grad, slope
 
     # Reads the N·V logits once, writes the N·V gradient once (plus k elements per row rewritten).
     @triton.jit
@@ -280,15 +281,24 @@ if triton is not None:
         if HAS_GRAD_TOPK:
             w = tl.load(grad_topk_ptr + row * TOP_K + slots, mask=in_k, other=0.0)
             coef_p -= tl.sum(w, axis=0)
+        # Unsharded, where p_y > 1/2, the label column is rewritten last as minus the sum of the others'
+        # softmax terms (they sum to 0 over the row; ops/logprobs.py's backward says why): g·(1 − p_y) read
+        # as g − g·p_y is 0 once p_y is within fp32 rounding of 1.  A shard holds no other shard's columns.
+        own = in_range & ~ignored & (V == vocab_total)
+        label_col = tl.where(own, local_label, -1)
+        rest = tl.zeros((), ACC)  # Σ_{j≠y} of the softmax terms (pre-slope, without the mean's r/V)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             in_vocab = offs < V
             x = tl.load(x_base + offs.to(tl.int64) * stride_xv, mask=in_vocab, other=float("-inf"))
-            grad, _ = _grad_terms(
+            grad, slope = _grad_terms(
                 x.to(ACC), offs, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
-                scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
+                scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, False,
             )
-            grad = tl.where(ignored, 0.0, grad)
+            rest += tl.sum(tl.where(in_vocab & (offs != label_col), grad, 0.0), axis=0)
+            if HAS_GRAD_MEAN:
+                grad += g_mean_over_v
+            grad = tl.where(ignored, 0.0, grad * slope)
             tl.store(g_base + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_vocab)
         if HAS_GRAD_TOPK:
             # The one-hot terms w_k·1[j = i_k] touch k entries: rewrite those (indices are distinct)
@@ -300,8 +310,24 @@ if triton is not None:
                 x.to(ACC), index, local_label, lse, entropy, g_lp, coef_p, g_h, g_q, g_mean_over_v,
                 scale, cap, inv_cap, inv_t, HAS_SOFTCAP, HAS_GRAD_ENTROPY, HAS_GRAD_SUM_SQ, HAS_GRAD_MEAN,
             )
-            grad = tl.where(ignored, 0.0, grad + w * slope)
+            grad = tl.where(ignored, 0.0, (grad + w) * slope)
+            rest += tl.sum(tl.where(in_k & (index != label_col), w, 0.0), axis=0)
             tl.store(g_base + index, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_k)
+        # One element per row, rewritten after every thread's stores above (a store mask that skipped it
+        # would cost the dense stores their vector width).
+        tl.debug_barrier()
+        x_label, slope = _transform(
+            tl.load(x_base + tl.where(own, local_label, 0) * stride_xv).to(ACC), scale, cap, inv_cap, inv_t,
+            HAS_SOFTCAP,
+        )
+        grad = -rest
+        if HAS_GRAD_MEAN:
+            grad += g_mean_over_v
+        tl.store(
+            g_base + tl.where(own, local_label, 0),
+            (grad * slope).to(grad_logits_ptr.dtype.element_ty),
+            mask=own & (tl.exp(x_label - lse) > 0.5),  # False for a NaN row
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,8 +28,11 @@ def flat_outputs(result) -> list[torch.Tensor]:
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, *, grad: bool = False,
-                   tol: float | None = None, atol: float = 0.0, may_be_nan: torch.Tensor | None = None) -> None:
+                   tol: float | None = None, atol: float | torch.Tensor = 0.0,
+                   may_be_nan: torch.Tensor | None = None) -> None:
     """NaN where the oracle is NaN (and only there), the same ±inf, finite values within tolerance.
+
+    ``atol``: added to the bound; a tensor broadcast to the oracle's shape gives one per element.
 
     ``may_be_nan``: positions where a NaN is accepted although the oracle is finite — the gradient at a
     non-finite input whose derivative happens to be finite (∂(lp − ref)/∂lp = 1 at lp = NaN): the library
@@ -64,6 +67,8 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, *, g
         bound = tol * (e[check].abs() + e[check].abs().max())
     else:
         bound = tol * (1 + e[check].abs())
+    if isinstance(atol, torch.Tensor):
+        atol = atol.detach().double().cpu().expand(e.shape)[check]
     bound = bound + atol
     assert bool((err <= bound).all()), (
         f"{what}: max error {err.max().item():.3g} at oracle value {e[check][(err - bound).argmax()].item():.6g} "

@@ -32,6 +32,34 @@ def logprobs_oracle(logits, labels, *, temperature, ignore_index, return_entropy
     return [logprobs, entropy]
 
 
+def logprobs_grad_oracle(logits, labels, grad_logprobs, grad_entropy, *, temperature, ignore_index):
+    """``reference.logprobs.logprobs_grad`` with the label column as minus the sum of the others.
+
+    FINDING (long fuzz profile, V = 2): the oracle forms g·(one_hot − p), and float64 rounds p_y to 1
+    once 1 − p_y < 1.1e-16 (logits [0, −37], label 0: 0 where the gradient is 8.5e-17·g) and keeps
+    only the digits of 1 − p_y above 1e-16 (logits [3, −30]: 4.66294e-15 for 4.65889e-15).  The gradient
+    row sums to 0, so its label column is −Σ_{j≠y} of the others, exact in float64 (the library's
+    backward computes it so where p_y > 1/2).  Fix reported for ``reference/logprobs.py``
+    ``logprobs_grad``: the same two lines.  Until then it is applied here (a no-op on an oracle that has
+    it)."""
+    grad = ref_logprobs.logprobs_grad(logits, labels, grad_logprobs, grad_entropy,
+                                      temperature=temperature, ignore_index=ignore_index)
+    return exact_label_column(grad, labels, ignore_index)
+
+
+def exact_label_column(grad, labels, ignore_index, where=None):
+    """``grad`` [..., V] (float64) with its label column, in rows with a label (and ``where``, [...]),
+    as minus the sum of the other columns: exact where the oracle's one_hot − p rounds (above).  NaN
+    stays NaN (a one-column row has no other column to carry it)."""
+    own = (labels != ignore_index) & (labels >= 0) & (labels < grad.shape[-1])
+    if where is not None:
+        own &= where
+    column = labels.clamp(0, max(grad.shape[-1] - 1, 0)).long().unsqueeze(-1)
+    rest = grad.scatter(-1, column, 0.0).sum(-1, keepdim=True)
+    at_label = grad.gather(-1, column)
+    return grad.scatter(-1, column, torch.where(own.unsqueeze(-1) & ~at_label.isnan(), -rest, at_label))
+
+
 def kl_penalty_oracle(logprobs, ref_logprobs, estimator="k1", *, old_logprobs=None):
     """``reference.kl.kl_penalty`` with its straight-through sum parenthesised.
 

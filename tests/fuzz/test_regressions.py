@@ -71,6 +71,25 @@ def test_group_advantages_empty_without_warning():
     assert out.shape == (0,)
 
 
+@pytest.mark.parametrize("entropy", [False, True])
+def test_logprobs_label_gradient_where_its_probability_rounds_to_one(backend, entropy):
+    """Long fuzz profile, V = 2: the label column's g·(1 − p_y), read as g − g·exp(x_y − lse), was 0 once
+    p_y rounds to 1 in fp32 (logits [0, −37]: 1 − p_y = σ(−37) = 8.5e-17).  Now (p_y > 1/2) minus the
+    sum of the others: exact to fp32 rounding.  Expected values from σ in float64, not from the oracle
+    (whose one_hot − p rounds too: test_reference_logprobs_grad_label_column_below_float64_rounding)."""
+    x = torch.tensor([[0.0, -37.0], [-50.0, 0.0]], requires_grad=True)
+    lp, h = rk.logprobs_from_logits(x, torch.tensor([0, 1]), return_entropy=True)
+    outputs, upstream = ((lp, h), (torch.ones(2), torch.ones(2))) if entropy else (lp, torch.ones(2))
+    (grad,) = torch.autograd.grad(outputs, x, upstream)
+    d = torch.tensor([37.0, 50.0], dtype=torch.float64)  # x_y − x_other
+    q = torch.sigmoid(-d)  # 1 − p_y
+    # V = 2: ∂ log p_y/∂x_y = q and ∂H/∂x_y = −p_y·q·(log p_y − log q) = −(1 − q)·q·d
+    want_label = q - (1 - q) * q * d if entropy else q
+    got_label = grad[torch.arange(2), torch.tensor([0, 1])].double()
+    assert torch.allclose(got_label, want_label, rtol=1e-5, atol=0.0), (got_label, want_label)
+    assert torch.equal(grad.sum(-1), torch.zeros(2))
+
+
 def test_oob_guard_is_part_of_the_suite():
     """tests/test_oob_guard.py runs every Triton kernel inside guard regions (issue 19, item 4)."""
     import pathlib
@@ -111,6 +130,17 @@ def test_empty_batch_kl_loss(backend, shape):
     assert rk.kl_loss(lp, torch.randn(shape), torch.ones(shape)).item() == 0.0
 
 
+def test_logprobs_forward_with_tied_huge_maxima(backend):
+    """PENDING FIX (ops/logprobs.py _logprobs_fwd_kernel; long fuzz profile): with two tied maxima so
+    large that fp32(m + log 2) = m (logits [1e30, 1e30]), the Triton forward's log-prob x_y − lse is 0
+    instead of −log 2 (the PyTorch path subtracts m first and is exact; docs/logprobs.md "Limitations"
+    says forward values are exact).  Fix: ``logprob = tl.where(in_range, (x_label - m_ref) - log_s, nan)``
+    as sampling_logprobs' forward; the backward's limitation (p read as 1) stays as documented."""
+    lp, h = rk.logprobs_from_logits(torch.tensor([[1e30, 1e30]]), torch.tensor([0]), return_entropy=True)
+    assert lp.item() == pytest.approx(-0.6931471805599453, rel=1e-6)
+    assert h.item() == pytest.approx(0.6931471805599453, rel=1e-6)
+
+
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2"])
 def test_kl_penalty_old_logprobs_keeps_infinite_value(backend, estimator):
     """PENDING FIX (ops/kl.py kl_penalty): with old_logprobs the value is kl + (kl − kl.detach())·(w − 1),
@@ -144,6 +174,19 @@ def test_reference_kl_straight_through_keeps_large_values():
     lp = torch.tensor([1e30], dtype=torch.float64)
     out = ref_kl.kl_penalty(lp, torch.zeros(1, dtype=torch.float64), "k1", old_logprobs=torch.zeros(1, dtype=torch.float64))
     assert out.item() == 1e30
+
+
+def test_reference_logprobs_grad_label_column_below_float64_rounding():
+    """reference/logprobs.py logprobs_grad: g·(one_hot − p) rounds 1 − p_y to 0 once p_y is within 1.1e-16
+    of 1 (logits [0, −37]: 0 where the gradient is σ(−37)·g = 8.5e-17·g), and keeps only its digits above
+    1e-16 before that.  Fix: the label column as minus the sum of the others, e.g. after ``grad`` is
+    formed: ``rest = grad.scatter(-1, index[..., None], 0.0).sum(-1, keepdim=True)`` and
+    ``grad = grad.scatter(-1, index[..., None], -rest)`` (rows with a bad label are NaN and ignored ones
+    0 anyway); tests/fuzz/oracles.py ``logprobs_grad_oracle`` applies it meanwhile."""
+    one = torch.ones(1, dtype=torch.float64)
+    grad = ref_logprobs.logprobs_grad(torch.tensor([[0.0, -37.0]]), torch.tensor([0]), one, None)
+    want = torch.sigmoid(torch.tensor(-37.0, dtype=torch.float64)).item()
+    assert grad[0, 0].item() == pytest.approx(want, rel=1e-12, abs=0.0)
 
 
 def test_reference_whiten_empty_rows():

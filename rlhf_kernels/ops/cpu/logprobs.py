@@ -60,6 +60,16 @@ def rowwise(reduce: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return reduce(x)
 
 
+def exact_label_column(grad: torch.Tensor, at_label: torch.Tensor, rewrite: torch.Tensor) -> None:
+    """Rewrites the label column (``at_label`` [k, 1]) of the gradient rows ``grad`` [k, V], where
+    ``rewrite`` [k, 1], as minus the sum of the other columns: the softmax terms of a row sum to 0, and
+    where p_y > 1/2 the direct g·(1 − p_y) loses the digits of 1 − p_y (0 once p_y rounds to 1; module
+    docstring of ``ops/logprobs.py``).  One more read of the rows."""
+    direct = grad.gather(-1, at_label)
+    rest = rowwise(lambda v: v.sum(dim=-1, keepdim=True), grad.scatter_(-1, at_label, 0.0))
+    grad.scatter_(-1, at_label, torch.where(rewrite, rest.neg_(), direct))
+
+
 def _label_terms(
     labels: torch.Tensor, vocab_size: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,7 +163,8 @@ def logprobs_bwd_out(
     ``logits`` itself (in place: each chunk's gradient is computed whole before it is written back).
 
     Per row, (1/τ)·[g·(1[j = y] − p_j) − h·p_j·(log p_j + H)] = p_j·(a + b·log p_j) + (g/τ)·1[j = y]
-    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p.
+    with a = −(g + h·H)/τ and b = −h/τ: two passes over the chunk besides log p and p, and one more
+    where p_y > 1/2 for the label column (``exact_label_column``).
     ``grad_entropy`` is empty when the entropy has no gradient.
     """
     vocab_size = logits.shape[-1]
@@ -165,6 +176,8 @@ def logprobs_bwd_out(
         g = torch.where(in_range, grad_logprobs[rows], float("nan")).unsqueeze(-1) * inv_temperature
         log_p = torch.sub(_scaled_rows(chunk, inv_temperature), lse[rows].unsqueeze(-1))  # promotes
         p = log_p.exp()
+        at_label = safe.unsqueeze(-1)
+        rewrite = in_range.unsqueeze(-1) & (p.gather(-1, at_label) > 0.5)  # False for a NaN row
         if grad_entropy.numel():
             h = grad_entropy[rows].unsqueeze(-1) * inv_temperature
             a = -(g + h * entropy[rows].unsqueeze(-1))
@@ -173,7 +186,8 @@ def logprobs_bwd_out(
             grad = log_p.masked_fill_(log_p == float("-inf"), 0.0).mul_(-h).add_(a).mul_(p)
         else:
             grad = p.mul_(-g)
-        grad.scatter_add_(-1, safe.unsqueeze(-1), g)
+        grad.scatter_add_(-1, at_label, g)
+        exact_label_column(grad, at_label, rewrite)
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         target = chunk if in_place else flat_grad[rows]
         target.copy_(grad.view(target.shape))

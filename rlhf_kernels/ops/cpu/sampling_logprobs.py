@@ -23,7 +23,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
-from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, _scaled_rows
+from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, _scaled_rows, exact_label_column
 
 # (logprobs [N], entropy [N] or [0], mask_mass [N], lse [N] over the kept set, threshold [N] int64)
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -329,6 +329,7 @@ def _sampling_logprobs_bwd(
         g = torch.where(label_finite, grad_logprobs[rows].unsqueeze(-1), 0.0)
         g = torch.where(in_range.unsqueeze(-1), g, math.nan) * inv_temperature
         log_q = torch.sub(x, row_lse)
+        rewrite = in_range.unsqueeze(-1) & label_finite & (log_q.gather(-1, label).exp() > 0.5)  # not NaN
         grad = flat_grad[rows] if in_place else torch.empty_like(x)
         # outside the kept set x' < t ≤ lse, so exp(log q) ≤ 1 and q·0 is 0 (never inf·0)
         if grad_entropy.numel():
@@ -340,6 +341,7 @@ def _sampling_logprobs_bwd(
         else:
             torch.mul(log_q.exp_().mul_(kept), -g, out=grad)
         grad.scatter_add_(-1, label, g)
+        exact_label_column(grad, label, rewrite)  # where q_y > 1/2
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         if not in_place:
             flat_grad[rows] = grad

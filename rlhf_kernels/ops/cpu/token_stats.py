@@ -12,7 +12,7 @@ import torch
 
 from ..._registration import torch_op
 from ..._validation import compute_dtype
-from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, rowwise
+from .logprobs import _label_terms, _row_chunks, _rows_per_chunk, exact_label_column, rowwise
 
 TOP_K_MAX = 64  # the kernels keep a per-row running top-k of at most this many slots
 
@@ -160,7 +160,8 @@ def token_stats_bwd_out(
     ``saved`` and the vocabulary shard as for the Triton launcher ``ops/token_stats.py::_launch_bwd``.
 
     Per row, G = p·(a + b·log p + c·p) + r/V + g·1[j = y] + Σ_k w_k·1[j = i_k], times dx'/dx, with
-    a = −(g + h·H + 2q·S + Σ_k w_k), b = −h, c = 2q.
+    a = −(g + h·H + 2q·S + Σ_k w_k), b = −h, c = 2q.  Unsharded, where p_y > 1/2, the label column's
+    terms but r/V are minus the sum of the others' (``cpu/logprobs.py::exact_label_column``).
     """
     grad_logprobs, grad_entropy, grad_sum_sq, grad_mean, grad_topk = grads
     lse, entropy, sum_sq, topk_indices = saved
@@ -174,6 +175,8 @@ def token_stats_bwd_out(
         x, slope = transformed(chunk, logit_scale, softcap, inv_temperature, with_slope=True)
         log_p = torch.sub(x, lse[rows].unsqueeze(-1))  # x may be the logits' own memory
         p = log_p.exp()
+        at_label = safe.unsqueeze(-1)
+        rewrite = owned.unsqueeze(-1) & (p.gather(-1, at_label) > 0.5)  # False for a NaN row
         a = -g
         if grad_topk.numel():
             a = a - grad_topk[rows].sum(dim=-1, keepdim=True)
@@ -191,11 +194,13 @@ def token_stats_bwd_out(
         if grad_sum_sq.numel():
             inner.add_(p * (2 * q))
         grad = inner.mul_(p)
-        if grad_mean.numel():
-            grad.add_(grad_mean[rows].unsqueeze(-1) / vocab_size)
-        grad.scatter_add_(-1, safe.unsqueeze(-1), torch.where(owned.unsqueeze(-1), g, 0.0))
+        grad.scatter_add_(-1, at_label, torch.where(owned.unsqueeze(-1), g, 0.0))
         if grad_topk.numel():
             grad.scatter_add_(-1, topk_indices[rows], grad_topk[rows])
+        if vocab_size == vocab_total:  # a shard holds no other shard's columns
+            exact_label_column(grad, at_label, rewrite)
+        if grad_mean.numel():
+            grad.add_(grad_mean[rows].unsqueeze(-1) / vocab_size)
         grad.mul_(slope if slope is not None else logit_scale * inv_temperature)
         grad[ignored] = 0.0  # whatever the row holds, NaN included
         flat_grad[rows] = grad
