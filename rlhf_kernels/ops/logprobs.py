@@ -110,7 +110,7 @@ if triton is not None:
         in_range = (label >= 0) & (label < V)
         safe_label = tl.where(in_range, label, 0)
         x_label = tl.load(base + safe_label * stride_xv).to(ACC) * inv_temperature
-        logprob = tl.where(in_range, x_label - lse, float("nan"))
+        logprob = tl.where(in_range, (x_label - m_ref) - log_s, float("nan"))  # exact if m + log s = m
         tl.store(logprobs_ptr + row, tl.where(ignored, 0.0, logprob))
         tl.store(lse_ptr + row, lse)
         if HAS_ENTROPY:

@@ -189,7 +189,7 @@ if triton is not None:
         x_label, _ = _transform(
             tl.load(base + safe_label * stride_xv).to(ACC), scale, cap, inv_cap, inv_t, HAS_SOFTCAP
         )
-        logprob = tl.where(in_range, x_label - lse, float("nan"))
+        logprob = tl.where(in_range, (x_label - m_ref) - log_s, float("nan"))  # exact if m + log s = m
         tl.store(logprobs_ptr + row, tl.where(ignored, 0.0, logprob))
         tl.store(lse_ptr + row, lse)
         if HAS_ENTROPY:

@@ -59,6 +59,11 @@ def logprobs_grad(
     if grad_entropy is not None:
         entropy = -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1, keepdim=True)
         grad = grad - grad_entropy.double().unsqueeze(-1) * torch.where(p > 0, p * (log_p + entropy), 0.0)
+    # the row sums to 0: the label column as minus the sum of the others (one_hot − p rounds 1 − p_y)
+    column = index.unsqueeze(-1)
+    at_label = grad.gather(-1, column)
+    rest = grad.scatter(-1, column, 0.0).sum(-1, keepdim=True)
+    grad = grad.scatter(-1, column, torch.where(at_label.isnan(), at_label, -rest))
     grad = torch.where(in_range.unsqueeze(-1), grad / temperature, float("nan"))
     return grad.masked_fill(ignored.unsqueeze(-1), 0.0)
 

@@ -131,11 +131,10 @@ def test_empty_batch_kl_loss(backend, shape):
 
 
 def test_logprobs_forward_with_tied_huge_maxima(backend):
-    """PENDING FIX (ops/logprobs.py _logprobs_fwd_kernel; long fuzz profile): with two tied maxima so
-    large that fp32(m + log 2) = m (logits [1e30, 1e30]), the Triton forward's log-prob x_y − lse is 0
-    instead of −log 2 (the PyTorch path subtracts m first and is exact; docs/logprobs.md "Limitations"
-    says forward values are exact).  Fix: ``logprob = tl.where(in_range, (x_label - m_ref) - log_s, nan)``
-    as sampling_logprobs' forward; the backward's limitation (p read as 1) stays as documented."""
+    """FIXED (ops/logprobs.py, ops/token_stats.py forwards; found by the long fuzz profile): with two tied
+    maxima so large that fp32(m + log 2) = m (logits [1e30, 1e30]), the Triton forward's log-prob x_y − lse
+    was 0 instead of −log 2; now (x_y − m) − log s, as the PyTorch path and sampling_logprobs.  The
+    backward's limitation (p read as 1) stays as documented."""
     lp, h = rk.logprobs_from_logits(torch.tensor([[1e30, 1e30]]), torch.tensor([0]), return_entropy=True)
     assert lp.item() == pytest.approx(-0.6931471805599453, rel=1e-6)
     assert h.item() == pytest.approx(0.6931471805599453, rel=1e-6)
@@ -177,12 +176,9 @@ def test_reference_kl_straight_through_keeps_large_values():
 
 
 def test_reference_logprobs_grad_label_column_below_float64_rounding():
-    """reference/logprobs.py logprobs_grad: g·(one_hot − p) rounds 1 − p_y to 0 once p_y is within 1.1e-16
-    of 1 (logits [0, −37]: 0 where the gradient is σ(−37)·g = 8.5e-17·g), and keeps only its digits above
-    1e-16 before that.  Fix: the label column as minus the sum of the others, e.g. after ``grad`` is
-    formed: ``rest = grad.scatter(-1, index[..., None], 0.0).sum(-1, keepdim=True)`` and
-    ``grad = grad.scatter(-1, index[..., None], -rest)`` (rows with a bad label are NaN and ignored ones
-    0 anyway); tests/fuzz/oracles.py ``logprobs_grad_oracle`` applies it meanwhile."""
+    """FIXED (reference/logprobs.py logprobs_grad): g·(one_hot − p) rounded 1 − p_y to 0 once p_y is within
+    1.1e-16 of 1 (logits [0, −37]: 0 where the gradient is σ(−37)·g = 8.5e-17·g); the oracle now forms the
+    label column as minus the sum of the others, as the kernels do where p_y > 1/2."""
     one = torch.ones(1, dtype=torch.float64)
     grad = ref_logprobs.logprobs_grad(torch.tensor([[0.0, -37.0]]), torch.tensor([0]), one, None)
     want = torch.sigmoid(torch.tensor(-37.0, dtype=torch.float64)).item()
