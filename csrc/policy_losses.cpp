@@ -35,6 +35,10 @@
 // The vector helpers are inlined into the loops: their by-value vector ABI never crosses a call.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+// Every vector helper is inlined into the row loops (a call would pass the vectors through memory and
+// serialise the polynomial chains that the loops otherwise overlap).
+#define RLHF_PL_INLINE inline __attribute__((always_inline))
+
 #define RLHF_PL_NS baseline
 #define RLHF_PL_BYTES 16
 #include "policy_losses_impl.h"
@@ -90,20 +94,45 @@ at::Tensor policy_losses_vector_math(const at::Tensor& x, const std::string& fn)
   return baseline::vector_math(x, code);
 }
 
-std::tuple<at::Tensor, at::Tensor> policy_loss_token_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_token_fwd_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& is_weights,
-    int64_t variant, const std::vector<double>& params) {
+    int64_t variant, const std::vector<double>& params, bool save_derivative) {
   baseline::check_inputs(logprobs, old_logprobs, advantages, mask, aux, is_weights);
   const bool fp64 = baseline::computes_in_double(logprobs, old_logprobs, advantages);
+  const bool save = save_derivative;
 #if RLHF_PL_HAS_AVX2
   if (use_avx2()) {
-    return fp64 ? avx2::forward_as<double>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
-                : avx2::forward_as<float>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params);
+    return fp64 ? avx2::forward_as<double>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params,
+                                           save)
+                : avx2::forward_as<float>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params,
+                                          save);
   }
 #endif
-  return fp64 ? baseline::forward_as<double>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params)
-              : baseline::forward_as<float>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, params);
+  return fp64 ? baseline::forward_as<double>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant,
+                                             params, save)
+              : baseline::forward_as<float>(logprobs, old_logprobs, advantages, mask, aux, is_weights, variant,
+                                            params, save);
+}
+
+at::Tensor policy_loss_token_saved_bwd_cpu(const at::Tensor& grad_partials, const at::Tensor& derivative,
+                                           const at::Tensor& mask, at::ScalarType grad_dtype) {
+  TORCH_CHECK(derivative.dim() == 2 && derivative.is_contiguous() && derivative.device().is_cpu() &&
+                  (derivative.scalar_type() == at::kFloat || derivative.scalar_type() == at::kDouble),
+              "policy_loss_token_saved_bwd: derivative must be the forward's contiguous [B, T] fp32/fp64 D");
+  TORCH_CHECK(mask.sizes() == derivative.sizes() && mask.device().is_cpu(),
+              "policy_loss_token_saved_bwd: mask must be the forward's [B, T] CPU mask");
+  TORCH_CHECK(grad_partials.dim() == 2 && grad_partials.size(0) == derivative.size(0),
+              "policy_loss_token_saved_bwd: grad_partials must be [B, chunks]");
+  const bool fp64 = derivative.scalar_type() == at::kDouble;
+#if RLHF_PL_HAS_AVX2
+  if (use_avx2()) {
+    return fp64 ? avx2::saved_backward_as<double>(grad_partials, derivative, mask, grad_dtype)
+                : avx2::saved_backward_as<float>(grad_partials, derivative, mask, grad_dtype);
+  }
+#endif
+  return fp64 ? baseline::saved_backward_as<double>(grad_partials, derivative, mask, grad_dtype)
+              : baseline::saved_backward_as<float>(grad_partials, derivative, mask, grad_dtype);
 }
 
 at::Tensor policy_loss_token_bwd_cpu(const at::Tensor& grad_partials, const at::Tensor& logprobs,

@@ -30,21 +30,21 @@ template <typename S>
 constexpr int64_t kWidth = static_cast<int64_t>(RLHF_PL_BYTES / sizeof(S));
 
 template <typename S>
-inline Vec<S> splat(S s) {
+RLHF_PL_INLINE Vec<S> splat(S s) {
   return Vec<S>{} + s;
 }
 template <typename S>
-inline Vec<S> load(const S* p) {
+RLHF_PL_INLINE Vec<S> load(const S* p) {
   Vec<S> x;
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
 template <typename S>
-inline void store(S* p, Vec<S> x) {
+RLHF_PL_INLINE void store(S* p, Vec<S> x) {
   std::memcpy(p, &x, sizeof(x));
 }
 template <typename S>
-inline S lane_sum(Vec<S> x) {
+RLHF_PL_INLINE S lane_sum(Vec<S> x) {
   S total = 0;
   for (int64_t i = 0; i < kWidth<S>; ++i) total += x[i];
   return total;
@@ -52,44 +52,44 @@ inline S lane_sum(Vec<S> x) {
 
 // ---- elementwise helpers: the exact forms of ops/cpu/ppo_losses.py's (NaN passes as in torch) ----------
 template <typename S>
-inline Vec<S> clamp(Vec<S> x, S low, S high) {  // torch.clamp: NaN stays NaN
+RLHF_PL_INLINE Vec<S> clamp(Vec<S> x, S low, S high) {  // torch.clamp: NaN stays NaN
   return x < splat(low) ? splat(low) : (x > splat(high) ? splat(high) : x);
 }
 template <typename S>
-inline Vec<S> clamp_max(Vec<S> x, S high) {
+RLHF_PL_INLINE Vec<S> clamp_max(Vec<S> x, S high) {
   return x > splat(high) ? splat(high) : x;
 }
 template <typename S>
-inline Vec<S> maximum(Vec<S> a, Vec<S> b) {  // torch.maximum: NaN if either is NaN
+RLHF_PL_INLINE Vec<S> maximum(Vec<S> a, Vec<S> b) {  // torch.maximum: NaN if either is NaN
   return ((a > b) | (a != a)) ? a : b;
 }
 template <typename S>
-inline Vec<S> minimum(Vec<S> a, Vec<S> b) {  // torch.minimum
+RLHF_PL_INLINE Vec<S> minimum(Vec<S> a, Vec<S> b) {  // torch.minimum
   return ((a < b) | (a != a)) ? a : b;
 }
 template <typename S>
-inline Vec<S> unless(Vec<S> x, Flags<S> flags) {  // x·(not flags): 0 where flagged, NaN·0 stays NaN
+RLHF_PL_INLINE Vec<S> unless(Vec<S> x, Flags<S> flags) {  // x·(not flags): 0 where flagged, NaN·0 stays NaN
   return x * (flags ? splat<S>(0) : splat<S>(1));
 }
 template <typename S>
-inline Vec<S> nan_like(Vec<S> x, Vec<S> value) {  // value, NaN where x is NaN
+RLHF_PL_INLINE Vec<S> nan_like(Vec<S> x, Vec<S> value) {  // value, NaN where x is NaN
   return x != x ? x : value;
 }
 template <typename S>
-inline Vec<S> as_value(Flags<S> flags) {  // a flag as 1.0 / 0.0
+RLHF_PL_INLINE Vec<S> as_value(Flags<S> flags) {  // a flag as 1.0 / 0.0
   return flags ? splat<S>(1) : splat<S>(0);
 }
 template <typename S>
-inline Vec<S> abs_of(Vec<S> x) {
+RLHF_PL_INLINE Vec<S> abs_of(Vec<S> x) {
   return x < splat<S>(0) ? -x : x;
 }
 template <typename S>
-inline Vec<S> sign_of(Vec<S> x) {  // torch.sign: NaN stays NaN, ±0 gives 0
+RLHF_PL_INLINE Vec<S> sign_of(Vec<S> x) {  // torch.sign: NaN stays NaN, ±0 gives 0
   return x > splat<S>(0) ? splat<S>(1) : (x < splat<S>(0) ? splat<S>(-1) : x * splat<S>(0));
 }
 
 // ---- exp / log ------------------------------------------------------------------------------------------
-inline Vec<float> pow2_lanes(Flags<float> k) {  // 2^k for k in [-126, 127]
+RLHF_PL_INLINE Vec<float> pow2_lanes(Flags<float> k) {  // 2^k for k in [-126, 127]
   Vec<float> out;
   const Flags<float> bits = (k + 127) << 23;
   std::memcpy(&out, &bits, sizeof(out));
@@ -99,7 +99,7 @@ inline Vec<float> pow2_lanes(Flags<float> k) {  // 2^k for k in [-126, 127]
 // Cephes expf: e^x = 2^n·e^r, n = round(x·log2 e), |r| ≤ ln2/2, a degree-7 polynomial for e^r.  kSmall: for
 // |x| ≤ 64 (and NaN) only, e.g. a clamped log-ratio: no clamp, 2^n in one factor.
 template <bool kSmall>
-inline Vec<float> cephes_exp(Vec<float> x) {
+RLHF_PL_INLINE Vec<float> cephes_exp(Vec<float> x) {
   const Vec<float> xc = kSmall ? x : clamp<float>(x, -104.0f, 89.0f);  // beyond: 0 (< the least denormal) / inf
   const Flags<float> nan = xc != xc;
   const Vec<float> shifter = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
@@ -121,10 +121,10 @@ inline Vec<float> cephes_exp(Vec<float> x) {
   return nan ? xc : out;
 }
 
-inline Vec<float> exp_lanes(Vec<float> x) { return cephes_exp<false>(x); }
-inline Vec<float> exp_small_lanes(Vec<float> x) { return cephes_exp<true>(x); }
+RLHF_PL_INLINE Vec<float> exp_lanes(Vec<float> x) { return cephes_exp<false>(x); }
+RLHF_PL_INLINE Vec<float> exp_small_lanes(Vec<float> x) { return cephes_exp<true>(x); }
 
-inline Vec<float> log_lanes(Vec<float> x) {
+RLHF_PL_INLINE Vec<float> log_lanes(Vec<float> x) {
   // Cephes logf: x = f·2^e with f in [√½, √2), log x = log f + e·ln2, a degree-9 polynomial for log f.
   const Flags<float> tiny = x < splat(std::numeric_limits<float>::min());
   const Vec<float> xs = tiny ? x * 8388608.0f : x;  // denormals: scaled by 2^23 first
@@ -159,21 +159,21 @@ inline Vec<float> log_lanes(Vec<float> x) {
   return ((x < splat(0.0f)) | (x != x)) ? splat(std::numeric_limits<float>::quiet_NaN()) : out;
 }
 
-inline Vec<double> exp_lanes(Vec<double> x) {
+RLHF_PL_INLINE Vec<double> exp_lanes(Vec<double> x) {
   for (int64_t i = 0; i < kWidth<double>; ++i) x[i] = std::exp(x[i]);
   return x;
 }
 
-inline Vec<double> exp_small_lanes(Vec<double> x) { return exp_lanes(x); }
+RLHF_PL_INLINE Vec<double> exp_small_lanes(Vec<double> x) { return exp_lanes(x); }
 
-inline Vec<double> log_lanes(Vec<double> x) {
+RLHF_PL_INLINE Vec<double> log_lanes(Vec<double> x) {
   for (int64_t i = 0; i < kWidth<double>; ++i) x[i] = std::log(x[i]);
   return x;
 }
 
 // (σ(z), σ(−z)) from one exponential: σ(−z) = e^{−z}·σ(z), 1 where e^{−z} overflows.
 template <typename S>
-inline void sigmoid_pair(Vec<S> z, Vec<S>& gate, Vec<S>& gate_neg) {
+RLHF_PL_INLINE void sigmoid_pair(Vec<S> z, Vec<S>& gate, Vec<S>& gate_neg) {
   const Vec<S> e = exp_lanes(-z);
   gate = splat<S>(1) / (splat<S>(1) + e);
   gate_neg = e == splat(std::numeric_limits<S>::infinity()) ? splat<S>(1) : e * gate;
@@ -209,19 +209,19 @@ struct Terms {
 };
 
 template <typename S>
-inline void clamped_ratio(Vec<S> raw, Vec<S>& log_ratio, Vec<S>& ratio) {
+RLHF_PL_INLINE void clamped_ratio(Vec<S> raw, Vec<S>& log_ratio, Vec<S>& ratio) {
   log_ratio = clamp<S>(raw, static_cast<S>(-kLogRatioClamp), static_cast<S>(kLogRatioClamp));
   ratio = exp_small_lanes(log_ratio);
 }
 
 template <typename S>
-inline Flags<S> outside_clamp(Vec<S> raw) {
+RLHF_PL_INLINE Flags<S> outside_clamp(Vec<S> raw) {
   return abs_of<S>(raw) > splat(static_cast<S>(kLogRatioClamp));
 }
 
 // (max(−A·r, −A·clamp(r, low, high)), clipped)
 template <typename S>
-inline Vec<S> surrogate(Vec<S> adv, Vec<S> ratio, const Params<S>& p, Flags<S>& clipped, Vec<S>& loss1) {
+RLHF_PL_INLINE Vec<S> surrogate(Vec<S> adv, Vec<S> ratio, const Params<S>& p, Flags<S>& clipped, Vec<S>& loss1) {
   loss1 = -adv * ratio;
   const Vec<S> loss2 = -adv * clamp<S>(ratio, p.low, p.high);
   clipped = loss2 > loss1;
@@ -232,7 +232,7 @@ struct Vanilla {  // policy_terms / policy_derivative, with the dual clip when p
   static constexpr int kCode = 0;
   static constexpr bool kClip = true, kLower = true, kRatio = true;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
     const Vec<S> raw = lp - old;
     Vec<S> log_ratio, ratio, loss1;
     clamped_ratio<S>(raw, log_ratio, ratio);
@@ -259,7 +259,7 @@ struct Gpg {
   static constexpr int kCode = 1;
   static constexpr bool kClip = false, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>&, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>&, Terms<S>& t) {
     t.loss = -(lp * adv);
     t.d = nan_like<S>(lp, -adv);
     t.kl = old - lp;
@@ -270,7 +270,7 @@ struct Dro {
   static constexpr int kCode = 2;
   static constexpr bool kClip = false, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
     const Vec<S> raw = lp - old;
     const S half_beta = static_cast<S>(0.5 * static_cast<double>(p.p0));
     t.loss = -(lp * adv - half_beta * raw * raw);
@@ -283,7 +283,7 @@ struct Cispo {
   static constexpr int kCode = 3;
   static constexpr bool kClip = true, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
     Vec<S> log_ratio, ratio;
     clamped_ratio<S>(lp - old, log_ratio, ratio);
     const Vec<S> clipped_ratio = clamp<S>(ratio, p.low, p.high);
@@ -298,7 +298,7 @@ struct Sapo {
   static constexpr int kCode = 4;
   static constexpr bool kClip = false, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
     const Vec<S> raw = lp - old;
     Vec<S> log_ratio, ratio, gate, gate_neg;
     clamped_ratio<S>(raw, log_ratio, ratio);
@@ -318,7 +318,7 @@ struct Dppo {
   static constexpr int kCode = kBinaryKl ? 6 : 5;
   static constexpr bool kClip = true, kLower = true, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
     Vec<S> log_ratio, ratio;
     clamped_ratio<S>(lp - old, log_ratio, ratio);
     const Vec<S> truncated = clamp_max<S>(ratio, p.p2);
@@ -349,7 +349,7 @@ struct ClipCov {  // aux: 1.0 at the selected (detached) tokens
   static constexpr int kCode = 7;
   static constexpr bool kClip = true, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S> selected, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S> selected, const Params<S>& p, Terms<S>& t) {
     const Vec<S> raw = lp - old;
     const Vec<S> ratio = exp_lanes(raw);  // no clamp of the log-ratio here (verl's clip_cov)
     Vec<S> loss1;
@@ -366,7 +366,7 @@ struct KlCov {  // aux: 1.0 at the selected tokens
   static constexpr int kCode = 8;
   static constexpr bool kClip = false, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S> selected, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S> selected, const Params<S>& p, Terms<S>& t) {
     const Vec<S> raw = lp - old;
     const Vec<S> surrogate_term = -adv * exp_lanes(raw);
     const Vec<S> coef = selected * p.p0;
@@ -380,7 +380,7 @@ struct Gspo {  // aux: the row's log-ratio ℓ̄_b at every position
   static constexpr int kCode = 9;
   static constexpr bool kClip = true, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S> seq_log_ratio, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S> seq_log_ratio, const Params<S>& p, Terms<S>& t) {
     const S cap = static_cast<S>(kGspoLogRatioMax);
     const Vec<S> ratio = exp_lanes(clamp_max<S>(seq_log_ratio, cap));
     Vec<S> loss1;
@@ -396,7 +396,7 @@ struct GeoMean {
   static constexpr int kCode = 10;
   static constexpr bool kClip = true, kLower = true, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>& p, Terms<S>& t) {
     const Vec<S> raw = lp - old;
     const Vec<S> sign = sign_of<S>(adv);
     const Vec<S> bounded = clamp<S>(raw, static_cast<S>(-static_cast<double>(p.p0)), p.p1);
@@ -415,7 +415,7 @@ struct Value {
   static constexpr int kCode = 11;
   static constexpr bool kClip = true, kLower = false, kRatio = false;
   template <typename S>
-  static void terms(Vec<S> v, Vec<S> v_old, Vec<S> ret, Vec<S>, const Params<S>& p, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> v, Vec<S> v_old, Vec<S> ret, Vec<S>, const Params<S>& p, Terms<S>& t) {
     const Vec<S> err = v - ret;
     t.loss = static_cast<S>(0.5) * err * err;
     t.d = err;
@@ -437,6 +437,10 @@ struct Value {
 template <typename T, typename S>
 void convert_row(const void* src, int64_t stride, int64_t n, S* dst) {
   const T* p = static_cast<const T*>(src);
+  if (stride == 1) {  // the common case, a loop the compiler vectorises (e.g. a bool mask: 16 bytes at a time)
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(static_cast<float>(p[i]));
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(static_cast<float>(p[i * stride]));
 }
 template <typename S>
@@ -533,10 +537,14 @@ struct Chunk {
 // waking OpenMP threads costs more than such a pass, see csrc/gae.cpp).
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(T, 1)); }
 
-template <typename Variant, typename S>
-void forward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T, S* partials, S* stats) {
+// kSave: also writes D = w·∂L/∂lp at the valid positions (0 at masked ones) into `derivative` [B, T], for a
+// backward that then reads D and the mask instead of recomputing the variant's math.
+template <typename Variant, bool kSave, typename S>
+void forward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T, S* partials, S* stats,
+                  S* derivative) {
   at::parallel_for(0, B, row_grain(T), [&](int64_t b_begin, int64_t b_end) {
     Chunk<S> c;
+    alignas(32) S values[kChunk];
     for (int64_t b = b_begin; b < b_end; ++b) {
       double total[kStats + 1] = {};  // loss, Σm, Σclip, Σlower, Σkl, Σr
       S ratio_max = 0;                // ratios are > 0: 0 is "no valid token"
@@ -545,12 +553,15 @@ void forward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T,
         c.read(in, b, lo, n);
         Vec<S> loss{}, mass{}, clip{}, lower{}, kl{}, ratio{}, peak{};
         const Vec<S> zero{};
+        S* saved = nullptr;
+        if constexpr (kSave) saved = n == c.padded ? derivative + b * T + lo : values;
         for (int64_t i = 0; i < c.padded; i += kWidth<S>) {
           Vec<S> lp, old, adv, aux, w, m;
           c.terms_at(i, lp, old, adv, aux, w, m);
           Terms<S> t;
           Variant::terms(lp, old, adv, aux, p, t);
           const Flags<S> valid = m != zero;  // masked positions: exactly 0 whatever they hold
+          if constexpr (kSave) store(saved + i, valid ? t.d * w : zero);
           loss += valid ? t.loss * w * m : zero;
           mass += m;
           kl += valid ? t.kl * m : zero;
@@ -561,6 +572,7 @@ void forward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T,
             peak = (valid & (t.ratio > peak)) ? t.ratio : peak;  // NaN never wins (torch: nan_to_num(0))
           }
         }
+        if (kSave && saved == values) std::memcpy(derivative + b * T + lo, values, static_cast<size_t>(n) * sizeof(S));
         total[0] += lane_sum<S>(loss), total[1] += lane_sum<S>(mass), total[2] += lane_sum<S>(clip);
         total[3] += lane_sum<S>(lower), total[4] += lane_sum<S>(kl), total[5] += lane_sum<S>(ratio);
         for (int64_t i = 0; i < kWidth<S>; ++i) ratio_max = std::max(ratio_max, peak[i]);
@@ -575,6 +587,18 @@ void forward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T,
 template <typename Out, typename S>
 void write_row(Out* out, const S* values, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Out>(values[i]);
+}
+
+// values[0, n) into `out`, a gradient row of dtype `out_type`.
+template <typename S>
+void store_row(at::ScalarType out_type, char* out, const S* values, int64_t n) {
+  switch (out_type) {
+    case at::kFloat: write_row(reinterpret_cast<float*>(out), values, n); break;
+    case at::kDouble: write_row(reinterpret_cast<double*>(out), values, n); break;
+    case at::kBFloat16: write_row(reinterpret_cast<at::BFloat16*>(out), values, n); break;
+    case at::kHalf: write_row(reinterpret_cast<at::Half*>(out), values, n); break;
+    default: TORCH_CHECK(false, "policy_loss_token_bwd: unsupported gradient dtype ", out_type);
+  }
 }
 
 template <typename Variant, typename S>
@@ -602,14 +626,42 @@ void backward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T
           // exactly 0 at masked positions, also where g_b is not finite
           store(dst + i, (m != zero) ? (t.d * w) * (m * g_b) : zero);
         }
-        if (in_place) continue;
-        switch (out_type) {
-          case at::kFloat: write_row(reinterpret_cast<float*>(out), values, n); break;
-          case at::kDouble: write_row(reinterpret_cast<double*>(out), values, n); break;
-          case at::kBFloat16: write_row(reinterpret_cast<at::BFloat16*>(out), values, n); break;
-          case at::kHalf: write_row(reinterpret_cast<at::Half*>(out), values, n); break;
-          default: TORCH_CHECK(false, "policy_loss_token_bwd: unsupported gradient dtype ", out_type);
+        if (!in_place) store_row(out_type, out, values, n);
+      }
+    }
+  });
+}
+
+// The backward from the forward's saved D: g_b·m·D at valid positions (the rounding of the recomputing
+// backward: (d·w)·(m·g_b)), exactly 0 at masked ones.
+template <typename S>
+void saved_rows(const S* derivative, const Input<S>& mask, int64_t B, int64_t T, const S* g, at::Tensor& grad) {
+  const at::ScalarType out_type = grad.scalar_type();
+  char* out_base = static_cast<char*>(grad.data_ptr());
+  const int64_t item = static_cast<int64_t>(grad.element_size());
+  at::parallel_for(0, B, row_grain(T), [&](int64_t b_begin, int64_t b_end) {
+    alignas(32) S m_buffer[kChunk], d_buffer[kChunk], values[kChunk];
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const Vec<S> g_b = splat(g[b]);
+      for (int64_t lo = 0; lo < T; lo += kChunk) {
+        const int64_t n = std::min(kChunk, T - lo);
+        const int64_t padded = (n + kWidth<S> - 1) / kWidth<S> * kWidth<S>;
+        const S* m_row = mask.chunk(b, lo, n, padded, m_buffer, 0);
+        const S* d_row = derivative + b * T + lo;
+        if (n != padded) {
+          std::memcpy(d_buffer, d_row, static_cast<size_t>(n) * sizeof(S));
+          for (int64_t i = n; i < padded; ++i) d_buffer[i] = 0;
+          d_row = d_buffer;
         }
+        char* out = out_base + (b * T + lo) * item;
+        const bool in_place = out_type == c10::CppTypeToScalarType<S>::value && n == padded;
+        S* dst = in_place ? reinterpret_cast<S*>(out) : values;
+        const Vec<S> zero{};
+        for (int64_t i = 0; i < padded; i += kWidth<S>) {
+          const Vec<S> m = load(m_row + i);
+          store(dst + i, (m != zero) ? load(d_row + i) * (m * g_b) : zero);
+        }
+        if (!in_place) store_row(out_type, out, values, n);
       }
     }
   });
@@ -657,23 +709,43 @@ bool computes_in_double(const at::Tensor& logprobs, const at::Tensor& old_logpro
          advantages.scalar_type() == at::kDouble;
 }
 
+// (partials, statistics, D): D is [B, T] in the compute dtype when `save` (see forward_rows), else empty.
 template <typename S>
-std::tuple<at::Tensor, at::Tensor> forward_as(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                                              const at::Tensor& advantages, const at::Tensor& mask,
-                                              const std::optional<at::Tensor>& aux,
-                                              const std::optional<at::Tensor>& is_weights, int64_t variant,
-                                              const std::vector<double>& params) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_as(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& is_weights, int64_t variant,
+    const std::vector<double>& params, bool save) {
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto options = logprobs.options().dtype(c10::CppTypeToScalarType<S>::value);
   at::Tensor partials = at::empty({B, 1}, options);
   at::Tensor stats = at::zeros({kStats, B, 1}, options);
-  if (B == 0) return {partials, stats};
+  at::Tensor derivative = save ? empty_output({B, T}, options) : at::empty({0}, options);
+  if (B == 0) return {partials, stats, derivative};
   const Inputs<S> in = inputs_of<S>(logprobs, old_logprobs, advantages, mask, aux, is_weights);
   const Params<S> p(params);
   S* partials_ptr = partials.data_ptr<S>();
   S* stats_ptr = stats.data_ptr<S>();
-  with_variant(variant, [&](auto v) { forward_rows<decltype(v), S>(in, p, B, T, partials_ptr, stats_ptr); });
-  return {partials, stats};
+  S* d_ptr = save ? derivative.data_ptr<S>() : nullptr;
+  with_variant(variant, [&](auto v) {
+    if (save) {
+      forward_rows<decltype(v), true, S>(in, p, B, T, partials_ptr, stats_ptr, d_ptr);
+    } else {
+      forward_rows<decltype(v), false, S>(in, p, B, T, partials_ptr, stats_ptr, nullptr);
+    }
+  });
+  return {partials, stats, derivative};
+}
+
+template <typename S>
+at::Tensor saved_backward_as(const at::Tensor& grad_partials, const at::Tensor& derivative, const at::Tensor& mask,
+                             at::ScalarType out_type) {
+  const int64_t B = derivative.size(0), T = derivative.size(1);
+  at::Tensor grad = empty_output({B, T}, derivative.options().dtype(out_type));
+  if (B == 0 || T == 0) return grad;
+  const at::Tensor g = grad_partials.sum(-1).to(c10::CppTypeToScalarType<S>::value).contiguous();
+  const Input<S> m(mask, "mask");
+  saved_rows<S>(derivative.const_data_ptr<S>(), m, B, T, g.const_data_ptr<S>(), grad);
+  return grad;
 }
 
 template <typename S>

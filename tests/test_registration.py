@@ -184,6 +184,11 @@ def _policy_losses_samples(device: str) -> dict[str, list[tuple]]:
         "policy_loss_token_bwd_torch": bwd,
         "policy_loss_token_fwd_cpp": [(a[0].detach(), *a[1:]) for a in fwd],
         "policy_loss_token_bwd_cpp": bwd,
+        "policy_loss_token_fwd_saving_cpp": fwd,
+        "policy_loss_token_saved_bwd_cpp": [
+            (g, torch.randn(3, 9, device=device), mask, torch.float32),
+            (g.double(), torch.randn(3, 9, device=device, dtype=torch.float64), mask.float(), torch.bfloat16),
+        ],
     }
 
 
@@ -413,6 +418,7 @@ AUTOGRAD_OPS = frozenset(
         "pairwise_reward_loss_fwd",
         "pointwise_reward_loss_fwd",
         "policy_loss_token_fwd",
+        "policy_loss_token_fwd_saving_cpp",
         "ppo_policy_loss_fwd",
         "ppo_value_loss_fwd",
         "token_stats_fwd",

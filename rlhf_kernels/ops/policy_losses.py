@@ -278,12 +278,32 @@ def _clip_range(clip_low: float, clip_high: float | None) -> tuple[float, float]
     return clip_low, clip_low if clip_high is None else check_greater("clip_high", clip_high, 0.0)
 
 
+def saves_derivative(logprobs: Tensor) -> bool:
+    """Whether the forward keeps D = w·∂L/∂lp for a one-pass backward: on the C++ CPU path, when a gradient
+    will flow (docs/policy_losses.md: one [B, T] buffer in the compute dtype, until the backward)."""
+    return (
+        logprobs.requires_grad and torch.is_grad_enabled()
+        and _dispatch.backend_for(FAMILY, logprobs.device) == "cpp"
+    )
+
+
+def core_forward(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, aux: Tensor | None,
+    is_weights: Tensor | None, variant: str, params,
+) -> tuple[Tensor, Tensor]:
+    """(loss partial sums, statistics) of the token-level core, differentiable in logprobs only."""
+    op_args = (logprobs, old_logprobs, advantages, mask, aux, is_weights, variant, [float(p) for p in params])
+    if saves_derivative(logprobs):
+        partials, stats, _ = cpu.policy_loss_token_fwd_saving_cpp(*op_args)
+        return partials, stats
+    return policy_loss_token_fwd(*op_args)
+
+
 def _forward(variant: str, args: tuple, aux: Tensor | None, is_weights: Tensor | None, params) -> tuple:
     """(loss partial sums, detached statistics) of the token-level core; differentiable in logprobs only."""
     logprobs, old_logprobs, advantages, mask = args
-    partials, stats = policy_loss_token_fwd(
-        logprobs, old_logprobs.detach(), advantages.detach(), mask, aux, is_weights, variant,
-        [float(p) for p in params],
+    partials, stats = core_forward(
+        logprobs, old_logprobs.detach(), advantages.detach(), mask, aux, is_weights, variant, params
     )
     return partials, stats.detach()
 
@@ -333,16 +353,16 @@ def vanilla_policy_loss(
 
 
 def weighted_vanilla_fwd(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, is_weights: Tensor,
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, is_weights: Tensor | None,
     clip_low: float, clip_high: float, dual_clip: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """``ppo_policy_loss``'s forward with rollout weights: (Σ L·w·m partials, its 6 statistics rows)."""
-    check_token_inputs(mask, is_weights=is_weights)
-    is_weights = is_weights.detach().to(compute_dtype(logprobs, old_logprobs, advantages))
+    """``ppo_policy_loss``'s forward on this core ("vanilla", with rollout weights or none): (Σ L·w·m
+    partials, its 6 statistics rows)."""
+    if is_weights is not None:
+        check_token_inputs(mask, is_weights=is_weights)
+        is_weights = is_weights.detach().to(compute_dtype(logprobs, old_logprobs, advantages))
     params = [clip_low, clip_high, float("inf") if dual_clip is None else dual_clip]
-    return policy_loss_token_fwd(
-        logprobs, old_logprobs, advantages, mask, None, is_weights, "vanilla", params
-    )
+    return core_forward(logprobs, old_logprobs, advantages, mask, None, is_weights, "vanilla", params)
 
 
 def gpg_policy_loss(

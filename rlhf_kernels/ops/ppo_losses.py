@@ -528,13 +528,13 @@ def ppo_policy_loss(
     check_loss_agg(loss_agg)
     normalizer = check_normalizer(normalizer)
 
-    if is_weights is None:
+    from .policy_losses import saves_derivative, weighted_vanilla_fwd  # that module imports this one
+
+    if is_weights is None and not saves_derivative(logprobs):
         loss_partials, stats = ppo_policy_loss_fwd(
             logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip
         )
-    else:
-        from .policy_losses import weighted_vanilla_fwd  # the token-level core imports this module
-
+    else:  # rollout weights, or the C++ path keeping D for its backward: the token-level core's "vanilla"
         loss_partials, stats = weighted_vanilla_fwd(
             logprobs, old_logprobs, advantages, mask, is_weights, clip_low, clip_high, dual_clip
         )

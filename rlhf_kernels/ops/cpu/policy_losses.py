@@ -350,9 +350,10 @@ def _cpp_fwd(
     is_weights: Tensor | None, variant: str, params: list[float],
 ) -> tuple[Tensor, Tensor]:
     code = TOKEN_VARIANTS.index(variant)
-    return tuple(_ext.load("cpp").policy_loss_token_fwd(
+    partials, stats, _ = _ext.load("cpp").policy_loss_token_fwd(
         logprobs, old_logprobs, advantages, mask, aux, is_weights, code, params
-    ))
+    )
+    return partials, stats
 
 
 def _cpp_bwd(
@@ -365,5 +366,54 @@ def _cpp_bwd(
     )
 
 
+def _cpp_fwd_saving(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, aux: Tensor | None,
+    is_weights: Tensor | None, variant: str, params: list[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``_cpp_fwd`` that also returns D = w·∂L/∂lp [B, T] (compute dtype, 0 at masked positions), kept by
+    autograd for :func:`_cpp_saved_bwd`: the backward then reads D and the mask (5 bytes per token) instead
+    of recomputing the variant's exponentials and logarithms."""
+    code = TOKEN_VARIANTS.index(variant)
+    return tuple(_ext.load("cpp").policy_loss_token_fwd(
+        logprobs, old_logprobs, advantages, mask, aux, is_weights, code, params, True
+    ))
+
+
+def _cpp_saved_bwd(
+    grad_partials: Tensor, derivative: Tensor, mask: Tensor, grad_dtype: torch.dtype
+) -> Tensor:
+    """g_b·m·D at valid positions, exactly 0 elsewhere, in ``grad_dtype``: the numbers of ``_cpp_bwd``."""
+    return _ext.load("cpp").policy_loss_token_saved_bwd(grad_partials, derivative, mask, grad_dtype)
+
+
+def _saving_fake(x, old, adv, *args):
+    partials, stats = _partials_fake(POLICY_STATS)(x, old, adv, *args)
+    return partials, stats, x.new_empty(x.shape, dtype=partials.dtype)
+
+
+def _saved_bwd_fake(grad_partials, derivative, mask, grad_dtype):
+    return derivative.new_empty(derivative.shape, dtype=grad_dtype)
+
+
 policy_loss_token_fwd_cpp = torch_op("policy_loss_token_fwd_cpp", _cpp_fwd, fake=_partials_fake(POLICY_STATS))
 policy_loss_token_bwd_cpp = torch_op("policy_loss_token_bwd_cpp", _cpp_bwd, fake=_grad_fake)
+policy_loss_token_fwd_saving_cpp = torch_op(
+    "policy_loss_token_fwd_saving_cpp", _cpp_fwd_saving, fake=_saving_fake
+)
+policy_loss_token_saved_bwd_cpp = torch_op(
+    "policy_loss_token_saved_bwd_cpp", _cpp_saved_bwd, fake=_saved_bwd_fake
+)
+
+
+def _saving_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[2], inputs[3])  # D, the mask
+    ctx.grad_dtype = inputs[0].dtype
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _saving_backward(ctx, grad_partials, grad_stats, grad_derivative):
+    derivative, mask = ctx.saved_tensors
+    return (policy_loss_token_saved_bwd_cpp(grad_partials, derivative, mask, ctx.grad_dtype),) + (None,) * 7
+
+
+policy_loss_token_fwd_saving_cpp.register_autograd(_saving_backward, setup_context=_saving_setup_context)

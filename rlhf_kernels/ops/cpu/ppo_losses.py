@@ -286,9 +286,10 @@ def _policy_fwd_cpp(
     clip_low: float, clip_high: float, dual_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     params = [clip_low, clip_high, _inf_if_none(dual_clip)]
-    return tuple(_ext.load("cpp").policy_loss_token_fwd(
+    partials, stats, _ = _ext.load("cpp").policy_loss_token_fwd(
         logprobs, old_logprobs, advantages, mask, None, None, VANILLA_CODE, params
-    ))
+    )
+    return partials, stats
 
 
 def _policy_bwd_cpp(
@@ -308,7 +309,7 @@ def _value_fwd_cpp(
     mask: torch.Tensor,
     clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    partials, stats = _ext.load("cpp").policy_loss_token_fwd(
+    partials, stats, _ = _ext.load("cpp").policy_loss_token_fwd(
         values, old_values, returns, mask, None, None, VALUE_CODE, [_inf_if_none(clip)]
     )
     return partials, stats[:VALUE_STATS].clone()
