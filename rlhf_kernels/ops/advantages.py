@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from .. import _dispatch
 from .._validation import (
     FLOAT_DTYPES,
     check_at_least,
@@ -39,6 +40,8 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
+
+from .cpu import advantages as cpu
 
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on first use
     from .gae import compute_gae
@@ -60,6 +63,20 @@ __all__ = [
 _MOVED = {"compute_gae": ".gae", "masked_whiten": ".whiten", "token_level_rewards": ".token_rewards"}
 
 GROUP_NORMS = ("std", "none")
+
+FAMILY = "advantages"
+_dispatch.register_family(FAMILY, cuda=("torch",), cpu=("cpp", "torch"))
+
+WHITEN_EPS = 1e-8  # masked_whiten's default, as verl's
+
+
+def _route(device: torch.device, cpp: Callable, torch_fn: Callable) -> Callable:
+    """The C++ kernel where ``_dispatch`` picks "cpp" for this family on ``device``, else ``torch_fn``.
+    A forced backend that this family does not have (triton, cuda) runs the PyTorch path, as before the
+    family had a C++ kernel (the estimators are plain PyTorch there)."""
+    if _dispatch.get_backend() in ("triton", "cuda"):
+        return torch_fn
+    return _dispatch.route(FAMILY, device, cpp=cpp, torch=torch_fn)
 
 
 def group_advantages(
@@ -223,7 +240,13 @@ def _check_estimator_inputs(
 
 def _on_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """values·m (verl's product: 0 at masked positions for finite values, NaN·0 = NaN stays NaN), in one
-    pass; ``values`` [B] (one per sequence) or [B, T]."""
+    pass; ``values`` [B] (one per sequence: the C++ kernel on CPU) or [B, T]."""
+    if values.dim() == 1:
+        return _route(values.device, cpu.advantages_on_tokens_cpp, _on_tokens_torch)(values, response_mask)
+    return _on_tokens_torch(values, response_mask)
+
+
+def _on_tokens_torch(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     if values.dim() == 1:
         values = values.unsqueeze(-1)
     if response_mask.dtype == torch.bool:
@@ -237,6 +260,16 @@ def _whiten_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.T
 
     whitened = masked_whiten(values.to(torch.float32), response_mask)
     return _on_tokens(whitened.to(values.dtype), response_mask)
+
+
+def _whitened_on_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``_whiten_tokens(_on_tokens(values, m), m)`` of per-sequence ``values`` [B]."""
+    return _route(values.device, cpu.advantages_whitened_on_tokens_cpp, _whitened_on_tokens_torch)(
+        values, response_mask, WHITEN_EPS)
+
+
+def _whitened_on_tokens_torch(values: torch.Tensor, response_mask: torch.Tensor, eps: float) -> torch.Tensor:
+    return _whiten_tokens(_on_tokens_torch(values, response_mask), response_mask)
 
 
 def _reverse_cumsum(values: torch.Tensor) -> torch.Tensor:
@@ -356,7 +389,7 @@ def reinforce_plus_plus_baseline_advantages(
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     scores = _scores(token_level_rewards, dtype)
     mean, _ = _groups(index, dtype).mean_std(scores)
-    advantages = _whiten_tokens(_on_tokens(scores - mean, response_mask), response_mask)
+    advantages = _whitened_on_tokens(scores - mean, response_mask)
     return advantages, advantages
 
 
@@ -389,7 +422,7 @@ def gdpo_advantages(
     if norm_adv_by_std_in_grpo:
         normalised = normalised / (std + epsilon)
     combined = (normalised * weights).sum(-1)
-    advantages = _whiten_tokens(_on_tokens(combined, response_mask), response_mask)
+    advantages = _whitened_on_tokens(combined, response_mask)
     return advantages, advantages
 
 
@@ -399,11 +432,19 @@ def reinforce_plus_plus_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"reinforce_plus_plus"``: G_t = r_t + γ·G_{t'} over the valid tokens (masked positions carry
     G and get 0), whitened over the response tokens.  Returns (advantages, G)."""
-    from .gae import compute_gae
-
     dtype = _check_estimator_inputs(token_level_rewards, response_mask)
     gamma = check_in_range("gamma", gamma, 0.0, 1.0)
-    rewards = token_level_rewards.to(torch.float32) if dtype == torch.float64 else token_level_rewards
+    return _route(token_level_rewards.device, cpu.reinforce_plus_plus_cpp, _reinforce_plus_plus_torch)(
+        token_level_rewards, response_mask, gamma, WHITEN_EPS, dtype == torch.float64)
+
+
+def _reinforce_plus_plus_torch(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float, eps: float, double_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .gae import compute_gae
+
+    dtype = torch.float64 if double_out else torch.float32
+    rewards = token_level_rewards.to(torch.float32) if double_out else token_level_rewards
     carried, _ = compute_gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0, mask_mode="carry")
     valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     returns = torch.where(valid, carried.to(dtype), 0.0)
@@ -420,10 +461,18 @@ def remax_advantages(
     check_shape("reward_baselines", reward_baselines, token_level_rewards.shape[:1], "token_level_rewards.shape[:1]")
     check_same_device(token_level_rewards=token_level_rewards, reward_baselines=reward_baselines)
     dtype = compute_dtype(token_level_rewards, reward_baselines)
-    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
+    return _route(token_level_rewards.device, cpu.remax_cpp, _remax_torch)(
+        token_level_rewards, reward_baselines.to(dtype), response_mask)
+
+
+def _remax_torch(
+    token_level_rewards: torch.Tensor, reward_baselines: torch.Tensor, response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = reward_baselines.dtype
+    returns = _reverse_cumsum(_on_tokens_torch(token_level_rewards.to(dtype), response_mask))
     valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     # G − b·m at valid tokens, 0 elsewhere, built in one buffer (−(b·m) + G rounds as G − b·m).
-    advantages = torch.mul(response_mask.to(dtype), reward_baselines.to(dtype).unsqueeze(-1))
+    advantages = torch.mul(response_mask.to(dtype), reward_baselines.unsqueeze(-1))
     return advantages.neg_().add_(returns).masked_fill_(~valid, 0.0), returns
 
 
