@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -37,6 +39,10 @@ namespace {
 
 // Rows per parallel work item: about 2^17 positions (~0.1 ms of one core), so small batches stay on the
 // calling thread (waking OpenMP threads costs more than their work there; see csrc/gae.cpp).
+// Rows whose sequential scans run interleaved (independent chains of additions overlap their latencies).
+constexpr int64_t kInterleave = 8;
+constexpr int64_t kChunk = 256;  // positions per buffer fill of the interleaved scans
+
 int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(T, 1)); }
 
 template <typename T>
@@ -143,6 +149,7 @@ struct RowMoments {
   double pivot = 0;   // the row's weighted mean (any value near it keeps the sums below accurate)
   double first = 0;   // Σ(x − pivot)·m
   double second = 0;  // Σ(x − pivot)²·m
+  bool binary = true;  // every m in {0, 1}
 };
 
 struct Whitening {
@@ -251,7 +258,23 @@ at::Tensor advantages_whitened_on_tokens_cpu(const at::Tensor& values, const at:
               r.weight = static_cast<double>(n);
               r.pivot = static_cast<float>(vb);  // every valid x is fp32(v): no deviations
             } else {
+              // A 0/1 row (the usual case) is the bool case; the test is integer work that vectorises.
+              int64_t n = 0;
+              int other = 0;
+              for (int64_t t = 0; t < T; ++t) {
+                const O m = as<O>(row[t * s]);
+                n += m != O(0);
+                other |= (m != O(0)) & (m != O(1));
+              }
+              r.valid = n;
+              r.binary = other == 0;
+              if (r.binary) {
+                r.weight = static_cast<double>(n);
+                r.pivot = static_cast<float>(vb);
+                return;
+              }
               double weighted = 0;
+              r.valid = 0;
               for (int64_t t = 0; t < T; ++t) {
                 const O m = as<O>(row[t * s]);
                 if (m == O(0)) continue;
@@ -285,6 +308,9 @@ at::Tensor advantages_whitened_on_tokens_cpu(const at::Tensor& values, const at:
             if constexpr (kBoolMask<M>) {
               const O value = static_cast<O>(whiten(static_cast<float>(vb), w));
               for (int64_t t = 0; t < T; ++t) o[t] = keep_if(mask_at<uint8_t>(row, t * s) != 0, value);
+            } else if (moments[b].binary) {
+              const O value = static_cast<O>(whiten(static_cast<float>(vb), w));
+              for (int64_t t = 0; t < T; ++t) o[t] = keep_if(as<O>(row[t * s]) != O(0), value);
             } else {
               for (int64_t t = 0; t < T; ++t) {
                 const O m = as<O>(row[t * s]);
@@ -327,34 +353,57 @@ std::tuple<at::Tensor, at::Tensor> remax_advantages_cpu(const at::Tensor& reward
         const M* mp = static_cast<const M*>(mask.const_data_ptr());
         const int64_t rsb = rewards.stride(0), rst = rewards.stride(1);
         const int64_t msb = mask.stride(0), mst = mask.stride(1);
+        // Σ_{s ≥ t} r·m from the end, accumulated in fp64 and rounded per position (torch's CPU cumsum of
+        // the flipped product: the same additions in the same order).  kInterleave rows at a time, kChunk
+        // positions at a time: the products row by row into a small buffer, the scans interleaved (their
+        // chains of additions are independent, so their latencies overlap), the outputs row by row.
         at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            const R* r = rp + b * rsb;
-            const M* m = mp + b * msb;
-            O* a = ap + b * T;
-            O* g = gp + b * T;
-            const O base_b = bp[b];
-            // Σ_{s ≥ t} r·m from the end, accumulated in fp64 and rounded per position (torch's CPU
-            // cumsum of the flipped product: the same additions in the same order).
-            double acc = 0;
-            for (int64_t t = T - 1; t >= 0; --t) {
-              const O reward = as<O>(r[t * rst]);
-              O term, scaled_base;
-              bool valid;
-              if constexpr (kBoolMask<M>) {
-                valid = mask_at<uint8_t>(m, t * mst) != 0;
-                term = keep_if(valid, reward);
-                scaled_base = base_b;
-              } else {
-                const O mv = as<O>(m[t * mst]);
-                valid = mv != O(0);
-                term = reward * mv;
-                scaled_base = mv * base_b;
+          std::vector<O> buffer(kInterleave * kChunk);
+          for (int64_t c0 = b0; c0 < b1; c0 += kInterleave) {
+            const int64_t rows = std::min(kInterleave, b1 - c0);
+            double acc[kInterleave] = {};
+            for (int64_t hi = T; hi > 0; hi -= kChunk) {
+              const int64_t lo = std::max<int64_t>(0, hi - kChunk), n = hi - lo;
+              for (int64_t j = 0; j < rows; ++j) {
+                const R* r = rp + (c0 + j) * rsb + lo * rst;
+                const M* m = mp + (c0 + j) * msb + lo * mst;
+                O* terms = buffer.data() + j * kChunk;
+                with_stride(rst, [&](auto rs) {
+                  with_stride(mst, [&](auto ms) {
+                    for (int64_t i = 0; i < n; ++i) {
+                      const O reward = as<O>(r[i * rs]);
+                      if constexpr (kBoolMask<M>) {
+                        terms[i] = keep_if(mask_at<uint8_t>(m, i * ms) != 0, reward);
+                      } else {
+                        terms[i] = reward * as<O>(m[i * ms]);
+                      }
+                    }
+                  });
+                });
               }
-              acc += static_cast<double>(term);
-              const O gt = static_cast<O>(acc);
-              g[t] = gt;
-              a[t] = keep_if(valid, gt - scaled_base);
+              for (int64_t i = n - 1; i >= 0; --i) {
+                for (int64_t j = 0; j < rows; ++j) {
+                  O& term = buffer[j * kChunk + i];
+                  acc[j] += static_cast<double>(term);
+                  term = static_cast<O>(acc[j]);
+                }
+              }
+              for (int64_t j = 0; j < rows; ++j) {
+                const int64_t b = c0 + j;
+                const M* m = mp + b * msb + lo * mst;
+                const O* sums = buffer.data() + j * kChunk;
+                O* g = gp + b * T + lo;
+                O* a = ap + b * T + lo;
+                const O base_b = bp[b];
+                with_stride(mst, [&](auto ms) {
+                  for (int64_t i = 0; i < n; ++i) {
+                    const O mv = mask_at<O>(m, i * ms);
+                    const O scaled_base = kBoolMask<M> ? base_b : mv * base_b;
+                    g[i] = sums[i];
+                    a[i] = keep_if(mv != O(0), sums[i] - scaled_base);
+                  }
+                });
+              }
             }
           }
         });
@@ -395,37 +444,55 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
         std::vector<RowMoments> moments(B);
         // Pass 1: G by gae_step (values 0: the returns of compute_gae's carry mode, in fp32), 0 at masked
         // positions; the row's moments over its valid positions (weights m in fp32).
+        // kInterleave rows at a time (independent chains), kChunk positions at a time (as csrc/gae.cpp):
+        // rewards and mask into small buffers row by row, the steps interleaved, G out row by row.  Each
+        // row's moments are about its last valid G (fp64 sums: exact enough about any pivot near the
+        // data; finish_whitening merges them about the global mean).
         at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) {
-            const R* r = rp + b * rsb;
-            const M* m = mp + b * msb;
-            O* g = gp + b * T;
-            float next_value = 0.f, last = 0.f;
-            RowMoments row;
-            double weighted = 0;
-            for (int64_t t = T - 1; t >= 0; --t) {
-              const float mv = mask_at<float>(m, t * mst);
-              const float reward = static_cast<float>(r[t * rst]);  // unused where m = 0 (gae_step)
-              gae_step(reward, 0.f, mv, gamma_f, gamma_lam, /*carry=*/true, next_value, last);
-              const bool valid = mv != 0.f;
-              g[t] = keep_if(valid, static_cast<O>(last));
-              if (valid) {
-                row.valid += 1;
-                row.weight += mv;
-                weighted += static_cast<double>(last) * mv;
+          std::vector<float> reward_buf(kInterleave * kChunk), mask_buf(kInterleave * kChunk);
+          for (int64_t c0 = b0; c0 < b1; c0 += kInterleave) {
+            const int64_t rows = std::min(kInterleave, b1 - c0);
+            float next_value[kInterleave] = {}, last[kInterleave] = {};
+            bool pivoted[kInterleave] = {};
+            RowMoments row[kInterleave];
+            for (int64_t hi = T; hi > 0; hi -= kChunk) {
+              const int64_t lo = std::max<int64_t>(0, hi - kChunk), n = hi - lo;
+              for (int64_t j = 0; j < rows; ++j) {
+                const R* r = rp + (c0 + j) * rsb + lo * rst;
+                const M* m = mp + (c0 + j) * msb + lo * mst;
+                with_stride(rst, [&](auto rs) {
+                  with_stride(mst, [&](auto ms) {
+                    for (int64_t i = 0; i < n; ++i) {
+                      reward_buf[j * kChunk + i] = as<float>(r[i * rs]);  // unused where m = 0 (gae_step)
+                      mask_buf[j * kChunk + i] = mask_at<float>(m, i * ms);
+                    }
+                  });
+                });
+              }
+              for (int64_t i = n - 1; i >= 0; --i) {
+                for (int64_t j = 0; j < rows; ++j) {
+                  const float mv = mask_buf[j * kChunk + i];
+                  gae_step(reward_buf[j * kChunk + i], 0.f, mv, gamma_f, gamma_lam, /*carry=*/true, next_value[j],
+                           last[j]);
+                  const bool valid = mv != 0.f;
+                  reward_buf[j * kChunk + i] = keep_if(valid, last[j]);  // G, 0 at masked positions
+                  if (valid && !pivoted[j]) {
+                    row[j].pivot = last[j];
+                    pivoted[j] = true;
+                  }
+                  const double d = keep_if(valid, static_cast<double>(last[j]) - row[j].pivot);
+                  row[j].valid += valid;
+                  row[j].weight += mv;
+                  row[j].first += d * mv;
+                  row[j].second += d * d * mv;
+                }
+              }
+              for (int64_t j = 0; j < rows; ++j) {
+                O* g = gp + (c0 + j) * T + lo;
+                for (int64_t i = 0; i < n; ++i) g[i] = static_cast<O>(reward_buf[j * kChunk + i]);
               }
             }
-            row.pivot = row.weight != 0 ? weighted / row.weight : 0.0;
-            if (row.valid > 0) {
-              for (int64_t t = 0; t < T; ++t) {
-                const double w = mask_at<float>(m, t * mst);
-                if (w == 0) continue;
-                const double d = static_cast<double>(g[t]) - row.pivot;
-                row.first += d * w;
-                row.second += d * d * w;
-              }
-            }
-            moments[b] = row;
+            for (int64_t j = 0; j < rows; ++j) moments[c0 + j] = row[j];
           }
         });
         const Whitening w = finish_whitening(moments, eps);
@@ -435,18 +502,327 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
             const M* m = mp + b * msb;
             const O* g = gp + b * T;
             O* a = ap + b * T;
-            for (int64_t t = 0; t < T; ++t) {
-              const O mv = mask_at<O>(m, t * mst);
-              const O white = static_cast<O>(whiten(static_cast<float>(g[t]), w));
-              if constexpr (kBoolMask<M>) {
-                a[t] = keep_if(mv != O(0), white);
-              } else {
-                a[t] = keep_if(mv != O(0), white * mv);
+            with_stride(mst, [&](auto ms) {
+              for (int64_t t = 0; t < T; ++t) {
+                const O mv = mask_at<O>(m, t * ms);
+                const O white = static_cast<O>(whiten(static_cast<float>(g[t]), w));
+                a[t] = keep_if(mv != O(0), kBoolMask<M> ? white : white * mv);
               }
-            }
+            });
           }
         });
       });
+    });
+  });
+  return {advantages, returns};
+}
+
+// --------------------------------------------------------------------------------------------------
+// optimal_token_baseline / tir_optimal_token_baseline
+// --------------------------------------------------------------------------------------------------
+namespace {
+
+// A [B, T] input of any dtype and strides, read a row at a time into a buffer of O (bool as 0/1).
+template <typename O>
+struct RowSource {
+  using Loader = void (*)(const char* row, int64_t stride, int64_t n, O* dst);
+  const char* data = nullptr;
+  int64_t row_bytes = 0, stride = 0;
+  Loader load = nullptr;
+
+  RowSource() = default;
+  RowSource(const at::Tensor& t, const char* op) {
+    data = static_cast<const char*>(t.const_data_ptr());
+    row_bytes = t.stride(0) * static_cast<int64_t>(t.element_size());
+    stride = t.stride(1);
+    with_mask_type(t.scalar_type(), op, [&](auto tag) { load = &load_row<typename decltype(tag)::type>; });
+  }
+  void row(int64_t b, int64_t n, O* dst) const { load(data + b * row_bytes, stride, n, dst); }
+
+  template <typename X>
+  static void load_row(const char* row, int64_t stride, int64_t n, O* dst) {
+    const X* p = reinterpret_cast<const X*>(row);
+    with_stride(stride, [&](auto s) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = mask_at<O>(p, i * s);
+    });
+  }
+};
+
+// exp(x) for x in [−87, 88] (fp32: 2^n·p(r), r = x − n·ln 2, Cephes' expf polynomial, within 2 ulp of
+// the correctly rounded value; written branch-free so that the loop vectorises); elsewhere (NaN, ±inf,
+// over- and underflow) std::exp.
+inline float exp_poly(float x) {
+  const bool in_range = (x >= -87.0f) & (x <= 88.0f);
+  const float xc = keep_if(in_range, x);
+  const float shifter = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  float k = xc * 1.44269504088896341f + shifter;
+  k -= shifter;
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+
+// The row's exp, with the row's original values kept for the special cases.
+void exp_row(const float* x, float* e, int64_t n) {
+  int outside = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    outside |= !((v >= -87.0f) & (v <= 88.0f));
+    e[i] = exp_poly(v);
+  }
+  if (outside) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(x[i] >= -87.0f && x[i] <= 88.0f)) e[i] = std::exp(x[i]);
+    }
+  }
+}
+
+void exp_row(const double* x, double* e, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) e[i] = std::exp(x[i]);
+}
+
+// values·m on one row, in place: where(m, v, 0) for a bool mask, v·m for a numeric one.
+template <typename O>
+inline void on_tokens_row(O* v, const O* m, int64_t n, bool bool_mask) {
+  if (bool_mask) {
+    for (int64_t i = 0; i < n; ++i) v[i] = keep_if(m[i] != O(0), v[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] * m[i];
+  }
+}
+
+template <typename O>
+struct BaselineInputs {
+  RowSource<O> rewards, mask, log_probs, pi_squared, is_weights;
+  bool has_is_weights, bool_mask, handle_zero_tail, multi_turn;
+  O eps;
+  int64_t T;
+};
+
+// One group (members ascending, as index_add_ adds them): returns G, path weights W, the baseline of each
+// position (or k-th valid token) of the group, and the advantages.
+template <typename O>
+void baseline_group(const BaselineInputs<O>& in, const int64_t* members, int64_t k, O* returns, O* advantages,
+                    std::vector<O>& masks, std::vector<O>& work) {
+  const int64_t T = in.T;
+  masks.resize(static_cast<size_t>(k * T));
+  work.resize(static_cast<size_t>(4 * T + 2 * k * T));
+  O* tmp = work.data();
+  O* num = tmp + T;
+  O* den = num + T;
+  O* base = den + T;
+  O* packed_g = base + T;         // [k, T] (multi_turn)
+  O* packed_w = packed_g + k * T;  // [k, T]
+  // 1. Per member: r·m into its returns row, w·m = (1 − 2·exp(log π) + Σπ²)·ρ²·m into its advantages row.
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t b = members[j];
+    O* m = masks.data() + j * T;
+    O* g = returns + b * T;
+    O* w = advantages + b * T;
+    in.mask.row(b, T, m);
+    in.rewards.row(b, T, g);
+    on_tokens_row(g, m, T, in.bool_mask);
+    in.log_probs.row(b, T, tmp);
+    exp_row(tmp, w, T);
+    in.pi_squared.row(b, T, tmp);
+    for (int64_t t = 0; t < T; ++t) w[t] = O(1) - O(2) * w[t] + tmp[t];
+    if (in.has_is_weights) {
+      in.is_weights.row(b, T, tmp);
+      for (int64_t t = 0; t < T; ++t) w[t] = w[t] * (tmp[t] * tmp[t]);
+    }
+    on_tokens_row(w, m, T, in.bool_mask);
+  }
+  // 2. The scans, the members' chains interleaved (independent additions overlap their latencies):
+  // G = reverse cumsum, W = cumsum, each accumulated in fp64 and rounded per position (torch's CPU cumsum).
+  std::vector<double> acc(static_cast<size_t>(k));
+  std::fill(acc.begin(), acc.end(), 0.0);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    for (int64_t j = 0; j < k; ++j) {
+      O* g = returns + members[j] * T;
+      acc[j] += static_cast<double>(g[t]);
+      g[t] = static_cast<O>(acc[j]);
+    }
+  }
+  std::fill(acc.begin(), acc.end(), 0.0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      O* w = advantages + members[j] * T;
+      acc[j] += static_cast<double>(w[t]);
+      w[t] = static_cast<O>(acc[j]);
+    }
+  }
+  // 3. Σ_g G·W and Σ_g W per position (optimal_token_baseline: W·m; multi-turn: per k-th valid token).
+  std::fill(num, num + T, O(0));
+  std::fill(den, den + T, O(0));
+  std::vector<int64_t> valid_count(static_cast<size_t>(k));
+  std::vector<O> lengths(static_cast<size_t>(k));
+  int64_t nonempty = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const O* m = masks.data() + j * T;
+    const O* g = returns + members[j] * T;
+    O* w = advantages + members[j] * T;
+    int64_t n = 0;
+    int other = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      n += m[t] != O(0);
+      other |= (m[t] != O(0)) & (m[t] != O(1));
+    }
+    double length = static_cast<double>(n);  // Σm: the count for a 0/1 row (integer work, vectorised)
+    if (other) {
+      length = 0;
+      for (int64_t t = 0; t < T; ++t) length += static_cast<double>(m[t]);
+    }
+    valid_count[j] = n;
+    nonempty += n > 0;
+    if (in.multi_turn) {
+      lengths[j] = static_cast<O>(n);
+      O* pg = packed_g + j * T;
+      O* pw = packed_w + j * T;
+      int64_t slot = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (m[t] == O(0)) continue;
+        pg[slot] = g[t];
+        pw[slot] = w[t];
+        ++slot;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        num[i] += pg[i] * pw[i];
+        den[i] += pw[i];
+      }
+    } else {
+      lengths[j] = static_cast<O>(length);
+      on_tokens_row(w, m, T, in.bool_mask);
+      for (int64_t t = 0; t < T; ++t) {
+        num[t] += g[t] * w[t];
+        den[t] += w[t];
+      }
+    }
+  }
+  const int64_t counted = in.multi_turn ? nonempty : k;  // members > 1 for a baseline
+  for (int64_t t = 0; t < T; ++t) {
+    const O divisor = den[t] + in.eps;
+    base[t] = counted > 1 && divisor != O(0) ? num[t] / divisor : O(0);
+  }
+  // handle_zero_tail: a unique longest member gets no baseline from the second-longest length on.
+  int64_t cut_member = -1;
+  O second = -std::numeric_limits<O>::infinity();
+  if (in.handle_zero_tail && counted > 1) {
+    O longest = -std::numeric_limits<O>::infinity();
+    for (int64_t j = 0; j < k; ++j) longest = std::max(longest, lengths[j]);
+    int64_t at_longest = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      if (lengths[j] == longest) {
+        ++at_longest;
+        cut_member = j;
+      } else {
+        second = std::max(second, lengths[j]);
+      }
+    }
+    if (at_longest != 1) cut_member = -1;
+    second = std::floor(second);
+  }
+  // 4. A = (G − B)·m.
+  for (int64_t j = 0; j < k; ++j) {
+    const O* m = masks.data() + j * T;
+    const O* g = returns + members[j] * T;
+    O* a = advantages + members[j] * T;
+    const bool cut = j == cut_member;
+    if (in.multi_turn) {
+      int64_t slot = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        O baseline = O(0);
+        if (m[t] != O(0)) {
+          baseline = cut && static_cast<O>(slot) >= second ? O(0) : base[slot];
+          ++slot;
+        }
+        a[t] = g[t] - baseline;
+      }
+    } else {
+      for (int64_t t = 0; t < T; ++t) {
+        const O baseline = cut && static_cast<O>(t) >= second ? O(0) : base[t];
+        a[t] = g[t] - baseline;
+      }
+    }
+    on_tokens_row(a, m, T, in.bool_mask);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> optimal_token_baseline_cpu(
+    const at::Tensor& rewards, const at::Tensor& mask, const at::Tensor& group_ids, const at::Tensor& old_log_probs,
+    const at::Tensor& sum_pi_squared, const std::optional<at::Tensor>& rollout_is_weights, bool handle_zero_tail,
+    double eps, bool multi_turn, bool double_out) {
+  const char* op = "optimal_token_baseline";
+  TORCH_CHECK(rewards.dim() == 2 && rewards.device().is_cpu(), op, ": rewards must be a [B, T] CPU tensor");
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  check_rows_mask(mask, B, op);
+  for (const at::Tensor* t : {&mask, &old_log_probs, &sum_pi_squared}) {
+    TORCH_CHECK(t->sizes() == rewards.sizes() && t->device().is_cpu(), op, ": inputs must share rewards' shape");
+  }
+  const bool has_is_weights = rollout_is_weights.has_value() && rollout_is_weights->defined();
+  if (has_is_weights) {
+    TORCH_CHECK(rollout_is_weights->sizes() == rewards.sizes() && rollout_is_weights->device().is_cpu(), op,
+                ": rollout_is_weights must share rewards' shape");
+  }
+  TORCH_CHECK(group_ids.dim() == 1 && group_ids.size(0) == B && group_ids.scalar_type() == at::kLong, op,
+              ": group_ids must be int64 [B]");
+  const auto options = rewards.options().dtype(double_out ? at::kDouble : at::kFloat);
+  at::Tensor advantages = empty_output({B, T}, options);
+  at::Tensor returns = empty_output({B, T}, options);
+  if (B == 0 || T == 0) return {advantages, returns};
+  // Members of each group, ascending (a counting sort of the dense ids).
+  const at::Tensor ids_t = group_ids.contiguous();
+  const int64_t* ids = ids_t.const_data_ptr<int64_t>();
+  std::vector<int64_t> offsets(static_cast<size_t>(B + 1), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(ids[b] >= 0 && ids[b] < B, op, ": group ids must lie in [0, B)");
+    ++offsets[ids[b] + 1];
+  }
+  for (int64_t g = 0; g < B; ++g) offsets[g + 1] += offsets[g];
+  std::vector<int64_t> members(static_cast<size_t>(B));
+  {
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t b = 0; b < B; ++b) members[fill[ids[b]]++] = b;
+  }
+  std::vector<int64_t> groups;  // the non-empty group slots
+  for (int64_t g = 0; g < B; ++g) {
+    if (offsets[g + 1] > offsets[g]) groups.push_back(g);
+  }
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  const int64_t grain = std::max<int64_t>(1, grain_rows(T) * n_groups / B);
+  with_out_type(double_out, [&](auto out_tag) {
+    using O = typename decltype(out_tag)::type;
+    BaselineInputs<O> in;
+    in.rewards = RowSource<O>(rewards, op);
+    in.mask = RowSource<O>(mask, op);
+    in.log_probs = RowSource<O>(old_log_probs, op);
+    in.pi_squared = RowSource<O>(sum_pi_squared, op);
+    if (has_is_weights) in.is_weights = RowSource<O>(*rollout_is_weights, op);
+    in.has_is_weights = has_is_weights;
+    in.bool_mask = mask.scalar_type() == at::kBool;
+    in.handle_zero_tail = handle_zero_tail;
+    in.multi_turn = multi_turn;
+    in.eps = static_cast<O>(eps);
+    in.T = T;
+    O* ap = advantages.mutable_data_ptr<O>();
+    O* gp = returns.mutable_data_ptr<O>();
+    at::parallel_for(0, n_groups, grain, [&](int64_t g0, int64_t g1) {
+      std::vector<O> masks, work;
+      for (int64_t i = g0; i < g1; ++i) {
+        const int64_t g = groups[i];
+        baseline_group(in, members.data() + offsets[g], offsets[g + 1] - offsets[g], gp, ap, masks, work);
+      }
     });
   });
   return {advantages, returns};

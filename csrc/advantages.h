@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace rlhf_kernels {
@@ -27,6 +28,14 @@ std::tuple<at::Tensor, at::Tensor> remax_advantages_cpu(const at::Tensor& reward
 std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rewards, const at::Tensor& mask,
                                                            double gamma, double eps, bool double_out);
 
+// optimal_token_baseline (multi_turn = false) and tir_optimal_token_baseline (multi_turn = true): one pass
+// per group of samples (``group_ids`` [B]: dense ids in [0, B)), the members' rows processed together.
+// (A, G) in fp64 when `double_out`, else fp32.
+std::tuple<at::Tensor, at::Tensor> optimal_token_baseline_cpu(
+    const at::Tensor& rewards, const at::Tensor& mask, const at::Tensor& group_ids, const at::Tensor& old_log_probs,
+    const at::Tensor& sum_pi_squared, const std::optional<at::Tensor>& rollout_is_weights, bool handle_zero_tail,
+    double eps, bool multi_turn, bool double_out);
+
 #ifdef RLHF_KERNELS_BINDINGS
 inline void bind_advantages(pybind11::module_& m) {
   namespace py = pybind11;
@@ -38,6 +47,10 @@ inline void bind_advantages(pybind11::module_& m) {
         py::arg("baselines"), py::arg("mask"));
   m.def("reinforce_plus_plus", &reinforce_plus_plus_cpu, "reinforce_plus_plus (advantages, returns) (CPU)",
         py::arg("rewards"), py::arg("mask"), py::arg("gamma"), py::arg("eps"), py::arg("double_out"));
+  m.def("optimal_token_baseline", &optimal_token_baseline_cpu,
+        "(tir_)optimal_token_baseline (advantages, returns) (CPU)", py::arg("rewards"), py::arg("mask"),
+        py::arg("group_ids"), py::arg("old_log_probs"), py::arg("sum_pi_squared"), py::arg("rollout_is_weights"),
+        py::arg("handle_zero_tail"), py::arg("eps"), py::arg("multi_turn"), py::arg("double_out"));
 }
 #endif
 

@@ -484,7 +484,7 @@ def _path_weights(
     w = 1 - 2 * old_log_probs.to(dtype).exp() + sum_pi_squared.to(dtype)
     if rollout_is_weights is not None:
         w = w * rollout_is_weights.to(dtype).square()
-    return _on_tokens(w, response_mask).cumsum(-1)
+    return _on_tokens_torch(w, response_mask).cumsum(-1)
 
 
 def _token_baseline(groups: _Groups, members: torch.Tensor, returns: torch.Tensor, weights: torch.Tensor,
@@ -515,17 +515,8 @@ def optimal_token_baseline_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"optimal_token_baseline"``: A_t = G_t − B_t with G the reward-to-go of r·m and
     B_t = Σ_g G_t·W_t·m_t / (Σ_g W_t·m_t + ε) per position t of the group.  Returns (A, G)."""
-    dtype = _check_estimator_inputs(
-        token_level_rewards, response_mask, index, old_log_probs=old_log_probs,
-        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
-    epsilon = check_at_least("epsilon", epsilon, 0.0)
-    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
-    weights = _on_tokens(_path_weights(response_mask, old_log_probs, sum_pi_squared, rollout_is_weights, dtype),
-                         response_mask)
-    groups = _groups(index, dtype)
-    lengths = response_mask.sum(-1, dtype=dtype)
-    baseline = _token_baseline(groups, groups.size, returns, weights, lengths, epsilon, handle_zero_tail)
-    return _on_tokens(returns - baseline, response_mask), returns
+    return _token_baseline_estimator(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+                                     rollout_is_weights, handle_zero_tail, epsilon, multi_turn=False)
 
 
 @torch.no_grad()
@@ -537,12 +528,39 @@ def tir_optimal_token_baseline_advantages(
     """``"tir_optimal_token_baseline"`` (multi-turn): as ``"optimal_token_baseline"``, with the
     baseline taken over the k-th *valid* token of each member (tool outputs between turns skipped)
     and empty responses left out of their group.  Returns (A, G)."""
+    return _token_baseline_estimator(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+                                     rollout_is_weights, handle_zero_tail, epsilon, multi_turn=True)
+
+
+def _token_baseline_estimator(
+    token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared, rollout_is_weights,
+    handle_zero_tail, epsilon, *, multi_turn: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates, numbers the groups, and runs the C++ kernel (one pass per group) or the PyTorch path."""
     dtype = _check_estimator_inputs(
         token_level_rewards, response_mask, index, old_log_probs=old_log_probs,
         sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
     epsilon = check_at_least("epsilon", epsilon, 0.0)
-    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
+    group_ids = _groups(index, dtype).ids
+    implementation = _route(token_level_rewards.device, cpu.optimal_token_baseline_cpp, _optimal_token_baseline_torch)
+    return implementation(token_level_rewards, response_mask, group_ids, old_log_probs, sum_pi_squared,
+                          rollout_is_weights, bool(handle_zero_tail), epsilon, multi_turn, dtype == torch.float64)
+
+
+def _optimal_token_baseline_torch(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, group_ids: torch.Tensor,
+    old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor, rollout_is_weights: torch.Tensor | None,
+    handle_zero_tail: bool, epsilon: float, multi_turn: bool, double_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.float64 if double_out else torch.float32
+    returns = _reverse_cumsum(_on_tokens_torch(token_level_rewards.to(dtype), response_mask))
     weights = _path_weights(response_mask, old_log_probs, sum_pi_squared, rollout_is_weights, dtype)
+    groups = _groups(group_ids, dtype)
+    if not multi_turn:
+        lengths = response_mask.sum(-1, dtype=dtype)
+        baseline = _token_baseline(groups, groups.size, returns, _on_tokens_torch(weights, response_mask), lengths,
+                                   epsilon, handle_zero_tail)
+        return _on_tokens_torch(returns - baseline, response_mask), returns
     valid = response_mask != 0
     lengths = valid.sum(-1, dtype=dtype)
     # The k-th valid token of row b goes to column k; masked positions to a spare column T, dropped.
@@ -552,12 +570,11 @@ def tir_optimal_token_baseline_advantages(
         x.new_zeros(x.shape[0], T + 1).scatter_(1, slot, torch.where(valid, x, 0.0))[:, :T]
         for x in (returns, weights)
     )
-    groups = _groups(index, dtype)
     members = groups.spread(groups.total((lengths > 0).to(dtype)))
     baseline = _token_baseline(groups, members, packed_returns, packed_weights, lengths, epsilon,
                                handle_zero_tail)
     baseline = torch.nn.functional.pad(baseline, (0, 1)).gather(1, slot)
-    return _on_tokens(returns - baseline, response_mask), returns
+    return _on_tokens_torch(returns - baseline, response_mask), returns
 
 
 @torch.no_grad()

@@ -6,6 +6,10 @@
 ``remax_cpp(rewards, baselines, mask)``                (advantages, returns) of ``"remax"``
 ``reinforce_plus_plus_cpp(rewards, mask, gamma, eps, double_out)``  (advantages, returns) of
                                                        ``"reinforce_plus_plus"``
+``optimal_token_baseline_cpp(rewards, mask, group_ids, old_log_probs, sum_pi_squared, rollout_is_weights,
+                             handle_zero_tail, eps, multi_turn, double_out)``  (advantages, returns) of
+                                                       ``"optimal_token_baseline"`` (``"tir_..."``:
+                                                       ``multi_turn``); ``group_ids`` dense in [0, B)
 
 Each returns what the PyTorch path of ``rlhf_kernels/ops/advantages.py`` returns (its docstrings state the
 math; the whitening statistics here are fp64).  Inputs: any dtypes the public functions accept, any
@@ -43,6 +47,16 @@ def _reinforce_plus_plus(
     return tuple(_module().reinforce_plus_plus(rewards, mask, gamma, eps, double_out))
 
 
+def _optimal_token_baseline(
+    rewards: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor, rollout_is_weights: torch.Tensor | None, handle_zero_tail: bool, eps: float,
+    multi_turn: bool, double_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_module().optimal_token_baseline(
+        rewards, mask, group_ids, old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, eps,
+        multi_turn, double_out))
+
+
 def _tokens_like(values, mask, *args):
     return values.new_empty(mask.shape)
 
@@ -56,9 +70,17 @@ def _reinforce_plus_plus_fake(rewards, mask, gamma, eps, double_out):
     return out, torch.empty_like(out)
 
 
+def _optimal_token_baseline_fake(rewards, mask, group_ids, old_log_probs, sum_pi_squared, rollout_is_weights,
+                                 handle_zero_tail, eps, multi_turn, double_out):
+    return _reinforce_plus_plus_fake(rewards, mask, 1.0, eps, double_out)
+
+
 advantages_on_tokens_cpp = torch_op("advantages_on_tokens_cpp", _on_tokens, fake=_tokens_like)
 advantages_whitened_on_tokens_cpp = torch_op(
     "advantages_whitened_on_tokens_cpp", _whitened_on_tokens, fake=_tokens_like
 )
 remax_cpp = torch_op("remax_cpp", _remax, fake=_remax_fake)
 reinforce_plus_plus_cpp = torch_op("reinforce_plus_plus_cpp", _reinforce_plus_plus, fake=_reinforce_plus_plus_fake)
+optimal_token_baseline_cpp = torch_op(
+    "optimal_token_baseline_cpp", _optimal_token_baseline, fake=_optimal_token_baseline_fake
+)
