@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close
-
 from peers.placeholders import import_peer
 from test_advantages import estimator_backend  # noqa: F401  (the cpp / torch axis of the CPU paths)
 
@@ -48,7 +47,8 @@ def _same(ours, theirs, mask, tol=TOL, what=""):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("norm", [True, False], ids=["grpo", "dr_grpo"])
-def test_grpo_family(verl, seed, norm, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_grpo_family(verl, seed, norm):
     rewards, mask, uids = _batch(seed)
     index = adv.uid_index(uids)
     ours = adv.compute_advantages("grpo", rewards, mask, index, 1e-6, norm)
@@ -62,7 +62,8 @@ def test_grpo_family(verl, seed, norm, estimator_backend):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_leave_one_out_and_opo(verl, seed, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_leave_one_out_and_opo(verl, seed):
     rewards, mask, uids = _batch(seed)
     index = adv.uid_index(uids)
     for name in ("rloo", "rloo_vectorized", "opo"):
@@ -72,7 +73,8 @@ def test_leave_one_out_and_opo(verl, seed, estimator_backend):
 
 
 @pytest.mark.parametrize("norm", [True, False])
-def test_grpo_passk(verl, norm, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_grpo_passk(verl, norm):
     rewards, mask, uids = _batch(2, singletons=False)
     rewards[:, 0] = rewards[:, 0].round()  # ties for the best score in some groups
     ours = adv.compute_advantages("grpo_passk", rewards, mask, adv.uid_index(uids), 1e-6, norm)
@@ -82,7 +84,8 @@ def test_grpo_passk(verl, norm, estimator_backend):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_whitened_estimators(verl, seed, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_whitened_estimators(verl, seed):
     rewards, mask, uids = _batch(seed)
     index = adv.uid_index(uids)
     ours = adv.compute_advantages("reinforce_plus_plus_baseline", rewards, mask, index)
@@ -100,7 +103,8 @@ def test_whitened_estimators(verl, seed, estimator_backend):
 
 
 @pytest.mark.parametrize("norm", [True, False])
-def test_gdpo_reward_components(verl, norm, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_gdpo_reward_components(verl, norm):
     rewards, mask, uids = _batch(3)
     B, T = rewards.shape
     components = {"format": torch.randint(0, 2, (B,)).float(), "accuracy": torch.randn(B)}
@@ -117,7 +121,8 @@ def test_gdpo_reward_components(verl, norm, estimator_backend):
     _same(ours[0], peer[0], mask, WHITENED_TOL, "gdpo")
 
 
-def test_remax(verl, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_remax(verl):
     rewards, mask, _ = _batch(4)
     baselines = torch.randn(rewards.shape[0])
     ours = adv.compute_advantages("remax", rewards, baselines, mask)
@@ -138,7 +143,8 @@ def test_gae(verl):
 @pytest.mark.parametrize("name", ["optimal_token_baseline", "tir_optimal_token_baseline"])
 @pytest.mark.parametrize("zero_tail", [True, False])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "rollout_is_weights"])
-def test_optimal_token_baseline(verl, name, zero_tail, weighted, estimator_backend):
+@pytest.mark.usefixtures("estimator_backend")
+def test_optimal_token_baseline(verl, name, zero_tail, weighted):
     rewards, mask, uids = _batch(5)
     mask[4, 7:] = 0.0
     generator = torch.Generator().manual_seed(6)

@@ -12,6 +12,7 @@ from test_gae import gae_inputs
 
 import rlhf_kernels.ops.advantages as adv
 from rlhf_kernels import _dispatch, _ext
+from rlhf_kernels.ops.cpu import advantages as cpu_adv
 from rlhf_kernels.reference import advantages as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -367,8 +368,9 @@ def _odd_batch(B, T, seed, dtype=torch.float32, mask_kind="float"):
         weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[torch.randint(0, 3, (B, T), generator=g)]
         mask = torch.where(valid, weights, 0.0).float()
     else:
-        mask = valid.to({"bool": torch.bool, "float": torch.float32, "uint8": torch.uint8, "int32": torch.int32,
-                         "float64": torch.float64}[mask_kind])
+        dtypes = {"bool": torch.bool, "float": torch.float32, "uint8": torch.uint8, "int32": torch.int32,
+                  "float64": torch.float64}
+        mask = valid.to(dtypes[mask_kind])
     extra = {
         "old_log_probs": -torch.rand(B, T, generator=g, dtype=torch.float64) * 3,
         "sum_pi_squared": torch.rand(B, T, generator=g, dtype=torch.float64) * 0.5,
@@ -394,7 +396,7 @@ def _assert_same_path(got, want, tol, what):
     assert got.dtype == want.dtype and got.shape == want.shape, what
     finite = want.isfinite()
     assert torch.equal(got.isfinite(), finite), f"{what}: non-finite values at other positions"
-    assert torch.equal(got[~finite].nan_to_num(), want[~finite].nan_to_num()), f"{what}: other non-finite values"
+    assert torch.equal(got[~finite].nan_to_num(), want[~finite].nan_to_num()), f"{what}: other non-finite"
     assert_close(torch.where(finite, got, 0), torch.where(finite, want, 0), tol, what)
 
 
@@ -464,14 +466,16 @@ def test_auto_backend_on_cpu_is_cpp():
 def cpp_op_samples() -> dict[str, list[tuple]]:
     """opcheck samples of the registered C++ ops (the builder tests/test_registration.py needs)."""
     rewards, mask, index, extra = _odd_batch(5, 7, 1)
-    ids = adv._groups(index, torch.float32).ids
+    ids = cpu_adv.find_groups(index, torch.float32).ids
     lp, pi2, rho = (extra[key] for key in TOKEN_INPUTS)
     values = torch.randn(5)
     return {
         "advantages_on_tokens_cpp": [(values, mask), (values.double(), mask.bool())],
         "advantages_whitened_on_tokens_cpp": [(values, mask, 1e-8), (values.double(), mask.bool(), 0.0)],
-        "remax_cpp": [(rewards, extra["reward_baselines"], mask), (rewards.double(), values.double(), mask.bool())],
-        "reinforce_plus_plus_cpp": [(rewards, mask, 0.9, 1e-8, False), (rewards.half(), mask.bool(), 1.0, 1e-8, True)],
+        "remax_cpp": [(rewards, extra["reward_baselines"], mask),
+                      (rewards.double(), values.double(), mask.bool())],
+        "reinforce_plus_plus_cpp": [(rewards, mask, 0.9, 1e-8, False),
+                                    (rewards.half(), mask.bool(), 1.0, 1e-8, True)],
         "optimal_token_baseline_cpp": [
             (rewards, mask, ids, lp, pi2, rho, True, 1e-8, False, False),
             (rewards.double(), mask.bool(), ids, lp, pi2, None, False, 0.0, True, True),
