@@ -43,6 +43,20 @@ namespace {
 constexpr int64_t kInterleave = 8;
 constexpr int64_t kChunk = 256;  // positions per buffer fill of the interleaved scans
 
+// Four fp32 lanes (one SSE / NEON register; GCC/Clang vector extension, as csrc/gae.cpp): one lane per row.
+typedef float Lanes __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t LaneMask __attribute__((vector_size(4 * sizeof(int32_t))));
+constexpr int64_t kLanes = 4;
+static_assert(kInterleave % kLanes == 0, "rows are processed a vector at a time");
+
+inline Lanes load_lanes(const float* p) {
+  Lanes x;
+  std::memcpy(&x, p, sizeof(Lanes));
+  return x;
+}
+
+inline void store_lanes(float* p, Lanes x) { std::memcpy(p, &x, sizeof(Lanes)); }
+
 int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(T, 1)); }
 
 template <typename T>
@@ -444,55 +458,69 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
         std::vector<RowMoments> moments(B);
         // Pass 1: G by gae_step (values 0: the returns of compute_gae's carry mode, in fp32), 0 at masked
         // positions; the row's moments over its valid positions (weights m in fp32).
-        // kInterleave rows at a time (independent chains), kChunk positions at a time (as csrc/gae.cpp):
-        // rewards and mask into small buffers row by row, the steps interleaved, G out row by row.  Each
-        // row's moments are about its last valid G (fp64 sums: exact enough about any pivot near the
-        // data; finish_whitening merges them about the global mean).
+        // kInterleave rows at a time as two vectors of kLanes rows (as csrc/gae.cpp), kChunk positions at a
+        // time: rewards and mask into small buffers interleaved [position][row], the steps on vectors, G
+        // out row by row.  Each row's moments are about its last valid G: fp32 lane sums per chunk, added
+        // into fp64 per row (finish_whitening merges the rows about the global mean).
         at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
           std::vector<float> reward_buf(kInterleave * kChunk), mask_buf(kInterleave * kChunk);
           for (int64_t c0 = b0; c0 < b1; c0 += kInterleave) {
             const int64_t rows = std::min(kInterleave, b1 - c0);
-            float next_value[kInterleave] = {}, last[kInterleave] = {};
-            bool pivoted[kInterleave] = {};
+            constexpr int64_t kVectors = kInterleave / kLanes;
+            Lanes next_value[kVectors] = {}, last[kVectors] = {}, pivot[kVectors] = {};
+            LaneMask pivoted[kVectors] = {};
             RowMoments row[kInterleave];
             for (int64_t hi = T; hi > 0; hi -= kChunk) {
               const int64_t lo = std::max<int64_t>(0, hi - kChunk), n = hi - lo;
-              for (int64_t j = 0; j < rows; ++j) {
+              for (int64_t j = 0; j < kInterleave; ++j) {
+                if (j >= rows) {  // padding rows of the last block: masked out, never stored
+                  for (int64_t i = 0; i < n; ++i) reward_buf[i * kInterleave + j] = mask_buf[i * kInterleave + j] = 0.f;
+                  continue;
+                }
                 const R* r = rp + (c0 + j) * rsb + lo * rst;
                 const M* m = mp + (c0 + j) * msb + lo * mst;
                 with_stride(rst, [&](auto rs) {
                   with_stride(mst, [&](auto ms) {
                     for (int64_t i = 0; i < n; ++i) {
-                      reward_buf[j * kChunk + i] = as<float>(r[i * rs]);  // unused where m = 0 (gae_step)
-                      mask_buf[j * kChunk + i] = mask_at<float>(m, i * ms);
+                      reward_buf[i * kInterleave + j] = as<float>(r[i * rs]);  // unused where m = 0
+                      mask_buf[i * kInterleave + j] = mask_at<float>(m, i * ms);
                     }
                   });
                 });
               }
+              Lanes count[kVectors] = {}, weight[kVectors] = {}, first[kVectors] = {}, second[kVectors] = {};
               for (int64_t i = n - 1; i >= 0; --i) {
-                for (int64_t j = 0; j < rows; ++j) {
-                  const float mv = mask_buf[j * kChunk + i];
-                  gae_step(reward_buf[j * kChunk + i], 0.f, mv, gamma_f, gamma_lam, /*carry=*/true, next_value[j],
-                           last[j]);
-                  const bool valid = mv != 0.f;
-                  reward_buf[j * kChunk + i] = keep_if(valid, last[j]);  // G, 0 at masked positions
-                  if (valid && !pivoted[j]) {
-                    row[j].pivot = last[j];
-                    pivoted[j] = true;
-                  }
-                  const double d = keep_if(valid, static_cast<double>(last[j]) - row[j].pivot);
-                  row[j].valid += valid;
-                  row[j].weight += mv;
-                  row[j].first += d * mv;
-                  row[j].second += d * d * mv;
+                for (int64_t h = 0; h < kVectors; ++h) {
+                  const int64_t at = i * kInterleave + h * kLanes;
+                  const Lanes mv = load_lanes(&mask_buf[at]);
+                  gae_step(load_lanes(&reward_buf[at]), Lanes{}, mv, gamma_f, gamma_lam, /*carry=*/true,
+                           next_value[h], last[h]);
+                  const LaneMask valid = mv != 0.f;
+                  const Lanes g = valid ? last[h] : Lanes{};  // G, 0 at masked positions
+                  store_lanes(&reward_buf[at], g);
+                  pivot[h] = (valid & ~pivoted[h]) ? last[h] : pivot[h];
+                  pivoted[h] |= valid;
+                  const Lanes d = valid ? last[h] - pivot[h] : Lanes{};
+                  count[h] += valid ? Lanes{} + 1.f : Lanes{};
+                  weight[h] += mv;
+                  first[h] += d * mv;
+                  second[h] += d * d * mv;
                 }
               }
               for (int64_t j = 0; j < rows; ++j) {
+                const int64_t h = j / kLanes, l = j % kLanes;
+                row[j].valid += static_cast<int64_t>(count[h][l]);
+                row[j].weight += weight[h][l];
+                row[j].first += first[h][l];
+                row[j].second += second[h][l];
                 O* g = gp + (c0 + j) * T + lo;
-                for (int64_t i = 0; i < n; ++i) g[i] = static_cast<O>(reward_buf[j * kChunk + i]);
+                for (int64_t i = 0; i < n; ++i) g[i] = static_cast<O>(reward_buf[i * kInterleave + j]);
               }
             }
-            for (int64_t j = 0; j < rows; ++j) moments[c0 + j] = row[j];
+            for (int64_t j = 0; j < rows; ++j) {
+              row[j].pivot = pivot[j / kLanes][j % kLanes];
+              moments[c0 + j] = row[j];
+            }
           }
         });
         const Whitening w = finish_whitening(moments, eps);
