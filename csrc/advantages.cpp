@@ -629,6 +629,26 @@ inline void on_tokens_row(O* v, const O* m, int64_t n, bool bool_mask) {
   }
 }
 
+// In place on each of `count` rows of T: the cumulative sum (reverse: from the end), accumulated in fp64
+// and rounded per position, kInterleave rows at a time (a short last block reads and writes `spare`, T
+// elements of scratch).
+template <bool kReverse, typename O>
+void scan_rows(O* const* rows, int64_t count, int64_t T, O* spare) {
+  for (int64_t j0 = 0; j0 < count; j0 += kInterleave) {
+    O* r[kInterleave];
+    for (int64_t l = 0; l < kInterleave; ++l) r[l] = j0 + l < count ? rows[j0 + l] : spare;
+    double acc[kInterleave] = {};
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t t = kReverse ? T - 1 - i : i;
+#pragma GCC unroll 8
+      for (int64_t l = 0; l < kInterleave; ++l) {
+        acc[l] += static_cast<double>(r[l][t]);
+        r[l][t] = static_cast<O>(acc[l]);
+      }
+    }
+  }
+}
+
 template <typename O>
 struct BaselineInputs {
   RowSource<O> rewards, mask, log_probs, pi_squared, is_weights;
@@ -670,25 +690,13 @@ void baseline_group(const BaselineInputs<O>& in, const int64_t* members, int64_t
     }
     on_tokens_row(w, m, T, in.bool_mask);
   }
-  // 2. The scans, the members' chains interleaved (independent additions overlap their latencies):
+  // 2. The scans, kInterleave members' chains at a time (independent additions overlap their latencies):
   // G = reverse cumsum, W = cumsum, each accumulated in fp64 and rounded per position (torch's CPU cumsum).
-  std::vector<double> acc(static_cast<size_t>(k));
-  std::fill(acc.begin(), acc.end(), 0.0);
-  for (int64_t t = T - 1; t >= 0; --t) {
-    for (int64_t j = 0; j < k; ++j) {
-      O* g = returns + members[j] * T;
-      acc[j] += static_cast<double>(g[t]);
-      g[t] = static_cast<O>(acc[j]);
-    }
-  }
-  std::fill(acc.begin(), acc.end(), 0.0);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < k; ++j) {
-      O* w = advantages + members[j] * T;
-      acc[j] += static_cast<double>(w[t]);
-      w[t] = static_cast<O>(acc[j]);
-    }
-  }
+  std::vector<O*> rows(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) rows[j] = returns + members[j] * T;
+  scan_rows</*kReverse=*/true>(rows.data(), k, T, tmp);
+  for (int64_t j = 0; j < k; ++j) rows[j] = advantages + members[j] * T;
+  scan_rows</*kReverse=*/false>(rows.data(), k, T, tmp);
   // 3. Σ_g G·W and Σ_g W per position (optimal_token_baseline: W·m; multi-turn: per k-th valid token).
   std::fill(num, num + T, O(0));
   std::fill(den, den + T, O(0));
