@@ -449,10 +449,15 @@ def test_cpp_kernels_strided_and_nan_inputs(name, mask_kind):
 
 
 def test_cpp_kernels_parallel_rows():
-    """Enough rows for several parallel work items, the last with a partial block of interleaved rows."""
+    """Enough rows for several parallel work items, the last with a partial block of interleaved rows;
+    groups larger than a block of interleaved members (11 > 8)."""
     rewards, mask, index, extra = _odd_batch(45, 4096, 3)
     for name in ORACLE_NAMES:
         _compare_paths(name, rewards, mask, index, extra, "45 x 4096")
+    for name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
+        _compare_paths(name, rewards[:, :300], mask[:, :300], torch.arange(45) // 11,
+                       {key: value[:, :300] if key in TOKEN_INPUTS else value for key, value in extra.items()},
+                       "groups of 11")
 
 
 def test_auto_backend_on_cpu_is_cpp():

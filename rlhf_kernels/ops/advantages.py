@@ -3,10 +3,14 @@ path), their broadcast to tokens, and the advantage estimators of verl 0.9.1's r
 semantics, plus TRL's batch-std GRPO and OpenRLHF's FlashREINFORCE) over groups given by an arbitrary
 index tensor: ``ADVANTAGE_ESTIMATORS`` / ``compute_advantages``.
 
-Plain PyTorch (O(B·T) memory-bound work, nothing worth a kernel): the groups are segment reductions
-(``index_add_`` / ``scatter_reduce_``) into buffers of B slots, so no size depends on the data and nothing
-synchronises the host; no Python loop over groups or samples.  docs/advantages.md states every estimator's
-math, its singleton rule and the results defined where verl raises or divides by zero.
+The group statistics are PyTorch on [B]: segment reductions (``index_add_`` / ``scatter_reduce_``) into
+buffers of B slots, so no size depends on the data and nothing synchronises the host; no Python loop over
+groups or samples.  The [B, T] passes (the broadcast onto the tokens, the whitened broadcast, the remax
+and reinforce_plus_plus scans, the optimal-token baselines) run, on CPU tensors, as the C++ kernels of
+``csrc/advantages.cpp`` (``_dispatch`` family "advantages": cpu ``cpp`` then ``torch``; CUDA and the
+fallback ``RLHF_KERNELS_EXT=0`` run the PyTorch path of ``ops/cpu/advantages.py``).  docs/advantages.md
+states every estimator's math, its singleton rule, the results defined where verl raises or divides by
+zero, and the CPU speed.
 
 This module also re-exports the token-level families it used to hold, so that
 ``from rlhf_kernels.ops.advantages import compute_gae`` keeps working: GAE is ``ops/gae.py``, masked
