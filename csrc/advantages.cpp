@@ -664,13 +664,13 @@ void baseline_group(const BaselineInputs<O>& in, const int64_t* members, int64_t
                     std::vector<O>& masks, std::vector<O>& work) {
   const int64_t T = in.T;
   masks.resize(static_cast<size_t>(k * T));
-  work.resize(static_cast<size_t>(4 * T + 2 * k * T));
+  work.resize(static_cast<size_t>(4 * T + (in.multi_turn ? 2 * k * T : 0)));
   O* tmp = work.data();
   O* num = tmp + T;
   O* den = num + T;
   O* base = den + T;
-  O* packed_g = base + T;         // [k, T] (multi_turn)
-  O* packed_w = packed_g + k * T;  // [k, T]
+  O* packed_g = in.multi_turn ? base + T : nullptr;          // [k, T]
+  O* packed_w = in.multi_turn ? packed_g + k * T : nullptr;  // [k, T]
   // 1. Per member: r·m into its returns row, w·m = (1 − 2·exp(log π) + Σπ²)·ρ²·m into its advantages row.
   for (int64_t j = 0; j < k; ++j) {
     const int64_t b = members[j];
@@ -700,7 +700,6 @@ void baseline_group(const BaselineInputs<O>& in, const int64_t* members, int64_t
   // 3. Σ_g G·W and Σ_g W per position (optimal_token_baseline: W·m; multi-turn: per k-th valid token).
   std::fill(num, num + T, O(0));
   std::fill(den, den + T, O(0));
-  std::vector<int64_t> valid_count(static_cast<size_t>(k));
   std::vector<O> lengths(static_cast<size_t>(k));
   int64_t nonempty = 0;
   for (int64_t j = 0; j < k; ++j) {
@@ -718,7 +717,6 @@ void baseline_group(const BaselineInputs<O>& in, const int64_t* members, int64_t
       length = 0;
       for (int64_t t = 0; t < T; ++t) length += static_cast<double>(m[t]);
     }
-    valid_count[j] = n;
     nonempty += n > 0;
     if (in.multi_turn) {
       lengths[j] = static_cast<O>(n);
