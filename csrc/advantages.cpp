@@ -378,10 +378,14 @@ std::tuple<at::Tensor, at::Tensor> remax_advantages_cpu(const at::Tensor& reward
             double acc[kInterleave] = {};
             for (int64_t hi = T; hi > 0; hi -= kChunk) {
               const int64_t lo = std::max<int64_t>(0, hi - kChunk), n = hi - lo;
-              for (int64_t j = 0; j < rows; ++j) {
+              for (int64_t j = 0; j < kInterleave; ++j) {
+                O* terms = buffer.data() + j * kChunk;
+                if (j >= rows) {  // padding rows of the last block: scanned, never stored
+                  std::fill(terms, terms + n, O(0));
+                  continue;
+                }
                 const R* r = rp + (c0 + j) * rsb + lo * rst;
                 const M* m = mp + (c0 + j) * msb + lo * mst;
-                O* terms = buffer.data() + j * kChunk;
                 with_stride(rst, [&](auto rs) {
                   with_stride(mst, [&](auto ms) {
                     for (int64_t i = 0; i < n; ++i) {
@@ -396,7 +400,8 @@ std::tuple<at::Tensor, at::Tensor> remax_advantages_cpu(const at::Tensor& reward
                 });
               }
               for (int64_t i = n - 1; i >= 0; --i) {
-                for (int64_t j = 0; j < rows; ++j) {
+#pragma GCC unroll 8
+                for (int64_t j = 0; j < kInterleave; ++j) {  // a fixed count: the sums stay in registers
                   O& term = buffer[j * kChunk + i];
                   acc[j] += static_cast<double>(term);
                   term = static_cast<O>(acc[j]);
