@@ -3,9 +3,13 @@ with the peer-parity suite's placeholders for its heavy dependencies), 4096 resp
 under shuffled uids, T = 2048.  Each case is first checked equal to verl at the valid tokens.
 
 verl groups with Python dicts and loops over samples (and, for reinforce_plus_plus, over T); ours are
-segment reductions.  Minimal traffic: the outcome estimators read the rewards and the mask and write
-the advantages, B·T·(4 + 1 + 4) bytes; the optimal-token-baseline ones also read log π and Σπ² and write
-the returns, B·T·(4·3 + 1 + 4·2).
+segment reductions on [B] and, on CPU tensors, the C++ kernels of csrc/advantages.cpp for the [B, T]
+passes.  Two rows of ours: ``rlhf_kernels`` is the default ("auto": ``cpp`` on CPU, its note says which
+backend ran), ``rlhf_kernels (torch)`` the plain-PyTorch path forced.  Threads: torch's (set
+``OMP_NUM_THREADS``).  Minimal traffic (fp32 rewards, fp32 mask as in this benchmark): the outcome
+estimators read the rewards and the mask and write the advantages, B·T·4·3 bytes (remax and
+reinforce_plus_plus also write the returns: B·T·4·4); the optimal-token-baseline ones also read log π and
+Σπ² and write the returns, B·T·4·6.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf_kernels import _dispatch
 from rlhf_kernels.ops.advantages import ADVANTAGE_ESTIMATORS, uid_index
+from rlhf_kernels.ops.advantages import FAMILY as OPS_FAMILY
 
 from .harness import Bench
 
@@ -95,15 +101,29 @@ def _check(name: str, ours, theirs, mask: torch.Tensor) -> None:
         raise AssertionError(f"advantages {name}: ours differ from verl's by {error:.3g} (tol {tol:g})")
 
 
+def _traffic(name: str, B: int, T: int) -> int:
+    if "optimal" in name:
+        return B * T * 4 * 6
+    return B * T * 4 * (4 if name in ("remax", "reinforce_plus_plus") else 3)
+
+
 def run(bench: Bench, B: int = 4096, T: int = 2048) -> None:
     verl = _verl_core()
     rewards, mask, uids, extra = _inputs(B, T, bench.device)
     index = uid_index(uids, bench.device)
+    backend = _dispatch.backend_for(OPS_FAMILY, bench.device)
     for name, (ours, theirs) in _cases(verl, rewards, mask, uids, index, extra).items():
         _check(name, ours, theirs, mask)
-        token_level = "optimal" in name
-        traffic = B * T * ((4 * 3 + 1 + 4 * 2) if token_level else (4 + 1 + 4))
+        traffic = _traffic(name, B, T)
         case = f"{name} B={B} G={GROUP} T={T}"
         bench.measure(FAMILY, case, "verl", "fwd", theirs, bytes_moved=traffic, memory=False)
         bench.measure(FAMILY, case, "rlhf_kernels", "fwd", ours, bytes_moved=traffic, memory=False,
-                      baseline="verl")
+                      baseline="verl", note=f"backend {backend}")
+        if backend != "torch":
+            def forced_torch(ours=ours):
+                with _dispatch.use_backend("torch"):
+                    return ours()
+
+            _check(name, forced_torch, theirs, mask)
+            bench.measure(FAMILY, case, "rlhf_kernels (torch)", "fwd", forced_torch, bytes_moved=traffic,
+                          memory=False, baseline="verl", note="backend torch")

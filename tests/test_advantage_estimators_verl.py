@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close
-
 from peers.placeholders import import_peer
+from test_advantages import estimator_backend  # noqa: F401  (the cpp / torch axis of the CPU paths)
+
 from rlhf_kernels.ops import advantages as adv
 
 TOL = 2e-5
@@ -46,6 +47,7 @@ def _same(ours, theirs, mask, tol=TOL, what=""):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("norm", [True, False], ids=["grpo", "dr_grpo"])
+@pytest.mark.usefixtures("estimator_backend")
 def test_grpo_family(verl, seed, norm):
     rewards, mask, uids = _batch(seed)
     index = adv.uid_index(uids)
@@ -60,6 +62,7 @@ def test_grpo_family(verl, seed, norm):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.usefixtures("estimator_backend")
 def test_leave_one_out_and_opo(verl, seed):
     rewards, mask, uids = _batch(seed)
     index = adv.uid_index(uids)
@@ -70,6 +73,7 @@ def test_leave_one_out_and_opo(verl, seed):
 
 
 @pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.usefixtures("estimator_backend")
 def test_grpo_passk(verl, norm):
     rewards, mask, uids = _batch(2, singletons=False)
     rewards[:, 0] = rewards[:, 0].round()  # ties for the best score in some groups
@@ -80,6 +84,7 @@ def test_grpo_passk(verl, norm):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.usefixtures("estimator_backend")
 def test_whitened_estimators(verl, seed):
     rewards, mask, uids = _batch(seed)
     index = adv.uid_index(uids)
@@ -98,6 +103,7 @@ def test_whitened_estimators(verl, seed):
 
 
 @pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.usefixtures("estimator_backend")
 def test_gdpo_reward_components(verl, norm):
     rewards, mask, uids = _batch(3)
     B, T = rewards.shape
@@ -115,13 +121,18 @@ def test_gdpo_reward_components(verl, norm):
     _same(ours[0], peer[0], mask, WHITENED_TOL, "gdpo")
 
 
-def test_remax_and_gae(verl):
+@pytest.mark.usefixtures("estimator_backend")
+def test_remax(verl):
     rewards, mask, _ = _batch(4)
     baselines = torch.randn(rewards.shape[0])
     ours = adv.compute_advantages("remax", rewards, baselines, mask)
     peer = verl.compute_remax_outcome_advantage(rewards, baselines, mask)
     _same(ours[0], peer[0], mask, what="remax advantages")  # verl: G ≠ 0 at masked positions before a valid one
     assert_close(ours[1], peer[1], TOL, "remax returns")
+
+
+def test_gae(verl):
+    rewards, mask, _ = _batch(4)
     values = torch.randn(rewards.shape)
     ours = adv.compute_advantages("gae", rewards, values, mask, 0.99, 0.95)
     peer = verl.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
@@ -132,6 +143,7 @@ def test_remax_and_gae(verl):
 @pytest.mark.parametrize("name", ["optimal_token_baseline", "tir_optimal_token_baseline"])
 @pytest.mark.parametrize("zero_tail", [True, False])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "rollout_is_weights"])
+@pytest.mark.usefixtures("estimator_backend")
 def test_optimal_token_baseline(verl, name, zero_tail, weighted):
     rewards, mask, uids = _batch(5)
     mask[4, 7:] = 0.0

@@ -11,7 +11,8 @@ from conftest import HAS_CUDA, assert_close
 from test_gae import gae_inputs
 
 import rlhf_kernels.ops.advantages as adv
-from rlhf_kernels import _dispatch
+from rlhf_kernels import _dispatch, _ext
+from rlhf_kernels.ops.cpu import advantages as cpu_adv
 from rlhf_kernels.reference import advantages as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -166,6 +167,17 @@ def test_old_import_paths_reexport_the_families():
 WHITENED = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gdpo")  # whitening runs in fp32
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def estimator_backend(request):
+    """The estimators' two CPU paths, forced: the C++ kernels of csrc/advantages.cpp and plain PyTorch.
+    The extension is built here on first use: a build failure fails the cpp cases, it does not skip them."""
+    if request.param == "cpp":
+        reason = _ext.unavailable_reason(adv.FAMILY, "cpp")
+        assert reason is None, reason
+    with _dispatch.use_backend(request.param):
+        yield request.param
+
+
 def _estimator_batch(dtype=torch.float32, mask_dtype=torch.float32, seed=0, sizes=(3, 1, 5, 2, 4, 1)):
     """Groups of several sizes (singletons too) under scattered, non-consecutive ids, a mask with right
     padding, a hole and an empty row, and the per-token inputs of the optimal-token-baseline family."""
@@ -221,7 +233,7 @@ ORACLE_NAMES = sorted(set(adv.ADVANTAGE_ESTIMATORS) - {"gae", "grpo_vectorized",
 
 @pytest.mark.parametrize("name", ORACLE_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_estimators_match_oracle(name, dtype):
+def test_estimators_match_oracle(name, dtype, estimator_backend):
     mask_dtype = torch.bool if dtype == torch.float64 else torch.float32
     rewards, mask, index, extra = _estimator_batch(dtype, mask_dtype)
     got, got_returns = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)
@@ -238,7 +250,7 @@ def test_estimators_match_oracle(name, dtype):
     assert bool((got[mask == 0] == 0).all())
 
 
-def test_rloo_variants_and_grpo_alias():
+def test_rloo_variants_and_grpo_alias(estimator_backend):
     rewards, mask, index, _ = _estimator_batch()
     table = adv.ADVANTAGE_ESTIMATORS
     assert_close(table["rloo"](rewards, mask, index)[0], ref.rloo_advantages(rewards, mask, index), 2e-5, "rloo")
@@ -247,7 +259,7 @@ def test_rloo_variants_and_grpo_alias():
     assert table["grpo_vectorized"] is table["grpo"]
 
 
-def test_estimators_follow_the_samples_not_their_order():
+def test_estimators_follow_the_samples_not_their_order(estimator_backend):
     """Permuting the batch (and relabelling the groups) permutes the advantages."""
     rewards, mask, index, extra = _estimator_batch(seed=3)
     perm = torch.randperm(index.shape[0])
@@ -259,7 +271,7 @@ def test_estimators_follow_the_samples_not_their_order():
         torch.testing.assert_close(shuffled, base[perm], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_group_advantages_fast_path_agrees_with_grpo():
+def test_group_advantages_fast_path_agrees_with_grpo(estimator_backend):
     scores = torch.randn(24)
     mask = torch.ones(24, 5)
     rewards = torch.zeros(24, 5)
@@ -271,7 +283,7 @@ def test_group_advantages_fast_path_agrees_with_grpo():
         torch.testing.assert_close(grpo[:, 0], fast, rtol=1e-5, atol=1e-6)
 
 
-def test_estimator_singletons_and_degenerate_batches():
+def test_estimator_singletons_and_degenerate_batches(estimator_backend):
     rewards = torch.tensor([[1.0, 2.0], [4.0, 0.0], [5.0, 1.0]])
     mask = torch.ones(3, 2)
     index = torch.tensor([0, 1, 1])
@@ -312,7 +324,7 @@ def test_estimator_errors():
         adv.compute_advantages(3, rewards, mask, index)
 
 
-def test_estimators_do_not_modify_inputs():
+def test_estimators_do_not_modify_inputs(estimator_backend):
     rewards, mask, index, extra = _estimator_batch()
     copies = [t.clone() for t in (rewards, mask, index, *extra.values())]
     for name in ORACLE_NAMES:
@@ -332,3 +344,170 @@ def test_estimators_no_host_sync_on_cuda():
             _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ kernels (csrc/advantages.cpp) against the PyTorch path: odd shapes, dtypes, strides, NaN
+# --------------------------------------------------------------------------------------------------
+TOKEN_INPUTS = ("old_log_probs", "sum_pi_squared", "rollout_is_weights")
+
+
+def _odd_batch(B, T, seed, dtype=torch.float32, mask_kind="float"):
+    """An estimator batch of any shape: groups of 1-4 members under scattered ids, a right-padded mask
+    with a hole (and an empty row when B > 2), ``mask_kind`` one of bool / float / uint8 / int32 / float64
+    / fractional (weights 0, 0.5, 1, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    index = (torch.randint(0, max(1, B // 2), (B,), generator=g) * 37 - 5)
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    valid = torch.arange(T) < lengths[:, None]
+    if B > 2 and T > 3:
+        valid[1, 1:3] = False
+        valid[2] = False
+    if mask_kind == "fractional":
+        weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[torch.randint(0, 3, (B, T), generator=g)]
+        mask = torch.where(valid, weights, 0.0).float()
+    else:
+        dtypes = {"bool": torch.bool, "float": torch.float32, "uint8": torch.uint8, "int32": torch.int32,
+                  "float64": torch.float64}
+        mask = valid.to(dtypes[mask_kind])
+    extra = {
+        "old_log_probs": -torch.rand(B, T, generator=g, dtype=torch.float64) * 3,
+        "sum_pi_squared": torch.rand(B, T, generator=g, dtype=torch.float64) * 0.5,
+        "rollout_is_weights": torch.rand(B, T, generator=g, dtype=torch.float64) * 2,
+        "reward_baselines": torch.randn(B, generator=g, dtype=torch.float64),
+        "reward_scores": torch.randn(B, 3, generator=g, dtype=torch.float64),
+    }
+    return rewards.to(dtype), mask, index, {key: value.to(dtype) for key, value in extra.items()}
+
+
+def _both_paths(name, rewards, mask, index, extra):
+    """(cpp, torch): each a tuple (advantages, returns or None)."""
+    results = []
+    for backend in ("cpp", "torch"):
+        with _dispatch.use_backend(backend):
+            results.append(_run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra))
+    return results
+
+
+def _assert_same_path(got, want, tol, what):
+    """Equal dtype and shape, non-finite values in the same places with the same values (NaN in, NaN
+    out exactly as the PyTorch path), the finite ones within ``tol``."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    finite = want.isfinite()
+    assert torch.equal(got.isfinite(), finite), f"{what}: non-finite values at other positions"
+    assert torch.equal(got[~finite].nan_to_num(), want[~finite].nan_to_num()), f"{what}: other non-finite"
+    assert_close(torch.where(finite, got, 0), torch.where(finite, want, 0), tol, what)
+
+
+def _compare_paths(name, rewards, mask, index, extra, what):
+    (got, got_returns), (want, want_returns) = _both_paths(name, rewards, mask, index, extra)
+    fp64 = got.dtype == torch.float64 and name not in WHITENED and name != "reinforce_plus_plus"
+    _assert_same_path(got, want, 1e-12 if fp64 else 2e-5, f"{name} {what}")
+    if want_returns is not None:
+        _assert_same_path(got_returns, want_returns, 1e-12 if fp64 else 2e-5, f"{name} returns {what}")
+
+
+VARIANTS = {
+    "fp32_float_mask": dict(),
+    "bf16_bool_mask": dict(dtype=torch.bfloat16, mask_kind="bool"),
+    "fp16_int32_mask": dict(dtype=torch.float16, mask_kind="int32"),
+    "fp64_uint8_mask": dict(dtype=torch.float64, mask_kind="uint8"),
+    "fp32_float64_mask": dict(mask_kind="float64"),
+    "fractional_mask": dict(mask_kind="fractional"),
+    "fp64_fractional_mask": dict(dtype=torch.float64, mask_kind="fractional"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ORACLE_NAMES)
+def test_cpp_kernels_match_torch_path(name, variant):
+    """Odd shapes (one sample, one token, 17 tokens), every input dtype and mask kind."""
+    for seed, (B, T) in enumerate(((1, 1), (1, 17), (6, 1), (13, 17), (9, 40))):
+        _compare_paths(name, *_odd_batch(B, T, seed, **VARIANTS[variant]), f"{variant} B={B} T={T}")
+
+
+@pytest.mark.parametrize("mask_kind", ["float", "bool"])
+@pytest.mark.parametrize("name", ORACLE_NAMES)
+def test_cpp_kernels_strided_and_nan_inputs(name, mask_kind):
+    """Transposed and sliced views (any strides), and NaN rewards and log-probs at a valid and at a masked
+    position: the same NaN (NaN·0 = NaN for a numeric mask, ignored under a bool one) as the PyTorch path."""
+    rewards, mask, index, extra = _odd_batch(11, 19, 7, mask_kind=mask_kind)
+    views = (lambda x: x.t().contiguous().t(), lambda x: torch.repeat_interleave(x, 2, dim=-1)[:, ::2])
+    for view in views:
+        moved = {key: view(value) if key in TOKEN_INPUTS else value for key, value in extra.items()}
+        assert not view(rewards).is_contiguous()
+        _compare_paths(name, view(rewards), view(mask), index, moved, "strided")
+    valid = mask != 0
+    masked_at = (~valid).nonzero()[0].tolist()
+    valid_at = valid.nonzero()[-1].tolist()
+    for where in (masked_at, valid_at):
+        poisoned, log_probs = rewards.clone(), extra["old_log_probs"].clone()
+        poisoned[where[0], where[1]] = float("nan")
+        log_probs[where[0], where[1]] = float("nan")
+        _compare_paths(name, poisoned, mask, index, {**extra, "old_log_probs": log_probs}, f"NaN at {where}")
+
+
+def test_cpp_kernels_parallel_rows():
+    """Enough rows for several parallel work items, the last with a partial block of interleaved rows;
+    groups larger than a block of interleaved members (11 > 8)."""
+    rewards, mask, index, extra = _odd_batch(45, 4096, 3)
+    for name in ORACLE_NAMES:
+        _compare_paths(name, rewards, mask, index, extra, "45 x 4096")
+    for name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
+        _compare_paths(name, rewards[:, :300], mask[:, :300], torch.arange(45) // 11,
+                       {key: value[:, :300] if key in TOKEN_INPUTS else value for key, value in extra.items()},
+                       "groups of 11")
+
+
+def test_auto_backend_on_cpu_is_cpp():
+    assert _ext.unavailable_reason(adv.FAMILY, "cpp") is None
+    assert _dispatch.backend_for(adv.FAMILY, "cpu") == "cpp"
+    with _dispatch.use_backend("triton"):  # a backend this family lacks: the PyTorch path, as before
+        rewards, mask, index, _ = _odd_batch(4, 5, 0)
+        assert adv.compute_advantages("grpo", rewards, mask, index)[0].shape == (4, 5)
+
+
+def cpp_op_samples() -> dict[str, list[tuple]]:
+    """opcheck samples of the registered C++ ops (the builder tests/test_registration.py needs)."""
+    rewards, mask, index, extra = _odd_batch(5, 7, 1)
+    ids = cpu_adv.find_groups(index, torch.float32).ids
+    lp, pi2, rho = (extra[key] for key in TOKEN_INPUTS)
+    values = torch.randn(5)
+    return {
+        "advantages_on_tokens_cpp": [(values, mask), (values.double(), mask.bool())],
+        "advantages_whitened_on_tokens_cpp": [(values, mask, 1e-8), (values.double(), mask.bool(), 0.0)],
+        "remax_cpp": [(rewards, extra["reward_baselines"], mask),
+                      (rewards.double(), values.double(), mask.bool())],
+        "reinforce_plus_plus_cpp": [(rewards, mask, 0.9, 1e-8, False),
+                                    (rewards.half(), mask.bool(), 1.0, 1e-8, True)],
+        "optimal_token_baseline_cpp": [
+            (rewards, mask, ids, lp, pi2, rho, True, 1e-8, False, False),
+            (rewards.double(), mask.bool(), ids, lp, pi2, None, False, 0.0, True, True),
+        ],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(cpp_op_samples()))
+def test_cpp_ops_opcheck(name):
+    for args in cpp_op_samples()[name]:
+        torch.library.opcheck(getattr(torch.ops.rlhf_kernels, name).default, args)
+
+
+def test_cpp_ops_compile_fullgraph():
+    """The C++ ops trace as opaque registered ops: a compiled step of three estimators equals eager."""
+
+    def step(rewards, mask, index, log_probs, pi_squared, baselines):
+        grpo = adv.compute_advantages("grpo", rewards, mask, index)[0]
+        rpp = adv.compute_advantages("reinforce_plus_plus", rewards, mask, 0.9)
+        remax = adv.compute_advantages("remax", rewards, baselines, mask)
+        otb = adv.compute_advantages("optimal_token_baseline", rewards, mask, index, log_probs, pi_squared)
+        return grpo, *rpp, *remax, *otb
+
+    rewards, mask, index, extra = _odd_batch(9, 13, 5)
+    args = (rewards, mask, index, extra["old_log_probs"], extra["sum_pi_squared"], extra["reward_baselines"])
+    with _dispatch.use_backend("cpp"):
+        expected = step(*args)
+        compiled = torch.compile(step, fullgraph=True)(*args)
+    for got, want in zip(compiled, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

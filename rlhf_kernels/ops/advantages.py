@@ -3,10 +3,14 @@ path), their broadcast to tokens, and the advantage estimators of verl 0.9.1's r
 semantics, plus TRL's batch-std GRPO and OpenRLHF's FlashREINFORCE) over groups given by an arbitrary
 index tensor: ``ADVANTAGE_ESTIMATORS`` / ``compute_advantages``.
 
-Plain PyTorch (O(B·T) memory-bound work, nothing worth a kernel): the groups are segment reductions
-(``index_add_`` / ``scatter_reduce_``) into buffers of B slots, so no size depends on the data and nothing
-synchronises the host; no Python loop over groups or samples.  docs/advantages.md states every estimator's
-math, its singleton rule and the results defined where verl raises or divides by zero.
+The group statistics are PyTorch on [B]: segment reductions (``index_add_`` / ``scatter_reduce_``) into
+buffers of B slots, so no size depends on the data and nothing synchronises the host; no Python loop over
+groups or samples.  The [B, T] passes (the broadcast onto the tokens, the whitened broadcast, the remax
+and reinforce_plus_plus scans, the optimal-token baselines) run, on CPU tensors, as the C++ kernels of
+``csrc/advantages.cpp`` (``_dispatch`` family "advantages": cpu ``cpp`` then ``torch``; CUDA and the
+fallback ``RLHF_KERNELS_EXT=0`` run the PyTorch path of ``ops/cpu/advantages.py``).  docs/advantages.md
+states every estimator's math, its singleton rule, the results defined where verl raises or divides by
+zero, and the CPU speed.
 
 This module also re-exports the token-level families it used to hold, so that
 ``from rlhf_kernels.ops.advantages import compute_gae`` keeps working: GAE is ``ops/gae.py``, masked
@@ -19,11 +23,12 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .. import _dispatch
 from .._validation import (
     FLOAT_DTYPES,
     check_at_least,
@@ -39,6 +44,7 @@ from .._validation import (
     check_shape,
     compute_dtype,
 )
+from .cpu import advantages as cpu
 
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them on first use
     from .gae import compute_gae
@@ -60,6 +66,20 @@ __all__ = [
 _MOVED = {"compute_gae": ".gae", "masked_whiten": ".whiten", "token_level_rewards": ".token_rewards"}
 
 GROUP_NORMS = ("std", "none")
+
+FAMILY = "advantages"
+_dispatch.register_family(FAMILY, cuda=("torch",), cpu=("cpp", "torch"))
+
+WHITEN_EPS = 1e-8  # masked_whiten's default, as verl's
+
+
+def _route(device: torch.device, cpp: Callable, torch_fn: Callable) -> Callable:
+    """The C++ kernel where ``_dispatch`` picks "cpp" for this family on ``device``, else ``torch_fn``.
+    A forced backend that this family does not have (triton, cuda) runs the PyTorch path, as before the
+    family had a C++ kernel (the estimators are plain PyTorch there)."""
+    if _dispatch.get_backend() in ("triton", "cuda"):
+        return torch_fn
+    return _dispatch.route(FAMILY, device, cpp=cpp, torch=torch_fn)
 
 
 def group_advantages(
@@ -156,49 +176,6 @@ def uid_index(uids: Sequence[object] | np.ndarray, device: torch.device | str | 
     return torch.from_numpy(inverse.astype(np.int64).reshape(-1)).to(device)
 
 
-class _Groups(NamedTuple):
-    """Dense group ids of the samples and per-sample group sizes, all [B] (at most B groups, so every
-    per-group buffer has B slots: no size depends on the data, no host sync)."""
-
-    ids: torch.Tensor  # int64 [B] in [0, B)
-    size: torch.Tensor  # n_g of each sample's group, in the compute dtype
-
-    def total(self, values: torch.Tensor) -> torch.Tensor:
-        """Σ over each group of ``values`` [B, ...], per group slot [B, ...]."""
-        return values.new_zeros(values.shape).index_add_(0, self.ids, values)
-
-    def spread(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-group ``values`` [B, ...] (one per slot) back to the samples."""
-        return values.index_select(0, self.ids)
-
-    def amax(self, values: torch.Tensor) -> torch.Tensor:
-        """max over each group of ``values`` [B] (NaN if any is NaN), back to the samples."""
-        top = values.new_full(values.shape, -math.inf).scatter_reduce_(0, self.ids, values, "amax")
-        return self.spread(top)
-
-    def mean_std(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample group mean and unbiased std (two passes, as torch.std); a group of one sample has
-        mean 0 and std 1 (verl).  ``scores`` [B] or [B, K]."""
-        size = self.size.view(-1, *([1] * (scores.dim() - 1)))
-        mean = self.spread(self.total(scores)) / size
-        centred = scores - mean
-        std = (self.spread(self.total(centred * centred)) / (size - 1).clamp_min(1)).sqrt()
-        alone = size == 1
-        return torch.where(alone, 0.0, mean), torch.where(alone, 1.0, std)
-
-
-def _groups(index: torch.Tensor, dtype: torch.dtype) -> _Groups:
-    """Samples with equal ``index`` values form a group (any values, any order): sort, mark where the
-    sorted value changes, number the runs, and scatter the numbers back."""
-    ordered, order = torch.sort(index, stable=True)
-    starts = torch.ones_like(ordered, dtype=torch.int64)
-    starts[1:] = (ordered[1:] != ordered[:-1]).to(torch.int64)
-    ids = torch.empty_like(starts).scatter_(0, order, starts.cumsum(0) - 1)
-    size = torch.zeros(index.shape[0], dtype=dtype, device=index.device)
-    size = size.index_add_(0, ids, torch.ones_like(size)).index_select(0, ids)
-    return _Groups(ids, size)
-
-
 def _check_estimator_inputs(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor | None = None,
     **others: torch.Tensor | None,
@@ -223,26 +200,16 @@ def _check_estimator_inputs(
 
 def _on_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """values·m (verl's product: 0 at masked positions for finite values, NaN·0 = NaN stays NaN), in one
-    pass; ``values`` [B] (one per sequence) or [B, T]."""
+    pass; ``values`` [B] (one per sequence: the C++ kernel on CPU) or [B, T]."""
     if values.dim() == 1:
-        values = values.unsqueeze(-1)
-    if response_mask.dtype == torch.bool:
-        return torch.where(response_mask, values, 0.0).to(values.dtype)
-    return values * response_mask.to(values.dtype)
+        return _route(values.device, cpu.advantages_on_tokens_cpp, cpu.on_tokens_torch)(values, response_mask)
+    return cpu.on_tokens_torch(values, response_mask)
 
 
-def _whiten_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """verl's ``masked_whiten(values, mask) * mask`` (statistics in fp32, see docs/whiten.md)."""
-    from .whiten import masked_whiten
-
-    whitened = masked_whiten(values.to(torch.float32), response_mask)
-    return _on_tokens(whitened.to(values.dtype), response_mask)
-
-
-def _reverse_cumsum(values: torch.Tensor) -> torch.Tensor:
-    """Σ_{s ≥ t} values[..., s] (verl's flip-cumsum-flip, same order of additions); ``values`` may be
-    a temporary: the cumulative sum runs in place on its flipped copy (two [B, T] buffers, not three)."""
-    return values.flip(-1).cumsum_(-1).flip(-1)
+def _whitened_on_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``masked_whiten(values·m, m)·m`` of per-sequence ``values`` [B]."""
+    return _route(values.device, cpu.advantages_whitened_on_tokens_cpp, cpu.whitened_on_tokens_torch)(
+        values, response_mask, WHITEN_EPS)
 
 
 def _scores(token_level_rewards: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -264,7 +231,7 @@ def grpo_advantages(
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     epsilon = check_at_least("epsilon", epsilon, 0.0)
     scores = _scores(token_level_rewards, dtype)
-    mean, std = _groups(index, dtype).mean_std(scores)
+    mean, std = cpu.find_groups(index, dtype).mean_std(scores)
     advantages = scores - mean
     if norm_adv_by_std_in_grpo:
         advantages = advantages / (std + epsilon)
@@ -281,7 +248,7 @@ def grpo_passk_advantages(
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     epsilon = check_at_least("epsilon", epsilon, 0.0)
     scores = _scores(token_level_rewards, dtype)
-    groups = _groups(index, dtype)
+    groups = cpu.find_groups(index, dtype)
     best = groups.amax(scores)
     position = torch.arange(scores.shape[0], device=scores.device)
     candidate = torch.where((scores == best) | scores.isnan(), position, scores.shape[0])
@@ -301,7 +268,7 @@ def rloo_advantages(
     """``"rloo"``: A = n/(n−1)·(s − μ_g) = s − mean of the others; a group of one keeps A = s."""
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     scores = _scores(token_level_rewards, dtype)
-    groups = _groups(index, dtype)
+    groups = cpu.find_groups(index, dtype)
     n = groups.size
     loo = n / (n - 1).clamp_min(1) * (scores - groups.spread(groups.total(scores)) / n)
     return _pair(torch.where(n > 1, loo, scores), response_mask)
@@ -314,7 +281,7 @@ def rloo_vectorized_advantages(
     """``"rloo_vectorized"``: as ``"rloo"`` except that a group of one gets A = 0."""
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     scores = _scores(token_level_rewards, dtype)
-    groups = _groups(index, dtype)
+    groups = cpu.find_groups(index, dtype)
     n = groups.size
     loo = (n * scores - groups.spread(groups.total(scores))) / (n - 1).clamp_min(1)
     return _pair(torch.where(n > 1, loo, 0.0), response_mask)
@@ -329,7 +296,7 @@ def opo_advantages(
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     scores = _scores(token_level_rewards, dtype)
     lengths = response_mask.sum(-1, dtype=dtype)
-    groups = _groups(index, dtype)
+    groups = cpu.find_groups(index, dtype)
     weight = groups.spread(groups.total(lengths))
     baseline = groups.spread(groups.total(lengths * scores)) / torch.where(weight != 0, weight, 1.0)
     return _pair(scores - torch.where((groups.size > 1) & (weight != 0), baseline, 0.0), response_mask)
@@ -343,7 +310,7 @@ def gpg_advantages(
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     f_norm = check_real("f_norm", f_norm)
     scores = _scores(token_level_rewards, dtype)
-    mean, _ = _groups(index, dtype).mean_std(scores)
+    mean, _ = cpu.find_groups(index, dtype).mean_std(scores)
     alpha = scores.shape[0] / torch.count_nonzero(scores).clamp_min(1).to(dtype)
     return _pair(alpha * (scores - mean) / f_norm, response_mask)
 
@@ -355,8 +322,8 @@ def reinforce_plus_plus_baseline_advantages(
     """``"reinforce_plus_plus_baseline"``: s − μ_g on every token, whitened over the response tokens."""
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     scores = _scores(token_level_rewards, dtype)
-    mean, _ = _groups(index, dtype).mean_std(scores)
-    advantages = _whiten_tokens(_on_tokens(scores - mean, response_mask), response_mask)
+    mean, _ = cpu.find_groups(index, dtype).mean_std(scores)
+    advantages = _whitened_on_tokens(scores - mean, response_mask)
     return advantages, advantages
 
 
@@ -384,12 +351,12 @@ def gdpo_advantages(
     if reward_weights is not None:
         weights = torch.as_tensor(reward_weights, device=scores.device).to(dtype)
         check_shape("reward_weights", weights, scores.shape[1:], "(K,) of reward_scores [B, K]")
-    mean, std = _groups(index, dtype).mean_std(scores)
+    mean, std = cpu.find_groups(index, dtype).mean_std(scores)
     normalised = scores - mean
     if norm_adv_by_std_in_grpo:
         normalised = normalised / (std + epsilon)
     combined = (normalised * weights).sum(-1)
-    advantages = _whiten_tokens(_on_tokens(combined, response_mask), response_mask)
+    advantages = _whitened_on_tokens(combined, response_mask)
     return advantages, advantages
 
 
@@ -399,15 +366,10 @@ def reinforce_plus_plus_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"reinforce_plus_plus"``: G_t = r_t + γ·G_{t'} over the valid tokens (masked positions carry
     G and get 0), whitened over the response tokens.  Returns (advantages, G)."""
-    from .gae import compute_gae
-
     dtype = _check_estimator_inputs(token_level_rewards, response_mask)
     gamma = check_in_range("gamma", gamma, 0.0, 1.0)
-    rewards = token_level_rewards.to(torch.float32) if dtype == torch.float64 else token_level_rewards
-    carried, _ = compute_gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0, mask_mode="carry")
-    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    returns = torch.where(valid, carried.to(dtype), 0.0)
-    return _whiten_tokens(returns, response_mask), returns
+    return _route(token_level_rewards.device, cpu.reinforce_plus_plus_cpp, cpu.reinforce_plus_plus_torch)(
+        token_level_rewards, response_mask, gamma, WHITEN_EPS, dtype == torch.float64)
 
 
 @torch.no_grad()
@@ -420,42 +382,8 @@ def remax_advantages(
     check_shape("reward_baselines", reward_baselines, token_level_rewards.shape[:1], "token_level_rewards.shape[:1]")
     check_same_device(token_level_rewards=token_level_rewards, reward_baselines=reward_baselines)
     dtype = compute_dtype(token_level_rewards, reward_baselines)
-    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
-    valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    # G − b·m at valid tokens, 0 elsewhere, built in one buffer (−(b·m) + G rounds as G − b·m).
-    advantages = torch.mul(response_mask.to(dtype), reward_baselines.to(dtype).unsqueeze(-1))
-    return advantages.neg_().add_(returns).masked_fill_(~valid, 0.0), returns
-
-
-def _path_weights(
-    response_mask: torch.Tensor, old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor,
-    rollout_is_weights: torch.Tensor | None, dtype: torch.dtype,
-) -> torch.Tensor:
-    """W_t = Σ_{j ≤ t} m_j·w_j, w_j = (1 − 2π_j + Σπ²_j)·ρ_j² (the cumulative path-variance proxy)."""
-    w = 1 - 2 * old_log_probs.to(dtype).exp() + sum_pi_squared.to(dtype)
-    if rollout_is_weights is not None:
-        w = w * rollout_is_weights.to(dtype).square()
-    return _on_tokens(w, response_mask).cumsum(-1)
-
-
-def _token_baseline(groups: _Groups, members: torch.Tensor, returns: torch.Tensor, weights: torch.Tensor,
-                    lengths: torch.Tensor, epsilon: float, handle_zero_tail: bool) -> torch.Tensor:
-    """B_t = Σ_g G_t·W_t / (Σ_g W_t + ε) per group and position, back to the samples [B, T]: 0 for a
-    group of one member (``members`` counts the members of each sample's group) and where the divisor
-    is 0; with ``handle_zero_tail``, 0 from the second-longest length on for a unique longest member."""
-    numerator = groups.spread(groups.total(returns * weights))
-    divisor = groups.spread(groups.total(weights)) + epsilon
-    baseline = torch.where(divisor != 0, numerator / torch.where(divisor != 0, divisor, 1.0), 0.0)
-    baseline = torch.where((members > 1).unsqueeze(-1), baseline, 0.0)
-    if handle_zero_tail:
-        longest = groups.amax(lengths)
-        at_longest = lengths == longest
-        unique = groups.spread(groups.total(at_longest.to(lengths.dtype))) == 1
-        second = groups.amax(torch.where(at_longest, -math.inf, lengths)).floor()
-        position = torch.arange(returns.shape[-1], device=returns.device, dtype=lengths.dtype)
-        cut = (at_longest & unique & (members > 1)).unsqueeze(-1) & (position >= second.unsqueeze(-1))
-        baseline = torch.where(cut, 0.0, baseline)
-    return baseline
+    return _route(token_level_rewards.device, cpu.remax_cpp, cpu.remax_torch)(
+        token_level_rewards, reward_baselines.to(dtype), response_mask)
 
 
 @torch.no_grad()
@@ -466,17 +394,8 @@ def optimal_token_baseline_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"optimal_token_baseline"``: A_t = G_t − B_t with G the reward-to-go of r·m and
     B_t = Σ_g G_t·W_t·m_t / (Σ_g W_t·m_t + ε) per position t of the group.  Returns (A, G)."""
-    dtype = _check_estimator_inputs(
-        token_level_rewards, response_mask, index, old_log_probs=old_log_probs,
-        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
-    epsilon = check_at_least("epsilon", epsilon, 0.0)
-    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
-    weights = _on_tokens(_path_weights(response_mask, old_log_probs, sum_pi_squared, rollout_is_weights, dtype),
-                         response_mask)
-    groups = _groups(index, dtype)
-    lengths = response_mask.sum(-1, dtype=dtype)
-    baseline = _token_baseline(groups, groups.size, returns, weights, lengths, epsilon, handle_zero_tail)
-    return _on_tokens(returns - baseline, response_mask), returns
+    return _token_baseline_estimator(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+                                     rollout_is_weights, handle_zero_tail, epsilon, multi_turn=False)
 
 
 @torch.no_grad()
@@ -488,27 +407,25 @@ def tir_optimal_token_baseline_advantages(
     """``"tir_optimal_token_baseline"`` (multi-turn): as ``"optimal_token_baseline"``, with the
     baseline taken over the k-th *valid* token of each member (tool outputs between turns skipped)
     and empty responses left out of their group.  Returns (A, G)."""
+    return _token_baseline_estimator(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+                                     rollout_is_weights, handle_zero_tail, epsilon, multi_turn=True)
+
+
+def _token_baseline_estimator(
+    token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared, rollout_is_weights,
+    handle_zero_tail, epsilon, *, multi_turn: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates, numbers the groups, and runs the C++ kernel (one pass per group) or the PyTorch path."""
     dtype = _check_estimator_inputs(
         token_level_rewards, response_mask, index, old_log_probs=old_log_probs,
         sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)
     epsilon = check_at_least("epsilon", epsilon, 0.0)
-    returns = _reverse_cumsum(_on_tokens(token_level_rewards.to(dtype), response_mask))
-    weights = _path_weights(response_mask, old_log_probs, sum_pi_squared, rollout_is_weights, dtype)
-    valid = response_mask != 0
-    lengths = valid.sum(-1, dtype=dtype)
-    # The k-th valid token of row b goes to column k; masked positions to a spare column T, dropped.
-    T = valid.shape[-1]
-    slot = torch.where(valid, valid.cumsum(-1) - 1, T)
-    packed_returns, packed_weights = (
-        x.new_zeros(x.shape[0], T + 1).scatter_(1, slot, torch.where(valid, x, 0.0))[:, :T]
-        for x in (returns, weights)
-    )
-    groups = _groups(index, dtype)
-    members = groups.spread(groups.total((lengths > 0).to(dtype)))
-    baseline = _token_baseline(groups, members, packed_returns, packed_weights, lengths, epsilon,
-                               handle_zero_tail)
-    baseline = torch.nn.functional.pad(baseline, (0, 1)).gather(1, slot)
-    return _on_tokens(returns - baseline, response_mask), returns
+    group_ids = cpu.find_groups(index, dtype).ids
+    implementation = _route(token_level_rewards.device, cpu.optimal_token_baseline_cpp,
+                            cpu.optimal_token_baseline_torch)
+    return implementation(token_level_rewards, response_mask, group_ids, old_log_probs, sum_pi_squared,
+                          rollout_is_weights, bool(handle_zero_tail), epsilon, multi_turn,
+                          dtype == torch.float64)
 
 
 @torch.no_grad()
@@ -534,7 +451,7 @@ def grpo_batch_std_advantages(
     dtype = _check_estimator_inputs(token_level_rewards, response_mask, index)
     epsilon = check_at_least("epsilon", epsilon, 0.0)
     scores = _scores(token_level_rewards, dtype)
-    groups = _groups(index, dtype)
+    groups = cpu.find_groups(index, dtype)
     centred = scores - scores.mean() if scores.shape[0] else scores
     spread = (centred.square().sum() / max(scores.shape[0] - 1, 1)).sqrt()
     advantages = (scores - groups.spread(groups.total(scores)) / groups.size) / (spread + epsilon)
