@@ -18,7 +18,7 @@ issued once per extension, and the "auto" backend falls back to the next one (Tr
 nothing raises.  ``RLHF_KERNELS_EXT=0`` turns the extensions off without a warning.
 
 Families with extension kernels: ``gae`` (``cpp`` and ``cuda``), ``policy_losses`` and ``ppo_losses``
-(``cpp``: the token-level policy-loss core).
+(``cpp``: the token-level policy-loss core), ``advantages`` (``cpp``: the estimators' [B, T] passes).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _HEADERS = (
 )
 _PREBUILT = {"cpp": "rlhf_kernels._cpu_cpp", "cuda": "rlhf_kernels._gae_cuda"}
 _FAMILIES: dict[str, tuple[str, ...]] = {
-    "gae": ("cpp", "cuda"), "policy_losses": ("cpp",), "ppo_losses": ("cpp",),
+    "gae": ("cpp", "cuda"), "policy_losses": ("cpp",), "ppo_losses": ("cpp",), "advantages": ("cpp",),
 }
 
 # No -march=native: the cache folder may be shared by machines of different CPUs.  No fast-math: NaN

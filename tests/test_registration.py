@@ -385,11 +385,34 @@ def _policy_selection_samples(device: str) -> dict[str, list[tuple]]:
     }
 
 
+def _advantage_estimator_samples(device: str) -> dict[str, list[tuple]]:
+    """The advantage estimators' C++ CPU ops (csrc/advantages.cpp; on CPU tensors only)."""
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(5, 7, generator=g)
+    mask = (torch.arange(7) < torch.tensor([7, 3, 0, 5, 1])[:, None]).float()
+    lp, pi2 = -torch.rand(5, 7, generator=g) * 3, torch.rand(5, 7, generator=g) * 0.5
+    rho = torch.rand(5, 7, generator=g)
+    values, ids = torch.randn(5, generator=g), torch.tensor([0, 1, 0, 2, 1])
+    return {
+        "advantages_on_tokens_cpp": [(values, mask), (values.double(), mask.bool())],
+        "advantages_whitened_on_tokens_cpp": [(values, mask, 1e-8), (values.double(), mask.bool(), 0.0)],
+        "remax_cpp": [(rewards, values, mask), (rewards.double(), values.double(), mask.bool())],
+        "reinforce_plus_plus_cpp": [
+            (rewards, mask, 0.9, 1e-8, False), (rewards.half(), mask.bool(), 1.0, 1e-8, True)
+        ],
+        "optimal_token_baseline_cpp": [
+            (rewards, mask, ids, lp, pi2, rho, True, 1e-8, False, False),
+            (rewards.double(), mask.bool(), ids, lp, pi2, None, False, 0.0, True, True),
+        ],
+    }
+
+
 SAMPLE_BUILDERS: tuple[Callable[[str], dict[str, list[tuple]]], ...] = (
     _logprobs_samples,
     _token_stats_samples,
     _kl_samples,
     _advantage_samples,
+    _advantage_estimator_samples,
     _ppo_samples,
     _policy_losses_samples,
     _policy_selection_samples,
