@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "advantages.h"
+#include "cephes.h"
 #include "cpu_common.h"
 #include "gae_common.h"
 
@@ -587,18 +588,11 @@ struct RowSource {
 inline float exp_poly(float x) {
   const bool in_range = (x >= -87.0f) & (x <= 88.0f);
   const float xc = keep_if(in_range, x);
-  const float shifter = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  float k = xc * 1.44269504088896341f + shifter;
-  k -= shifter;
-  float r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  float k = xc * cephes::kLog2e + cephes::kRoundShifter;
+  k -= cephes::kRoundShifter;
+  float r = xc - k * cephes::kLn2Hi;
+  r = r - k * cephes::kLn2Lo;
+  const float p = cephes::exp_reduced(r);
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cephes.h"
 #include "cpu_common.h"
 
 // The vector helpers are inlined into the loops: their by-value vector ABI never crosses a call.

@@ -102,18 +102,12 @@ template <bool kSmall>
 RLHF_PL_INLINE Vec<float> cephes_exp(Vec<float> x) {
   const Vec<float> xc = kSmall ? x : clamp<float>(x, -104.0f, 89.0f);  // beyond: 0 (< the least denormal) / inf
   const Flags<float> nan = xc != xc;
-  const Vec<float> shifter = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
-  Vec<float> n = (xc * 1.44269504088896341f + shifter) - shifter;
+  const Vec<float> shifter = splat(cephes::kRoundShifter);
+  Vec<float> n = (xc * cephes::kLog2e + shifter) - shifter;
   n = nan ? splat(0.0f) : n;
-  Vec<float> r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  Vec<float> p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec<float> y = p * (r * r) + r + 1.0f;
+  Vec<float> r = xc - n * cephes::kLn2Hi;
+  r = r - n * cephes::kLn2Lo;
+  const Vec<float> y = cephes::exp_reduced(r);
   const Flags<float> k = __builtin_convertvector(n, Flags<float>);  // in [-150, 129]
   if constexpr (kSmall) return y * pow2_lanes(k);  // NaN: y is NaN
   const Flags<float> k1 = k >> 1;  // 2^k as two factors: denormal results and 2^128 (inf) come out right
@@ -134,25 +128,10 @@ RLHF_PL_INLINE Vec<float> log_lanes(Vec<float> x) {
   Vec<float> f;
   const Flags<float> mantissa = (bits & 0x007fffff) | 0x3f000000;  // in [0.5, 1)
   std::memcpy(&f, &mantissa, sizeof(f));
-  const Flags<float> small = f < splat(0.707106781186547524f);
+  const Flags<float> small = f < splat(cephes::kSqrtHalf);
   e = e + small;  // small is -1 where true
   f = small ? f + f - 1.0f : f - 1.0f;
-  const Vec<float> z = f * f;
-  Vec<float> y = splat(7.0376836292e-2f);
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  const Vec<float> fe = __builtin_convertvector(e, Vec<float>);
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  Vec<float> out = f + y;
-  out = out + fe * 0.693359375f;
+  Vec<float> out = cephes::log_reduced(f, __builtin_convertvector(e, Vec<float>));
   const float inf = std::numeric_limits<float>::infinity();
   out = x == splat(inf) ? splat(inf) : out;
   out = x == splat(0.0f) ? splat(-inf) : out;

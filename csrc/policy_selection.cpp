@@ -32,6 +32,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cephes.h"
 #include "cpu_common.h"
 #include "policy_selection.h"
 
@@ -147,25 +148,10 @@ inline Simd<float>::Vec log_lanes(Simd<float>::Vec x) {
   const Ints mantissa_bits = (bits & 0x007fffff) | 0x3f000000;  // in [0.5, 1)
   Vec m;
   std::memcpy(&m, &mantissa_bits, sizeof(m));
-  const Ints below = m < 0.707106781186547524f;  // √½
-  exponent += below;                              // −1 where below
+  const Ints below = m < cephes::kSqrtHalf;
+  exponent += below;  // −1 where below
   m = (below ? m + m : m) - 1.0f;
-  const Vec e = __builtin_convertvector(exponent, Vec);
-  const Vec z = m * m;
-  Vec y = Vec{} + 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += e * -2.12194440e-4f;
-  y += z * -0.5f;
-  Vec result = m + y;
-  result += e * 0.693359375f;
+  Vec result = cephes::log_reduced(m, __builtin_convertvector(exponent, Vec));
   for (int64_t j = 0; j < Simd<float>::kWidth; ++j) {
     if (!normal[j]) result[j] = std::log(x[j]);
   }
