@@ -43,7 +43,8 @@ def _verl_core() -> types.ModuleType:
 
 def _inputs(B: int, T: int, device: torch.device):
     gen = torch.Generator().manual_seed(B + T)
-    uids = np.array([f"uid-{i // GROUP}" for i in range(B)], dtype=object)[torch.randperm(B, generator=gen).numpy()]
+    perm = torch.randperm(B, generator=gen).numpy()
+    uids = np.array([f"uid-{i // GROUP}" for i in range(B)], dtype=object)[perm]
     rewards = torch.zeros(B, T)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     rewards[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,), generator=gen).float()

@@ -127,7 +127,8 @@ def test_remax(verl):
     baselines = torch.randn(rewards.shape[0])
     ours = adv.compute_advantages("remax", rewards, baselines, mask)
     peer = verl.compute_remax_outcome_advantage(rewards, baselines, mask)
-    _same(ours[0], peer[0], mask, what="remax advantages")  # verl: G ≠ 0 at masked positions before a valid one
+    # verl: G ≠ 0 at masked positions before a valid one
+    _same(ours[0], peer[0], mask, what="remax advantages")
     assert_close(ours[1], peer[1], TOL, "remax returns")
 
 

@@ -253,7 +253,8 @@ def test_estimators_match_oracle(name, dtype, estimator_backend):
 def test_rloo_variants_and_grpo_alias(estimator_backend):
     rewards, mask, index, _ = _estimator_batch()
     table = adv.ADVANTAGE_ESTIMATORS
-    assert_close(table["rloo"](rewards, mask, index)[0], ref.rloo_advantages(rewards, mask, index), 2e-5, "rloo")
+    assert_close(table["rloo"](rewards, mask, index)[0], ref.rloo_advantages(rewards, mask, index), 2e-5,
+                 "rloo")
     assert_close(table["rloo_vectorized"](rewards, mask, index)[0],
                  ref.rloo_advantages(rewards, mask, index, singleton="zero"), 2e-5, "rloo_vectorized")
     assert table["grpo_vectorized"] is table["grpo"]
@@ -266,8 +267,8 @@ def test_estimators_follow_the_samples_not_their_order(estimator_backend):
     moved = {key: value[perm] for key, value in extra.items()}
     for name in ORACLE_NAMES:
         base = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards, mask, index, extra)[0]
-        shuffled = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards[perm], mask[perm], index[perm] * 3 + 11,
-                                  moved)[0]
+        shuffled = _run_estimator(name, adv.ADVANTAGE_ESTIMATORS, rewards[perm], mask[perm],
+                                  index[perm] * 3 + 11, moved)[0]
         torch.testing.assert_close(shuffled, base[perm], rtol=1e-5, atol=1e-5, msg=name)
 
 
@@ -319,7 +320,8 @@ def test_estimator_errors():
     with pytest.raises(ValueError, match="epsilon must be >= 0"):
         adv.compute_advantages("grpo", rewards, mask, index, -1.0)
     with pytest.raises(ValueError, match="reward_weights must have shape"):
-        adv.compute_advantages("gdpo", rewards, mask, index, reward_scores=torch.randn(4, 2), reward_weights=[1.0])
+        adv.compute_advantages("gdpo", rewards, mask, index, reward_scores=torch.randn(4, 2),
+                               reward_weights=[1.0])
     with pytest.raises(TypeError, match="estimator must be a str"):
         adv.compute_advantages(3, rewards, mask, index)
 
@@ -456,7 +458,8 @@ def test_cpp_kernels_parallel_rows():
         _compare_paths(name, rewards, mask, index, extra, "45 x 4096")
     for name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
         _compare_paths(name, rewards[:, :300], mask[:, :300], torch.arange(45) // 11,
-                       {key: value[:, :300] if key in TOKEN_INPUTS else value for key, value in extra.items()},
+                       {key: value[:, :300] if key in TOKEN_INPUTS else value
+                        for key, value in extra.items()},
                        "groups of 11")
 
 

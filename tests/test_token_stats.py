@@ -109,7 +109,8 @@ def _check(logits, labels, *, grad=True, **options):
 # Values and gradients
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "dtype, softcap", [(torch.float32, None), (torch.float32, 4.0), (torch.bfloat16, 4.0), (torch.float16, None)]
+    "dtype, softcap",
+    [(torch.float32, None), (torch.float32, 4.0), (torch.bfloat16, 4.0), (torch.float16, None)],
 )
 @pytest.mark.parametrize("shape", [(1, 1), (4, 17), (3, 1100), (2, 3, 33)])
 def test_matches_oracle(backend, device, dtype, softcap, shape):
@@ -372,8 +373,10 @@ def test_opcheck_torch_path():
             (logits, labels, 1.5, 3.0, 1 / 0.7, -100, True, True, True, True, 4),
         ]:
             torch.library.opcheck(torch.ops.rlhf_kernels.token_stats_fwd.default, args)
-            torch.library.opcheck(torch.ops.rlhf_kernels.token_stats_fwd_torch.default, (logits.detach(), *args[1:]))
-        out = torch.ops.rlhf_kernels.token_stats_fwd(logits.detach(), labels, 1.5, 3.0, 1.0, -100, True, True, True, True, 4)
+            torch.library.opcheck(torch.ops.rlhf_kernels.token_stats_fwd_torch.default,
+                                  (logits.detach(), *args[1:]))
+        out = torch.ops.rlhf_kernels.token_stats_fwd(logits.detach(), labels, 1.5, 3.0, 1.0, -100,
+                                                     True, True, True, True, 4)
         _, ent, sq, _, _, _, idx, lse = out
         bwd = (torch.randn(5), torch.randn(5), torch.randn(5), torch.randn(5), torch.randn(5, 4),
                logits.detach(), labels, lse, ent, sq, idx, 1.5, 3.0, 1.0, -100)

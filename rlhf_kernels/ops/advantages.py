@@ -379,7 +379,9 @@ def remax_advantages(
     """``"remax"``: G = reverse cumsum of r·m, A = G − b (the greedy sample's score) on valid tokens."""
     dtype = _check_estimator_inputs(token_level_rewards, response_mask)
     check_float_tensor("reward_baselines", reward_baselines, ESTIMATOR_DTYPES)
-    check_shape("reward_baselines", reward_baselines, token_level_rewards.shape[:1], "token_level_rewards.shape[:1]")
+    check_shape(
+        "reward_baselines", reward_baselines, token_level_rewards.shape[:1], "token_level_rewards.shape[:1]"
+    )
     check_same_device(token_level_rewards=token_level_rewards, reward_baselines=reward_baselines)
     dtype = compute_dtype(token_level_rewards, reward_baselines)
     return _route(token_level_rewards.device, cpu.remax_cpp, cpu.remax_torch)(
@@ -438,13 +440,18 @@ def gae_advantages(
     from .gae import compute_gae
     from .whiten import masked_whiten
 
-    advantages, returns = compute_gae(token_level_rewards, values, response_mask, gamma, lam, mask_mode="carry")
+    advantages, returns = compute_gae(
+        token_level_rewards, values, response_mask, gamma, lam, mask_mode="carry"
+    )
     return masked_whiten(advantages, response_mask), returns
 
 
 @torch.no_grad()
 def grpo_batch_std_advantages(
-    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: torch.Tensor, epsilon: float = 1e-4,
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: torch.Tensor,
+    epsilon: float = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"grpo_batch_std"`` (TRL ``scale_rewards="batch"``): A = (s − mean_g)/(σ_batch + ε) with
     σ_batch the unbiased std of all scores (0 for fewer than two); a group of one gets A = 0."""

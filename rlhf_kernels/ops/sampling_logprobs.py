@@ -165,7 +165,8 @@ if triton is not None:
             s_all = s_all * alpha + tl.sum(tl.exp(x - m_ref), axis=0)
             m = m_new
         m_ref = tl.where(m == float("-inf"), 0.0, m)
-        # NaN or +inf in the row, or no finite logit: NaN outputs (as the PyTorch path and logprobs_from_logits)
+        # NaN or +inf in the row, or no finite logit: NaN outputs
+        # (as the PyTorch path and logprobs_from_logits)
         bad = (nans > 0) | (m == float("-inf")) | (m == float("inf"))
 
         # The threshold key: min-p, then top-k, then top-p among the survivors.

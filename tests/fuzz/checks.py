@@ -38,7 +38,9 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, *, g
     non-finite input whose derivative happens to be finite (∂(lp − ref)/∂lp = 1 at lp = NaN): the library
     keeps "NaN in, NaN out" for gradients too, which hides nothing."""
     assert isinstance(actual, torch.Tensor), f"{what}: not a tensor ({type(actual).__name__})"
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     tol = TOL[actual.dtype] if tol is None else tol
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
@@ -57,7 +59,8 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, *, g
     # Infinite oracle values, and finite ones beyond the output dtype's range, must be the same ±inf.
     overflow = ~e_nan & (~finite | (e.abs() > max_out))
     assert bool((a[overflow] == torch.sign(e[overflow]) * torch.inf).all()), (
-        f"{what}: infinite (or out-of-range) oracle values {e[overflow][:3].tolist()} got {a[overflow][:3].tolist()}"
+        f"{what}: infinite (or out-of-range) oracle values {e[overflow][:3].tolist()} "
+        f"got {a[overflow][:3].tolist()}"
     )
     check = finite & ~overflow
     if not bool(check.any()):
@@ -71,7 +74,8 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, *, g
         atol = atol.detach().double().cpu().expand(e.shape)[check]
     bound = bound + atol
     assert bool((err <= bound).all()), (
-        f"{what}: max error {err.max().item():.3g} at oracle value {e[check][(err - bound).argmax()].item():.6g} "
+        f"{what}: max error {err.max().item():.3g} "
+        f"at oracle value {e[check][(err - bound).argmax()].item():.6g} "
         f"(tol {tol:g}{', relative to the gradient scale' if grad else ''}); got non-finite "
         f"{a[check][~a[check].isfinite()][:3].tolist()}"
     )
@@ -88,7 +92,9 @@ def assert_unchanged(before: dict, tensors: dict, skip=()) -> None:
             continue
         new = tensors[name].detach()
         same = torch.equal(new.isnan(), old.isnan()) if new.dtype.is_floating_point else True
-        same = same and torch.equal(torch.nan_to_num(new.double(), nan=0.0), torch.nan_to_num(old.double(), nan=0.0))
+        same = same and torch.equal(
+            torch.nan_to_num(new.double(), nan=0.0), torch.nan_to_num(old.double(), nan=0.0)
+        )
         assert same, f"input {name} was modified"
 
 
@@ -145,7 +151,8 @@ def index_checks(enabled: bool):
 
 
 def lse_absorbs_tied_maxima(logits: torch.Tensor, temperature: float) -> bool:
-    """Some row (of logits / temperature) has >= 2 entries at its maximum m, with fp32(m + log 2) == m (|m| >= ~2^24·log 2)."""
+    """Some row (of logits / temperature) has >= 2 entries at its maximum m, with
+    fp32(m + log 2) == m (|m| >= ~2^24·log 2)."""
     x = logits.detach().to(torch.float32).reshape(-1, logits.shape[-1]) / temperature
     if x.numel() == 0:
         return False

@@ -16,8 +16,8 @@ def _nan_rows(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def entropy_with_nan(logits: torch.Tensor, entropy: torch.Tensor, temperature: float) -> torch.Tensor:
     """FINDING (issue 19): ``reference/logprobs.py`` computes −Σ where(p > 0, p log p, 0), which turns a
-    NaN p (a NaN or +inf logit, or a row of −inf) into a hidden 0.  Fix reported for the oracle: ``torch.where(p == 0, 0,
-    p * log_p)``.  Until then the NaN rows are restored here."""
+    NaN p (a NaN or +inf logit, or a row of −inf) into a hidden 0.  Fix reported for the oracle:
+    ``torch.where(p == 0, 0, p * log_p)``.  Until then the NaN rows are restored here."""
     return torch.where(_nan_rows(logits, temperature), torch.nan, entropy)
 
 

@@ -22,7 +22,9 @@ _COMMON = dict(
     deadline=None,
     print_blob=True,
     report_multiple_bugs=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much,
+    ],
 )
 settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("fuzz", **_COMMON)

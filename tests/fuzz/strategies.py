@@ -150,7 +150,9 @@ def token_batches(draw, n_float: int, dtypes=ALL_FLOAT_DTYPES, same_dtype: bool 
     B, T = draw(dims), draw(dims)
     seed = draw(seeds())
     kind, mask_dtype = draw(masks())
-    mask = arrange(mask_for((B, T), kind, mask_dtype, seed), draw(layouts()), expand_dim=draw(st.integers(0, 1)))
+    mask = arrange(
+        mask_for((B, T), kind, mask_dtype, seed), draw(layouts()), expand_dim=draw(st.integers(0, 1))
+    )
     dtype = draw(st.sampled_from(dtypes))
     special = draw(specials())
     tensors = []

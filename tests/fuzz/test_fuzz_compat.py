@@ -73,7 +73,8 @@ VERL_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_v
 
 @fuzz_settings(15)
 @given(name=st.sampled_from(sorted(VERL_KL)), shape=st.tuples(S.dims, S.dims), seed=S.seeds(),
-       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES), special=S.specials(kinds=("nan", "big", "-big", "denormal")))
+       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
+       special=S.specials(kinds=("nan", "big", "-big", "denormal")))
 def test_verl_kl_penalty(backend, name, shape, seed, dtype, special):
     lp = S.values(shape, dtype, seed, special=special)
     ref = S.values(shape, dtype, seed + 1)
@@ -95,8 +96,8 @@ def test_openrlhf_compute_approx_kl(backend, estimator, unbiased, with_old, shap
     # OpenRLHF: fp32 log-probs, every estimator clamped to [−10, 10].
     est = estimator + ("+" if unbiased else "")
     o32, b32 = o.float().double(), base.float().double()
-    expected = kl_penalty_oracle(o32, b32, est, old_logprobs=old.float().double() if (unbiased and with_old) else None)
-    expected = torch.clamp(expected, -10, 10) if not unbiased else expected.clamp(-10, 10).detach() + (expected - expected.detach())
+    expected = kl_penalty_oracle(o32, b32, est, old_logprobs=old.float().double() if (unbiased and with_old) else None)  # noqa: E501
+    expected = torch.clamp(expected, -10, 10) if not unbiased else expected.clamp(-10, 10).detach() + (expected - expected.detach())  # noqa: E501
     assert_matches(out, expected, f"compute_approx_kl({estimator})", tol=1e-4)
     if lp.numel():
         up = S.values(shape, torch.float64, seed + 9)
@@ -107,7 +108,8 @@ def test_openrlhf_compute_approx_kl(backend, estimator, unbiased, with_old, shap
 
 @fuzz_settings(10)
 @given(loss=st.sampled_from(["PairWiseLoss", "LogExpLoss"]), n=S.positive_dims, seed=S.seeds(),
-       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES), scale=st.sampled_from([1.0, 100.0]), with_margin=st.booleans())
+       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES), scale=st.sampled_from([1.0, 100.0]),
+       with_margin=st.booleans())
 def test_openrlhf_pairwise_losses(backend, loss, n, seed, dtype, scale, with_margin):
     c, r = S.values((n,), dtype, seed, scale=scale), S.values((n,), dtype, seed + 1, scale=scale)
     margin = S.values((n,), dtype, seed + 2).abs() if with_margin else None

@@ -31,7 +31,7 @@ from .profiles import fuzz_settings
        # ±1e30 hidden values are left out: logits ~1e30 make even the float64 oracle's entropy gradient
        # (autograd through lse − Σ p·z) rounding noise; the logits-level fuzz covers huge logits.
        special=S.specials(kinds=("nan", "inf", "denormal")))
-def test_linear_logprobs(backend, lead, H, V, seed, dtype, with_bias, layout, temperature, return_entropy, special):
+def test_linear_logprobs(backend, lead, H, V, seed, dtype, with_bias, layout, temperature, return_entropy, special):  # noqa: E501
     lead = tuple(lead)
     hidden = S.arrange(S.values(lead + (H,), dtype, seed, scale=0.5, special=special), layout)
     weight = S.values((V, H), dtype, seed + 1, scale=0.5)
@@ -65,5 +65,5 @@ def test_linear_logprobs(backend, lead, H, V, seed, dtype, with_bias, layout, te
         bad = ~hidden.double().isfinite().all(-1)  # a NaN hidden row makes its logits row NaN
         for name, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
             may = bad.unsqueeze(-1) if name == "hidden" else bad.any()
-            assert_matches(g, e, f"grad {name}", grad=True, tol=max(1e-3, TOL[g.dtype]), atol=1e-6, may_be_nan=may)
+            assert_matches(g, e, f"grad {name}", grad=True, tol=max(1e-3, TOL[g.dtype]), atol=1e-6, may_be_nan=may)  # noqa: E501
     assert_unchanged(before, tensors)

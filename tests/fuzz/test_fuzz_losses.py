@@ -62,7 +62,8 @@ def _compare_loss(result, expected, grads, exp_grads, names, bad=None, term_scal
             # Masked positions receive exactly zero gradient (documented), whatever they hold; the
             # oracle's autograd through torch.where would pass a NaN there (0·NaN).
             e = torch.where(mask != 0, e, torch.zeros_like(e))
-        assert_matches(g, e, f"grad {name}", grad=True, tol=max(1e-4, TOL[g.dtype]), atol=1e-7, may_be_nan=bad)
+        assert_matches(g, e, f"grad {name}", grad=True, tol=max(1e-4, TOL[g.dtype]), atol=1e-7,
+                       may_be_nan=bad)
 
 
 def _grads(loss, inputs):
@@ -83,9 +84,10 @@ def _kl_straight_through_inf_pending(with_old, estimator, special):
 
 
 @fuzz_settings(25)
-@given(shape=st.lists(S.dims, max_size=3), seed=S.seeds(), dtypes=st.tuples(*[st.sampled_from(S.ALL_FLOAT_DTYPES)] * 3),
-       estimator=st.sampled_from(ESTIMATORS), with_old=st.booleans(), layouts=st.tuples(S.layouts(), S.layouts()),
-       special=S.specials())
+@given(shape=st.lists(S.dims, max_size=3), seed=S.seeds(),
+       dtypes=st.tuples(*[st.sampled_from(S.ALL_FLOAT_DTYPES)] * 3),
+       estimator=st.sampled_from(ESTIMATORS), with_old=st.booleans(),
+       layouts=st.tuples(S.layouts(), S.layouts()), special=S.specials())
 def test_kl_penalty(backend, shape, seed, dtypes, estimator, with_old, layouts, special):
     assume(not _kl_straight_through_inf_pending(with_old, estimator, special))
     # FINDING (issue 19), test_regressions.py::test_kl_penalty_bf16_gradient_with_fp64_ref: Triton's
@@ -136,7 +138,7 @@ def test_kl_loss(backend, batch, estimator, loss_agg, normalizer, with_old):
     assume(not _empty_rule_pending(error, B, T))
     assert error is None, error
     o_x, o_y = oracle_leaf(lp), oracle_leaf(ref)
-    expected = kl_loss_oracle(o_x, o_y, mask, **{**kwargs, "old_logprobs": old.double() if with_old else None})
+    expected = kl_loss_oracle(o_x, o_y, mask, **{**kwargs, "old_logprobs": old.double() if with_old else None})  # noqa: E501
     _compare_loss(result, expected, _grads(result, [x, y]), _grads(expected, [o_x, o_y]), ("lp", "ref"),
                   _nonfinite(lp, ref), mask=mask)
     assert_unchanged(before, {"lp": lp, "ref": ref, "mask": mask})
@@ -206,7 +208,8 @@ def test_ppo_value_loss(backend, batch, clip, loss_agg, normalizer):
 
 
 @fuzz_settings(25)
-@given(shape=st.lists(S.dims, min_size=1, max_size=2), seed=S.seeds(), dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
+@given(shape=st.lists(S.dims, min_size=1, max_size=2), seed=S.seeds(),
+       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
        margin=st.sampled_from([None, 0.5, 1 / 3, "tensor"]), center_coef=st.sampled_from([None, 0.01]),
        layouts=st.tuples(S.layouts(), S.layouts()), special=S.specials(),
        scale=st.sampled_from([1.0, 30.0]))
@@ -222,7 +225,7 @@ def test_pairwise_reward_loss(backend, shape, seed, dtype, margin, center_coef, 
     oc, orr = oracle_leaf(chosen), oracle_leaf(rejected)
     expected = _empty_means_zero(ref_rw.pairwise_reward_loss(oc, orr, margin=margin, center_coef=center_coef),
                                  chosen.numel())
-    _compare_loss(result, expected, _grads(result[0], [c, r]), _grads(expected[0], [oc, orr]), ("chosen", "rejected"),
+    _compare_loss(result, expected, _grads(result[0], [c, r]), _grads(expected[0], [oc, orr]), ("chosen", "rejected"),  # noqa: E501
                   _nonfinite(chosen, rejected), term_scale=_largest_finite(chosen, rejected))
     assert_unchanged(before, {"chosen": chosen, "rejected": rejected})
 
@@ -246,7 +249,8 @@ def _empty_means_zero(expected, n):
 
 
 @fuzz_settings(25)
-@given(B=S.dims, K=S.dims, one_prompt=st.booleans(), seed=S.seeds(), dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
+@given(B=S.dims, K=S.dims, one_prompt=st.booleans(), seed=S.seeds(),
+       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
        mask=st.one_of(st.none(), S.masks()), layout=S.layouts(), special=S.specials(), hinge=st.booleans())
 def test_ranking_losses(backend, B, K, one_prompt, seed, dtype, mask, layout, special, hinge):
     shape = (K,) if one_prompt else (B, K)
@@ -281,7 +285,8 @@ def test_ranking_losses(backend, B, K, one_prompt, seed, dtype, mask, layout, sp
 
 
 @fuzz_settings(15)
-@given(shape=st.lists(S.dims, min_size=0, max_size=2), seed=S.seeds(), dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
+@given(shape=st.lists(S.dims, min_size=0, max_size=2), seed=S.seeds(),
+       dtype=st.sampled_from(S.ALL_FLOAT_DTYPES),
        layouts=st.tuples(S.layouts(), S.layouts()), special=S.specials())
 def test_pointwise_reward_loss(backend, shape, seed, dtype, layouts, special):
     shape = tuple(shape)

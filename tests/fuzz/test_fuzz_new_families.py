@@ -1043,9 +1043,9 @@ def test_process_group_must_be_a_group(op, group):
 # Regressions: library defects this file found, fixed in the same session (see docs/robustness.md)
 # ---------------------------------------------------------------------------------------------------
 def test_bradley_terry_skipped_comparison_nan_score():
-    """Found by this file and fixed (ops/ratings.py bradley_terry): a skipped comparison (winner −1 here) must not matter,
-    whatever its score; ``s = v * scores`` is 0 · NaN = NaN and turned the whole league NaN.  Fix:
-    ``torch.where(valid, scores, 0)``."""
+    """Found by this file and fixed (ops/ratings.py bradley_terry): a skipped comparison (winner −1 here)
+    must not matter, whatever its score; ``s = v * scores`` is 0 · NaN = NaN and turned the whole league
+    NaN.  Fix: ``torch.where(valid, scores, 0)``."""
     winners, losers = torch.tensor([-1, 0, 1]), torch.tensor([0, 1, 0])
     clean = rk.bradley_terry(winners, losers, 2, scores=torch.tensor([0.5, 0.3, 0.8]))
     poisoned = rk.bradley_terry(winners, losers, 2, scores=torch.tensor([math.nan, 0.3, 0.8]))
@@ -1053,8 +1053,9 @@ def test_bradley_terry_skipped_comparison_nan_score():
 
 
 def test_is_correction_sequence_level_empty_batch_metrics_are_zero():
-    """Found by this file and fixed (ops/rollout_correction.py is_correction): the empty rule (docs/robustness.md) — B = 0
-    gives metrics 0; the sequence level's is_filter_ratio was the mean over no row, NaN."""
+    """Found by this file and fixed (ops/rollout_correction.py is_correction): the empty rule
+    (docs/robustness.md) — B = 0 gives metrics 0; the sequence level's is_filter_ratio was the mean over
+    no row, NaN."""
     empty = torch.zeros(0, 3)
     coef, metrics = rk.is_correction(empty, empty, torch.ones(0, 3), level="sequence")
     assert coef.shape == (0, 3)
@@ -1062,11 +1063,11 @@ def test_is_correction_sequence_level_empty_batch_metrics_are_zero():
 
 
 def test_ignored_row_never_reaches_d_weight(backend):
-    """Found by this file and fixed (ops/linear_logprobs.py Triton backward; ops/linear_distill_loss.py, both backends):
-    a position labelled ``ignore_index`` counts for nothing, so a NaN in its hidden state must not reach
-    d_weight; d_weight = Gᵀ·hidden over all rows is 0 · NaN = NaN in its column (linear_logprobs' PyTorch
-    path drops the ignored rows and is right).  Fix: the product over the labelled rows only (or the
-    ignored rows of hidden read as 0)."""
+    """Found by this file and fixed (ops/linear_logprobs.py Triton backward; ops/linear_distill_loss.py,
+    both backends): a position labelled ``ignore_index`` counts for nothing, so a NaN in its hidden state
+    must not reach d_weight; d_weight = Gᵀ·hidden over all rows is 0 · NaN = NaN in its column
+    (linear_logprobs' PyTorch path drops the ignored rows and is right).  Fix: the product over the
+    labelled rows only (or the ignored rows of hidden read as 0)."""
     torch.manual_seed(0)
     hidden = torch.tensor([[math.nan, 1.0], [0.5, -0.2]])
     weight, labels = torch.randn(3, 2), torch.tensor([-100, 1])
@@ -1095,8 +1096,9 @@ def test_linear_token_stats_top1_without_exponentials():
 
 
 def test_distill_triton_rows_keep_nan(backend):
-    """Found by this file and fixed (ops/linear_distill_loss.py, the Triton row kernel): NaN in, NaN out — a student row
-    whose logits are NaN gives loss 0 under reverse KL and JSD on the Triton path (the PyTorch path: NaN)."""
+    """Found by this file and fixed (ops/linear_distill_loss.py, the Triton row kernel): NaN in, NaN out —
+    a student row whose logits are NaN gives loss 0 under reverse KL and JSD on the Triton path
+    (the PyTorch path: NaN)."""
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
         loss = rk.linear_distill_loss(
             torch.tensor([[math.nan]]),
@@ -1109,10 +1111,10 @@ def test_distill_triton_rows_keep_nan(backend):
 
 
 def test_preference_fp64_reference_head_error_names_it():
-    """Found by this file and fixed (ops/linear_preference_loss.py): fp64 hidden is accepted, but an fp64 reference head
-    (ref_hidden / ref_weight) raises "hidden must be a floating tensor (float32, bfloat16, float16)",
-    naming the policy's argument; it should either compute (as for the fp64 policy head) or name
-    ref_hidden."""
+    """Found by this file and fixed (ops/linear_preference_loss.py): fp64 hidden is accepted, but an fp64
+    reference head (ref_hidden / ref_weight) raises
+    "hidden must be a floating tensor (float32, bfloat16, float16)", naming the policy's argument; it
+    should either compute (as for the fp64 policy head) or name ref_hidden."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 3, 4, dtype=torch.float64)
     labels = torch.randint(0, 5, (2, 3))

@@ -53,11 +53,12 @@ def test_compute_gae(backend, batch, gamma, lam, mask_mode):
 
 
 @fuzz_settings(15)
-@given(batch=S.token_batches(2, KERNEL_DTYPES, same_dtype=False), mask_mode=st.sampled_from(["carry", "zero"]))
+@given(batch=S.token_batches(2, KERNEL_DTYPES, same_dtype=False),
+       mask_mode=st.sampled_from(["carry", "zero"]))
 def test_compute_gae_masked_garbage(backend, batch, mask_mode):
     B, T, (rewards, values), mask, case = batch
     clean = rk.compute_gae(rewards, values, mask, 0.9, 0.8, mask_mode=mask_mode)
-    dirty = rk.compute_gae(S.garbage_at_masked(rewards, mask), S.garbage_at_masked(values, mask), mask, 0.9, 0.8,
+    dirty = rk.compute_gae(S.garbage_at_masked(rewards, mask), S.garbage_at_masked(values, mask), mask, 0.9, 0.8,  # noqa: E501
                            mask_mode=mask_mode)
     valid = mask != 0
     assert_matches(dirty[0], clean[0], "advantages with garbage at masked positions", tol=0.0)
@@ -101,7 +102,8 @@ def test_masked_whiten(backend, shape, seed, layout, dtype, mask, per_row, shift
 
 @fuzz_settings(25)
 @given(batch=S.token_batches(2, DRAWN_DTYPES, same_dtype=False), scores_dtype=st.sampled_from(DRAWN_DTYPES),
-       kl_coef=st.sampled_from([0.1, 0.0, -0.5, 1 / 3]), estimator=st.sampled_from(["k1", "abs", "k2", "k3", "low_var_kl"]),
+       kl_coef=st.sampled_from([0.1, 0.0, -0.5, 1 / 3]),
+       estimator=st.sampled_from(["k1", "abs", "k2", "k3", "low_var_kl"]),
        score_clip=st.sampled_from([None, 0.5, 10.0]))
 def test_token_level_rewards(backend, batch, scores_dtype, kl_coef, estimator, score_clip):
     B, T, (logprobs, ref_logprobs), mask, case = batch
@@ -115,7 +117,7 @@ def test_token_level_rewards(backend, batch, scores_dtype, kl_coef, estimator, s
         return assert_names_argument(error, rejected)
     assert error is None, error
     rewards, kl_mean = result
-    exp_rewards, exp_kl_mean = ref_tr.token_level_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef,
+    exp_rewards, exp_kl_mean = ref_tr.token_level_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef,  # noqa: E501
                                                           estimator=estimator, score_clip=score_clip)
     if B == 0:
         # FINDING (issue 19): the oracle's mean over no rows is NaN; the empty rule (docs/robustness.md)
@@ -134,7 +136,7 @@ def test_token_level_rewards_masked_garbage(backend, batch, estimator):
     scores = S.values((B,), torch.float32, case["seed"])
     clean = rk.token_level_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.2, estimator=estimator)
     dirty = rk.token_level_rewards(scores, S.garbage_at_masked(logprobs, mask),
-                                   S.garbage_at_masked(ref_logprobs, mask), mask, kl_coef=0.2, estimator=estimator)
+                                   S.garbage_at_masked(ref_logprobs, mask), mask, kl_coef=0.2, estimator=estimator)  # noqa: E501
     assert_matches(dirty[0], clean[0], "rewards with garbage at masked positions", tol=0.0)
     assert_matches(dirty[1], clean[1], "kl_mean with garbage at masked positions", tol=0.0)
 

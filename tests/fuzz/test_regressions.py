@@ -171,7 +171,8 @@ def test_reference_kl_straight_through_keeps_large_values():
     """reference/kl.py kl_penalty: value + w·k2 − (w·k2).detach() rounds 1e30 to 0 (and inf − inf = NaN);
     write value + (w·k2 − (w·k2).detach())."""
     lp = torch.tensor([1e30], dtype=torch.float64)
-    out = ref_kl.kl_penalty(lp, torch.zeros(1, dtype=torch.float64), "k1", old_logprobs=torch.zeros(1, dtype=torch.float64))
+    out = ref_kl.kl_penalty(lp, torch.zeros(1, dtype=torch.float64), "k1",
+                            old_logprobs=torch.zeros(1, dtype=torch.float64))
     assert out.item() == 1e30
 
 
