@@ -254,3 +254,20 @@ def test_ppo_value_loss_clipfrac_without_clip_ignores_nan(backend):
     v = torch.tensor([[float("nan"), 0.5]])
     _, metrics = rk.ppo_value_loss(v, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), clip=None)
     assert metrics["clipfrac"].item() == 0.0
+
+
+def test_reference_linear_logprobs_ignored_nan_row_gets_no_gradient():
+    """FIXED (reference/linear_logprobs.py; found by the fuzz suite's derandomized draws): a NaN hidden row
+    whose label is ignored gave the float64 oracle a NaN gradient (log_softmax's backward of a NaN row,
+    0·NaN), while the library gives it exactly 0 (docs/linear_logprobs.md: ignored rows reach nothing).
+    The oracle now leaves ignored rows out of the product too."""
+    from rlhf_kernels.reference import linear_logprobs as ref_linear
+
+    hidden = torch.tensor([[0.5], [-0.3], [float("nan")]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[0.7]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, -100])
+    lp, ent = ref_linear.linear_logprobs(hidden, weight, labels, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad[2, 0].item() == 0.0 and torch.isfinite(weight.grad).all()
+    got = rk.linear_logprobs(hidden.detach().float().requires_grad_(), weight.detach().float(), labels)
+    assert got[2].item() == 0.0 and lp[2].item() == 0.0
