@@ -164,3 +164,27 @@ def test_vector_isa_rejects_unknown_choices(ext):
         ext.policy_losses_vector_isa("avx512")
     with pytest.raises(RuntimeError, match="fn must be"):
         ext.policy_losses_vector_math(torch.ones(3), "sin")
+
+
+def test_compile_first_in_a_fresh_process():
+    """torch.compile(fullgraph=True) of a policy loss before anything has loaded the extension: the choice
+    of the C++ path (and of keeping D) must be a traced constant, not a trace into the loader's lock."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from rlhf_kernels.ops.policy_losses import sapo_policy_loss\n"
+        "from rlhf_kernels.ops.ppo_losses import ppo_policy_loss\n"
+        "lp = (-torch.rand(4, 9)).requires_grad_()\n"
+        "old, adv, mask = lp.detach() + 0.1, torch.randn(4, 9), torch.rand(4, 9) < 0.8\n"
+        "for f in (sapo_policy_loss, ppo_policy_loss):\n"
+        "    fn = torch.compile(lambda a, b, c, m: f(a, b, c, m)[0], fullgraph=True, dynamic=True)\n"
+        "    got = fn(lp, old, adv, mask)\n"
+        "    want = f(lp, old, adv, mask)[0]\n"
+        "    torch.testing.assert_close(got, want)\n"
+        "    got.backward()\n"
+        "    assert torch.isfinite(lp.grad).all()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -281,10 +281,9 @@ def _clip_range(clip_low: float, clip_high: float | None) -> tuple[float, float]
 def saves_derivative(logprobs: Tensor) -> bool:
     """Whether the forward keeps D = w·∂L/∂lp for a one-pass backward: on the C++ CPU path, when a gradient
     will flow (docs/policy_losses.md: one [B, T] buffer in the compute dtype, until the backward)."""
-    return (
-        logprobs.requires_grad and torch.is_grad_enabled()
-        and _dispatch.backend_for(FAMILY, logprobs.device) == "cpp"
-    )
+    # selection.cpp_runs: the backend choice as a constant under torch.compile (tracing backend_for would
+    # enter the extension loader's lock the first time)
+    return logprobs.requires_grad and torch.is_grad_enabled() and selection.cpp_runs(logprobs.device)
 
 
 def core_forward(
