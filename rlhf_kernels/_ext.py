@@ -9,7 +9,7 @@ and Python versions and (for CUDA) the GPU architecture:
 
 Later calls in the same process cost a dictionary look-up; later processes import the cached shared
 library directly (no compiler, no ninja), so only the first use on a machine pays for the build
-(about a minute on two cores for the CPU extension).  A module built at install time
+(about 1.5 minutes on two cores for the CPU extension).  A module built at install time
 (``RLHF_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .``, see ``setup.py``) is used first
 when it imports.
 
