@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, assert_close, run_gloo_workers
 from test_gae import gae_inputs
 
 import rlhf_kernels.ops.advantages as adv
@@ -514,3 +514,31 @@ def test_cpp_ops_compile_fullgraph():
         compiled = torch.compile(step, fullgraph=True)(*args)
     for got, want in zip(compiled, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _rpp_global_worker(rank: int, world: int, port: int) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        gen = torch.Generator().manual_seed(5)
+        rewards = torch.randn(6, 11, generator=gen)
+        mask = torch.arange(11) < torch.tensor([11, 3, 7, 1, 9, 5])[:, None]
+        # one process, the whole batch
+        want, want_returns = adv.reinforce_plus_plus_advantages(rewards, mask, 0.9)
+        rows = slice(3 * rank, 3 * rank + 3)
+        got, returns = adv.reinforce_plus_plus_advantages(rewards[rows], mask[rows], 0.9,
+                                                          process_group=dist.group.WORLD)
+        torch.testing.assert_close(returns, want_returns[rows], msg=f"rank {rank} returns")
+        torch.testing.assert_close(got, want[rows], rtol=1e-5, atol=1e-6, msg=f"rank {rank} advantages")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reinforce_plus_plus_whitens_over_every_rank(monkeypatch):
+    """process_group=: each rank's advantages are the rows of the whole batch's whitening (the trainer's
+    critic-free reinforce_plus_plus under DDP)."""
+    run_gloo_workers(_rpp_global_worker, 2, "reinforce_plus_plus", monkeypatch)

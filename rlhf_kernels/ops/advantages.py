@@ -362,12 +362,17 @@ def gdpo_advantages(
 
 @torch.no_grad()
 def reinforce_plus_plus_advantages(
-    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, *,
+    process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"reinforce_plus_plus"``: G_t = r_t + γ·G_{t'} over the valid tokens (masked positions carry
-    G and get 0), whitened over the response tokens.  Returns (advantages, G)."""
+    G and get 0), whitened over the response tokens — of every rank of ``process_group`` when given
+    (``masked_whiten``'s one all-reduce; the PyTorch path).  Returns (advantages, G)."""
     dtype = _check_estimator_inputs(token_level_rewards, response_mask)
     gamma = check_in_range("gamma", gamma, 0.0, 1.0)
+    if process_group is not None:
+        return cpu.reinforce_plus_plus_torch(
+            token_level_rewards, response_mask, gamma, WHITEN_EPS, dtype == torch.float64, process_group)
     return _route(token_level_rewards.device, cpu.reinforce_plus_plus_cpp, cpu.reinforce_plus_plus_torch)(
         token_level_rewards, response_mask, gamma, WHITEN_EPS, dtype == torch.float64)
 

@@ -151,11 +151,10 @@ class CriticFreeTrainer(PPOTrainer):
         if name in ("grpo", "grpo_vectorized", "grpo_passk", "gdpo"):
             kwargs["norm_adv_by_std_in_grpo"] = cfg.norm_adv_by_std
         if name == "reinforce_plus_plus":  # whitened over the global batch, as PPO's advantages
-            _, returns = rlhf_kernels.compute_advantages(name, rewards, response_mask, gamma=cfg.gamma)
-            whitened = rlhf_kernels.masked_whiten(
-                returns.to(torch.float32), response_mask, process_group=self.rt.process_group
+            advantages, returns = rlhf_kernels.compute_advantages(
+                name, rewards, response_mask, gamma=cfg.gamma, process_group=self.rt.process_group
             )
-            return whitened.to(returns.dtype) * response_mask.to(returns.dtype), returns, {}
+            return advantages, returns, {}
         if name in SUM_PI_SQUARED_ESTIMATORS:  # verl's inputs: the old log-probs, Σπ², the IS weights
             kwargs = dict(
                 old_log_probs=batch["old_logprobs"],

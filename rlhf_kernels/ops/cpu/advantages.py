@@ -84,11 +84,12 @@ def on_tokens_torch(values: torch.Tensor, response_mask: torch.Tensor) -> torch.
     return values * response_mask.to(values.dtype)
 
 
-def _whiten_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """verl's ``masked_whiten(values, mask) * mask`` (statistics in fp32, see docs/whiten.md)."""
+def _whiten_tokens(values: torch.Tensor, response_mask: torch.Tensor, process_group=None) -> torch.Tensor:
+    """verl's ``masked_whiten(values, mask) * mask`` (statistics in fp32, see docs/whiten.md; over every
+    rank of ``process_group`` when given)."""
     from ..whiten import masked_whiten
 
-    whitened = masked_whiten(values.to(torch.float32), response_mask)
+    whitened = masked_whiten(values.to(torch.float32), response_mask, process_group=process_group)
     return on_tokens_torch(whitened.to(values.dtype), response_mask)
 
 
@@ -104,7 +105,7 @@ def _reverse_cumsum(values: torch.Tensor) -> torch.Tensor:
 
 def reinforce_plus_plus_torch(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float, eps: float,
-    double_out: bool,
+    double_out: bool, process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..gae import compute_gae
 
@@ -113,7 +114,7 @@ def reinforce_plus_plus_torch(
     carried, _ = compute_gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0, mask_mode="carry")
     valid = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     returns = torch.where(valid, carried.to(dtype), 0.0)
-    return _whiten_tokens(returns, response_mask), returns
+    return _whiten_tokens(returns, response_mask, process_group), returns
 
 
 def remax_torch(
