@@ -201,8 +201,11 @@ inline float whiten(float x, const Whitening& w) { return static_cast<float>((x 
 // --------------------------------------------------------------------------------------------------
 // values[b]·m[b, t]
 // --------------------------------------------------------------------------------------------------
-at::Tensor advantages_on_tokens_cpu(const at::Tensor& values, const at::Tensor& mask) {
-  const char* op = "advantages_on_tokens";
+// The frame of the two broadcast kernels: checks, the [B, T] output of values' dtype, and
+// body(out_tag, mask_tag, v, m, mask row stride, mask column stride, out, B, T) with the output type O and
+// the mask's element type M as the tags' ::type.
+template <typename Body>
+at::Tensor on_tokens_frame(const at::Tensor& values, const at::Tensor& mask, const char* op, Body&& body) {
   check_values(values, op);
   const int64_t B = values.size(0);
   check_rows_mask(mask, B, op);
@@ -212,132 +215,127 @@ at::Tensor advantages_on_tokens_cpu(const at::Tensor& values, const at::Tensor& 
   const at::Tensor v = values.contiguous();
   with_out_type(v.scalar_type() == at::kDouble, [&](auto out_tag) {
     using O = typename decltype(out_tag)::type;
-    const O* vp = v.const_data_ptr<O>();
-    O* op_ = out.mutable_data_ptr<O>();
     with_mask_type(mask.scalar_type(), op, [&](auto mask_tag) {
       using M = typename decltype(mask_tag)::type;
-      const M* mp = static_cast<const M*>(mask.const_data_ptr());
-      const int64_t sb = mask.stride(0), st = mask.stride(1);
-      at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const O vb = vp[b];
-          const M* row = mp + b * sb;
-          O* o = op_ + b * T;
-          with_stride(st, [&](auto s) {
-            if constexpr (kBoolMask<M>) {
-              for (int64_t t = 0; t < T; ++t) o[t] = keep_if(mask_at<uint8_t>(row, t * s) != 0, vb);
-            } else {
-              for (int64_t t = 0; t < T; ++t) o[t] = vb * as<O>(row[t * s]);
-            }
-          });
-        }
-      });
+      body(out_tag, mask_tag, v.const_data_ptr<O>(), static_cast<const M*>(mask.const_data_ptr()), mask.stride(0),
+           mask.stride(1), out.mutable_data_ptr<O>(), B, T);
     });
   });
   return out;
+}
+
+at::Tensor advantages_on_tokens_cpu(const at::Tensor& values, const at::Tensor& mask) {
+  return on_tokens_frame(values, mask, "advantages_on_tokens", [&](auto out_tag, auto mask_tag, const auto* vp,
+                                                                  const auto* mp, int64_t sb, int64_t st,
+                                                                  auto* op_, int64_t B, int64_t T) {
+    using O = typename decltype(out_tag)::type;
+    using M = typename decltype(mask_tag)::type;
+    at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const O vb = vp[b];
+        const M* row = mp + b * sb;
+        O* o = op_ + b * T;
+        with_stride(st, [&](auto s) {
+          if constexpr (kBoolMask<M>) {
+            for (int64_t t = 0; t < T; ++t) o[t] = keep_if(mask_at<uint8_t>(row, t * s) != 0, vb);
+          } else {
+            for (int64_t t = 0; t < T; ++t) o[t] = vb * as<O>(row[t * s]);
+          }
+        });
+      }
+    });
+  });
 }
 
 // --------------------------------------------------------------------------------------------------
 // masked_whiten(values[b]·m, m)·m
 // --------------------------------------------------------------------------------------------------
 at::Tensor advantages_whitened_on_tokens_cpu(const at::Tensor& values, const at::Tensor& mask, double eps) {
-  const char* op = "advantages_whitened_on_tokens";
-  check_values(values, op);
-  const int64_t B = values.size(0);
-  check_rows_mask(mask, B, op);
-  const int64_t T = mask.size(1);
-  at::Tensor out = empty_output({B, T}, values.options());
-  if (B == 0 || T == 0) return out;
-  const at::Tensor v = values.contiguous();
-  with_out_type(v.scalar_type() == at::kDouble, [&](auto out_tag) {
+  return on_tokens_frame(values, mask, "advantages_whitened_on_tokens", [&](auto out_tag, auto mask_tag,
+                                                                           const auto* vp, const auto* mp,
+                                                                           int64_t sb, int64_t st, auto* op_,
+                                                                           int64_t B, int64_t T) {
     using O = typename decltype(out_tag)::type;
-    const O* vp = v.const_data_ptr<O>();
-    O* op_ = out.mutable_data_ptr<O>();
-    with_mask_type(mask.scalar_type(), op, [&](auto mask_tag) {
-      using M = typename decltype(mask_tag)::type;
-      const M* mp = static_cast<const M*>(mask.const_data_ptr());
-      const int64_t sb = mask.stride(0), st = mask.stride(1);
-      // Pass 1: each row's moments.  The whitened input is x = fp32(v·m) (the PyTorch path's product,
-      // then masked_whiten's fp32 copy), weights m in fp32.
-      std::vector<RowMoments> moments(B);
-      at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const O vb = vp[b];
-          const M* row = mp + b * sb;
-          RowMoments r;
-          with_stride(st, [&](auto s) {
-            if constexpr (kBoolMask<M>) {
-              int64_t n = 0;
-              for (int64_t t = 0; t < T; ++t) n += mask_at<uint8_t>(row, t * s) != 0;
-              r.valid = n;
+    using M = typename decltype(mask_tag)::type;
+    // Pass 1: each row's moments.  The whitened input is x = fp32(v·m) (the PyTorch path's product,
+    // then masked_whiten's fp32 copy), weights m in fp32.
+    std::vector<RowMoments> moments(B);
+    at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const O vb = vp[b];
+        const M* row = mp + b * sb;
+        RowMoments r;
+        with_stride(st, [&](auto s) {
+          if constexpr (kBoolMask<M>) {
+            int64_t n = 0;
+            for (int64_t t = 0; t < T; ++t) n += mask_at<uint8_t>(row, t * s) != 0;
+            r.valid = n;
+            r.weight = static_cast<double>(n);
+            r.pivot = static_cast<float>(vb);  // every valid x is fp32(v): no deviations
+          } else {
+            // A 0/1 row (the usual case) is the bool case; the test is integer work that vectorises.
+            int64_t n = 0;
+            int other = 0;
+            for (int64_t t = 0; t < T; ++t) {
+              const O m = as<O>(row[t * s]);
+              n += m != O(0);
+              other |= (m != O(0)) & (m != O(1));
+            }
+            r.valid = n;
+            r.binary = other == 0;
+            if (r.binary) {
               r.weight = static_cast<double>(n);
-              r.pivot = static_cast<float>(vb);  // every valid x is fp32(v): no deviations
-            } else {
-              // A 0/1 row (the usual case) is the bool case; the test is integer work that vectorises.
-              int64_t n = 0;
-              int other = 0;
-              for (int64_t t = 0; t < T; ++t) {
-                const O m = as<O>(row[t * s]);
-                n += m != O(0);
-                other |= (m != O(0)) & (m != O(1));
-              }
-              r.valid = n;
-              r.binary = other == 0;
-              if (r.binary) {
-                r.weight = static_cast<double>(n);
-                r.pivot = static_cast<float>(vb);
-                return;
-              }
-              double weighted = 0;
-              r.valid = 0;
-              for (int64_t t = 0; t < T; ++t) {
-                const O m = as<O>(row[t * s]);
-                if (m == O(0)) continue;
-                const double w = as<float>(row[t * s]);
-                r.valid += 1;
-                r.weight += w;
-                weighted += static_cast<double>(static_cast<float>(vb * m)) * w;
-              }
-              r.pivot = r.weight != 0 ? weighted / r.weight : 0.0;
-              for (int64_t t = 0; t < T; ++t) {
-                const O m = as<O>(row[t * s]);
-                if (m == O(0)) continue;
-                const double w = as<float>(row[t * s]);
-                const double d = static_cast<double>(static_cast<float>(vb * m)) - r.pivot;
-                r.first += d * w;
-                r.second += d * d * w;
-              }
+              r.pivot = static_cast<float>(vb);
+              return;
             }
-          });
-          moments[b] = r;
-        }
-      });
-      const Whitening w = finish_whitening(moments, eps);
-      // Pass 2: the output.
-      at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const O vb = vp[b];
-          const M* row = mp + b * sb;
-          O* o = op_ + b * T;
-          with_stride(st, [&](auto s) {
-            if constexpr (kBoolMask<M>) {
-              const O value = static_cast<O>(whiten(static_cast<float>(vb), w));
-              for (int64_t t = 0; t < T; ++t) o[t] = keep_if(mask_at<uint8_t>(row, t * s) != 0, value);
-            } else if (moments[b].binary) {
-              const O value = static_cast<O>(whiten(static_cast<float>(vb), w));
-              for (int64_t t = 0; t < T; ++t) o[t] = keep_if(as<O>(row[t * s]) != O(0), value);
-            } else {
-              for (int64_t t = 0; t < T; ++t) {
-                const O m = as<O>(row[t * s]);
-                o[t] = keep_if(m != O(0), static_cast<O>(whiten(static_cast<float>(vb * m), w)) * m);
-              }
+            double weighted = 0;
+            r.valid = 0;
+            for (int64_t t = 0; t < T; ++t) {
+              const O m = as<O>(row[t * s]);
+              if (m == O(0)) continue;
+              const double w = as<float>(row[t * s]);
+              r.valid += 1;
+              r.weight += w;
+              weighted += static_cast<double>(static_cast<float>(vb * m)) * w;
             }
-          });
-        }
-      });
+            r.pivot = r.weight != 0 ? weighted / r.weight : 0.0;
+            for (int64_t t = 0; t < T; ++t) {
+              const O m = as<O>(row[t * s]);
+              if (m == O(0)) continue;
+              const double w = as<float>(row[t * s]);
+              const double d = static_cast<double>(static_cast<float>(vb * m)) - r.pivot;
+              r.first += d * w;
+              r.second += d * d * w;
+            }
+          }
+        });
+        moments[b] = r;
+      }
+    });
+    const Whitening w = finish_whitening(moments, eps);
+    // Pass 2: the output.
+    at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const O vb = vp[b];
+        const M* row = mp + b * sb;
+        O* o = op_ + b * T;
+        with_stride(st, [&](auto s) {
+          if constexpr (kBoolMask<M>) {
+            const O value = static_cast<O>(whiten(static_cast<float>(vb), w));
+            for (int64_t t = 0; t < T; ++t) o[t] = keep_if(mask_at<uint8_t>(row, t * s) != 0, value);
+          } else if (moments[b].binary) {
+            const O value = static_cast<O>(whiten(static_cast<float>(vb), w));
+            for (int64_t t = 0; t < T; ++t) o[t] = keep_if(as<O>(row[t * s]) != O(0), value);
+          } else {
+            for (int64_t t = 0; t < T; ++t) {
+              const O m = as<O>(row[t * s]);
+              o[t] = keep_if(m != O(0), static_cast<O>(whiten(static_cast<float>(vb * m), w)) * m);
+            }
+          }
+        });
+      }
     });
   });
-  return out;
 }
 
 // --------------------------------------------------------------------------------------------------
