@@ -1166,13 +1166,11 @@ def test_cpu_path_memory_stays_far_below_the_logits():
     import subprocess
     import sys
 
+    from bench.harness import exact_rss_env
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # A fixed mmap threshold makes glibc return every freed chunk at once (no dynamic threshold, no page
-    # reuse hidden inside the heap), so the resident-set rise is the live memory's peak.
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], cwd=root, env=exact_rss_env(root),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     logits = peaks["logits"]

@@ -639,20 +639,25 @@ print(json.dumps({"fwd": fwd_peak / logits.nbytes, "step": step_peak / logits.nb
 
 
 def test_cpu_path_memory_is_chunked():
-    """Peak resident-set rise of the CPU path, measured in a fresh process: inside the suite the heap
-    left by earlier tests moves the figure by tens of MB (1.52x once in CI, 1.2x alone)."""
+    """Peak resident-set rise of the CPU path, measured in a fresh process whose allocator maps every
+    large block on its own (``exact_rss_env``): with glibc's dynamic mmap threshold the figure moved
+    with heap reuse and fragmentation (fwd 0.51x in one CI run, 0.15-0.20x locally)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
+    from bench.harness import exact_rss_env
+
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], cwd=root, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], cwd=root, env=exact_rss_env(root),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     ratios = json.loads(out.stdout.strip().splitlines()[-1])
-    # forward: a few 16 MiB chunks; forward+backward: the logits gradient plus those chunks
-    assert ratios["fwd"] < 0.5, ratios
-    assert ratios["step"] < 1.5, ratios
+    # forward: a few 8 MiB chunks (live peak 0.15x); forward+backward: the logits gradient (1x, which
+    # shows the measurement sees large allocations) plus those chunks (1.14x)
+    assert ratios["fwd"] < 0.3, ratios
+    assert 1.0 < ratios["step"] < 1.3, ratios
 
 
 def test_entropy_gradient_at_minus_inf_logits_with_a_large_upstream_gradient(backend, device):
