@@ -463,6 +463,15 @@ def test_cpp_kernels_parallel_rows():
                        "groups of 11")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_scans_over_rows_longer_than_one_buffer_fill(dtype):
+    """remax and reinforce_plus_plus convert whole rows of up to 8192 positions per buffer fill
+    (csrc/advantages.cpp kScanChunk): rows of 8192 + 300 take two fills, the sums carried across them."""
+    rewards, mask, index, extra = _odd_batch(9, 8192 + 300, 5, dtype=dtype)
+    for name in ("remax", "reinforce_plus_plus"):
+        _compare_paths(name, rewards, mask, index, extra, "T = 8492")
+
+
 def test_auto_backend_on_cpu_is_cpp():
     assert _ext.unavailable_reason(adv.FAMILY, "cpp") is None
     assert _dispatch.backend_for(adv.FAMILY, "cpu") == "cpp"

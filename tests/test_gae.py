@@ -134,6 +134,18 @@ def test_gae_matches_sequential_oracle(gae_backend, mode, T):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_gae_cpp_rows_longer_than_one_buffer_fill(mode):
+    """The C++ kernel converts whole rows of up to 8192 positions per buffer fill (csrc/gae.cpp kChunk):
+    rows of 8192 + 300 take two fills, the state carried across their boundary (holes straddle it);
+    9 rows: a block of 8 interleaved rows and a partial one."""
+    rewards, values, mask = gae_inputs(9, 8192 + 300, seed=2)
+    mask[2, 8100:8300] = False
+    mask[3, 8191:8193] = False
+    with _dispatch.use_backend("cpp"):
+        _check_gae(rewards, values, mask, 0.999, 0.97, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gae_dtypes(gae_backend, mode, dtype):
     rewards, values, mask = gae_inputs(7, 45, dtype, backend_device(gae_backend), seed=1)
