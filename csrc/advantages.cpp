@@ -33,6 +33,7 @@
 #include "advantages.h"
 #include "cephes.h"
 #include "cpu_common.h"
+#include "cpu_lanes.h"
 #include "gae_common.h"
 
 namespace rlhf_kernels {
@@ -49,19 +50,7 @@ constexpr int64_t kInterleave = 8;
 constexpr int64_t kScanChunk = 8192;
 constexpr int64_t kSumSpan = 256;  // positions per fp32 partial sum of reinforce_plus_plus' moments
 
-// Four fp32 lanes (one SSE / NEON register; GCC/Clang vector extension, as csrc/gae.cpp): one lane per row.
-typedef float Lanes __attribute__((vector_size(4 * sizeof(float))));
-typedef int32_t LaneMask __attribute__((vector_size(4 * sizeof(int32_t))));
-constexpr int64_t kLanes = 4;
-static_assert(kInterleave % kLanes == 0, "rows are processed a vector at a time");
-
-inline Lanes load_lanes(const float* p) {
-  Lanes x;
-  std::memcpy(&x, p, sizeof(Lanes));
-  return x;
-}
-
-inline void store_lanes(float* p, Lanes x) { std::memcpy(p, &x, sizeof(Lanes)); }
+static_assert(kInterleave % kLanes == 0, "rows are processed a vector at a time (csrc/cpu_lanes.h)");
 
 int64_t grain_rows(int64_t T) { return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(T, 1)); }
 
@@ -475,6 +464,8 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
         at::parallel_for(0, B, grain_rows(T), [&](int64_t b0, int64_t b1) {
           const int64_t chunk = std::min(T, kScanChunk);
           std::vector<float> reward_buf(kInterleave * chunk), mask_buf(kInterleave * chunk);
+          constexpr bool kFloatInputs = std::is_same_v<R, float> && std::is_same_v<M, float>;
+          const bool direct_rows = kFloatInputs && rst == 1 && mst == 1;
           for (int64_t c0 = b0; c0 < b1; c0 += kInterleave) {
             const int64_t rows = std::min(kInterleave, b1 - c0);
             constexpr int64_t kVectors = kInterleave / kLanes;
@@ -490,6 +481,12 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
                 }
                 const R* r = rp + (c0 + j) * rsb + lo * rst;
                 const M* m = mp + (c0 + j) * msb + lo * mst;
+                if (j % kLanes == 0 && j + kLanes <= rows && direct_rows) {  // four fp32 rows, in registers
+                  transpose_in(reinterpret_cast<const float*>(r), rsb, n, reward_buf.data() + j, kInterleave);
+                  transpose_in(reinterpret_cast<const float*>(m), msb, n, mask_buf.data() + j, kInterleave);
+                  j += kLanes - 1;
+                  continue;
+                }
                 with_stride(rst, [&](auto rs) {
                   with_stride(mst, [&](auto ms) {
                     for (int64_t i = 0; i < n; ++i) {
@@ -531,6 +528,13 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
               }
               for (int64_t j = 0; j < rows; ++j) {
                 O* g = gp + (c0 + j) * T + lo;
+                if constexpr (std::is_same_v<O, float>) {
+                  if (j % kLanes == 0 && j + kLanes <= rows) {
+                    transpose_out(reward_buf.data() + j, kInterleave, n, g, T);
+                    j += kLanes - 1;
+                    continue;
+                  }
+                }
                 for (int64_t i = 0; i < n; ++i) g[i] = static_cast<O>(reward_buf[i * kInterleave + j]);
               }
             }

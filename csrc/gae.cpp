@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "cpu_lanes.h"
 #include "gae.h"
 #include "gae_common.h"
 
@@ -57,26 +58,39 @@ RowLoader loader_for(at::ScalarType dtype, const char* name) {
   return nullptr;
 }
 
-// Four fp32 lanes, one per interleaved row: one SSE register on x86-64, one NEON register on ARM
-// (GCC/Clang vector extension; comparisons and ?: on it compile to compare + and/andnot/or, branch-free).
-typedef float Lanes __attribute__((vector_size(4 * sizeof(float))));
-constexpr int64_t kLanes = 4;
-static_assert(kRows % kLanes == 0, "rows are processed a vector at a time");
+static_assert(kRows % kLanes == 0, "rows are processed a vector at a time (csrc/cpu_lanes.h)");
 
-inline Lanes load_lanes(const float* p) {
-  Lanes x;
-  std::memcpy(&x, p, sizeof(Lanes));
-  return x;
-}
+// One [B, T] input of gae_rows: its data, strides (elements), element size, and the loader of its dtype;
+// `direct`: fp32 with unit stride, read four rows at a time by transpose_in.
+struct GaeInput {
+  const char* data;
+  int64_t row_stride, stride, item;
+  RowLoader load;
+  bool direct;
 
-inline void store_lanes(float* p, Lanes x) { std::memcpy(p, &x, sizeof(Lanes)); }
+  GaeInput(const at::Tensor& t, const char* name)
+      : data(static_cast<const char*>(t.const_data_ptr())),
+        row_stride(t.stride(0)),
+        stride(t.stride(1)),
+        item(static_cast<int64_t>(t.element_size())),
+        load(loader_for(t.scalar_type(), name)),
+        direct(t.scalar_type() == at::kFloat && t.stride(1) == 1) {}
+
+  // Positions [lo, lo + n) of rows [b, b + count) into buf[i·kRows + (b − b_first)], count 1 or kLanes.
+  void fill(int64_t b, int64_t count, int64_t lo, int64_t n, float* buf) const {
+    const char* at = data + (b * row_stride + lo * stride) * item;
+    if (count == kLanes && direct) {
+      transpose_in(reinterpret_cast<const float*>(at), row_stride, n, buf, kRows);
+      return;
+    }
+    for (int64_t r = 0; r < count; ++r) load(at + r * row_stride * item, stride, n, buf + r);
+  }
+};
 
 template <bool kCarry>
-void gae_rows(const char* rewards, const char* values, const char* mask, float* advantages, float* returns,
-              int64_t b_begin, int64_t b_end, int64_t T, const int64_t* strides, const int64_t* elem_sizes,
-              RowLoader load_r, RowLoader load_v, RowLoader load_m, float gamma, float gamma_lam) {
-  // strides: {rewards b, rewards t, values b, values t, mask b, mask t} in elements.  Buffers are
-  // interleaved [position][row]: one position of the eight rows is one Lanes vector.
+void gae_rows(const GaeInput& rewards, const GaeInput& values, const GaeInput& mask, float* advantages,
+              float* returns, int64_t b_begin, int64_t b_end, int64_t T, float gamma, float gamma_lam) {
+  // Buffers are interleaved [position][row]: one position of four of the eight rows is one Lanes vector.
   const int64_t chunk = std::min(T, kChunk);
   std::vector<float> r_buf(kRows * chunk), v_buf(kRows * chunk), m_buf(kRows * chunk);
   std::vector<float> a_buf(kRows * chunk), ret_buf(kRows * chunk);
@@ -86,19 +100,18 @@ void gae_rows(const char* rewards, const char* values, const char* mask, float* 
     for (int64_t hi = T; hi > 0; hi -= kChunk) {
       const int64_t lo = std::max<int64_t>(0, hi - kChunk);
       const int64_t n = hi - lo;
-      for (int64_t g = 0; g < kRows; ++g) {
-        if (g < rows) {
-          const int64_t b = b0 + g;
-          load_r(rewards + (b * strides[0] + lo * strides[1]) * elem_sizes[0], strides[1], n, r_buf.data() + g);
-          load_v(values + (b * strides[2] + lo * strides[3]) * elem_sizes[1], strides[3], n, v_buf.data() + g);
-          load_m(mask + (b * strides[4] + lo * strides[5]) * elem_sizes[2], strides[5], n, m_buf.data() + g);
-        } else {  // padding rows of the last group: masked out, never stored
-          for (int64_t i = 0; i < n; ++i) {
-            r_buf[i * kRows + g] = 0.f;
-            v_buf[i * kRows + g] = 0.f;
-            m_buf[i * kRows + g] = 0.f;
-          }
+      for (int64_t g = 0; g < kRows;) {
+        if (g >= rows) {  // padding rows of the last group: masked out, never stored
+          for (int64_t i = 0; i < n; ++i) r_buf[i * kRows + g] = v_buf[i * kRows + g] = m_buf[i * kRows + g] = 0.f;
+          ++g;
+          continue;
         }
+        // four rows at a time where a whole vector's rows exist, else one
+        const int64_t count = g % kLanes == 0 && g + kLanes <= rows ? kLanes : 1;
+        rewards.fill(b0 + g, count, lo, n, r_buf.data() + g);
+        values.fill(b0 + g, count, lo, n, v_buf.data() + g);
+        mask.fill(b0 + g, count, lo, n, m_buf.data() + g);
+        g += count;
       }
       for (int64_t i = n - 1; i >= 0; --i) {
 #pragma GCC unroll 2
@@ -110,13 +123,20 @@ void gae_rows(const char* rewards, const char* values, const char* mask, float* 
           store_lanes(&ret_buf[at], lg[h] + v_ret);
         }
       }
-      for (int64_t g = 0; g < rows; ++g) {
+      for (int64_t g = 0; g < rows;) {
         float* a_out = advantages + (b0 + g) * T + lo;
         float* r_out = returns + (b0 + g) * T + lo;
+        if (g % kLanes == 0 && g + kLanes <= rows) {
+          transpose_out(a_buf.data() + g, kRows, n, a_out, T);
+          transpose_out(ret_buf.data() + g, kRows, n, r_out, T);
+          g += kLanes;
+          continue;
+        }
         for (int64_t i = 0; i < n; ++i) {
           a_out[i] = a_buf[i * kRows + g];
           r_out[i] = ret_buf[i * kRows + g];
         }
+        ++g;
       }
     }
   }
@@ -138,17 +158,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, co
   at::Tensor returns = empty_output({B, T}, opts);
   if (B == 0 || T == 0) return {advantages, returns};
 
-  const int64_t strides[6] = {rewards.stride(0), rewards.stride(1), values.stride(0),
-                              values.stride(1),  mask.stride(0),    mask.stride(1)};
-  const int64_t elem_sizes[3] = {static_cast<int64_t>(rewards.element_size()),
-                                 static_cast<int64_t>(values.element_size()),
-                                 static_cast<int64_t>(mask.element_size())};
-  const RowLoader load_r = loader_for(rewards.scalar_type(), "rewards");
-  const RowLoader load_v = loader_for(values.scalar_type(), "values");
-  const RowLoader load_m = loader_for(mask.scalar_type(), "mask");
-  const char* r_ptr = static_cast<const char*>(rewards.const_data_ptr());
-  const char* v_ptr = static_cast<const char*>(values.const_data_ptr());
-  const char* m_ptr = static_cast<const char*>(mask.const_data_ptr());
+  const GaeInput r_in(rewards, "rewards"), v_in(values, "values"), m_in(mask, "mask");
   float* a_ptr = advantages.mutable_data_ptr<float>();
   float* ret_ptr = returns.mutable_data_ptr<float>();
   const float gamma_f = static_cast<float>(gamma);
@@ -162,11 +172,9 @@ std::tuple<at::Tensor, at::Tensor> gae_forward_cpu(const at::Tensor& rewards, co
   at::parallel_for(0, groups, grain, [&](int64_t g_begin, int64_t g_end) {
     const int64_t b_begin = g_begin * kRows, b_end = std::min(B, g_end * kRows);
     if (carry) {
-      gae_rows<true>(r_ptr, v_ptr, m_ptr, a_ptr, ret_ptr, b_begin, b_end, T, strides, elem_sizes, load_r, load_v,
-                     load_m, gamma_f, gamma_lam);
+      gae_rows<true>(r_in, v_in, m_in, a_ptr, ret_ptr, b_begin, b_end, T, gamma_f, gamma_lam);
     } else {
-      gae_rows<false>(r_ptr, v_ptr, m_ptr, a_ptr, ret_ptr, b_begin, b_end, T, strides, elem_sizes, load_r, load_v,
-                      load_m, gamma_f, gamma_lam);
+      gae_rows<false>(r_in, v_in, m_in, a_ptr, ret_ptr, b_begin, b_end, T, gamma_f, gamma_lam);
     }
   });
   return {advantages, returns};

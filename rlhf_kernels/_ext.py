@@ -41,8 +41,8 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "cuda": ("gae_cuda_binding.cpp", "gae_cuda.cu"),
 }
 _HEADERS = (
-    "gae_common.h", "cpu_common.h", "cephes.h", "gae.h", "policy_losses.h", "policy_losses_impl.h",
-    "policy_selection.h", "advantages.h",
+    "gae_common.h", "cpu_common.h", "cpu_lanes.h", "cephes.h", "gae.h", "policy_losses.h",
+    "policy_losses_impl.h", "policy_selection.h", "advantages.h",
 )
 _PREBUILT = {"cpp": "rlhf_kernels._cpu_cpp", "cuda": "rlhf_kernels._gae_cuda"}
 _FAMILIES: dict[str, tuple[str, ...]] = {
