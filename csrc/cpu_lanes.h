@@ -4,7 +4,7 @@
 // branch-free).  The scans keep their inputs in buffers interleaved [position][row], so that one position
 // of four rows is one vector; transpose_in / transpose_out move four contiguous fp32 rows into and out of
 // that layout a 4 x 4 block at a time, transposed in registers: vector loads and stores instead of one
-// scalar store per element (GAE at [4096, 2048] fp32 on one thread: 31.0 -> see csrc/gae.cpp).
+// scalar store per element (GAE at [4096, 2048] fp32, one thread, best of 20 calls: 31.0 -> 21.0 ms).
 
 #pragma once
 
