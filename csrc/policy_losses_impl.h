@@ -238,12 +238,16 @@ struct Gpg {
   static constexpr int kCode = 1;
   static constexpr bool kClip = false, kLower = false, kRatio = false;
   template <typename S>
-  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S> old, Vec<S> adv, Vec<S>, const Params<S>&, Terms<S>& t) {
+  RLHF_PL_INLINE static void terms(Vec<S> lp, Vec<S>, Vec<S> adv, Vec<S>, const Params<S>&, Terms<S>& t) {
     t.loss = -(lp * adv);
     t.d = nan_like<S>(lp, -adv);
-    t.kl = old - lp;
+    t.kl = splat<S>(0);  // GPG has no metrics (verl returns none): the old log-probs are never read
   }
 };
+
+// Whether a variant's terms read the old log-probs (GPG's do not: its loops skip that input).
+template <typename Variant>
+constexpr bool kReadsOld = !std::is_same_v<Variant, Gpg>;
 
 struct Dro {
   static constexpr int kCode = 2;
@@ -495,10 +499,10 @@ struct Chunk {
   const S *lp, *old, *adv, *aux, *w, *m;
   int64_t padded;
 
-  void read(const Inputs<S>& in, int64_t b, int64_t lo, int64_t n) {
+  void read(const Inputs<S>& in, int64_t b, int64_t lo, int64_t n, bool read_old) {
     padded = (n + kWidth<S> - 1) / kWidth<S> * kWidth<S>;
     lp = in.lp.chunk(b, lo, n, padded, buffers[0], 0);
-    old = in.old.chunk(b, lo, n, padded, buffers[1], 0);
+    old = read_old ? in.old.chunk(b, lo, n, padded, buffers[1], 0) : lp;
     adv = in.adv.chunk(b, lo, n, padded, buffers[2], 0);
     m = in.m.chunk(b, lo, n, padded, buffers[3], 0);
     aux = in.has_aux ? in.aux.chunk(b, lo, n, padded, buffers[4], 0) : nullptr;
@@ -529,7 +533,7 @@ void forward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T,
       S ratio_max = 0;                // ratios are > 0: 0 is "no valid token"
       for (int64_t lo = 0; lo < T; lo += kChunk) {
         const int64_t n = std::min(kChunk, T - lo);
-        c.read(in, b, lo, n);
+        c.read(in, b, lo, n, kReadsOld<Variant>);
         Vec<S> loss{}, mass{}, clip{}, lower{}, kl{}, ratio{}, peak{};
         const Vec<S> zero{};
         S* saved = nullptr;
@@ -592,7 +596,7 @@ void backward_rows(const Inputs<S>& in, const Params<S>& p, int64_t B, int64_t T
       const Vec<S> g_b = splat(g[b]);
       for (int64_t lo = 0; lo < T; lo += kChunk) {
         const int64_t n = std::min(kChunk, T - lo);
-        c.read(in, b, lo, n);
+        c.read(in, b, lo, n, kReadsOld<Variant>);
         char* out = out_base + (b * T + lo) * item;
         const bool in_place = out_type == c10::CppTypeToScalarType<S>::value && n == c.padded;
         S* dst = in_place ? reinterpret_cast<S*>(out) : values;

@@ -56,9 +56,9 @@ if triton is not None:
         return loss, d, -log_ratio, clipped, lower, ratio
 
     @triton.jit
-    def _gpg(lp, old, adv, aux, p0, p1, p2):
+    def _gpg(lp, old, adv, aux, p0, p1, p2):  # no statistics: old is not read (see _load_tokens)
         no = lp != lp
-        return -lp * adv, _nan_or(lp, -adv), old - lp, no, no, lp
+        return -lp * adv, _nan_or(lp, -adv), tl.zeros_like(lp), no, no, lp
 
     @triton.jit
     def _dro(lp, old, adv, aux, beta, p1, p2):
@@ -173,13 +173,18 @@ if triton is not None:
         lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, row, tile, T,
         s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
         BLOCK_T: tl.constexpr, ACC: tl.constexpr, HAS_AUX: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+        VARIANT: tl.constexpr,
     ):
-        """(columns, in-row flags, lp, old, A, aux (0 without), w (1 without), m) of one tile of ``row``."""
+        """(columns, in-row flags, lp, old, A, aux (0 without), w (1 without), m) of one tile of ``row``;
+        GPG (variant 1) does not read old (lp stands in: its terms do not use it)."""
         cols = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         in_row = cols < T
         m = _load(mask_ptr, row, cols, in_row, s_m0, s_m1, ACC, 0)
         lp = _load(lp_ptr, row, cols, in_row, s_lp0, s_lp1, ACC, 0.0)
-        old = _load(old_ptr, row, cols, in_row, s_old0, s_old1, ACC, 0.0)
+        if VARIANT == 1:
+            old = lp
+        else:
+            old = _load(old_ptr, row, cols, in_row, s_old0, s_old1, ACC, 0.0)
         adv = _load(adv_ptr, row, cols, in_row, s_adv0, s_adv1, ACC, 0.0)
         if HAS_AUX:
             aux = _load(aux_ptr, row, cols, in_row, s_aux0, s_aux1, ACC, 0.0)

@@ -80,7 +80,7 @@ if triton is not None:
             _, _, lp, old, adv, aux, w, m = _load_tokens(
                 lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
                 s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
-                BLOCK_T, ACC, HAS_AUX, HAS_WEIGHTS,
+                BLOCK_T, ACC, HAS_AUX, HAS_WEIGHTS, VARIANT,
             )
             loss, _, kl, clip, lower, ratio = _token_terms(lp, old, adv, aux, p0, p1, p2, VARIANT)
             valid = m != 0
@@ -121,7 +121,7 @@ if triton is not None:
             cols, in_row, lp, old, adv, aux, w, m = _load_tokens(
                 lp_ptr, old_ptr, adv_ptr, aux_ptr, w_ptr, mask_ptr, row, chunk * tiles_per_program + k, T,
                 s_lp0, s_lp1, s_old0, s_old1, s_adv0, s_adv1, s_aux0, s_aux1, s_w0, s_w1, s_m0, s_m1,
-                BLOCK_T, ACC, HAS_AUX, HAS_WEIGHTS,
+                BLOCK_T, ACC, HAS_AUX, HAS_WEIGHTS, VARIANT,
             )
             _, d, _, _, _, _ = _token_terms(lp, old, adv, aux, p0, p1, p2, VARIANT)
             grad = tl.where(m != 0, g * m * w * d, 0.0)

@@ -91,8 +91,8 @@ def _vanilla_d(lp, old, adv, aux, clip_low, clip_high, dual_clip):
     return policy_derivative(lp, old, adv, clip_low, clip_high, _dual(dual_clip))
 
 
-def _gpg(lp, old, adv, aux, *params):
-    return (lp * adv).neg_(), _stats(old - lp)
+def _gpg(lp, old, adv, aux, *params):  # no statistics (verl reports none): old is not read
+    return (lp * adv).neg_(), _stats(torch.zeros_like(lp))
 
 
 def _gpg_d(lp, old, adv, aux, *params):
