@@ -110,6 +110,31 @@ def test_row_writer_keeps_every_row_as_it_is_measured(tmp_path):
     assert "ignored" not in (tmp_path / "t.md").read_text()
 
 
+def test_runs_summary_takes_medians_over_runs_of_per_run_ratios(tmp_path):
+    """bench.runs_summary on three runs written by the harness's RowWriter: the median of each side's
+    times, the median and range of the per-run ratios (not the ratio of the medians), and only cases
+    that every run has on both sides."""
+    from bench.harness import Row, RowWriter
+    from bench.runs_summary import summarize
+
+    times = {"a": [(10.0, 2.0), (30.0, 3.0), (12.0, 4.0)], "b": [(8.0, 1.0), (8.0, 2.0), (8.0, 4.0)]}
+    paths = []
+    for run in range(3):
+        writer = RowWriter(tmp_path, f"run{run}", "")
+        for case, pairs in times.items():
+            base, ours = pairs[run]
+            writer.write(Row("fam", case, "verl", "fwd", base, base, base))
+            writer.write(Row("fam", case, "rlhf_kernels", "fwd", ours, ours, ours))
+        if run == 0:
+            writer.write(Row("fam", "only-in-run-0", "rlhf_kernels", "fwd", 1.0, 1.0, 1.0))
+        paths.append(tmp_path / f"run{run}.csv")
+    summary = {case: rest for case, *rest in summarize(paths, "verl", "rlhf_kernels")}
+    assert set(summary) == {"a", "b"}
+    # a: ratios 5, 10, 3 -> median 5 (the ratio of the medians, 12 / 3 = 4, would differ)
+    assert summary["a"] == [12.0, 3.0, 5.0, 3.0, 10.0]
+    assert summary["b"] == [8.0, 2.0, 4.0, 2.0, 8.0]
+
+
 def test_family_time_limit_interrupts_and_clears():
     from bench.__main__ import FamilyTimeout, time_limit
 
