@@ -463,6 +463,18 @@ def test_cpp_kernels_parallel_rows():
                        "groups of 11")
 
 
+def test_cpp_optimal_token_baselines_read_strided_rows_in_steps():
+    """The optimal-token baselines read a member's inputs 64 positions at a time (csrc/advantages.cpp
+    kStageChunk): strided views (column stride 2, and transposed storage) over T = 150, three steps with a
+    partial last one, against the PyTorch path."""
+    rewards, mask, index, extra = _odd_batch(11, 150, 9)
+    views = (lambda x: x.t().contiguous().t(), lambda x: torch.repeat_interleave(x, 2, dim=-1)[:, ::2])
+    for view in views:
+        moved = {key: view(value) if key in TOKEN_INPUTS else value for key, value in extra.items()}
+        for name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
+            _compare_paths(name, view(rewards), view(mask), index, moved, "strided, T = 150")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_scans_over_rows_longer_than_one_buffer_fill(dtype):
     """remax and reinforce_plus_plus convert whole rows of up to 8192 positions per buffer fill
