@@ -51,7 +51,7 @@ constexpr int64_t kInterleave = 8;
 // the block's rows one after another, a long run of lines per row, which the hardware prefetcher follows;
 // chunks of 256 positions (1 KiB per row, chunks in descending address order for the reverse scans) made
 // remax 1.6x slower at T = 2048 (16.1 ms against 10.1 ms, best of 20 calls, one thread, [4096, 2048] fp32;
-// 7.7 ms with the SSE2 scan of reverse_scan_rows).
+// 7.7 ms with the SSE2 scan of scan_block).
 constexpr int64_t kScanChunk = 8192;
 constexpr int64_t kSumSpan = 256;  // positions per fp32 partial sum of reinforce_plus_plus' moments
 // Positions per step of the optimal-token baselines' first stage (all of a member's inputs, then the next
@@ -346,27 +346,29 @@ at::Tensor advantages_whitened_on_tokens_cpu(const at::Tensor& values, const at:
 // --------------------------------------------------------------------------------------------------
 namespace {
 
-// In place on kInterleave rows (row j at rows + j·pitch) over positions [0, n), from the end: each row's
-// reverse cumulative sum, continuing the fp64 sums in acc and rounding each position to O (the additions
-// of torch's CPU cumsum, in its order).  One lane per row: every lane does the scalar additions, so the
-// results are the scalar loop's bit for bit.
-template <typename O>
-void reverse_scan_rows(O* rows, int64_t pitch, int64_t n, double* acc) {
-  int64_t i = n;
+// In place on kInterleave rows r[0..kInterleave) over positions [0, n): each row's cumulative sum (kReverse:
+// from the end), continuing the fp64 sums in acc and rounding each position to O (the additions of torch's
+// CPU cumsum, in its order).  One lane per row: every lane does the scalar additions, so the results are
+// the scalar loop's bit for bit.  Rows may alias (padding rows of a short block share one scratch row).
+template <bool kReverse, typename O>
+void scan_block(O* const* r, int64_t n, double* acc) {
+  int64_t done = 0;  // positions scanned, counted from the start of the scan
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<O, float>) {
     static_assert(kInterleave == 2 * kLanes, "two blocks of four rows");
-    // Four positions of four rows at a time: transposed in registers, so that a position of the four rows
-    // is one vector, whose fp32 -> fp64 conversions and additions are two SSE2 instructions each.
+    // Four positions of four rows at a time, transposed in registers, so that a position of the four rows
+    // is one vector: its fp32 -> fp64 conversions and additions are two SSE2 instructions each.
     __m128d sum[4] = {_mm_loadu_pd(acc), _mm_loadu_pd(acc + 2), _mm_loadu_pd(acc + 4), _mm_loadu_pd(acc + 6)};
-    for (; i >= kLanes; i -= kLanes) {
+    for (; done + kLanes <= n; done += kLanes) {
+      const int64_t at = kReverse ? n - done - kLanes : done;  // the four positions [at, at + 4)
       for (int64_t h = 0; h < 2; ++h) {
-        float* r = rows + h * kLanes * pitch + (i - kLanes);
-        Lanes p0 = load_lanes(r), p1 = load_lanes(r + pitch), p2 = load_lanes(r + 2 * pitch);
-        Lanes p3 = load_lanes(r + 3 * pitch);
-        transpose4(p0, p1, p2, p3);  // p_k: position i − 4 + k of the four rows
-        Lanes* position[4] = {&p3, &p2, &p1, &p0};
-        for (Lanes* p : position) {
+        float* const* q = r + h * kLanes;
+        Lanes p0 = load_lanes(q[0] + at), p1 = load_lanes(q[1] + at), p2 = load_lanes(q[2] + at);
+        Lanes p3 = load_lanes(q[3] + at);
+        transpose4(p0, p1, p2, p3);  // p_k: position at + k of the four rows
+        Lanes* const order[4] = {kReverse ? &p3 : &p0, kReverse ? &p2 : &p1, kReverse ? &p1 : &p2,
+                                 kReverse ? &p0 : &p3};
+        for (Lanes* p : order) {
           const __m128 x = reinterpret_cast<const __m128&>(*p);
           __m128d& lo = sum[2 * h];
           __m128d& hi = sum[2 * h + 1];
@@ -376,21 +378,21 @@ void reverse_scan_rows(O* rows, int64_t pitch, int64_t n, double* acc) {
           *p = reinterpret_cast<const Lanes&>(rounded);
         }
         transpose4(p0, p1, p2, p3);  // back to rows
-        store_lanes(r, p0);
-        store_lanes(r + pitch, p1);
-        store_lanes(r + 2 * pitch, p2);
-        store_lanes(r + 3 * pitch, p3);
+        store_lanes(q[0] + at, p0);
+        store_lanes(q[1] + at, p1);
+        store_lanes(q[2] + at, p2);
+        store_lanes(q[3] + at, p3);
       }
     }
     for (int64_t k = 0; k < 4; ++k) _mm_storeu_pd(acc + 2 * k, sum[k]);
   }
 #endif
-  for (--i; i >= 0; --i) {  // the first positions (all of them without SSE2 or for fp64)
+  for (; done < n; ++done) {  // the last positions of the scan (all of them without SSE2, or for fp64)
+    const int64_t t = kReverse ? n - 1 - done : done;
 #pragma GCC unroll 8
     for (int64_t j = 0; j < kInterleave; ++j) {  // a fixed count: the sums stay in registers
-      O& term = rows[j * pitch + i];
-      acc[j] += static_cast<double>(term);
-      term = static_cast<O>(acc[j]);
+      acc[j] += static_cast<double>(r[j][t]);
+      r[j][t] = static_cast<O>(acc[j]);
     }
   }
 }
@@ -455,7 +457,9 @@ std::tuple<at::Tensor, at::Tensor> remax_advantages_cpu(const at::Tensor& reward
                   });
                 });
               }
-              reverse_scan_rows(buffer.data(), chunk, n, acc);
+              O* block[kInterleave];
+              for (int64_t j = 0; j < kInterleave; ++j) block[j] = buffer.data() + j * chunk;
+              scan_block</*kReverse=*/true>(block, n, acc);
               for (int64_t j = 0; j < rows; ++j) {
                 const int64_t b = c0 + j;
                 const M* m = mp + b * msb + lo * mst;
@@ -711,14 +715,7 @@ void scan_rows(O* const* rows, int64_t count, int64_t T, O* spare) {
     O* r[kInterleave];
     for (int64_t l = 0; l < kInterleave; ++l) r[l] = j0 + l < count ? rows[j0 + l] : spare;
     double acc[kInterleave] = {};
-    for (int64_t i = 0; i < T; ++i) {
-      const int64_t t = kReverse ? T - 1 - i : i;
-#pragma GCC unroll 8
-      for (int64_t l = 0; l < kInterleave; ++l) {
-        acc[l] += static_cast<double>(r[l][t]);
-        r[l][t] = static_cast<O>(acc[l]);
-      }
-    }
+    scan_block<kReverse>(r, T, acc);
   }
 }
 
