@@ -342,7 +342,7 @@ at::Tensor advantages_whitened_on_tokens_cpu(const at::Tensor& values, const at:
 }
 
 // --------------------------------------------------------------------------------------------------
-// remax
+// remax (and the fp64 scan it shares with the optimal-token baselines)
 // --------------------------------------------------------------------------------------------------
 namespace {
 
