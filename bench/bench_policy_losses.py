@@ -46,13 +46,20 @@ def _verl():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     import_peer = module.import_peer
-    return import_peer("verl.trainer.ppo.core_algos"), import_peer("verl.workers.config.actor")
+    core, actor = import_peer("verl.trainer.ppo.core_algos"), import_peer("verl.workers.config.actor")
+    actor.RolloutCorrectionConfig = import_peer("verl.trainer.config.algorithm").RolloutCorrectionConfig
+    return core, actor
 
 
 def _config(actor):
+    # bypass_mode's settings (ignored by the other losses): PPO-clip on π/π_rollout, token-level TIS at 2
+    correction = actor.RolloutCorrectionConfig(
+        rollout_is="token", rollout_is_threshold=2.0, bypass_mode=True, loss_type="ppo_clip"
+    )
     return actor.ActorConfig(
         strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, loss_agg_mode="token-mean",
-        global_batch_info={}, clip_ratio=0.2, policy_loss=actor.PolicyLossConfig(dro_beta=0.3),
+        global_batch_info={}, clip_ratio=0.2,
+        policy_loss=actor.PolicyLossConfig(dro_beta=0.3, rollout_correction=correction),
     )
 
 
@@ -77,9 +84,11 @@ def _pair(core, config, name: str, old, adv, weights, mask):
     mode = "seq-mean-token-mean" if name in ("gspo", "sapo") else "token-mean"
     extra = dict(KWARGS.get(name, {}), **({} if name == "geo_mean" else {"loss_agg": mode}))
     ours_fn, verl_fn, mask_f = POLICY_LOSSES[name], core.POLICY_LOSS_REGISTRY[name], mask.float()
+    if name == "bypass_mode":  # old = the rollout's log-probs; the weights come from them (_config)
+        extra, weights = dict(extra, level="token", threshold=2.0), None
 
     def ours(x):
-        return ours_fn(x, old, adv, mask, is_weights=weights, **extra)[0]
+        return ours_fn(x, old, adv, mask, **extra, **({} if weights is None else {"is_weights": weights}))[0]
 
     def verl(x):
         return verl_fn(old, x, adv, mask_f, mode, config, weights)[0]

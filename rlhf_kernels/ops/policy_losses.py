@@ -589,7 +589,14 @@ POLICY_LOSSES = {
     "cispo": cispo_policy_loss,
     "dppo_tv": dppo_tv_policy_loss,
     "dppo_kl": dppo_kl_policy_loss,
+    # old_logprobs are the rollout engine's; its weights come from them (no is_weights argument)
+    "bypass_mode": bypass_mode_policy_loss,
 }
+
+
+#: The names whose functions take rollout weights ``is_weights`` (every one but bypass_mode, which computes
+#: its weights from ``old_logprobs``).
+WEIGHTED_POLICY_LOSSES = tuple(name for name in POLICY_LOSSES if name != "bypass_mode")
 
 
 def get_policy_loss(name: str):

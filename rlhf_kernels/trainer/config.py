@@ -106,7 +106,7 @@ def _adv_estimators() -> tuple:
 def _policy_losses() -> tuple:
     from rlhf_kernels.ops.policy_losses import POLICY_LOSSES
 
-    return ("auto", *POLICY_LOSSES, "bypass_mode")
+    return ("auto", *POLICY_LOSSES)
 
 
 def _dpo_loss_types() -> tuple:
@@ -323,7 +323,7 @@ class TrainConfig:
     )
     norm_adv_by_std: bool = _opt("algo", True, "grpo's division by the group's std (false: Dr. GRPO)")
     policy_loss: str = _opt(
-        "algo", "auto", "policy loss (rlhf_kernels.POLICY_LOSSES or bypass_mode); auto: ppo_policy_loss for "
+        "algo", "auto", "policy loss (rlhf_kernels.POLICY_LOSSES); auto: ppo_policy_loss for "
         "ppo, vanilla for the critic-free algorithms, gpg for reinforce",
         Allowed(choices=_policy_losses),
     )
