@@ -47,13 +47,12 @@ def _verl():
     spec.loader.exec_module(module)
     import_peer = module.import_peer
     core, actor = import_peer("verl.trainer.ppo.core_algos"), import_peer("verl.workers.config.actor")
-    actor.RolloutCorrectionConfig = import_peer("verl.trainer.config.algorithm").RolloutCorrectionConfig
-    return core, actor
+    return core, actor, import_peer("verl.trainer.config.algorithm")
 
 
-def _config(actor):
+def _config(actor, algorithm):
     # bypass_mode's settings (ignored by the other losses): PPO-clip on π/π_rollout, token-level TIS at 2
-    correction = actor.RolloutCorrectionConfig(
+    correction = algorithm.RolloutCorrectionConfig(
         rollout_is="token", rollout_is_threshold=2.0, bypass_mode=True, loss_type="ppo_clip"
     )
     return actor.ActorConfig(
@@ -105,8 +104,8 @@ def _fwd_bwd(fn, x: torch.Tensor):
 
 
 def run(bench: Bench) -> None:
-    core, actor = _verl()
-    config = _config(actor)
+    core, actor, algorithm = _verl()
+    config = _config(actor, algorithm)
     for rows, cols in _shapes(bench):
         lp, old, adv, weights, mask = _inputs(rows, cols, bench.device)
         for name in POLICY_LOSSES:
@@ -138,8 +137,8 @@ def interleaved(names: list[str], reps: int, dtype: torch.dtype) -> None:
     """Ours and verl alternately, ``reps`` times each, medians of wall and process CPU time."""
     from rlhf_kernels.ops.ppo_losses import ppo_policy_loss
 
-    core, actor = _verl()
-    config = _config(actor)
+    core, actor, algorithm = _verl()
+    config = _config(actor, algorithm)
     torch.manual_seed(0)
     tensors = _inputs(512, 2048, torch.device("cpu"))
     lp, old, adv, weights, mask = (t.to(dtype) if t.is_floating_point() else t for t in tensors)

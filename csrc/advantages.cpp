@@ -533,19 +533,19 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
             RowMoments row[kInterleave];
             for (int64_t hi = T; hi > 0; hi -= kScanChunk) {
               const int64_t lo = std::max<int64_t>(0, hi - kScanChunk), n = hi - lo;
-              for (int64_t j = 0; j < kInterleave; ++j) {
+              if constexpr (kFloatInputs) {
+                if (direct_rows) {  // unit-stride fp32 rows: 4 x 4 blocks transposed in registers
+                  rows_to_interleaved(rp + c0 * rsb + lo, rsb, rows, n, reward_buf.data(), kInterleave);
+                  rows_to_interleaved(mp + c0 * msb + lo, msb, rows, n, mask_buf.data(), kInterleave);
+                }
+              }
+              for (int64_t j = direct_rows ? rows : 0; j < kInterleave; ++j) {
                 if (j >= rows) {  // padding rows of the last block: masked out, never stored
                   for (int64_t i = 0; i < n; ++i) reward_buf[i * kInterleave + j] = mask_buf[i * kInterleave + j] = 0.f;
                   continue;
                 }
                 const R* r = rp + (c0 + j) * rsb + lo * rst;
                 const M* m = mp + (c0 + j) * msb + lo * mst;
-                if (j % kLanes == 0 && j + kLanes <= rows && direct_rows) {  // four fp32 rows, in registers
-                  transpose_in(reinterpret_cast<const float*>(r), rsb, n, reward_buf.data() + j, kInterleave);
-                  transpose_in(reinterpret_cast<const float*>(m), msb, n, mask_buf.data() + j, kInterleave);
-                  j += kLanes - 1;
-                  continue;
-                }
                 with_stride(rst, [&](auto rs) {
                   with_stride(mst, [&](auto ms) {
                     for (int64_t i = 0; i < n; ++i) {
@@ -585,16 +585,13 @@ std::tuple<at::Tensor, at::Tensor> reinforce_plus_plus_cpu(const at::Tensor& rew
                   row[j].second += second[h][l];
                 }
               }
-              for (int64_t j = 0; j < rows; ++j) {
-                O* g = gp + (c0 + j) * T + lo;
-                if constexpr (std::is_same_v<O, float>) {
-                  if (j % kLanes == 0 && j + kLanes <= rows) {
-                    transpose_out(reward_buf.data() + j, kInterleave, n, g, T);
-                    j += kLanes - 1;
-                    continue;
-                  }
+              if constexpr (std::is_same_v<O, float>) {
+                interleaved_to_rows(reward_buf.data(), kInterleave, rows, n, gp + c0 * T + lo, T);
+              } else {
+                for (int64_t j = 0; j < rows; ++j) {
+                  O* g = gp + (c0 + j) * T + lo;
+                  for (int64_t i = 0; i < n; ++i) g[i] = static_cast<O>(reward_buf[i * kInterleave + j]);
                 }
-                for (int64_t i = 0; i < n; ++i) g[i] = static_cast<O>(reward_buf[i * kInterleave + j]);
               }
             }
             for (int64_t j = 0; j < rows; ++j) {

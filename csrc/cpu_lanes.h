@@ -3,8 +3,9 @@
 // ARM (GCC/Clang vector extension; comparisons and ?: on it compile to compare + and/andnot/or,
 // branch-free).  The scans keep their inputs in buffers interleaved [position][row], so that one position
 // of four rows is one vector; transpose_in / transpose_out move four contiguous fp32 rows into and out of
-// that layout a 4 x 4 block at a time, transposed in registers: vector loads and stores instead of one
-// scalar store per element (GAE at [4096, 2048] fp32, one thread, best of 20 calls: 31.0 -> 21.0 ms).
+// that layout a 4 x 4 block at a time, transposed in registers (rows_to_interleaved and
+// interleaved_to_rows: any number of rows): vector loads and stores instead of one scalar store per
+// element (GAE at [4096, 2048] fp32, one thread, best of 20 calls: 31.0 -> 21.0 ms).
 
 #pragma once
 
@@ -76,6 +77,27 @@ inline void transpose_out(const float* src, int64_t pitch, int64_t n, float* dst
   for (; i < n; ++i) {
     const float* p = src + i * pitch;
     r0[i] = p[0], r1[i] = p[1], r2[i] = p[2], r3[i] = p[3];
+  }
+}
+
+// `rows` fp32 rows of n values (row j at src + j·row_stride, unit stride) into dst[i·pitch + j]: whole
+// blocks of four rows through transpose_in, the rest one value at a time.
+inline void rows_to_interleaved(const float* src, int64_t row_stride, int64_t rows, int64_t n, float* dst,
+                                int64_t pitch) {
+  int64_t j = 0;
+  for (; j + kLanes <= rows; j += kLanes) transpose_in(src + j * row_stride, row_stride, n, dst + j, pitch);
+  for (; j < rows; ++j) {
+    for (int64_t i = 0; i < n; ++i) dst[i * pitch + j] = src[j * row_stride + i];
+  }
+}
+
+// The inverse: src[i·pitch + j] into `rows` fp32 rows (row j at dst + j·row_stride).
+inline void interleaved_to_rows(const float* src, int64_t pitch, int64_t rows, int64_t n, float* dst,
+                                int64_t row_stride) {
+  int64_t j = 0;
+  for (; j + kLanes <= rows; j += kLanes) transpose_out(src + j, pitch, n, dst + j * row_stride, row_stride);
+  for (; j < rows; ++j) {
+    for (int64_t i = 0; i < n; ++i) dst[j * row_stride + i] = src[i * pitch + j];
   }
 }
 

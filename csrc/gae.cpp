@@ -61,7 +61,7 @@ RowLoader loader_for(at::ScalarType dtype, const char* name) {
 static_assert(kRows % kLanes == 0, "rows are processed a vector at a time (csrc/cpu_lanes.h)");
 
 // One [B, T] input of gae_rows: its data, strides (elements), element size, and the loader of its dtype;
-// `direct`: fp32 with unit stride, read four rows at a time by transpose_in.
+// `direct`: fp32 with unit stride, read by rows_to_interleaved (4 x 4 blocks transposed in registers).
 struct GaeInput {
   const char* data;
   int64_t row_stride, stride, item;
@@ -76,14 +76,14 @@ struct GaeInput {
         load(loader_for(t.scalar_type(), name)),
         direct(t.scalar_type() == at::kFloat && t.stride(1) == 1) {}
 
-  // Positions [lo, lo + n) of rows [b, b + count) into buf[i·kRows + (b − b_first)], count 1 or kLanes.
+  // Positions [lo, lo + n) of rows [b, b + count) into buf[i·kRows + (row − b)].
   void fill(int64_t b, int64_t count, int64_t lo, int64_t n, float* buf) const {
     const char* at = data + (b * row_stride + lo * stride) * item;
-    if (count == kLanes && direct) {
-      transpose_in(reinterpret_cast<const float*>(at), row_stride, n, buf, kRows);
-      return;
+    if (direct) {
+      rows_to_interleaved(reinterpret_cast<const float*>(at), row_stride, count, n, buf, kRows);
+    } else {
+      for (int64_t r = 0; r < count; ++r) load(at + r * row_stride * item, stride, n, buf + r);
     }
-    for (int64_t r = 0; r < count; ++r) load(at + r * row_stride * item, stride, n, buf + r);
   }
 };
 
@@ -100,18 +100,11 @@ void gae_rows(const GaeInput& rewards, const GaeInput& values, const GaeInput& m
     for (int64_t hi = T; hi > 0; hi -= kChunk) {
       const int64_t lo = std::max<int64_t>(0, hi - kChunk);
       const int64_t n = hi - lo;
-      for (int64_t g = 0; g < kRows;) {
-        if (g >= rows) {  // padding rows of the last group: masked out, never stored
-          for (int64_t i = 0; i < n; ++i) r_buf[i * kRows + g] = v_buf[i * kRows + g] = m_buf[i * kRows + g] = 0.f;
-          ++g;
-          continue;
-        }
-        // four rows at a time where a whole vector's rows exist, else one
-        const int64_t count = g % kLanes == 0 && g + kLanes <= rows ? kLanes : 1;
-        rewards.fill(b0 + g, count, lo, n, r_buf.data() + g);
-        values.fill(b0 + g, count, lo, n, v_buf.data() + g);
-        mask.fill(b0 + g, count, lo, n, m_buf.data() + g);
-        g += count;
+      rewards.fill(b0, rows, lo, n, r_buf.data());
+      values.fill(b0, rows, lo, n, v_buf.data());
+      mask.fill(b0, rows, lo, n, m_buf.data());
+      for (int64_t g = rows; g < kRows; ++g) {  // padding rows of the last group: masked out, never stored
+        for (int64_t i = 0; i < n; ++i) r_buf[i * kRows + g] = v_buf[i * kRows + g] = m_buf[i * kRows + g] = 0.f;
       }
       for (int64_t i = n - 1; i >= 0; --i) {
 #pragma GCC unroll 2
@@ -123,21 +116,8 @@ void gae_rows(const GaeInput& rewards, const GaeInput& values, const GaeInput& m
           store_lanes(&ret_buf[at], lg[h] + v_ret);
         }
       }
-      for (int64_t g = 0; g < rows;) {
-        float* a_out = advantages + (b0 + g) * T + lo;
-        float* r_out = returns + (b0 + g) * T + lo;
-        if (g % kLanes == 0 && g + kLanes <= rows) {
-          transpose_out(a_buf.data() + g, kRows, n, a_out, T);
-          transpose_out(ret_buf.data() + g, kRows, n, r_out, T);
-          g += kLanes;
-          continue;
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          a_out[i] = a_buf[i * kRows + g];
-          r_out[i] = ret_buf[i * kRows + g];
-        }
-        ++g;
-      }
+      interleaved_to_rows(a_buf.data(), kRows, rows, n, advantages + b0 * T + lo, T);
+      interleaved_to_rows(ret_buf.data(), kRows, rows, n, returns + b0 * T + lo, T);
     }
   }
 }
